@@ -1,0 +1,302 @@
+//! `dynkv dev`: a local cluster on loopback in one command. It makes a CA, a certificate, a
+//! config and a data directory per node (kept between runs, so data survives), runs each node
+//! as its own `dynkv server` process (so one can be killed and restarted), waits until every
+//! node answers, prints how to reach the cluster, and stops the nodes on Ctrl-C.
+//!
+//! It writes `cluster.toml` in its directory; the CLI client reads it to find the cluster
+//! with no flags.
+
+use super::cert::{read_pair, write_pair};
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use dynkv::client::{Client, ClientConfig};
+use dynkv::config::{Config, MemberConfig, TlsConfig};
+use dynkv::core::ids::NodeId;
+use dynkv::net::tls;
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use tokio::process::{Child, Command};
+use tracing::{info, warn};
+
+#[derive(Args, Debug)]
+pub struct DevArgs {
+    /// Number of nodes.
+    #[arg(long, default_value_t = 3)]
+    nodes: u16,
+    /// Directory for the CA, configs, data and logs [default: $DYNKV_DEV_DIR or ~/.local/share/dynkv/dev].
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Node i listens for clients on BASE+i-1 and for peers on BASE+100+i-1.
+    #[arg(long, default_value_t = 8700)]
+    base_port: u16,
+    /// Ring partitions.
+    #[arg(long, default_value_t = 64)]
+    partition_count: u32,
+    /// Replicas per key.
+    #[arg(long, default_value_t = 3)]
+    n_val: u32,
+    /// Default request timeout of each node, in milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    request_timeout_ms: u64,
+    /// Delete the directory first: a new CA, new data.
+    #[arg(long)]
+    fresh: bool,
+}
+
+/// What `dynkv dev` tells clients about its cluster (`cluster.toml`).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct DevCluster {
+    pub ca_cert: PathBuf,
+    pub nodes: Vec<DevNode>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct DevNode {
+    pub id: String,
+    pub client_addr: SocketAddr,
+    pub peer_addr: SocketAddr,
+    pub config: PathBuf,
+}
+
+pub fn default_dev_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("DYNKV_DEV_DIR") {
+        return PathBuf::from(dir);
+    }
+    match std::env::var_os("HOME") {
+        Some(home) => PathBuf::from(home).join(".local/share/dynkv/dev"),
+        None => PathBuf::from("dynkv-dev"),
+    }
+}
+
+impl DevCluster {
+    pub fn load(dir: &Path) -> Result<DevCluster> {
+        let path = dir.join("cluster.toml");
+        let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("{} is not a dev cluster file", path.display()))
+    }
+}
+
+/// Creates (once) the CA and each node's certificate and config; returns the cluster file.
+fn prepare(args: &DevArgs, dir: &Path) -> Result<DevCluster> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let dir = dir.canonicalize().with_context(|| format!("cannot resolve {}", dir.display()))?;
+    if let Ok(existing) = DevCluster::load(&dir)
+        && existing.nodes.len() != usize::from(args.nodes)
+    {
+        bail!(
+            "{} holds a {}-node dev cluster; membership is static, so pass --fresh to start a {}-node one",
+            dir.display(),
+            existing.nodes.len(),
+            args.nodes
+        );
+    }
+    let pki = dir.join("pki");
+    let ca = match read_pair(&pki, "ca") {
+        Ok(ca) => ca,
+        Err(_) => {
+            let ca = tls::generate_ca("dynkv dev cluster CA")?;
+            write_pair(&pki, "ca", &ca)?;
+            ca
+        }
+    };
+    let address = |offset: u16, index: u16| -> Result<SocketAddr> {
+        let port = args
+            .base_port
+            .checked_add(offset + index)
+            .context("--base-port is too high for this many nodes")?;
+        Ok(SocketAddr::from(([127, 0, 0, 1], port)))
+    };
+    let mut members = Vec::new();
+    for index in 0..args.nodes {
+        members.push(MemberConfig {
+            id: format!("n{}", index + 1),
+            peer_addr: address(100, index)?,
+        });
+    }
+    let mut nodes = Vec::new();
+    for index in 0..args.nodes {
+        let id = NodeId::new(format!("n{}", index + 1))?;
+        let node_dir = dir.join(id.as_str());
+        std::fs::create_dir_all(&node_dir)?;
+        if read_pair(&pki, id.as_str()).is_err() {
+            let certificate = tls::issue_node_certificate(&ca, &id, &["127.0.0.1".to_string()])?;
+            write_pair(&pki, id.as_str(), &certificate)?;
+        }
+        let config = Config {
+            node_id: id.to_string(),
+            data_dir: node_dir.join("data"),
+            peer_listen: address(100, index)?,
+            client_listen: address(0, index)?,
+            partition_count: args.partition_count,
+            request_timeout_ms: args.request_timeout_ms,
+            members: members.clone(),
+            tls: TlsConfig {
+                ca_cert: pki.join("ca.pem"),
+                node_cert: pki.join(format!("{id}.pem")),
+                node_key: pki.join(format!("{id}.key")),
+            },
+            buckets: dynkv::config::BucketConfig {
+                n_val: args.n_val,
+                ..Default::default()
+            },
+            ..Config::default()
+        };
+        config.validate()?;
+        let config_path = node_dir.join("dynkv.toml");
+        std::fs::write(&config_path, config.to_toml())
+            .with_context(|| format!("cannot write {}", config_path.display()))?;
+        nodes.push(DevNode {
+            id: id.to_string(),
+            client_addr: config.client_listen,
+            peer_addr: config.peer_listen,
+            config: config_path,
+        });
+    }
+    let cluster = DevCluster {
+        ca_cert: pki.join("ca.pem"),
+        nodes,
+    };
+    let text = toml::to_string(&cluster).context("cannot render cluster.toml")?;
+    std::fs::write(dir.join("cluster.toml"), text)?;
+    Ok(cluster)
+}
+
+fn spawn_node(node: &DevNode) -> Result<Child> {
+    let executable = std::env::current_exe().context("cannot find the dynkv executable")?;
+    let node_dir = node.config.parent().context("node config has no directory")?;
+    let log_path = node_dir.join("node.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("cannot open {}", log_path.display()))?;
+    let child = Command::new(executable)
+        .arg("server")
+        .arg("--config")
+        .arg(&node.config)
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("cannot start node {}", node.id))?;
+    if let Some(pid) = child.id() {
+        std::fs::write(node_dir.join("pid"), format!("{pid}\n"))?;
+    }
+    Ok(child)
+}
+
+async fn wait_until_ready(cluster: &DevCluster, children: &mut [Child]) -> Result<()> {
+    let ca_pem = std::fs::read_to_string(&cluster.ca_cert)?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for (node, child) in cluster.nodes.iter().zip(children.iter_mut()) {
+        loop {
+            if let Some(status) = child.try_wait()? {
+                bail!(
+                    "node {} exited during start-up ({status}); see {}",
+                    node.id,
+                    node.config.with_file_name("node.log").display()
+                );
+            }
+            let mut config = ClientConfig::new(vec![node.client_addr], ca_pem.clone());
+            config.request_timeout = Duration::from_secs(2);
+            let answered = match Client::connect(config).await {
+                Ok(client) => client.ping().await.is_ok(),
+                Err(_) => false,
+            };
+            if answered {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("node {} did not answer within 60 s", node.id);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    Ok(())
+}
+
+fn signal(child: &Child, signal: i32) {
+    if let Some(pid) = child.id() {
+        // SAFETY: kill(2) with a pid we spawned and still own; no memory is touched.
+        unsafe {
+            libc::kill(pid as libc::pid_t, signal);
+        }
+    }
+}
+
+pub async fn run(args: DevArgs) -> Result<()> {
+    if args.nodes == 0 {
+        bail!("--nodes must be at least 1");
+    }
+    let dir = args.dir.clone().unwrap_or_else(default_dev_dir);
+    if args.fresh && dir.exists() {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("cannot remove {}", dir.display()))?;
+    }
+    dynkv::net::install_crypto_provider();
+    let cluster = prepare(&args, &dir)?;
+    let mut children = Vec::new();
+    for node in &cluster.nodes {
+        children.push(spawn_node(node)?);
+    }
+    if let Err(error) = wait_until_ready(&cluster, &mut children).await {
+        for child in &children {
+            signal(child, libc::SIGKILL);
+        }
+        return Err(error);
+    }
+    let dir_text = cluster.ca_cert.parent().and_then(Path::parent).unwrap_or(Path::new(".")).display().to_string();
+    println!("dynkv dev cluster: {} nodes up (data in {dir_text})", cluster.nodes.len());
+    for (node, child) in cluster.nodes.iter().zip(&children) {
+        println!(
+            "  {}  client {}  peer {}  pid {}",
+            node.id,
+            node.client_addr,
+            node.peer_addr,
+            child.id().map(|pid| pid.to_string()).unwrap_or_default()
+        );
+    }
+    let default_dir = default_dev_dir();
+    let dir_flag = if Path::new(&dir_text) == default_dir.canonicalize().unwrap_or(default_dir) {
+        String::new()
+    } else {
+        format!(" --dev-dir {dir_text}")
+    };
+    println!();
+    println!("Try, from another shell:");
+    println!("  dynkv put demo hello 'world' --w all{dir_flag}");
+    println!("  dynkv get demo hello --r all{dir_flag}");
+    println!("Kill a node:     kill -9 $(cat {dir_text}/n2/pid)");
+    println!("Restart it:      dynkv server --config {dir_text}/n2/dynkv.toml");
+    println!("Logs:            {dir_text}/nN/node.log     Stop the cluster: Ctrl-C");
+    info!(nodes = cluster.nodes.len(), "dev cluster running");
+
+    // Report nodes that exit (a kill from the walkthrough) without stopping the others.
+    let mut reported = vec![false; children.len()];
+    loop {
+        tokio::select! {
+            _ = super::server::wait_for_shutdown_signal() => break,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                for ((node, child), reported) in cluster.nodes.iter().zip(children.iter_mut()).zip(reported.iter_mut()) {
+                    if !*reported && let Ok(Some(status)) = child.try_wait() {
+                        warn!(node = %node.id, %status, "node exited; restart it with `dynkv server --config {}`", node.config.display());
+                        *reported = true;
+                    }
+                }
+            }
+        }
+    }
+    println!("stopping {} nodes", children.len());
+    for child in &children {
+        signal(child, libc::SIGTERM);
+    }
+    for child in children.iter_mut() {
+        if tokio::time::timeout(Duration::from_secs(10), child.wait()).await.is_err() {
+            signal(child, libc::SIGKILL);
+            let _ = child.wait().await;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,72 @@
+//! Command-line interface. Each subcommand lives in its own module.
+
+mod cert;
+mod client;
+mod dev;
+mod server;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "dynkv",
+    version,
+    about = "dynkv: a leaderless, eventually consistent, Dynamo-style key-value store",
+    long_about = "dynkv: a leaderless, eventually consistent, Dynamo-style key-value store.\n\nStart a local cluster with `dynkv dev`, then use `dynkv put`, `dynkv get` and `dynkv delete` from another shell."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run one node.
+    Server(server::ServerArgs),
+    /// Run a local cluster on loopback, one process per node.
+    Dev(dev::DevArgs),
+    /// Read a key: prints every sibling and the context to write back with.
+    Get(client::GetArgs),
+    /// Write a value (with --context to supersede what a read returned).
+    Put(client::PutArgs),
+    /// Delete a key (with --context to delete exactly what a read returned).
+    Delete(client::DeleteArgs),
+    /// Check that a node answers.
+    Ping(client::PingArgs),
+    /// Create a cluster CA and node certificates.
+    #[command(subcommand)]
+    Cert(cert::CertCommand),
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    match cli.command {
+        Command::Server(args) => {
+            init_logging();
+            runtime.block_on(server::run(args))
+        }
+        Command::Dev(args) => {
+            init_logging();
+            runtime.block_on(dev::run(args))
+        }
+        Command::Get(args) => runtime.block_on(client::get(args)),
+        Command::Put(args) => runtime.block_on(client::put(args)),
+        Command::Delete(args) => runtime.block_on(client::delete(args)),
+        Command::Ping(args) => runtime.block_on(client::ping(args)),
+        Command::Cert(command) => cert::run(command),
+    }
+}
+
+/// Logs go to stderr as spans and fields; `RUST_LOG` overrides the default level (info).
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,quinn=warn,fjall=warn,lsm_tree=warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}

@@ -1,0 +1,353 @@
+//! Node configuration: a TOML file whose every field has a default and a command-line flag
+//! (see `dynkv server --help`), validated at start-up with errors that name the field.
+//!
+//! ```toml
+//! node_id = "n1"                       # ring member name; also the TLS certificate's DNS name
+//! data_dir = "/var/lib/dynkv"          # fjall store, actor id
+//! peer_listen = "0.0.0.0:8710"         # node-to-node QUIC (mutual TLS)
+//! client_listen = "0.0.0.0:8700"       # client QUIC (TLS)
+//! partition_count = 64                 # ring size, fixed at cluster creation
+//! request_timeout_ms = 5000            # default timeout of a get/put/delete
+//!
+//! [[members]]                          # static membership: every node, this one included
+//! id = "n1"
+//! peer_addr = "10.0.0.1:8710"
+//!
+//! [tls]
+//! ca_cert = "ca.pem"
+//! node_cert = "n1.pem"
+//! node_key = "n1.key"
+//!
+//! [buckets]                            # properties of every bucket
+//! n_val = 3
+//! allow_mult = true
+//! r = "quorum"; w = "quorum"; dw = "quorum"; pr = "0"; pw = "0"
+//!
+//! [limits]
+//! max_value_bytes = 8388608
+//! max_siblings = 100
+//! max_object_bytes = 33554432
+//! max_frame_bytes = 67108864
+//!
+//! [storage]
+//! sync_writes = true                   # fsync the journal (group commit) before every ack
+//! cache_mib = 64
+//! ```
+
+use crate::core::ids::NodeId;
+use crate::core::quorum::{BucketDefaults, Quorum};
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub node_id: String,
+    pub data_dir: PathBuf,
+    pub peer_listen: SocketAddr,
+    pub client_listen: SocketAddr,
+    pub partition_count: u32,
+    pub request_timeout_ms: u64,
+    pub members: Vec<MemberConfig>,
+    pub tls: TlsConfig,
+    pub buckets: BucketConfig,
+    pub limits: LimitsConfig,
+    pub storage: StorageSettings,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemberConfig {
+    pub id: String,
+    pub peer_addr: SocketAddr,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM of the cluster CA, which signs every node certificate.
+    pub ca_cert: PathBuf,
+    /// PEM of this node's certificate (its DNS names include `node_id`).
+    pub node_cert: PathBuf,
+    /// PEM of this node's private key.
+    pub node_key: PathBuf,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BucketConfig {
+    /// Replicas of each key.
+    pub n_val: u32,
+    /// Keep concurrent writes as siblings (true) or keep the latest by timestamp (false).
+    pub allow_mult: bool,
+    pub r: String,
+    pub w: String,
+    pub dw: String,
+    pub pr: String,
+    pub pw: String,
+}
+
+impl Default for BucketConfig {
+    fn default() -> Self {
+        BucketConfig {
+            n_val: 3,
+            allow_mult: true,
+            r: "quorum".into(),
+            w: "quorum".into(),
+            dw: "quorum".into(),
+            pr: "0".into(),
+            pw: "0".into(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Largest value a client may write.
+    pub max_value_bytes: u64,
+    /// Most siblings a key may hold; a write beyond it is refused until a client resolves them.
+    pub max_siblings: u32,
+    /// Largest object (all siblings together) a key may hold.
+    pub max_object_bytes: u64,
+    /// Largest frame read from the network, checked before allocating.
+    pub max_frame_bytes: u32,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_value_bytes: 8 * 1024 * 1024,
+            max_siblings: 100,
+            max_object_bytes: 32 * 1024 * 1024,
+            max_frame_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageSettings {
+    /// fsync the write-ahead journal before acknowledging a write (one fsync per batch).
+    pub sync_writes: bool,
+    /// Block cache size.
+    pub cache_mib: u64,
+}
+
+impl Default for StorageSettings {
+    fn default() -> Self {
+        StorageSettings {
+            sync_writes: true,
+            cache_mib: 64,
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            node_id: "n1".into(),
+            data_dir: PathBuf::from("dynkv-data"),
+            peer_listen: SocketAddr::from(([127, 0, 0, 1], 8710)),
+            client_listen: SocketAddr::from(([127, 0, 0, 1], 8700)),
+            partition_count: 64,
+            request_timeout_ms: 5000,
+            members: Vec::new(),
+            tls: TlsConfig::default(),
+            buckets: BucketConfig::default(),
+            limits: LimitsConfig::default(),
+            storage: StorageSettings::default(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid: {reason}")]
+    Parse { path: PathBuf, reason: String },
+    #[error("config field `{field}` is invalid: {reason}")]
+    Invalid { field: String, reason: String },
+}
+
+fn invalid(field: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.to_string(),
+        reason: reason.into(),
+    }
+}
+
+/// Settings derived from a validated [`Config`], in the types the node uses.
+#[derive(Clone, Debug)]
+pub struct Validated {
+    pub node_id: NodeId,
+    pub members: Vec<(NodeId, SocketAddr)>,
+    pub bucket_defaults: BucketDefaults,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|error| ConfigError::Parse {
+            path: path.to_path_buf(),
+            reason: error.to_string(),
+        })
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_else(|error| format!("# cannot render config: {error}"))
+    }
+
+    /// Checks every field and converts the ones the node uses in typed form.
+    pub fn validate(&self) -> Result<Validated, ConfigError> {
+        let node_id =
+            NodeId::new(self.node_id.clone()).map_err(|error| invalid("node_id", error.to_string()))?;
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(invalid("data_dir", "must not be empty"));
+        }
+        if !self.partition_count.is_power_of_two() || !(8..=4096).contains(&self.partition_count) {
+            return Err(invalid(
+                "partition_count",
+                format!("{} is not a power of two between 8 and 4096", self.partition_count),
+            ));
+        }
+        if self.request_timeout_ms == 0 || self.request_timeout_ms > 600_000 {
+            return Err(invalid("request_timeout_ms", "must be between 1 and 600000"));
+        }
+        let mut members = Vec::with_capacity(self.members.len());
+        for (index, member) in self.members.iter().enumerate() {
+            let id = NodeId::new(member.id.clone())
+                .map_err(|error| invalid(&format!("members[{index}].id"), error.to_string()))?;
+            if members.iter().any(|(existing, _)| existing == &id) {
+                return Err(invalid(&format!("members[{index}].id"), format!("{id} is listed twice")));
+            }
+            members.push((id, member.peer_addr));
+        }
+        if members.is_empty() {
+            members.push((node_id.clone(), self.peer_listen));
+        }
+        if !members.iter().any(|(id, _)| id == &node_id) {
+            return Err(invalid("members", format!("does not list this node ({node_id})")));
+        }
+        for (field, path) in [
+            ("tls.ca_cert", &self.tls.ca_cert),
+            ("tls.node_cert", &self.tls.node_cert),
+            ("tls.node_key", &self.tls.node_key),
+        ] {
+            if path.as_os_str().is_empty() {
+                return Err(invalid(field, "is required (create one with `dynkv cert`)"));
+            }
+        }
+        let buckets = &self.buckets;
+        if !(1..=16).contains(&buckets.n_val) {
+            return Err(invalid("buckets.n_val", format!("{} is not between 1 and 16", buckets.n_val)));
+        }
+        let parse = |field: &str, text: &str| -> Result<Quorum, ConfigError> {
+            text.parse::<Quorum>().map_err(|error| invalid(field, error.to_string()))
+        };
+        let bucket_defaults = BucketDefaults {
+            n_val: buckets.n_val,
+            r: parse("buckets.r", &buckets.r)?,
+            w: parse("buckets.w", &buckets.w)?,
+            dw: parse("buckets.dw", &buckets.dw)?,
+            pr: parse("buckets.pr", &buckets.pr)?,
+            pw: parse("buckets.pw", &buckets.pw)?,
+        };
+        // Resolving the defaults once proves every request that says `default` can resolve.
+        crate::core::quorum::ReadQuorum::resolve(Quorum::Default, Quorum::Default, &bucket_defaults)
+            .map_err(|error| invalid(&format!("buckets.{}", error.field), error.to_string()))?;
+        crate::core::quorum::WriteQuorum::resolve(
+            Quorum::Default,
+            Quorum::Default,
+            Quorum::Default,
+            &bucket_defaults,
+        )
+        .map_err(|error| invalid(&format!("buckets.{}", error.field), error.to_string()))?;
+        let limits = &self.limits;
+        if limits.max_value_bytes == 0 || limits.max_value_bytes > limits.max_object_bytes {
+            return Err(invalid("limits.max_value_bytes", "must be between 1 and limits.max_object_bytes"));
+        }
+        if limits.max_object_bytes + 1024 * 1024 > u64::from(limits.max_frame_bytes) {
+            return Err(invalid(
+                "limits.max_frame_bytes",
+                "must exceed limits.max_object_bytes by at least 1 MiB, so a full object fits a frame",
+            ));
+        }
+        if limits.max_siblings == 0 {
+            return Err(invalid("limits.max_siblings", "must be at least 1"));
+        }
+        Ok(Validated {
+            node_id,
+            members,
+            bucket_defaults,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn valid() -> Config {
+        Config {
+            tls: TlsConfig {
+                ca_cert: "ca.pem".into(),
+                node_cert: "n1.pem".into(),
+                node_key: "n1.key".into(),
+            },
+            ..Config::default()
+        }
+    }
+
+    fn field_of(config: &Config) -> String {
+        match config.validate() {
+            Err(ConfigError::Invalid { field, .. }) => field,
+            other => panic!("expected an invalid field, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_validate_and_round_trip_through_toml() {
+        let config = valid();
+        let validated = config.validate().unwrap();
+        assert_eq!(validated.members.len(), 1, "a lone node is its own member");
+        let parsed: Config = toml::from_str(&config.to_toml()).unwrap();
+        assert_eq!(parsed, config);
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        let mut config = valid();
+        config.partition_count = 100;
+        assert_eq!(field_of(&config), "partition_count");
+        let mut config = valid();
+        config.buckets.r = "most".into();
+        assert_eq!(field_of(&config), "buckets.r");
+        let mut config = valid();
+        config.buckets.w = "5".into();
+        assert_eq!(field_of(&config), "buckets.w");
+        let mut config = valid();
+        config.node_id = "Bad Name".into();
+        assert_eq!(field_of(&config), "node_id");
+        let mut config = valid();
+        config.tls.node_key = PathBuf::new();
+        assert_eq!(field_of(&config), "tls.node_key");
+        let mut config = valid();
+        config.members = vec![MemberConfig { id: "n2".into(), peer_addr: "127.0.0.1:1".parse().unwrap() }];
+        assert_eq!(field_of(&config), "members");
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let error = toml::from_str::<Config>("node_idd = \"x\"").unwrap_err();
+        assert!(error.to_string().contains("node_idd"), "{error}");
+    }
+}

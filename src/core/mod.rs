@@ -1,0 +1,16 @@
+//! The sans-IO core: pure, deterministic logic. Nothing in here touches tokio, quinn, fjall,
+//! a clock or a socket; time and randomness come in as arguments (`.ci/run` checks this).
+//!
+//! - [`ids`]: node ids and actor ids.
+//! - [`ring`]: partitions, the claim, preference lists.
+//! - [`version`]: dotted version vector sets (siblings and causality).
+//! - [`object`]: what a key stores, its record and context formats, put and merge rules.
+//! - [`quorum`]: consistency levels and quorum trackers.
+//! - [`request`]: the coordinator's request state machines.
+
+pub mod ids;
+pub mod object;
+pub mod quorum;
+pub mod request;
+pub mod ring;
+pub mod version;

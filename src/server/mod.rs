@@ -1,0 +1,153 @@
+//! The IO shell of one node: it opens the store, binds the peer (mutual TLS) and client (TLS)
+//! QUIC endpoints, and serves until asked to shut down.
+
+pub mod node;
+
+use crate::config::Config;
+use crate::core::ring::Ring;
+use crate::net::quic::{QuicPeers, QuicServer};
+use crate::net::tls;
+use crate::net::{BoxFuture, RpcLimits};
+use crate::protocol::{ClientRequest, ClientResponse, PeerRequest, PeerResponse};
+use crate::storage::{StorageConfig, Store};
+use node::{Node, NodeSettings, StaticMembership};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::info;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("cannot load TLS material: {0}")]
+    Tls(String),
+    #[error("cannot open the store in {path}: {reason}")]
+    Storage { path: String, reason: String },
+    #[error("cannot build the ring: {0}")]
+    Ring(#[from] crate::core::ring::RingError),
+    #[error("cannot listen on {address}: {reason}")]
+    Listen { address: SocketAddr, reason: String },
+}
+
+/// A running node. Dropping it does not stop it; call [`RunningServer::shutdown`].
+pub struct RunningServer {
+    pub node: Node,
+    pub peer_addr: SocketAddr,
+    pub client_addr: SocketAddr,
+    peer_server: QuicServer,
+    client_server: QuicServer,
+}
+
+impl RunningServer {
+    /// Stops accepting, closes connections, and flushes the store.
+    pub async fn shutdown(self) {
+        self.client_server.shutdown().await;
+        self.peer_server.shutdown().await;
+        let store = self.node.store().clone();
+        drop(self.node);
+        if let Err(error) = store.close().await {
+            tracing::warn!(error = %error, "store did not close cleanly");
+        }
+    }
+}
+
+/// Node settings from a validated config.
+pub fn node_settings(config: &Config, validated: &crate::config::Validated) -> NodeSettings {
+    NodeSettings {
+        bucket_defaults: validated.bucket_defaults,
+        allow_mult: config.buckets.allow_mult,
+        request_timeout: Duration::from_millis(config.request_timeout_ms),
+        max_value_bytes: config.limits.max_value_bytes,
+        max_object_bytes: config.limits.max_object_bytes,
+        max_siblings: config.limits.max_siblings,
+        durable_writes: config.storage.sync_writes,
+    }
+}
+
+pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
+    let validated = config.validate()?;
+    crate::net::install_crypto_provider();
+    let load = |path: &std::path::Path| {
+        std::fs::read_to_string(path)
+            .map_err(|error| ServerError::Tls(format!("{}: {error}", path.display())))
+    };
+    let ca_pem = load(&config.tls.ca_cert)?;
+    let node_identity = tls::CertifiedKey {
+        cert_pem: load(&config.tls.node_cert)?,
+        key_pem: load(&config.tls.node_key)?,
+    };
+    let limits = RpcLimits {
+        max_frame_bytes: config.limits.max_frame_bytes,
+        ..RpcLimits::default()
+    };
+
+    let store = Store::open(
+        &config.data_dir,
+        StorageConfig {
+            sync_writes: config.storage.sync_writes,
+            cache_bytes: config.storage.cache_mib * 1024 * 1024,
+        },
+    )
+    .map_err(|error| ServerError::Storage {
+        path: config.data_dir.display().to_string(),
+        reason: error.to_string(),
+    })?;
+
+    let member_ids: Vec<_> = validated.members.iter().map(|(id, _)| id.clone()).collect();
+    let ring = Ring::new(
+        config.partition_count,
+        &member_ids,
+        validated.bucket_defaults.n_val as usize,
+    )?;
+    let peers = QuicPeers::<PeerRequest, PeerResponse>::new(&ca_pem, &node_identity, limits.clone())
+        .map_err(|error| ServerError::Tls(error.to_string()))?;
+    for (id, address) in &validated.members {
+        peers.set_address(id.clone(), *address);
+    }
+    let node = Node::new(
+        validated.node_id.clone(),
+        store,
+        Arc::new(StaticMembership::new(ring)),
+        Arc::new(peers),
+        node_settings(&config, &validated),
+    );
+
+    let peer_config = tls::peer_server_config(&ca_pem, &node_identity)
+        .map_err(|error| ServerError::Tls(error.to_string()))?;
+    let peer_node = node.clone();
+    let peer_handler = Arc::new(move |request: PeerRequest| -> BoxFuture<'static, PeerResponse> {
+        let node = peer_node.clone();
+        Box::pin(async move { node.handle_peer(request).await })
+    });
+    let peer_server = QuicServer::bind(config.peer_listen, peer_config, peer_handler, limits.clone())
+        .map_err(|error| ServerError::Listen {
+            address: config.peer_listen,
+            reason: error.to_string(),
+        })?;
+
+    let client_config = tls::client_facing_server_config(&node_identity)
+        .map_err(|error| ServerError::Tls(error.to_string()))?;
+    let client_node = node.clone();
+    let client_handler =
+        Arc::new(move |request: ClientRequest| -> BoxFuture<'static, ClientResponse> {
+            let node = client_node.clone();
+            Box::pin(async move { node.handle_client(request).await })
+        });
+    let client_server = QuicServer::bind(config.client_listen, client_config, client_handler, limits)
+        .map_err(|error| ServerError::Listen {
+            address: config.client_listen,
+            reason: error.to_string(),
+        })?;
+
+    let peer_addr = peer_server.local_addr();
+    let client_addr = client_server.local_addr();
+    info!(node = %validated.node_id, %peer_addr, %client_addr, members = validated.members.len(), "node started");
+    Ok(RunningServer {
+        node,
+        peer_addr,
+        client_addr,
+        peer_server,
+        client_server,
+    })
+}
