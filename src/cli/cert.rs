@@ -35,7 +35,7 @@ pub enum CertCommand {
 }
 
 pub fn run(command: CertCommand) -> Result<()> {
-    dynkv::net::install_crypto_provider();
+    dynkv::net::tls::install_crypto_provider();
     match command {
         CertCommand::Ca { dir, name, force } => {
             let cert_path = dir.join("ca.pem");

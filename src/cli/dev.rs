@@ -235,7 +235,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
     if args.fresh && dir.exists() {
         std::fs::remove_dir_all(&dir).with_context(|| format!("cannot remove {}", dir.display()))?;
     }
-    dynkv::net::install_crypto_provider();
+    dynkv::net::tls::install_crypto_provider();
     let cluster = prepare(&args, &dir)?;
     let mut children = Vec::new();
     for node in &cluster.nodes {

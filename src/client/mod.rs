@@ -99,9 +99,10 @@ impl Client {
         if config.nodes.is_empty() {
             return Err(ClientLibError::NoNodes);
         }
-        crate::net::install_crypto_provider();
-        let client_config =
-            tls::client_config(&config.ca_cert_pem).map_err(|error| ClientLibError::Tls(error.to_string()))?;
+        tls::install_crypto_provider();
+        let client_config = tls::client_config(&config.ca_cert_pem)
+            .and_then(tls::quic_client_config)
+            .map_err(|error| ClientLibError::Tls(error.to_string()))?;
         let bind: SocketAddr = if config.nodes[0].is_ipv6() {
             "[::]:0".parse().map_err(|_| ClientLibError::NoNodes)?
         } else {
@@ -141,9 +142,16 @@ impl Client {
             };
             match tokio::time::timeout(Duration::from_secs(5), attempt).await {
                 Ok(Ok(connection)) => {
+                    let rpc = match RpcClient::new(connection, &RpcLimits::default()).await {
+                        Ok(rpc) => rpc,
+                        Err(error) => {
+                            last = format!("{address}: {error}");
+                            continue;
+                        }
+                    };
                     let connected = Arc::new(Connected {
                         address: *address,
-                        rpc: RpcClient::new(connection, RpcLimits::default()),
+                        rpc,
                     });
                     *self.current.lock() = Some(connected.clone());
                     return Ok(connected);

@@ -15,8 +15,9 @@ pub const CONTEXT_FORMAT_VERSION: u8 = 1;
 
 /// Longest bucket name, in bytes.
 pub const MAX_BUCKET_BYTES: usize = 255;
-/// Longest key, in bytes (as Cassandra's partition key limit).
-pub const MAX_KEY_BYTES: usize = 65_535;
+/// Longest key, in bytes: below the storage engine's 64 KiB key limit once the bucket
+/// (at most 255 bytes) and its length prefix are added.
+pub const MAX_KEY_BYTES: usize = 65_000;
 /// Most actors a decoded context may name; clocks hold replica ids only, so real ones are small.
 pub const MAX_CONTEXT_ACTORS: usize = 1024;
 

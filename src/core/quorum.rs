@@ -352,7 +352,7 @@ impl WriteTracker {
     /// Records one replica's answer: `acked` false is a failure or refusal; `durable` says
     /// the replica's journal was fsynced before it answered.
     pub fn record(&mut self, primary: bool, acked: bool, durable: bool) -> QuorumOutcome {
-        let mut apply = |requirement: &mut Requirement, success: bool| {
+        let apply = |requirement: &mut Requirement, success: bool| {
             if success {
                 requirement.succeeded += 1;
             } else {

@@ -67,7 +67,7 @@ pub fn node_settings(config: &Config, validated: &crate::config::Validated) -> N
 
 pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
     let validated = config.validate()?;
-    crate::net::install_crypto_provider();
+    tls::install_crypto_provider();
     let load = |path: &std::path::Path| {
         std::fs::read_to_string(path)
             .map_err(|error| ServerError::Tls(format!("{}: {error}", path.display())))
@@ -100,8 +100,15 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         &member_ids,
         validated.bucket_defaults.n_val as usize,
     )?;
-    let peers = QuicPeers::<PeerRequest, PeerResponse>::new(&ca_pem, &node_identity, limits.clone())
+    let peer_client_tls = tls::peer_client_config(&ca_pem, &node_identity)
         .map_err(|error| ServerError::Tls(error.to_string()))?;
+    // Outgoing peer connections leave from the peer address's IP, with any free port.
+    let outgoing = SocketAddr::new(config.peer_listen.ip(), 0);
+    let peers = QuicPeers::<PeerRequest, PeerResponse>::new(outgoing, peer_client_tls, limits.clone())
+        .map_err(|error| ServerError::Listen {
+            address: outgoing,
+            reason: error.to_string(),
+        })?;
     for (id, address) in &validated.members {
         peers.set_address(id.clone(), *address);
     }

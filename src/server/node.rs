@@ -80,6 +80,16 @@ pub struct Node {
     inner: Arc<NodeInner>,
 }
 
+/// A handle that does not keep a node alive; used to tell when a stopped node's last task
+/// has finished, so its store can be reopened.
+pub struct WeakNode(std::sync::Weak<NodeInner>);
+
+impl WeakNode {
+    pub fn is_dead(&self) -> bool {
+        self.0.strong_count() == 0
+    }
+}
+
 /// Why a write could not be applied to the local store.
 enum LocalWriteError {
     Refused(ClientError),
@@ -123,6 +133,10 @@ impl Node {
 
     pub fn id(&self) -> &NodeId {
         &self.inner.id
+    }
+
+    pub fn downgrade(&self) -> WeakNode {
+        WeakNode(Arc::downgrade(&self.inner))
     }
 
     pub fn store(&self) -> &Store {
@@ -185,6 +199,15 @@ impl Node {
 
     /// Serves one request from a peer node.
     pub async fn handle_peer(&self, request: PeerRequest) -> PeerResponse {
+        if let PeerRequest::ReplicaGet { partition, .. } | PeerRequest::ReplicaPut { partition, .. } = &request {
+            let partition_count = self.inner.membership.ring().partition_count();
+            if *partition >= partition_count {
+                warn!(node = %self.inner.id, partition, partition_count, "peer named a partition outside the ring");
+                return PeerResponse::Failed {
+                    message: format!("partition {partition} is outside the ring (0..{partition_count})"),
+                };
+            }
+        }
         match request {
             PeerRequest::Ping => PeerResponse::Pong,
             PeerRequest::ReplicaGet {
@@ -643,8 +666,8 @@ impl Node {
             })
             .await;
         result.map_err(|error| match error {
-            UpdateError::Rejected(error) => error,
-            other => LocalWriteError::Storage(other.to_string()),
+            UpdateError::Rejected { source } => source,
+            UpdateError::Storage { source } => LocalWriteError::Storage(source.to_string()),
         })
     }
 

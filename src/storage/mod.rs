@@ -1,0 +1,594 @@
+//! The node's durable store, on fjall.
+//!
+//! The store deals in bytes: it never looks inside a value (the record format, with its own
+//! version header, belongs to the caller). What it guarantees is that an acknowledged write
+//! survives a crash, and that read-modify-write of one key is atomic.
+//!
+//! # Layout
+//!
+//! ```text
+//! <data dir>/
+//!   node.meta        actor id drawn when the directory was created, format version, checksum
+//!   node.meta.tmp    only during creation (written, fsynced, then renamed over node.meta)
+//!   fjall/           the fjall database, one keyspace per ring partition: p0000, p0042, ...
+//! ```
+//!
+//! One keyspace per partition (created on the partition's first write) lets handoff stream a
+//! partition in key order and drop it in one step once the new owner has it. A wiped
+//! directory has no `node.meta`, so the node comes back as a new actor: a version-vector
+//! counter is never reissued under an old actor (Riak's KV679 bug).
+//!
+//! # Key encoding
+//!
+//! Inside a partition's keyspace a record is stored under `u16` big-endian bucket length,
+//! bucket, key (see `key.rs`). Buckets are limited to [`MAX_BUCKET_BYTES`] and keys to
+//! [`MAX_KEY_BYTES`], so the stored key fits fjall's 65535-byte limit. Scans return records
+//! in stored-key order: by bucket length, then bucket, then key.
+//!
+//! # Durability: group commit
+//!
+//! With [`StorageConfig::sync_writes`] (the default) a write is acknowledged only after the
+//! journal holding it is fsynced. Fsyncs are shared: writers append to the journal (fjall
+//! hands each append to the OS, so it survives a crash of the process), bump a write
+//! sequence number and wait for a committer task to publish a durable sequence number at
+//! least as high. The committer fsyncs once for every write queued before the fsync began;
+//! see `commit.rs`. A failed fsync fails every write still waiting, and every later one, since
+//! fjall refuses writes after it.
+//!
+//! Without `sync_writes` a write is acknowledged once it is in the OS page cache (it survives
+//! a process crash, not a power loss) and the journal is fsynced every second.
+//!
+//! Dropping the last handle without [`Store::close`] behaves like a crash: nothing more is
+//! fsynced, and the directory lock is released at once so the node can be reopened.
+//!
+//! Reads do not wait for durability: [`Store::get`] can return a value whose write is still
+//! waiting for its fsync. [`Store::update`] returns only once the value it read is durable.
+
+mod commit;
+mod key;
+mod meta;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::ops::Bound;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+
+use crate::core::ids::Actor;
+use commit::{Committer, Counters, DurableState};
+
+pub use key::{MAX_BUCKET_BYTES, MAX_KEY_BYTES};
+
+/// Name of the fjall database directory inside the data directory.
+const DATABASE_DIR: &str = "fjall";
+
+/// Number of per-key locks. Two keys share a lock only if they hash to the same stripe, which
+/// costs a little waiting, never correctness.
+const LOCK_STRIPES: usize = 1024;
+
+/// One record returned by [`Store::scan_partition`]: `(bucket, key, value)`.
+pub type ScannedRecord = (Vec<u8>, Vec<u8>, Vec<u8>);
+
+/// How the store trades durability for latency, and how much memory it may cache.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StorageConfig {
+    /// Fsync the journal before acknowledging a write (group commit). Default `true`. With
+    /// `false`, writes are acknowledged once handed to the OS and fsynced every second.
+    pub sync_writes: bool,
+    /// Size of fjall's block cache in bytes. Default 64 MiB.
+    pub cache_bytes: u64,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            sync_writes: true,
+            cache_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// Counts since the store was opened, for metrics and for tests that show fsync batching.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StorageStats {
+    /// Records written by [`Store::update`].
+    pub writes: u64,
+    /// Journal fsyncs started by the committer (each may cover many writes).
+    pub fsyncs: u64,
+}
+
+/// Why a metadata file could not be read; see [`StorageError::CorruptMeta`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum MetaProblem {
+    #[error("the file is larger than a metadata file can be")]
+    TooLarge,
+    #[error("the file is not UTF-8 text")]
+    NotText,
+    #[error("the file is truncated")]
+    Truncated,
+    #[error("the first line is not the dynkv storage metadata header")]
+    WrongHeader,
+    #[error("the line for {field} is missing")]
+    MissingField { field: &'static str },
+    #[error("the value of {field} is malformed")]
+    InvalidField { field: &'static str },
+    #[error("the checksum does not match the contents")]
+    ChecksumMismatch,
+    #[error("the file has an unexpected extra line")]
+    UnexpectedLine,
+}
+
+/// Why a journal fsync failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PersistError {
+    #[error("fjall could not persist the journal")]
+    Engine {
+        #[source]
+        source: fjall::Error,
+    },
+    #[error("the fsync task panicked or was cancelled")]
+    TaskFailed {
+        #[source]
+        source: tokio::task::JoinError,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("the store must be opened inside a tokio runtime (it spawns its committer task)")]
+    NoRuntime,
+    #[error("cannot create data directory {path}")]
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot read metadata file {path}")]
+    ReadMeta {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot write metadata file {path}")]
+    WriteMeta {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("metadata file {path} is corrupt: {problem}")]
+    CorruptMeta { path: PathBuf, problem: MetaProblem },
+    #[error(
+        "metadata file {path} has format version {found}; this build reads version {supported}"
+    )]
+    UnsupportedMetaVersion {
+        path: PathBuf,
+        found: u32,
+        supported: u32,
+    },
+    #[error("the OS random number generator failed while drawing an actor id")]
+    Entropy {
+        #[source]
+        source: rand::rand_core::OsError,
+    },
+    #[error("cannot open the database in {path}")]
+    OpenDatabase {
+        path: PathBuf,
+        #[source]
+        source: fjall::Error,
+    },
+    #[error("cannot open or create the keyspace of partition {partition}")]
+    OpenPartition {
+        partition: u32,
+        #[source]
+        source: fjall::Error,
+    },
+    #[error("cannot drop the keyspace of partition {partition}")]
+    DropPartition {
+        partition: u32,
+        #[source]
+        source: fjall::Error,
+    },
+    #[error("bucket is {length} bytes long; at most {MAX_BUCKET_BYTES} are allowed")]
+    BucketTooLong { length: usize },
+    #[error("key is {length} bytes long; at most {MAX_KEY_BYTES} are allowed")]
+    KeyTooLong { length: usize },
+    #[error("read from partition {partition} failed")]
+    Read {
+        partition: u32,
+        #[source]
+        source: fjall::Error,
+    },
+    #[error("write to partition {partition} failed")]
+    Write {
+        partition: u32,
+        #[source]
+        source: fjall::Error,
+    },
+    #[error(
+        "partition {partition} holds a stored key of {length} bytes that is not a valid encoding"
+    )]
+    CorruptStoredKey { partition: u32, length: usize },
+    #[error("the journal could not be made durable; the write is not acknowledged")]
+    Persist {
+        #[source]
+        source: Arc<PersistError>,
+    },
+    #[error("the committer task stopped before the write was durable")]
+    CommitterStopped,
+    #[error("the store was flushed but {other_handles} other handles still hold it open")]
+    StillShared { other_handles: usize },
+}
+
+/// The outcome of a failed [`Store::update`]: the caller's closure refused, or the store failed.
+#[derive(Debug, thiserror::Error)]
+pub enum UpdateError<E> {
+    /// The closure returned an error; nothing was written.
+    #[error(transparent)]
+    Rejected { source: E },
+    #[error(transparent)]
+    Storage {
+        #[from]
+        source: StorageError,
+    },
+}
+
+/// The node's store. Cheap to clone: every clone shares one database and one committer.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    actor: Actor,
+    sync_writes: bool,
+    /// The only strong handle besides in-flight fsyncs (see [`Committer`]).
+    database: Arc<Database>,
+    /// Every partition keyspace that exists, loaded at open and extended on first write, so a
+    /// read of a missing partition needs no lock on fjall's keyspace table.
+    partitions: RwLock<HashMap<u32, Keyspace>>,
+    stripes: Box<[Mutex<()>]>,
+    /// Sequence number of the last write appended to the journal.
+    written: watch::Sender<u64>,
+    durable: watch::Receiver<DurableState>,
+    counters: Arc<Counters>,
+    committer: JoinHandle<Result<(), StorageError>>,
+    /// Dropped (with the last handle, or by `close`) to stop the committer.
+    shutdown: oneshot::Sender<()>,
+}
+
+impl Store {
+    /// Opens the data directory `dir`, creating it (and the node's actor id) if needed.
+    ///
+    /// Must be called inside a tokio runtime, which runs the committer task. It does blocking
+    /// disk IO (journal recovery), so async callers may want `spawn_blocking`.
+    #[tracing::instrument(name = "storage_open", skip_all, fields(dir = %dir.display()))]
+    pub fn open(dir: &Path, config: StorageConfig) -> Result<Store, StorageError> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| StorageError::NoRuntime)?;
+        std::fs::create_dir_all(dir).map_err(|source| StorageError::CreateDir {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let actor = meta::load_or_create(dir)?;
+        let database_dir = dir.join(DATABASE_DIR);
+        let database = Database::builder(&database_dir)
+            .cache_size(config.cache_bytes)
+            .open()
+            .map_err(|source| StorageError::OpenDatabase {
+                path: database_dir,
+                source,
+            })?;
+        let database = Arc::new(database);
+
+        let mut partitions = HashMap::new();
+        for name in database.list_keyspace_names() {
+            let Some(partition) = parse_partition_name(&name) else {
+                tracing::warn!(keyspace = %&*name, "ignoring keyspace that is not a partition");
+                continue;
+            };
+            let keyspace = database
+                .keyspace(&name, KeyspaceCreateOptions::default)
+                .map_err(|source| StorageError::OpenPartition { partition, source })?;
+            partitions.insert(partition, keyspace);
+        }
+
+        let (written_sender, written_receiver) = watch::channel(0);
+        let (durable_sender, durable_receiver) = watch::channel(DurableState::default());
+        let (shutdown_sender, shutdown_receiver) = oneshot::channel();
+        let counters = Arc::new(Counters::default());
+        let committer = Committer {
+            database: Arc::downgrade(&database),
+            written: written_receiver,
+            durable: durable_sender,
+            counters: counters.clone(),
+            shutdown: shutdown_receiver,
+            sync_writes: config.sync_writes,
+        };
+        let committer_span = tracing::info_span!("storage_committer", actor);
+        let committer = runtime.spawn(tracing::Instrument::instrument(
+            committer.run(),
+            committer_span,
+        ));
+
+        tracing::info!(
+            actor,
+            partitions = partitions.len(),
+            sync_writes = config.sync_writes,
+            "storage opened"
+        );
+        Ok(Store {
+            inner: Arc::new(Inner {
+                actor,
+                sync_writes: config.sync_writes,
+                database,
+                partitions: RwLock::new(partitions),
+                stripes: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
+                written: written_sender,
+                durable: durable_receiver,
+                counters,
+                committer,
+                shutdown: shutdown_sender,
+            }),
+        })
+    }
+
+    /// This node's actor id, drawn when its data directory was created.
+    pub fn actor(&self) -> Actor {
+        self.inner.actor
+    }
+
+    /// The stored value of `(bucket, key)` in `partition` (the key's ring partition).
+    ///
+    /// May return a value whose write is not yet durable (see the module doc).
+    pub fn get(
+        &self,
+        partition: u32,
+        bucket: &[u8],
+        key: &[u8],
+    ) -> Result<Option<Vec<u8>>, StorageError> {
+        let stored_key = key::encode(bucket, key)?;
+        let Some(keyspace) = self.inner.existing_partition(partition) else {
+            return Ok(None);
+        };
+        let value = keyspace
+            .get(&stored_key)
+            .map_err(|source| StorageError::Read { partition, source })?;
+        Ok(value.map(|value| value.to_vec()))
+    }
+
+    /// Atomic read-modify-write of one key.
+    ///
+    /// `update` gets the current value and returns the value to store (`None`: store nothing)
+    /// and an output for the caller. It runs under a per-key lock, so two updates of one key
+    /// never lose each other; it must not call back into this store's `update` (it would
+    /// deadlock on its own lock) and should be quick: it runs on a runtime thread, as do the
+    /// read and the journal append, which waits if an fsync is in flight (fjall holds its
+    /// journal lock while syncing).
+    ///
+    /// Returns the output once the write, or if nothing was written the value `update` read,
+    /// is durable. An error from `update` writes nothing and is returned as
+    /// [`UpdateError::Rejected`].
+    pub async fn update<T, E>(
+        &self,
+        partition: u32,
+        bucket: &[u8],
+        key: &[u8],
+        update: impl FnOnce(Option<&[u8]>) -> Result<(Option<Vec<u8>>, T), E>,
+    ) -> Result<T, UpdateError<E>> {
+        let stored_key = key::encode(bucket, key)?;
+        let keyspace = self.inner.partition_for_write(partition)?;
+        let (output, must_be_durable) = {
+            let _key_lock = self.inner.stripe(partition, &stored_key).lock();
+            let current = keyspace
+                .get(&stored_key)
+                .map_err(|source| StorageError::Read { partition, source })?;
+            let (new_value, output) =
+                update(current.as_deref()).map_err(|source| UpdateError::Rejected { source })?;
+            match new_value {
+                Some(new_value) => {
+                    keyspace
+                        .insert(stored_key, new_value)
+                        .map_err(|source| StorageError::Write { partition, source })?;
+                    self.inner.counters.writes.fetch_add(1, Ordering::Relaxed);
+                    // Numbered under the key lock, so a later update of this key that reads
+                    // this value also sees a sequence number covering it.
+                    let mut sequence = 0;
+                    self.inner.written.send_modify(|written| {
+                        *written += 1;
+                        sequence = *written;
+                    });
+                    (output, sequence)
+                }
+                // What was read may have been written by an update still waiting for its
+                // fsync; the current sequence number covers it.
+                None => (output, *self.inner.written.borrow()),
+            }
+        };
+        if self.inner.sync_writes {
+            self.inner.wait_durable(must_be_durable).await?;
+        }
+        Ok(output)
+    }
+
+    /// Up to `limit` records `(bucket, key, value)` of `partition` that follow `start_after`
+    /// (exclusive) in stored-key order, for handoff and anti-entropy. Pass the last record's
+    /// `(bucket, key)` to get the next page; an empty page means the end.
+    pub fn scan_partition(
+        &self,
+        partition: u32,
+        start_after: Option<(&[u8], &[u8])>,
+        limit: usize,
+    ) -> Result<Vec<ScannedRecord>, StorageError> {
+        let start = match start_after {
+            Some((bucket, key)) => Bound::Excluded(key::encode(bucket, key)?),
+            None => Bound::Unbounded,
+        };
+        let Some(keyspace) = self.inner.existing_partition(partition) else {
+            return Ok(Vec::new());
+        };
+        let mut records = Vec::with_capacity(limit.min(1024));
+        for entry in keyspace
+            .range::<Vec<u8>, _>((start, Bound::Unbounded))
+            .take(limit)
+        {
+            let (stored_key, value) = entry
+                .into_inner()
+                .map_err(|source| StorageError::Read { partition, source })?;
+            let (bucket, key) = key::decode(&stored_key).ok_or(StorageError::CorruptStoredKey {
+                partition,
+                length: stored_key.len(),
+            })?;
+            records.push((bucket.to_vec(), key.to_vec(), value.to_vec()));
+        }
+        Ok(records)
+    }
+
+    /// Drops a partition's keyspace with everything in it (after handoff has moved it).
+    /// Returns whether the partition existed.
+    pub fn drop_partition(&self, partition: u32) -> Result<bool, StorageError> {
+        let Some(keyspace) = self.inner.partitions.write().remove(&partition) else {
+            return Ok(false);
+        };
+        self.inner
+            .database
+            .delete_keyspace(keyspace)
+            .map_err(|source| StorageError::DropPartition { partition, source })?;
+        tracing::info!(partition, "partition dropped");
+        Ok(true)
+    }
+
+    /// Approximate number of records across all partitions (overwrites count more than once
+    /// until compaction).
+    pub fn key_count_estimate(&self) -> u64 {
+        self.inner
+            .partitions
+            .read()
+            .values()
+            .map(|keyspace| keyspace.approximate_len() as u64)
+            .sum()
+    }
+
+    /// Counts of writes and fsyncs since open.
+    pub fn stats(&self) -> StorageStats {
+        StorageStats {
+            writes: self.inner.counters.writes.load(Ordering::Relaxed),
+            fsyncs: self.inner.counters.fsyncs.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Makes every write durable and, if this is the last handle, stops the committer and
+    /// releases the database so the directory can be opened again.
+    ///
+    /// If other handles remain the data is still flushed, and the answer is
+    /// [`StorageError::StillShared`]: the directory stays locked until they are dropped.
+    #[tracing::instrument(name = "storage_close", skip_all, fields(actor = self.inner.actor))]
+    pub async fn close(self) -> Result<(), StorageError> {
+        commit::persist(self.inner.database.clone(), PersistMode::SyncAll)
+            .await
+            .map_err(|failure| StorageError::Persist {
+                source: Arc::new(failure),
+            })?;
+        let inner = match Arc::try_unwrap(self.inner) {
+            Ok(inner) => inner,
+            Err(shared) => {
+                return Err(StorageError::StillShared {
+                    other_handles: Arc::strong_count(&shared) - 1,
+                });
+            }
+        };
+        let Inner {
+            database,
+            partitions,
+            committer,
+            shutdown,
+            ..
+        } = inner;
+        drop(shutdown);
+        let committed = committer.await;
+        drop(partitions);
+        // fjall joins its background threads when the last database handle drops.
+        let released = tokio::task::spawn_blocking(move || drop(database)).await;
+        committed
+            .map_err(|source| StorageError::Persist {
+                source: Arc::new(PersistError::TaskFailed { source }),
+            })
+            .and_then(|result| result)?;
+        released.map_err(|source| StorageError::Persist {
+            source: Arc::new(PersistError::TaskFailed { source }),
+        })?;
+        tracing::info!("storage closed");
+        Ok(())
+    }
+}
+
+impl Inner {
+    fn existing_partition(&self, partition: u32) -> Option<Keyspace> {
+        self.partitions.read().get(&partition).cloned()
+    }
+
+    fn partition_for_write(&self, partition: u32) -> Result<Keyspace, StorageError> {
+        if let Some(keyspace) = self.existing_partition(partition) {
+            return Ok(keyspace);
+        }
+        let mut partitions = self.partitions.write();
+        if let Some(keyspace) = partitions.get(&partition) {
+            return Ok(keyspace.clone());
+        }
+        let keyspace = self
+            .database
+            .keyspace(&partition_name(partition), KeyspaceCreateOptions::default)
+            .map_err(|source| StorageError::OpenPartition { partition, source })?;
+        partitions.insert(partition, keyspace.clone());
+        tracing::debug!(partition, "partition created");
+        Ok(keyspace)
+    }
+
+    fn stripe(&self, partition: u32, stored_key: &[u8]) -> &Mutex<()> {
+        let mut hasher = DefaultHasher::new();
+        partition.hash(&mut hasher);
+        stored_key.hash(&mut hasher);
+        // The modulo keeps the index below LOCK_STRIPES, which fits in usize.
+        let index = (hasher.finish() % LOCK_STRIPES as u64) as usize;
+        &self.stripes[index]
+    }
+
+    async fn wait_durable(&self, sequence: u64) -> Result<(), StorageError> {
+        let mut durable = self.durable.clone();
+        let waited = durable
+            .wait_for(|state| state.durable_seq >= sequence || state.failure.is_some())
+            .await
+            .map(|state| state.clone());
+        // If the committer is gone, its last word says whether it failed.
+        let state = waited.unwrap_or_else(|_| durable.borrow().clone());
+        if state.durable_seq >= sequence {
+            Ok(())
+        } else if let Some(failure) = state.failure {
+            Err(StorageError::Persist { source: failure })
+        } else {
+            Err(StorageError::CommitterStopped)
+        }
+    }
+}
+
+/// Keyspace name of a partition: `p` and at least four digits, so names sort like numbers for
+/// every ring size up to 4096 partitions.
+fn partition_name(partition: u32) -> String {
+    format!("p{partition:04}")
+}
+
+fn parse_partition_name(name: &str) -> Option<u32> {
+    let digits = name.strip_prefix('p')?;
+    if digits.len() < 4 || !digits.bytes().all(|byte| byte.is_ascii_digit()) {
+        return None;
+    }
+    let partition = digits.parse().ok()?;
+    (partition_name(partition) == name).then_some(partition)
+}

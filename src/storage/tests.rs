@@ -1,0 +1,451 @@
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+
+use super::*;
+
+/// Error type for test closures.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error("refused by the test")]
+struct Refused;
+
+fn open(dir: &Path) -> Store {
+    Store::open(dir, StorageConfig::default()).unwrap()
+}
+
+async fn put(store: &Store, partition: u32, bucket: &[u8], key: &[u8], value: &[u8]) {
+    let value = value.to_vec();
+    store
+        .update(partition, bucket, key, |_| {
+            Ok::<_, Refused>((Some(value), ()))
+        })
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_trip_through_update_and_get() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    assert_eq!(store.get(3, b"b", b"k").unwrap(), None);
+
+    let seen = store
+        .update(3, b"b", b"k", |current| {
+            Ok::<_, Refused>((Some(b"one".to_vec()), current.map(<[u8]>::to_vec)))
+        })
+        .await
+        .unwrap();
+    assert_eq!(seen, None);
+    assert_eq!(store.get(3, b"b", b"k").unwrap(), Some(b"one".to_vec()));
+
+    let seen = store
+        .update(3, b"b", b"k", |current| {
+            Ok::<_, Refused>((Some(b"two".to_vec()), current.map(<[u8]>::to_vec)))
+        })
+        .await
+        .unwrap();
+    assert_eq!(seen, Some(b"one".to_vec()));
+    assert_eq!(store.get(3, b"b", b"k").unwrap(), Some(b"two".to_vec()));
+    // Same key in another partition or bucket is another record.
+    assert_eq!(store.get(4, b"b", b"k").unwrap(), None);
+    assert_eq!(store.get(3, b"c", b"k").unwrap(), None);
+    assert_eq!(store.stats().writes, 2);
+    store.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn update_returning_none_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    put(&store, 1, b"b", b"k", b"kept").await;
+    let output = store
+        .update(1, b"b", b"k", |_| Ok::<_, Refused>((None, 42)))
+        .await
+        .unwrap();
+    assert_eq!(output, 42);
+    assert_eq!(store.get(1, b"b", b"k").unwrap(), Some(b"kept".to_vec()));
+    store
+        .update(1, b"b", b"absent", |_| Ok::<_, Refused>((None, ())))
+        .await
+        .unwrap();
+    assert_eq!(store.get(1, b"b", b"absent").unwrap(), None);
+    assert_eq!(store.stats().writes, 1);
+    store.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closure_errors_propagate_and_write_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    put(&store, 1, b"b", b"k", b"kept").await;
+    let outcome: Result<(), _> = store.update(1, b"b", b"k", |_| Err(Refused)).await;
+    assert!(matches!(
+        outcome,
+        Err(UpdateError::Rejected { source: Refused })
+    ));
+    assert_eq!(store.get(1, b"b", b"k").unwrap(), Some(b"kept".to_vec()));
+    assert_eq!(store.stats().writes, 1);
+    store.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_updates_of_one_key_never_lose_each_other() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let mut tasks = Vec::new();
+    for writer in 0..200u8 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            store
+                .update(7, b"b", b"counter", |current| {
+                    let mut value = current.map(<[u8]>::to_vec).unwrap_or_default();
+                    value.push(writer);
+                    Ok::<_, Refused>((Some(value), ()))
+                })
+                .await
+                .unwrap();
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let value = store.get(7, b"b", b"counter").unwrap().unwrap();
+    assert_eq!(value.len(), 200);
+    assert_eq!(value.iter().copied().collect::<BTreeSet<u8>>().len(), 200);
+    store.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn group_commit_shares_fsyncs_between_writers() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let mut tasks = Vec::new();
+    for writer in 0..500u32 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let key = writer.to_be_bytes();
+            put(&store, writer % 16, b"b", &key, b"value").await;
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let stats = store.stats();
+    println!(
+        "group commit: {} writes, {} fsyncs",
+        stats.writes, stats.fsyncs
+    );
+    assert_eq!(stats.writes, 500);
+    assert!(stats.fsyncs >= 1);
+    assert!(
+        stats.fsyncs < stats.writes,
+        "every write had its own fsync: {stats:?}"
+    );
+    for writer in 0..500u32 {
+        assert!(
+            store
+                .get(writer % 16, b"b", &writer.to_be_bytes())
+                .unwrap()
+                .is_some()
+        );
+    }
+    store.close().await.unwrap();
+}
+
+/// Simulation tests run on tokio's paused clock; a write must still complete there.
+#[tokio::test(start_paused = true)]
+async fn updates_complete_under_a_paused_clock() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    for index in 0..20u32 {
+        put(&store, 0, b"b", &index.to_be_bytes(), b"v").await;
+    }
+    assert!(store.stats().fsyncs >= 1);
+    store.close().await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn unsynced_writes_are_fsynced_periodically() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = StorageConfig {
+        sync_writes: false,
+        ..StorageConfig::default()
+    };
+    let store = Store::open(dir.path(), config.clone()).unwrap();
+    put(&store, 0, b"b", b"k", b"v").await;
+    assert_eq!(store.stats().fsyncs, 0, "acknowledged before any fsync");
+    tokio::time::sleep(commit::PERIODIC_PERSIST_INTERVAL * 2).await;
+    assert_eq!(
+        store.stats().fsyncs,
+        1,
+        "one periodic fsync, none while idle"
+    );
+    store.close().await.unwrap();
+    let reopened = Store::open(dir.path(), config).unwrap();
+    assert_eq!(reopened.get(0, b"b", b"k").unwrap(), Some(b"v".to_vec()));
+    reopened.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_and_actor_survive_reopen_and_a_wiped_directory_is_a_new_actor() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let actor = store.actor();
+    put(&store, 5, b"b", b"k", b"durable").await;
+    store.close().await.unwrap();
+
+    let reopened = open(dir.path());
+    assert_eq!(reopened.actor(), actor);
+    assert_eq!(
+        reopened.get(5, b"b", b"k").unwrap(),
+        Some(b"durable".to_vec())
+    );
+    assert_eq!(reopened.key_count_estimate(), 1);
+    reopened.close().await.unwrap();
+
+    std::fs::remove_dir_all(dir.path()).unwrap();
+    let wiped = open(dir.path());
+    assert_ne!(wiped.actor(), actor);
+    assert_eq!(wiped.get(5, b"b", b"k").unwrap(), None);
+    wiped.close().await.unwrap();
+
+    let other_dir = tempfile::tempdir().unwrap();
+    let other = open(other_dir.path());
+    assert_ne!(other.actor(), actor);
+    other.close().await.unwrap();
+}
+
+/// A simulated crash drops the store and reopens the directory at once.
+#[tokio::test(start_paused = true)]
+async fn dropping_the_last_handle_releases_the_directory_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    for round in 0..3u8 {
+        let store = open(dir.path());
+        if round > 0 {
+            assert_eq!(store.get(0, b"b", b"k").unwrap(), Some(vec![round - 1]));
+        }
+        put(&store, 0, b"b", b"k", &[round]).await;
+        let clone = store.clone();
+        drop(store);
+        drop(clone);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_with_other_handles_flushes_and_names_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    put(&store, 0, b"b", b"k", b"v").await;
+    let second_handle = store.clone();
+    assert!(matches!(
+        store.close().await,
+        Err(StorageError::StillShared { other_handles: 1 })
+    ));
+    second_handle.close().await.unwrap();
+    let reopened = open(dir.path());
+    assert_eq!(reopened.get(0, b"b", b"k").unwrap(), Some(b"v".to_vec()));
+    reopened.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_metadata_is_refused_with_the_file_named() {
+    let dir = tempfile::tempdir().unwrap();
+    open(dir.path()).close().await.unwrap();
+    let meta_path = dir.path().join(meta::META_FILE);
+    let text = std::fs::read_to_string(&meta_path).unwrap();
+    // Flip one hex digit of the actor: a silent change of identity is what the checksum stops.
+    let digit_at = text.find("actor = ").unwrap() + "actor = ".len();
+    let flipped = if text.as_bytes()[digit_at] == b'0' {
+        "1"
+    } else {
+        "0"
+    };
+    let mut damaged = text.clone();
+    damaged.replace_range(digit_at..digit_at + 1, flipped);
+    assert_ne!(damaged, text);
+    std::fs::write(&meta_path, damaged).unwrap();
+
+    let error = Store::open(dir.path(), StorageConfig::default())
+        .err()
+        .expect("a damaged metadata file must not open");
+    assert!(
+        matches!(&error, StorageError::CorruptMeta { path, .. } if *path == meta_path),
+        "{error:?}"
+    );
+    assert!(error.to_string().contains(&meta_path.display().to_string()));
+
+    std::fs::write(&meta_path, b"").unwrap();
+    assert!(matches!(
+        Store::open(dir.path(), StorageConfig::default()),
+        Err(StorageError::CorruptMeta {
+            problem: MetaProblem::Truncated,
+            ..
+        })
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_long_buckets_and_keys_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let long_bucket = vec![b'b'; MAX_BUCKET_BYTES + 1];
+    let long_key = vec![b'k'; MAX_KEY_BYTES + 1];
+    assert!(matches!(
+        store.get(0, &long_bucket, b"k"),
+        Err(StorageError::BucketTooLong { length: 256 })
+    ));
+    let outcome = store
+        .update(0, b"b", &long_key, |_| {
+            Ok::<_, Refused>((Some(vec![1]), ()))
+        })
+        .await;
+    assert!(matches!(
+        outcome,
+        Err(UpdateError::Storage {
+            source: StorageError::KeyTooLong { .. }
+        })
+    ));
+    assert!(matches!(
+        store.scan_partition(0, Some((&long_bucket, b"k")), 10),
+        Err(StorageError::BucketTooLong { .. })
+    ));
+    // The longest allowed bucket and key fit fjall's key limit.
+    let longest_bucket = vec![b'b'; MAX_BUCKET_BYTES];
+    let longest_key = vec![b'k'; MAX_KEY_BYTES];
+    put(&store, 0, &longest_bucket, &longest_key, b"v").await;
+    assert_eq!(
+        store.get(0, &longest_bucket, &longest_key).unwrap(),
+        Some(b"v".to_vec())
+    );
+    assert_eq!(store.stats().writes, 1);
+    store.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scan_pagination_returns_every_record_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let mut expected = BTreeSet::new();
+    for bucket in [&b"a"[..], b"ab", b""] {
+        for index in 0..100u32 {
+            let key = format!("key{index}").into_bytes();
+            let value = format!("{bucket:?}{index}").into_bytes();
+            put(&store, 9, bucket, &key, &value).await;
+            expected.insert((bucket.to_vec(), key, value));
+        }
+    }
+    put(&store, 10, b"a", b"other partition", b"v").await;
+
+    let mut seen = Vec::new();
+    let mut cursor: Option<(Vec<u8>, Vec<u8>)> = None;
+    loop {
+        let start = cursor.as_ref().map(|(b, k)| (b.as_slice(), k.as_slice()));
+        let page = store.scan_partition(9, start, 7).unwrap();
+        if page.is_empty() {
+            break;
+        }
+        assert!(page.len() <= 7);
+        let (bucket, key, _) = page.last().unwrap();
+        cursor = Some((bucket.clone(), key.clone()));
+        seen.extend(page);
+    }
+    assert_eq!(seen.len(), expected.len(), "a record came back twice");
+    assert_eq!(seen.into_iter().collect::<BTreeSet<_>>(), expected);
+    assert!(store.scan_partition(9, None, 0).unwrap().is_empty());
+    assert!(store.scan_partition(11, None, 10).unwrap().is_empty());
+    assert_eq!(store.key_count_estimate(), 301);
+
+    assert!(store.drop_partition(9).unwrap());
+    assert!(!store.drop_partition(9).unwrap());
+    assert!(store.scan_partition(9, None, 10).unwrap().is_empty());
+    assert_eq!(
+        store.get(10, b"a", b"other partition").unwrap(),
+        Some(b"v".to_vec())
+    );
+    store.close().await.unwrap();
+}
+
+const CRASH_DIR_VARIABLE: &str = "DYNKV_STORAGE_CRASH_TEST_DIR";
+const ACK_PREFIX: &str = "ACK ";
+
+/// Not a test on its own: the body of the child process that
+/// `acknowledged_writes_survive_sigkill` starts and kills. Without the variable it does nothing.
+#[test]
+fn crash_child_writes_until_killed() {
+    let Ok(dir) = std::env::var(CRASH_DIR_VARIABLE) else {
+        return;
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let store = open(Path::new(&dir));
+        let mut writers = Vec::new();
+        for writer in 0..4u32 {
+            let store = store.clone();
+            writers.push(tokio::spawn(async move {
+                for index in 0..1_000_000u32 {
+                    let key = format!("{writer}-{index}");
+                    put(&store, index % 8, b"crash", key.as_bytes(), key.as_bytes()).await;
+                    let mut stdout = std::io::stdout().lock();
+                    writeln!(stdout, "{ACK_PREFIX}{key}").unwrap();
+                    stdout.flush().unwrap();
+                }
+            }));
+        }
+        for writer in writers {
+            writer.await.unwrap();
+        }
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_writes_survive_sigkill() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_crate_name, module) = module_path!().split_once("::").unwrap();
+    let child_test = format!("{module}::crash_child_writes_until_killed");
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            child_test.as_str(),
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CRASH_DIR_VARIABLE, dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut acknowledged = Vec::new();
+    // Kill once enough writes are acknowledged; every line read, before or after the kill,
+    // is an acknowledgement the child gave.
+    while acknowledged.len() < 300 {
+        let line = lines.next().expect("child exited early").unwrap();
+        if let Some(key) = line.strip_prefix(ACK_PREFIX) {
+            acknowledged.push(key.to_owned());
+        }
+    }
+    child.kill().unwrap();
+    for line in lines {
+        let Ok(line) = line else { break };
+        if let Some(key) = line.strip_prefix(ACK_PREFIX) {
+            acknowledged.push(key.to_owned());
+        }
+    }
+    let status = child.wait().unwrap();
+    assert!(!status.success(), "the child must have been killed");
+
+    let store = open(dir.path());
+    for key in &acknowledged {
+        let index: u32 = key.split_once('-').unwrap().1.parse().unwrap();
+        assert_eq!(
+            store.get(index % 8, b"crash", key.as_bytes()).unwrap(),
+            Some(key.as_bytes().to_vec()),
+            "acknowledged key {key} lost"
+        );
+    }
+    store.close().await.unwrap();
+}

@@ -1,0 +1,3 @@
+#![allow(dead_code)]
+pub mod process;
+pub mod sim;

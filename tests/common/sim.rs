@@ -1,0 +1,169 @@
+//! A whole cluster in one process: the real `Node` code over the in-memory network, each
+//! node with a real fjall store in its own directory. Time is tokio's paused clock and all
+//! randomness comes from one seed, so a failing seed reproduces.
+
+#![allow(dead_code)]
+
+use dynkv::config::{Config, Validated};
+use dynkv::core::ids::NodeId;
+use dynkv::core::object::StoredObject;
+use dynkv::core::quorum::BucketDefaults;
+use dynkv::core::ring::Ring;
+use dynkv::net::{BoxFuture, MemoryNetwork};
+use dynkv::protocol::{ClientRequest, ClientResponse, PeerRequest, PeerResponse};
+use dynkv::server::node::{Node, NodeSettings, StaticMembership, WeakNode};
+use dynkv::server::node_settings;
+use dynkv::storage::{StorageConfig, Store};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub struct SimCluster {
+    pub network: MemoryNetwork<PeerRequest, PeerResponse>,
+    pub ring: Ring,
+    pub ids: Vec<NodeId>,
+    nodes: BTreeMap<NodeId, Node>,
+    directories: BTreeMap<NodeId, PathBuf>,
+    settings: NodeSettings,
+    _root: tempfile::TempDir,
+}
+
+pub fn default_settings() -> NodeSettings {
+    let config = Config::default();
+    let validated = Validated {
+        node_id: NodeId::new("n1").unwrap(),
+        members: Vec::new(),
+        bucket_defaults: BucketDefaults::default(),
+    };
+    let mut settings = node_settings(&config, &validated);
+    settings.request_timeout = Duration::from_millis(500);
+    settings
+}
+
+impl SimCluster {
+    pub async fn start(node_count: usize, seed: u64, settings: NodeSettings) -> SimCluster {
+        let root = tempfile::tempdir().expect("temporary directory");
+        let ids: Vec<NodeId> = (1..=node_count)
+            .map(|index| NodeId::new(format!("n{index}")).unwrap())
+            .collect();
+        let ring = Ring::new(64, &ids, settings.bucket_defaults.n_val as usize).unwrap();
+        let network = MemoryNetwork::new(rand::SeedableRng::seed_from_u64(seed));
+        let mut cluster = SimCluster {
+            network,
+            ring,
+            ids: ids.clone(),
+            nodes: BTreeMap::new(),
+            directories: BTreeMap::new(),
+            settings,
+            _root: root,
+        };
+        for id in ids {
+            let directory = cluster._root.path().join(id.as_str());
+            cluster.directories.insert(id.clone(), directory);
+            cluster.boot(&id);
+        }
+        cluster
+    }
+
+    /// Opens the node's store from its directory and puts the node on the network.
+    fn boot(&mut self, id: &NodeId) {
+        let directory = &self.directories[id];
+        let store = Store::open(
+            directory,
+            StorageConfig {
+                sync_writes: self.settings.durable_writes,
+                cache_bytes: 8 * 1024 * 1024,
+            },
+        )
+        .expect("store opens");
+        let node = Node::new(
+            id.clone(),
+            store,
+            Arc::new(StaticMembership::new(self.ring.clone())),
+            Arc::new(self.network.transport(id.clone())),
+            self.settings.clone(),
+        );
+        let handler_node = node.clone();
+        self.network.register(
+            id.clone(),
+            Arc::new(move |request: PeerRequest| -> BoxFuture<'static, PeerResponse> {
+                let node = handler_node.clone();
+                Box::pin(async move { node.handle_peer(request).await })
+            }),
+        );
+        self.nodes.insert(id.clone(), node);
+    }
+
+    pub fn is_up(&self, id: &NodeId) -> bool {
+        self.nodes.contains_key(id)
+    }
+
+    pub fn up_nodes(&self) -> Vec<NodeId> {
+        self.nodes.keys().cloned().collect()
+    }
+
+    /// Crashes a node: it vanishes from the network at once (calls to it time out). Work it
+    /// had started runs out by its deadline; pass the handle to [`wait_until_stopped`] before
+    /// restarting it, so that its store is closed first.
+    pub fn crash(&mut self, id: &NodeId) -> Option<WeakNode> {
+        self.network.unregister(id);
+        self.nodes.remove(id).map(|node| node.downgrade())
+    }
+
+    /// A handle on a running node, to send it client requests without holding the cluster.
+    pub fn node(&self, id: &NodeId) -> Option<Node> {
+        self.nodes.get(id).cloned()
+    }
+
+    /// Restarts a crashed node from its data directory.
+    pub fn restart(&mut self, id: &NodeId) {
+        assert!(!self.is_up(id), "{id} is running");
+        self.boot(id);
+    }
+
+    pub async fn client(&self, via: &NodeId, request: ClientRequest) -> ClientResponse {
+        match self.nodes.get(via) {
+            Some(node) => node.handle_client(request).await,
+            None => panic!("client sent a request to {via}, which is down"),
+        }
+    }
+
+    /// The replica copy of a key on one node, read from its store.
+    pub async fn replica(&self, id: &NodeId, bucket: &[u8], key: &[u8]) -> Option<StoredObject> {
+        let node = self.nodes.get(id)?;
+        let partition = self.ring.partition_for_key(bucket, key);
+        match node
+            .handle_peer(PeerRequest::ReplicaGet {
+                partition,
+                bucket: bucket.to_vec(),
+                key: key.to_vec(),
+            })
+            .await
+        {
+            PeerResponse::Object(object) => object,
+            other => panic!("replica read on {id} failed: {other:?}"),
+        }
+    }
+
+    /// The nodes that hold replicas of a key.
+    pub fn replicas_of(&self, bucket: &[u8], key: &[u8]) -> Vec<NodeId> {
+        let partition = self.ring.partition_for_key(bucket, key);
+        self.ring
+            .preference_list(partition, self.settings.bucket_defaults.n_val as usize)
+            .into_iter()
+            .map(|(_, node)| node)
+            .collect()
+    }
+}
+
+/// Waits (in simulated time) until a crashed node's last task has finished.
+pub async fn wait_until_stopped(node: WeakNode) {
+    for _ in 0..400 {
+        if node.is_dead() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("a crashed node was still in use 20 simulated seconds later");
+}
