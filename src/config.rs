@@ -208,26 +208,35 @@ impl Config {
 
     /// Checks every field and converts the ones the node uses in typed form.
     pub fn validate(&self) -> Result<Validated, ConfigError> {
-        let node_id =
-            NodeId::new(self.node_id.clone()).map_err(|error| invalid("node_id", error.to_string()))?;
+        let node_id = NodeId::new(self.node_id.clone())
+            .map_err(|error| invalid("node_id", error.to_string()))?;
         if self.data_dir.as_os_str().is_empty() {
             return Err(invalid("data_dir", "must not be empty"));
         }
         if !self.partition_count.is_power_of_two() || !(8..=4096).contains(&self.partition_count) {
             return Err(invalid(
                 "partition_count",
-                format!("{} is not a power of two between 8 and 4096", self.partition_count),
+                format!(
+                    "{} is not a power of two between 8 and 4096",
+                    self.partition_count
+                ),
             ));
         }
         if self.request_timeout_ms == 0 || self.request_timeout_ms > 600_000 {
-            return Err(invalid("request_timeout_ms", "must be between 1 and 600000"));
+            return Err(invalid(
+                "request_timeout_ms",
+                "must be between 1 and 600000",
+            ));
         }
         let mut members = Vec::with_capacity(self.members.len());
         for (index, member) in self.members.iter().enumerate() {
             let id = NodeId::new(member.id.clone())
                 .map_err(|error| invalid(&format!("members[{index}].id"), error.to_string()))?;
             if members.iter().any(|(existing, _)| existing == &id) {
-                return Err(invalid(&format!("members[{index}].id"), format!("{id} is listed twice")));
+                return Err(invalid(
+                    &format!("members[{index}].id"),
+                    format!("{id} is listed twice"),
+                ));
             }
             members.push((id, member.peer_addr));
         }
@@ -235,7 +244,10 @@ impl Config {
             members.push((node_id.clone(), self.peer_listen));
         }
         if !members.iter().any(|(id, _)| id == &node_id) {
-            return Err(invalid("members", format!("does not list this node ({node_id})")));
+            return Err(invalid(
+                "members",
+                format!("does not list this node ({node_id})"),
+            ));
         }
         for (field, path) in [
             ("tls.ca_cert", &self.tls.ca_cert),
@@ -248,10 +260,14 @@ impl Config {
         }
         let buckets = &self.buckets;
         if !(1..=16).contains(&buckets.n_val) {
-            return Err(invalid("buckets.n_val", format!("{} is not between 1 and 16", buckets.n_val)));
+            return Err(invalid(
+                "buckets.n_val",
+                format!("{} is not between 1 and 16", buckets.n_val),
+            ));
         }
         let parse = |field: &str, text: &str| -> Result<Quorum, ConfigError> {
-            text.parse::<Quorum>().map_err(|error| invalid(field, error.to_string()))
+            text.parse::<Quorum>()
+                .map_err(|error| invalid(field, error.to_string()))
         };
         let bucket_defaults = BucketDefaults {
             n_val: buckets.n_val,
@@ -262,8 +278,12 @@ impl Config {
             pw: parse("buckets.pw", &buckets.pw)?,
         };
         // Resolving the defaults once proves every request that says `default` can resolve.
-        crate::core::quorum::ReadQuorum::resolve(Quorum::Default, Quorum::Default, &bucket_defaults)
-            .map_err(|error| invalid(&format!("buckets.{}", error.field), error.to_string()))?;
+        crate::core::quorum::ReadQuorum::resolve(
+            Quorum::Default,
+            Quorum::Default,
+            &bucket_defaults,
+        )
+        .map_err(|error| invalid(&format!("buckets.{}", error.field), error.to_string()))?;
         crate::core::quorum::WriteQuorum::resolve(
             Quorum::Default,
             Quorum::Default,
@@ -273,7 +293,10 @@ impl Config {
         .map_err(|error| invalid(&format!("buckets.{}", error.field), error.to_string()))?;
         let limits = &self.limits;
         if limits.max_value_bytes == 0 || limits.max_value_bytes > limits.max_object_bytes {
-            return Err(invalid("limits.max_value_bytes", "must be between 1 and limits.max_object_bytes"));
+            return Err(invalid(
+                "limits.max_value_bytes",
+                "must be between 1 and limits.max_object_bytes",
+            ));
         }
         if limits.max_object_bytes + 1024 * 1024 > u64::from(limits.max_frame_bytes) {
             return Err(invalid(
@@ -341,7 +364,10 @@ mod tests {
         config.tls.node_key = PathBuf::new();
         assert_eq!(field_of(&config), "tls.node_key");
         let mut config = valid();
-        config.members = vec![MemberConfig { id: "n2".into(), peer_addr: "127.0.0.1:1".parse().unwrap() }];
+        config.members = vec![MemberConfig {
+            id: "n2".into(),
+            peer_addr: "127.0.0.1:1".parse().unwrap(),
+        }];
         assert_eq!(field_of(&config), "members");
     }
 

@@ -163,10 +163,14 @@ pub enum PeerResponse {
     Pong,
     Object(Option<StoredObject>),
     /// The replica stored the merge; `durable` says its journal was fsynced first.
-    Stored { durable: bool },
+    Stored {
+        durable: bool,
+    },
     Client(ClientResponse),
     /// The replica could not do what was asked.
-    Failed { message: String },
+    Failed {
+        message: String,
+    },
 }
 
 /// Checks a bucket and key read from the network or the command line.

@@ -6,13 +6,14 @@
 
 mod common;
 
-use common::sim::{SimCluster, default_settings, wait_until_stopped};
+use common::sim::{SimCluster, default_settings, replica_copy, wait_until_stopped};
 use dynkv::core::ids::NodeId;
 use dynkv::core::object::live_siblings;
 use dynkv::core::quorum::Quorum;
 use dynkv::protocol::{
     ClientRequest, ClientResponse, ErrorKind, GetOptions, NewContent, PutOptions,
 };
+use dynkv::server::node::Node;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::collections::{BTreeMap, BTreeSet};
@@ -120,13 +121,17 @@ async fn run_client(
         };
         let level = [Quorum::One, Quorum::Quorum, Quorum::All][rng.random_range(0..3)];
         if rng.random_bool(0.4) {
-            if let ClientResponse::Found { siblings, context } = node.handle_client(get(&key, level)).await {
+            if let ClientResponse::Found { siblings, context } =
+                node.handle_client(get(&key, level)).await
+            {
                 contexts.insert(key, (context, values(&siblings)));
             }
         } else {
             let value = format!("c{client}-{sequence}");
             let (context, covers) = match contexts.get(&key) {
-                Some((context, covers)) if rng.random_bool(0.85) => (Some(context.clone()), covers.clone()),
+                Some((context, covers)) if rng.random_bool(0.85) => {
+                    (Some(context.clone()), covers.clone())
+                }
                 _ => (None, BTreeSet::new()),
             };
             history.lock().unwrap().writes.insert(
@@ -139,8 +144,17 @@ async fn run_client(
             );
             let response = node.handle_client(put(&key, &value, context, level)).await;
             if let ClientResponse::Stored { siblings, context } = response {
-                assert!(values(&siblings).contains(&value), "return_body must include the write itself");
-                history.lock().unwrap().writes.get_mut(&value).expect("recorded").acknowledged = true;
+                assert!(
+                    values(&siblings).contains(&value),
+                    "return_body must include the write itself"
+                );
+                history
+                    .lock()
+                    .unwrap()
+                    .writes
+                    .get_mut(&value)
+                    .expect("recorded")
+                    .acknowledged = true;
                 contexts.insert(key, (context, values(&siblings)));
             }
         }
@@ -194,7 +208,9 @@ async fn run_faults(seed: u64, rounds: usize, cluster: Arc<Mutex<SimCluster>>) {
 async fn randomized_history(seed: u64) {
     let cluster = SimCluster::start(5, seed, default_settings()).await;
     cluster.network.set_loss(0.02);
-    cluster.network.set_delay(Duration::from_millis(0), Duration::from_millis(15));
+    cluster
+        .network
+        .set_delay(Duration::from_millis(0), Duration::from_millis(15));
     let cluster = Arc::new(Mutex::new(cluster));
     let history = Arc::new(Mutex::new(History::default()));
     let keys = 6;
@@ -219,10 +235,21 @@ async fn randomized_history(seed: u64) {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let history = history.lock().unwrap().writes.clone();
     let history = History { writes: history };
-    let acknowledged = history.writes.values().filter(|record| record.acknowledged).count();
-    assert!(acknowledged > 20, "seed {seed}: only {acknowledged} writes were acknowledged; the scenario is too harsh to test anything");
+    let acknowledged = history
+        .writes
+        .values()
+        .filter(|record| record.acknowledged)
+        .count();
+    assert!(
+        acknowledged > 20,
+        "seed {seed}: only {acknowledged} writes were acknowledged; the scenario is too harsh to test anything"
+    );
     for key in (0..keys).map(|index| format!("k{index}")) {
-        let node = cluster.lock().unwrap().node(&NodeId::new("n1").unwrap()).expect("n1 up");
+        let node = cluster
+            .lock()
+            .unwrap()
+            .node(&NodeId::new("n1").unwrap())
+            .expect("n1 up");
         let mut final_values = BTreeSet::new();
         let mut answered = false;
         for _ in 0..5 {
@@ -239,7 +266,10 @@ async fn randomized_history(seed: u64) {
                 _ => tokio::time::sleep(Duration::from_millis(200)).await,
             }
         }
-        assert!(answered, "seed {seed}: r=all read of {key} failed after the heal");
+        assert!(
+            answered,
+            "seed {seed}: r=all read of {key} failed after the heal"
+        );
         let covered = history.covered_by(&final_values);
         for (value, record) in &history.writes {
             if record.key == key && record.acknowledged {
@@ -250,25 +280,44 @@ async fn randomized_history(seed: u64) {
             }
         }
         for value in &final_values {
-            assert!(history.writes.contains_key(value), "seed {seed}: {value} was never written");
+            assert!(
+                history.writes.contains_key(value),
+                "seed {seed}: {value} was never written"
+            );
         }
     }
     // Read repair has had time to run: every replica of every key holds the same object.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let cluster = cluster.lock().unwrap();
-    for key in (0..keys).map(|index| format!("k{index}")) {
-        let mut copies = Vec::new();
-        for replica in cluster.replicas_of(BUCKET, key.as_bytes()) {
-            copies.push((replica.clone(), cluster.replica(&replica, BUCKET, key.as_bytes()).await));
-        }
-        let first = &copies[0].1;
-        for (replica, copy) in &copies[1..] {
-            let same = match (first, copy) {
+    let (ring, replicas) = {
+        let cluster = cluster.lock().unwrap();
+        let replicas: Vec<(String, Vec<Node>)> = (0..keys)
+            .map(|index| {
+                let key = format!("k{index}");
+                let nodes = cluster
+                    .replicas_of(BUCKET, key.as_bytes())
+                    .iter()
+                    .map(|id| cluster.node(id).expect("every node is up after the heal"))
+                    .collect();
+                (key, nodes)
+            })
+            .collect();
+        (cluster.ring.clone(), replicas)
+    };
+    for (key, nodes) in replicas {
+        let first = replica_copy(&nodes[0], &ring, BUCKET, key.as_bytes()).await;
+        for node in &nodes[1..] {
+            let copy = replica_copy(node, &ring, BUCKET, key.as_bytes()).await;
+            let same = match (&first, &copy) {
                 (Some(a), Some(b)) => a.equal(b),
                 (None, None) => true,
                 _ => false,
             };
-            assert!(same, "seed {seed}: replica {replica} of {key} did not converge with {}", copies[0].0);
+            assert!(
+                same,
+                "seed {seed}: replica {} of {key} did not converge with {}",
+                node.id(),
+                nodes[0].id()
+            );
         }
     }
 }
@@ -293,46 +342,83 @@ async fn w_all_fails_with_counts_while_quorum_succeeds_with_a_replica_cut_off() 
     let cluster = SimCluster::start(3, 1, default_settings()).await;
     let down = node("n3");
     cluster.network.isolate(&down);
-    let response = cluster.client(&node("n1"), put("k", "v1", None, Quorum::All)).await;
+    let response = cluster
+        .client(&node("n1"), put("k", "v1", None, Quorum::All))
+        .await;
     let ClientResponse::Error(error) = response else {
         panic!("w=all with a replica cut off must fail, got {response:?}");
     };
-    assert!(matches!(error.kind, ErrorKind::Timeout(Some(_))), "{error:?}");
     assert!(
-        error.message.contains("2 of 3 replicas acknowledged, 3 required"),
+        matches!(error.kind, ErrorKind::Timeout(Some(_))),
+        "{error:?}"
+    );
+    assert!(
+        error
+            .message
+            .contains("2 of 3 replicas acknowledged, 3 required"),
         "{}",
         error.message
     );
-    let response = cluster.client(&node("n1"), put("k", "v2", None, Quorum::Quorum)).await;
-    assert!(matches!(response, ClientResponse::Stored { .. }), "{response:?}");
+    let response = cluster
+        .client(&node("n1"), put("k", "v2", None, Quorum::Quorum))
+        .await;
+    assert!(
+        matches!(response, ClientResponse::Stored { .. }),
+        "{response:?}"
+    );
     let response = cluster.client(&node("n2"), get("k", Quorum::Quorum)).await;
     let ClientResponse::Found { siblings, .. } = response else {
         panic!("r=quorum must answer, got {response:?}");
     };
     // Both blind writes were applied at the coordinator, so both are siblings.
-    assert_eq!(values(&siblings), BTreeSet::from(["v1".to_string(), "v2".to_string()]));
+    assert_eq!(
+        values(&siblings),
+        BTreeSet::from(["v1".to_string(), "v2".to_string()])
+    );
     let response = cluster.client(&node("n2"), get("k", Quorum::All)).await;
-    assert!(matches!(response, ClientResponse::Error(_)), "r=all must fail: {response:?}");
+    assert!(
+        matches!(response, ClientResponse::Error(_)),
+        "r=all must fail: {response:?}"
+    );
 }
 
 #[tokio::test(start_paused = true)]
 async fn siblings_from_one_context_and_resolution_with_the_read_context() {
     let cluster = SimCluster::start(3, 2, default_settings()).await;
     let n1 = node("n1");
-    cluster.client(&n1, put("k", "base", None, Quorum::All)).await;
-    let ClientResponse::Found { context, .. } = cluster.client(&n1, get("k", Quorum::All)).await else {
+    cluster
+        .client(&n1, put("k", "base", None, Quorum::All))
+        .await;
+    let ClientResponse::Found { context, .. } = cluster.client(&n1, get("k", Quorum::All)).await
+    else {
         panic!("base must be readable");
     };
     for value in ["left", "right"] {
-        let response = cluster.client(&node("n2"), put("k", value, Some(context.clone()), Quorum::All)).await;
-        assert!(matches!(response, ClientResponse::Stored { .. }), "{response:?}");
+        let response = cluster
+            .client(
+                &node("n2"),
+                put("k", value, Some(context.clone()), Quorum::All),
+            )
+            .await;
+        assert!(
+            matches!(response, ClientResponse::Stored { .. }),
+            "{response:?}"
+        );
     }
-    let ClientResponse::Found { siblings, context } = cluster.client(&n1, get("k", Quorum::All)).await else {
+    let ClientResponse::Found { siblings, context } =
+        cluster.client(&n1, get("k", Quorum::All)).await
+    else {
         panic!("siblings must be readable");
     };
-    assert_eq!(values(&siblings), BTreeSet::from(["left".to_string(), "right".to_string()]));
-    cluster.client(&node("n3"), put("k", "merged", Some(context), Quorum::All)).await;
-    let ClientResponse::Found { siblings, .. } = cluster.client(&n1, get("k", Quorum::All)).await else {
+    assert_eq!(
+        values(&siblings),
+        BTreeSet::from(["left".to_string(), "right".to_string()])
+    );
+    cluster
+        .client(&node("n3"), put("k", "merged", Some(context), Quorum::All))
+        .await;
+    let ClientResponse::Found { siblings, .. } = cluster.client(&n1, get("k", Quorum::All)).await
+    else {
         panic!("resolved value must be readable");
     };
     assert_eq!(values(&siblings), BTreeSet::from(["merged".to_string()]));
@@ -343,9 +429,20 @@ async fn a_restarted_node_has_every_write_it_acknowledged() {
     let mut cluster = SimCluster::start(3, 3, default_settings()).await;
     for index in 0..40 {
         let response = cluster
-            .client(&node("n1"), put(&format!("key{index}"), &format!("value{index}"), None, Quorum::All))
+            .client(
+                &node("n1"),
+                put(
+                    &format!("key{index}"),
+                    &format!("value{index}"),
+                    None,
+                    Quorum::All,
+                ),
+            )
             .await;
-        assert!(matches!(response, ClientResponse::Stored { .. }), "{response:?}");
+        assert!(
+            matches!(response, ClientResponse::Stored { .. }),
+            "{response:?}"
+        );
     }
     let victim = node("n2");
     let weak = cluster.crash(&victim).expect("n2 was up");
@@ -355,7 +452,10 @@ async fn a_restarted_node_has_every_write_it_acknowledged() {
         let key = format!("key{index}");
         let copy = cluster.replica(&victim, BUCKET, key.as_bytes()).await;
         let copy = copy.unwrap_or_else(|| panic!("{key} missing on the restarted node"));
-        assert_eq!(values(&live_siblings(&copy)), BTreeSet::from([format!("value{index}")]));
+        assert_eq!(
+            values(&live_siblings(&copy)),
+            BTreeSet::from([format!("value{index}")])
+        );
     }
 }
 
@@ -363,10 +463,13 @@ async fn a_restarted_node_has_every_write_it_acknowledged() {
 async fn a_delete_does_not_resurrect_from_a_stale_replica() {
     let cluster = SimCluster::start(3, 4, default_settings()).await;
     let n1 = node("n1");
-    cluster.client(&n1, put("k", "doomed", None, Quorum::All)).await;
+    cluster
+        .client(&n1, put("k", "doomed", None, Quorum::All))
+        .await;
     let stale = node("n3");
     cluster.network.isolate(&stale);
-    let ClientResponse::Found { context, .. } = cluster.client(&n1, get("k", Quorum::Quorum)).await else {
+    let ClientResponse::Found { context, .. } = cluster.client(&n1, get("k", Quorum::Quorum)).await
+    else {
         panic!("value must be readable");
     };
     let delete = ClientRequest::Delete {
@@ -379,7 +482,10 @@ async fn a_delete_does_not_resurrect_from_a_stale_replica() {
         },
     };
     let response = cluster.client(&n1, delete).await;
-    assert!(matches!(response, ClientResponse::Stored { .. }), "{response:?}");
+    assert!(
+        matches!(response, ClientResponse::Stored { .. }),
+        "{response:?}"
+    );
     cluster.network.heal_all();
     // n3 still holds the old value; a read through it must not bring it back.
     let response = cluster.client(&stale, get("k", Quorum::All)).await;
@@ -388,8 +494,14 @@ async fn a_delete_does_not_resurrect_from_a_stale_replica() {
     };
     assert!(context.is_some(), "a tombstone read carries a context");
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let repaired = cluster.replica(&stale, BUCKET, b"k").await.expect("n3 has a copy");
-    assert!(live_siblings(&repaired).is_empty(), "read repair must carry the tombstone to n3");
+    let repaired = cluster
+        .replica(&stale, BUCKET, b"k")
+        .await
+        .expect("n3 has a copy");
+    assert!(
+        live_siblings(&repaired).is_empty(),
+        "read repair must carry the tombstone to n3"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -399,19 +511,41 @@ async fn invalid_options_and_oversized_values_are_refused_with_a_reason() {
     let cluster = SimCluster::start(3, 5, settings).await;
     let n1 = node("n1");
     let response = cluster.client(&n1, get("k", Quorum::Count(4))).await;
-    let ClientResponse::Error(error) = response else { panic!("r=4 must be refused") };
+    let ClientResponse::Error(error) = response else {
+        panic!("r=4 must be refused")
+    };
     assert_eq!(error.kind, ErrorKind::InvalidRequest);
-    assert!(error.message.contains("r=4 is out of range"), "{}", error.message);
-    let response = cluster.client(&n1, put("k", "v", None, Quorum::Count(0))).await;
-    let ClientResponse::Error(error) = response else { panic!("w=0 must be refused") };
+    assert!(
+        error.message.contains("r=4 is out of range"),
+        "{}",
+        error.message
+    );
+    let response = cluster
+        .client(&n1, put("k", "v", None, Quorum::Count(0)))
+        .await;
+    let ClientResponse::Error(error) = response else {
+        panic!("w=0 must be refused")
+    };
     assert!(error.message.contains("w=0"), "{}", error.message);
     let big = "x".repeat(2048);
     let response = cluster.client(&n1, put("k", &big, None, Quorum::One)).await;
-    let ClientResponse::Error(error) = response else { panic!("an oversized value must be refused") };
+    let ClientResponse::Error(error) = response else {
+        panic!("an oversized value must be refused")
+    };
     assert_eq!(error.kind, ErrorKind::TooLarge);
     assert!(error.message.contains("2048 bytes"), "{}", error.message);
-    let response = cluster.client(&n1, put("k", "v", Some(b"\x01garbage".to_vec()), Quorum::One)).await;
-    let ClientResponse::Error(error) = response else { panic!("a garbage context must be refused") };
+    let response = cluster
+        .client(
+            &n1,
+            put("k", "v", Some(b"\x01garbage".to_vec()), Quorum::One),
+        )
+        .await;
+    let ClientResponse::Error(error) = response else {
+        panic!("a garbage context must be refused")
+    };
     assert!(error.message.contains("bad context"), "{}", error.message);
-    assert!(matches!(cluster.client(&n1, get("k", Quorum::One)).await, ClientResponse::NotFound { .. }));
+    assert!(matches!(
+        cluster.client(&n1, get("k", Quorum::One)).await,
+        ClientResponse::NotFound { .. }
+    ));
 }

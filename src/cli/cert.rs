@@ -40,18 +40,29 @@ pub fn run(command: CertCommand) -> Result<()> {
         CertCommand::Ca { dir, name, force } => {
             let cert_path = dir.join("ca.pem");
             if cert_path.exists() && !force {
-                bail!("{} exists; pass --force to replace the cluster CA", cert_path.display());
+                bail!(
+                    "{} exists; pass --force to replace the cluster CA",
+                    cert_path.display()
+                );
             }
             let ca = tls::generate_ca(&name).context("cannot generate the CA")?;
             write_pair(&dir, "ca", &ca)?;
-            println!("wrote {} and {}", cert_path.display(), dir.join("ca.key").display());
+            println!(
+                "wrote {} and {}",
+                cert_path.display(),
+                dir.join("ca.key").display()
+            );
         }
         CertCommand::Node { dir, id, hosts } => {
             let ca = read_pair(&dir, "ca")?;
             let node = tls::issue_node_certificate(&ca, &id, &hosts)
                 .with_context(|| format!("cannot issue a certificate for {id}"))?;
             write_pair(&dir, id.as_str(), &node)?;
-            println!("wrote {}/{id}.pem and {}/{id}.key", dir.display(), dir.display());
+            println!(
+                "wrote {}/{id}.pem and {}/{id}.key",
+                dir.display(),
+                dir.display()
+            );
         }
     }
     Ok(())
@@ -70,7 +81,8 @@ pub fn read_pair(dir: &Path, name: &str) -> Result<CertifiedKey> {
 pub fn write_pair(dir: &Path, name: &str, pair: &CertifiedKey) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let cert = dir.join(format!("{name}.pem"));
-    std::fs::write(&cert, &pair.cert_pem).with_context(|| format!("cannot write {}", cert.display()))?;
+    std::fs::write(&cert, &pair.cert_pem)
+        .with_context(|| format!("cannot write {}", cert.display()))?;
     let key = dir.join(format!("{name}.key"));
     write_private(&key, &pair.key_pem)
 }

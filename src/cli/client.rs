@@ -202,7 +202,12 @@ pub async fn get(args: GetArgs) -> Result<()> {
         .await
         .map_err(report)?;
     let found = !result.siblings.is_empty();
-    print_siblings(args.connect.json, found, &result.siblings, result.context.as_deref());
+    print_siblings(
+        args.connect.json,
+        found,
+        &result.siblings,
+        result.context.as_deref(),
+    );
     if !found {
         std::process::exit(1);
     }
@@ -238,7 +243,12 @@ pub async fn put(args: PutArgs) -> Result<()> {
         .await
         .map_err(report)?;
     if args.return_body || args.connect.json {
-        print_siblings(args.connect.json, true, &result.siblings, Some(&result.context));
+        print_siblings(
+            args.connect.json,
+            true,
+            &result.siblings,
+            Some(&result.context),
+        );
     } else {
         println!("stored");
     }

@@ -73,15 +73,19 @@ pub fn default_dev_dir() -> PathBuf {
 impl DevCluster {
     pub fn load(dir: &Path) -> Result<DevCluster> {
         let path = dir.join("cluster.toml");
-        let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
-        toml::from_str(&text).with_context(|| format!("{} is not a dev cluster file", path.display()))
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        toml::from_str(&text)
+            .with_context(|| format!("{} is not a dev cluster file", path.display()))
     }
 }
 
 /// Creates (once) the CA and each node's certificate and config; returns the cluster file.
 fn prepare(args: &DevArgs, dir: &Path) -> Result<DevCluster> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let dir = dir.canonicalize().with_context(|| format!("cannot resolve {}", dir.display()))?;
+    let dir = dir
+        .canonicalize()
+        .with_context(|| format!("cannot resolve {}", dir.display()))?;
     if let Ok(existing) = DevCluster::load(&dir)
         && existing.nodes.len() != usize::from(args.nodes)
     {
@@ -165,7 +169,10 @@ fn prepare(args: &DevArgs, dir: &Path) -> Result<DevCluster> {
 
 fn spawn_node(node: &DevNode) -> Result<Child> {
     let executable = std::env::current_exe().context("cannot find the dynkv executable")?;
-    let node_dir = node.config.parent().context("node config has no directory")?;
+    let node_dir = node
+        .config
+        .parent()
+        .context("node config has no directory")?;
     let log_path = node_dir.join("node.log");
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -233,7 +240,8 @@ pub async fn run(args: DevArgs) -> Result<()> {
     }
     let dir = args.dir.clone().unwrap_or_else(default_dev_dir);
     if args.fresh && dir.exists() {
-        std::fs::remove_dir_all(&dir).with_context(|| format!("cannot remove {}", dir.display()))?;
+        std::fs::remove_dir_all(&dir)
+            .with_context(|| format!("cannot remove {}", dir.display()))?;
     }
     dynkv::net::tls::install_crypto_provider();
     let cluster = prepare(&args, &dir)?;
@@ -247,8 +255,17 @@ pub async fn run(args: DevArgs) -> Result<()> {
         }
         return Err(error);
     }
-    let dir_text = cluster.ca_cert.parent().and_then(Path::parent).unwrap_or(Path::new(".")).display().to_string();
-    println!("dynkv dev cluster: {} nodes up (data in {dir_text})", cluster.nodes.len());
+    let dir_text = cluster
+        .ca_cert
+        .parent()
+        .and_then(Path::parent)
+        .unwrap_or(Path::new("."))
+        .display()
+        .to_string();
+    println!(
+        "dynkv dev cluster: {} nodes up (data in {dir_text})",
+        cluster.nodes.len()
+    );
     for (node, child) in cluster.nodes.iter().zip(&children) {
         println!(
             "  {}  client {}  peer {}  pid {}",
@@ -293,7 +310,10 @@ pub async fn run(args: DevArgs) -> Result<()> {
         signal(child, libc::SIGTERM);
     }
     for child in children.iter_mut() {
-        if tokio::time::timeout(Duration::from_secs(10), child.wait()).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(10), child.wait())
+            .await
+            .is_err()
+        {
             signal(child, libc::SIGKILL);
             let _ = child.wait().await;
         }

@@ -114,7 +114,9 @@ pub async fn run(args: ServerArgs) -> Result<()> {
         return Ok(());
     }
     config.validate()?;
-    let server = dynkv::server::start(config).await.context("node failed to start")?;
+    let server = dynkv::server::start(config)
+        .await
+        .context("node failed to start")?;
     wait_for_shutdown_signal().await;
     info!(node = %server.node.id(), "shutting down");
     server.shutdown().await;

@@ -108,8 +108,8 @@ impl Client {
         } else {
             "0.0.0.0:0".parse().map_err(|_| ClientLibError::NoNodes)?
         };
-        let mut endpoint =
-            quinn::Endpoint::client(bind).map_err(|error| ClientLibError::Transport(error.to_string()))?;
+        let mut endpoint = quinn::Endpoint::client(bind)
+            .map_err(|error| ClientLibError::Transport(error.to_string()))?;
         endpoint.set_default_client_config(client_config);
         let client = Client {
             config: Arc::new(config),
@@ -122,7 +122,10 @@ impl Client {
 
     /// The node this client currently talks to.
     pub fn connected_node(&self) -> Option<SocketAddr> {
-        self.current.lock().as_ref().map(|connected| connected.address)
+        self.current
+            .lock()
+            .as_ref()
+            .map(|connected| connected.address)
     }
 
     async fn connection(&self) -> Result<Arc<Connected>, ClientLibError> {
@@ -168,7 +171,11 @@ impl Client {
 
     async fn call(&self, request: ClientRequest) -> Result<ClientResponse, ClientLibError> {
         let connected = self.connection().await?;
-        match connected.rpc.call(&request, self.config.request_timeout).await {
+        match connected
+            .rpc
+            .call(&request, self.config.request_timeout)
+            .await
+        {
             Ok(ClientResponse::Error(error)) => Err(ClientLibError::Server(error)),
             Ok(response) => Ok(response),
             Err(error) => {
@@ -190,7 +197,12 @@ impl Client {
         }
     }
 
-    pub async fn get(&self, bucket: &[u8], key: &[u8], options: GetOptions) -> Result<GetResult, ClientLibError> {
+    pub async fn get(
+        &self,
+        bucket: &[u8],
+        key: &[u8],
+        options: GetOptions,
+    ) -> Result<GetResult, ClientLibError> {
         let request = ClientRequest::Get {
             bucket: bucket.to_vec(),
             key: key.to_vec(),

@@ -87,9 +87,18 @@ mod tests {
     fn node_ids_are_validated() {
         assert!(NodeId::new("dev1").is_ok());
         assert_eq!(NodeId::new(""), Err(NodeIdError::Empty));
-        assert!(matches!(NodeId::new("Dev1"), Err(NodeIdError::BadCharacter { character: 'D', .. })));
-        assert!(matches!(NodeId::new("a".repeat(65)), Err(NodeIdError::TooLong { length: 65 })));
+        assert!(matches!(
+            NodeId::new("Dev1"),
+            Err(NodeIdError::BadCharacter { character: 'D', .. })
+        ));
+        assert!(matches!(
+            NodeId::new("a".repeat(65)),
+            Err(NodeIdError::TooLong { length: 65 })
+        ));
         let decoded: Result<NodeId, _> = rmp_serde::from_slice(&rmp_serde::to_vec("x y").unwrap());
-        assert!(decoded.is_err(), "an invalid id on the wire must be refused");
+        assert!(
+            decoded.is_err(),
+            "an invalid id on the wire must be refused"
+        );
     }
 }

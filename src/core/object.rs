@@ -72,7 +72,9 @@ pub type StoredObject = DvvSet<Content>;
 pub enum ObjectError {
     #[error("stored record is empty")]
     EmptyRecord,
-    #[error("stored record has format version {found}; this build reads version {RECORD_FORMAT_VERSION}")]
+    #[error(
+        "stored record has format version {found}; this build reads version {RECORD_FORMAT_VERSION}"
+    )]
     UnsupportedRecordVersion { found: u8 },
     #[error("stored record cannot be decoded: {reason}")]
     UndecodableRecord { reason: String },
@@ -80,7 +82,9 @@ pub enum ObjectError {
     InvalidClock(#[from] VersionError),
     #[error("context is empty")]
     EmptyContext,
-    #[error("context has format version {found}; this build reads version {CONTEXT_FORMAT_VERSION}")]
+    #[error(
+        "context has format version {found}; this build reads version {CONTEXT_FORMAT_VERSION}"
+    )]
     UnsupportedContextVersion { found: u8 },
     #[error("context cannot be decoded: {reason}")]
     UndecodableContext { reason: String },
@@ -135,12 +139,11 @@ impl Context {
         if version != CONTEXT_FORMAT_VERSION {
             return Err(ObjectError::UnsupportedContextVersion { found: version });
         }
-        let entries: Vec<(Actor, u64)> =
-            rmp_serde::from_slice::<VersionVector>(body)
-                .map(|vector| vector.entries().to_vec())
-                .map_err(|error| ObjectError::UndecodableContext {
-                    reason: error.to_string(),
-                })?;
+        let entries: Vec<(Actor, u64)> = rmp_serde::from_slice::<VersionVector>(body)
+            .map(|vector| vector.entries().to_vec())
+            .map_err(|error| ObjectError::UndecodableContext {
+                reason: error.to_string(),
+            })?;
         if entries.len() > MAX_CONTEXT_ACTORS {
             return Err(ObjectError::ContextTooLarge {
                 count: entries.len(),
@@ -181,7 +184,11 @@ pub fn coordinate_put(
 }
 
 /// A replica's half: merge what the coordinator (or read repair) sent into the local object.
-pub fn merge_replica(local: Option<&StoredObject>, incoming: &StoredObject, allow_mult: bool) -> StoredObject {
+pub fn merge_replica(
+    local: Option<&StoredObject>,
+    incoming: &StoredObject,
+    allow_mult: bool,
+) -> StoredObject {
     let merged = match local {
         Some(local) => local.sync(incoming),
         None => incoming.clone(),
@@ -205,7 +212,11 @@ pub fn live_siblings(object: &StoredObject) -> Vec<Content> {
 
 /// Total bytes of every sibling, as checked against the object size limit.
 pub fn object_size_bytes(object: &StoredObject) -> usize {
-    object.values().iter().map(|content| content.size_bytes()).sum()
+    object
+        .values()
+        .iter()
+        .map(|content| content.size_bytes())
+        .sum()
 }
 
 #[cfg(test)]
@@ -259,7 +270,13 @@ mod tests {
         let first = coordinate_put(Some(&base), Some(&read_context), content("x", 2), 1, true);
         let both = coordinate_put(Some(&first), Some(&read_context), content("y", 3), 1, true);
         assert_eq!(live_siblings(&both).len(), 2);
-        let resolved = coordinate_put(Some(&both), Some(&Context::of(&both)), content("z", 4), 1, true);
+        let resolved = coordinate_put(
+            Some(&both),
+            Some(&Context::of(&both)),
+            content("z", 4),
+            1,
+            true,
+        );
         assert_eq!(live_siblings(&resolved), vec![content("z", 4)]);
     }
 
@@ -275,7 +292,13 @@ mod tests {
     #[test]
     fn tombstones_read_as_absent_but_keep_a_context() {
         let base = coordinate_put(None, None, content("a", 1), 1, true);
-        let deleted = coordinate_put(Some(&base), Some(&Context::of(&base)), Content::tombstone(2), 1, true);
+        let deleted = coordinate_put(
+            Some(&base),
+            Some(&Context::of(&base)),
+            Content::tombstone(2),
+            1,
+            true,
+        );
         assert!(live_siblings(&deleted).is_empty());
         assert!(Context::of(&deleted).0.descends(&Context::of(&base).0));
         // A stale replica's copy merged in does not resurrect the deleted value.

@@ -49,16 +49,21 @@ impl FromStr for Quorum {
             "quorum" => Ok(Quorum::Quorum),
             "all" => Ok(Quorum::All),
             "default" => Ok(Quorum::Default),
-            other => other.parse::<u32>().map(Quorum::Count).map_err(|_| ParseQuorumError {
-                value: text.to_string(),
-            }),
+            other => other
+                .parse::<u32>()
+                .map(Quorum::Count)
+                .map_err(|_| ParseQuorumError {
+                    value: text.to_string(),
+                }),
         }
     }
 }
 
 /// A resolved level was outside what the bucket allows.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{field}={given} is out of range: {field} must be between {minimum} and n_val ({n_val}), or one, quorum, all, default")]
+#[error(
+    "{field}={given} is out of range: {field} must be between {minimum} and n_val ({n_val}), or one, quorum, all, default"
+)]
 pub struct QuorumRangeError {
     pub field: &'static str,
     pub given: Quorum,
@@ -146,7 +151,11 @@ pub struct ReadQuorum {
 }
 
 impl ReadQuorum {
-    pub fn resolve(r: Quorum, pr: Quorum, bucket: &BucketDefaults) -> Result<Self, QuorumRangeError> {
+    pub fn resolve(
+        r: Quorum,
+        pr: Quorum,
+        bucket: &BucketDefaults,
+    ) -> Result<Self, QuorumRangeError> {
         let n_val = bucket.n_val;
         let r = r.resolve("r", n_val, bucket.r, 1)?;
         let pr = pr.resolve("pr", n_val, bucket.pr, 0)?;
@@ -267,7 +276,10 @@ impl Requirement {
 /// Combines requirements into one outcome: won when all are met, lost as soon as one is
 /// impossible.
 fn combine(requirements: &[Requirement], asked: u32) -> QuorumOutcome {
-    if let Some(lost) = requirements.iter().find(|requirement| requirement.impossible()) {
+    if let Some(lost) = requirements
+        .iter()
+        .find(|requirement| requirement.impossible())
+    {
         return QuorumOutcome::Lost(lost.shortfall(asked));
     }
     if requirements.iter().all(Requirement::met) {
@@ -368,11 +380,17 @@ impl WriteTracker {
     }
 
     pub fn outcome(&self) -> QuorumOutcome {
-        combine(&[self.acks, self.durable_acks, self.primary_acks], self.asked)
+        combine(
+            &[self.acks, self.durable_acks, self.primary_acks],
+            self.asked,
+        )
     }
 
     pub fn timeout_shortfall(&self) -> Option<QuorumShortfall> {
-        unmet(&[self.acks, self.durable_acks, self.primary_acks], self.asked)
+        unmet(
+            &[self.acks, self.durable_acks, self.primary_acks],
+            self.asked,
+        )
     }
 }
 
@@ -391,7 +409,14 @@ mod tests {
         assert!("most".parse::<Quorum>().is_err());
         assert!("-1".parse::<Quorum>().is_err());
         let read = ReadQuorum::resolve(Quorum::All, Quorum::Default, &bucket()).unwrap();
-        assert_eq!(read, ReadQuorum { n_val: 3, r: 3, pr: 0 });
+        assert_eq!(
+            read,
+            ReadQuorum {
+                n_val: 3,
+                r: 3,
+                pr: 0
+            }
+        );
         let write =
             WriteQuorum::resolve(Quorum::One, Quorum::Default, Quorum::Default, &bucket()).unwrap();
         assert_eq!(write.w, 2, "dw defaults to quorum and raises w");
@@ -408,45 +433,80 @@ mod tests {
             error.to_string(),
             "r=4 is out of range: r must be between 1 and n_val (3), or one, quorum, all, default"
         );
-        let error =
-            WriteQuorum::resolve(Quorum::Count(0), Quorum::Default, Quorum::Default, &bucket())
-                .unwrap_err();
+        let error = WriteQuorum::resolve(
+            Quorum::Count(0),
+            Quorum::Default,
+            Quorum::Default,
+            &bucket(),
+        )
+        .unwrap_err();
         assert_eq!(error.field, "w");
-        let error =
-            WriteQuorum::resolve(Quorum::One, Quorum::Count(9), Quorum::Default, &bucket()).unwrap_err();
+        let error = WriteQuorum::resolve(Quorum::One, Quorum::Count(9), Quorum::Default, &bucket())
+            .unwrap_err();
         assert_eq!(error.field, "dw");
     }
 
     #[test]
     fn write_tracker_wins_and_loses_with_counts() {
-        let quorum = WriteQuorum { n_val: 3, w: 3, dw: 0, pw: 0 };
+        let quorum = WriteQuorum {
+            n_val: 3,
+            w: 3,
+            dw: 0,
+            pw: 0,
+        };
         let mut tracker = WriteTracker::new(quorum, 3, 3);
         assert_eq!(tracker.record(true, true, true), QuorumOutcome::Pending);
         assert_eq!(tracker.record(true, true, true), QuorumOutcome::Pending);
         let QuorumOutcome::Lost(shortfall) = tracker.record(true, false, false) else {
             panic!("one failure out of three makes w=all impossible");
         };
-        assert_eq!(shortfall.to_string(), "2 of 3 replicas acknowledged, 3 required (w)");
+        assert_eq!(
+            shortfall.to_string(),
+            "2 of 3 replicas acknowledged, 3 required (w)"
+        );
 
-        let quorum = WriteQuorum { n_val: 3, w: 2, dw: 2, pw: 0 };
+        let quorum = WriteQuorum {
+            n_val: 3,
+            w: 2,
+            dw: 2,
+            pw: 0,
+        };
         let mut tracker = WriteTracker::new(quorum, 3, 3);
         assert_eq!(tracker.record(true, true, false), QuorumOutcome::Pending);
-        assert_eq!(tracker.record(true, true, true), QuorumOutcome::Pending, "dw needs two durable acks");
+        assert_eq!(
+            tracker.record(true, true, true),
+            QuorumOutcome::Pending,
+            "dw needs two durable acks"
+        );
         assert_eq!(tracker.record(true, true, true), QuorumOutcome::Won);
     }
 
     #[test]
     fn primaries_are_counted_separately() {
-        let quorum = WriteQuorum { n_val: 3, w: 2, dw: 0, pw: 2 };
+        let quorum = WriteQuorum {
+            n_val: 3,
+            w: 2,
+            dw: 0,
+            pw: 2,
+        };
         let mut tracker = WriteTracker::new(quorum, 3, 2);
         assert_eq!(tracker.record(false, true, true), QuorumOutcome::Pending);
         assert_eq!(tracker.record(true, true, true), QuorumOutcome::Pending);
-        assert!(matches!(tracker.record(true, false, false), QuorumOutcome::Lost(s) if s.requirement == "pw"));
+        assert!(
+            matches!(tracker.record(true, false, false), QuorumOutcome::Lost(s) if s.requirement == "pw")
+        );
 
-        let read = ReadQuorum { n_val: 3, r: 2, pr: 0 };
+        let read = ReadQuorum {
+            n_val: 3,
+            r: 2,
+            pr: 0,
+        };
         let mut tracker = ReadTracker::new(read, 3, 3);
         assert_eq!(tracker.record(true, true), QuorumOutcome::Pending);
-        assert_eq!(tracker.timeout_shortfall().unwrap().to_string(), "1 of 3 replicas replied, 2 required (r)");
+        assert_eq!(
+            tracker.timeout_shortfall().unwrap().to_string(),
+            "1 of 3 replicas replied, 2 required (r)"
+        );
         assert_eq!(tracker.record(true, true), QuorumOutcome::Won);
     }
 }

@@ -121,31 +121,57 @@ mod tests {
     #[test]
     fn merges_replies_and_repairs_stale_replicas() {
         let old = coordinate_put(None, None, content("old"), 1, true);
-        let new = coordinate_put(Some(&old), Some(&Context::of(&old)), content("new"), 1, true);
+        let new = coordinate_put(
+            Some(&old),
+            Some(&Context::of(&old)),
+            content("new"),
+            1,
+            true,
+        );
         let targets = targets();
-        let quorum = ReadQuorum { n_val: 3, r: 2, pr: 0 };
+        let quorum = ReadQuorum {
+            n_val: 3,
+            r: 2,
+            pr: 0,
+        };
         let mut get = GetCoordinator::new(quorum, &targets);
-        assert_eq!(get.on_reply(&targets[0], Ok(Some(old.clone()))), QuorumOutcome::Pending);
-        assert_eq!(get.on_reply(&targets[1], Ok(Some(new.clone()))), QuorumOutcome::Won);
+        assert_eq!(
+            get.on_reply(&targets[0], Ok(Some(old.clone()))),
+            QuorumOutcome::Pending
+        );
+        assert_eq!(
+            get.on_reply(&targets[1], Ok(Some(new.clone()))),
+            QuorumOutcome::Won
+        );
         assert!(!get.complete());
         get.on_reply(&targets[2], Ok(None));
         assert!(get.complete());
         assert_eq!(get.merged(), Some(&new));
         let mut repairs = get.read_repairs();
         repairs.sort();
-        assert_eq!(repairs, vec![targets[0].node.clone(), targets[2].node.clone()]);
+        assert_eq!(
+            repairs,
+            vec![targets[0].node.clone(), targets[2].node.clone()]
+        );
     }
 
     #[test]
     fn failures_lose_the_quorum_with_counts() {
         let targets = targets();
-        let quorum = ReadQuorum { n_val: 3, r: 3, pr: 0 };
+        let quorum = ReadQuorum {
+            n_val: 3,
+            r: 3,
+            pr: 0,
+        };
         let mut get = GetCoordinator::new(quorum, &targets);
         assert_eq!(get.on_reply(&targets[0], Ok(None)), QuorumOutcome::Pending);
         let QuorumOutcome::Lost(shortfall) = get.on_reply(&targets[1], Err(())) else {
             panic!("r=all with a failed replica cannot be met");
         };
-        assert_eq!(shortfall.to_string(), "1 of 3 replicas replied, 3 required (r)");
+        assert_eq!(
+            shortfall.to_string(),
+            "1 of 3 replicas replied, 3 required (r)"
+        );
         assert!(get.merged().is_none());
         assert!(get.read_repairs().is_empty());
     }

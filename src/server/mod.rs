@@ -104,11 +104,12 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         .map_err(|error| ServerError::Tls(error.to_string()))?;
     // Outgoing peer connections leave from the peer address's IP, with any free port.
     let outgoing = SocketAddr::new(config.peer_listen.ip(), 0);
-    let peers = QuicPeers::<PeerRequest, PeerResponse>::new(outgoing, peer_client_tls, limits.clone())
-        .map_err(|error| ServerError::Listen {
-            address: outgoing,
-            reason: error.to_string(),
-        })?;
+    let peers =
+        QuicPeers::<PeerRequest, PeerResponse>::new(outgoing, peer_client_tls, limits.clone())
+            .map_err(|error| ServerError::Listen {
+                address: outgoing,
+                reason: error.to_string(),
+            })?;
     for (id, address) in &validated.members {
         peers.set_address(id.clone(), *address);
     }
@@ -123,29 +124,39 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
     let peer_config = tls::peer_server_config(&ca_pem, &node_identity)
         .map_err(|error| ServerError::Tls(error.to_string()))?;
     let peer_node = node.clone();
-    let peer_handler = Arc::new(move |request: PeerRequest| -> BoxFuture<'static, PeerResponse> {
-        let node = peer_node.clone();
-        Box::pin(async move { node.handle_peer(request).await })
-    });
-    let peer_server = QuicServer::bind(config.peer_listen, peer_config, peer_handler, limits.clone())
-        .map_err(|error| ServerError::Listen {
-            address: config.peer_listen,
-            reason: error.to_string(),
-        })?;
+    let peer_handler = Arc::new(
+        move |request: PeerRequest| -> BoxFuture<'static, PeerResponse> {
+            let node = peer_node.clone();
+            Box::pin(async move { node.handle_peer(request).await })
+        },
+    );
+    let peer_server = QuicServer::bind(
+        config.peer_listen,
+        peer_config,
+        peer_handler,
+        limits.clone(),
+    )
+    .map_err(|error| ServerError::Listen {
+        address: config.peer_listen,
+        reason: error.to_string(),
+    })?;
 
     let client_config = tls::client_facing_server_config(&node_identity)
         .map_err(|error| ServerError::Tls(error.to_string()))?;
     let client_node = node.clone();
-    let client_handler =
-        Arc::new(move |request: ClientRequest| -> BoxFuture<'static, ClientResponse> {
+    let client_handler = Arc::new(
+        move |request: ClientRequest| -> BoxFuture<'static, ClientResponse> {
             let node = client_node.clone();
             Box::pin(async move { node.handle_client(request).await })
-        });
-    let client_server = QuicServer::bind(config.client_listen, client_config, client_handler, limits)
-        .map_err(|error| ServerError::Listen {
-            address: config.client_listen,
-            reason: error.to_string(),
-        })?;
+        },
+    );
+    let client_server =
+        QuicServer::bind(config.client_listen, client_config, client_handler, limits).map_err(
+            |error| ServerError::Listen {
+                address: config.client_listen,
+                reason: error.to_string(),
+            },
+        )?;
 
     let peer_addr = peer_server.local_addr();
     let client_addr = client_server.local_addr();

@@ -199,12 +199,16 @@ impl Node {
 
     /// Serves one request from a peer node.
     pub async fn handle_peer(&self, request: PeerRequest) -> PeerResponse {
-        if let PeerRequest::ReplicaGet { partition, .. } | PeerRequest::ReplicaPut { partition, .. } = &request {
+        if let PeerRequest::ReplicaGet { partition, .. }
+        | PeerRequest::ReplicaPut { partition, .. } = &request
+        {
             let partition_count = self.inner.membership.ring().partition_count();
             if *partition >= partition_count {
                 warn!(node = %self.inner.id, partition, partition_count, "peer named a partition outside the ring");
                 return PeerResponse::Failed {
-                    message: format!("partition {partition} is outside the ring (0..{partition_count})"),
+                    message: format!(
+                        "partition {partition} is outside the ring (0..{partition_count})"
+                    ),
                 };
             }
         }
@@ -322,7 +326,11 @@ impl Node {
         if let Err(error) = validate_bucket_and_key(&bucket, &key) {
             return ClientResponse::Error(error);
         }
-        let quorum = match ReadQuorum::resolve(options.r, options.pr, &self.inner.settings.bucket_defaults) {
+        let quorum = match ReadQuorum::resolve(
+            options.r,
+            options.pr,
+            &self.inner.settings.bucket_defaults,
+        ) {
             Ok(quorum) => quorum,
             Err(error) => return ClientResponse::Error(ClientError::invalid(error.to_string())),
         };
@@ -341,7 +349,9 @@ impl Node {
             let target = target.clone();
             let (bucket, key) = (bucket.clone(), key.clone());
             tokio::spawn(async move {
-                let reply = node.replica_get(&target.node, partition, bucket, key, deadline).await;
+                let reply = node
+                    .replica_get(&target.node, partition, bucket, key, deadline)
+                    .await;
                 let _ = sender.send((index, reply)).await;
             });
         }
@@ -374,9 +384,10 @@ impl Node {
                     }
                 }
             },
-            Some(QuorumOutcome::Lost(shortfall)) => {
-                error_response(ErrorKind::QuorumUnmet(shortfall.clone()), shortfall.to_string())
-            }
+            Some(QuorumOutcome::Lost(shortfall)) => error_response(
+                ErrorKind::QuorumUnmet(shortfall.clone()),
+                shortfall.to_string(),
+            ),
             Some(QuorumOutcome::Pending) | None => {
                 let shortfall = coordinator.tracker().timeout_shortfall();
                 let message = match &shortfall {
@@ -403,8 +414,15 @@ impl Node {
                 };
                 for stale in coordinator.read_repairs() {
                     debug!(replica = %stale, "read repair");
-                    node.replica_put(&stale, partition, bucket.clone(), key.clone(), merged.clone(), Instant::now() + node.inner.settings.request_timeout)
-                        .await;
+                    node.replica_put(
+                        &stale,
+                        partition,
+                        bucket.clone(),
+                        key.clone(),
+                        merged.clone(),
+                        Instant::now() + node.inner.settings.request_timeout,
+                    )
+                    .await;
                 }
             }
             .in_current_span(),
@@ -514,7 +532,11 @@ impl Node {
         }
         let context = match write.context.as_deref().map(Context::decode).transpose() {
             Ok(context) => context,
-            Err(error) => return ClientResponse::Error(ClientError::invalid(format!("bad context: {error}"))),
+            Err(error) => {
+                return ClientResponse::Error(ClientError::invalid(format!(
+                    "bad context: {error}"
+                )));
+            }
         };
         let timeout = self.timeout_of(write.options.timeout_ms);
         let deadline = Instant::now() + timeout;
@@ -558,7 +580,9 @@ impl Node {
             Err(LocalWriteError::Refused(error)) => return ClientResponse::Error(error),
             Err(LocalWriteError::Storage(message)) => {
                 warn!(error = %message, "local write failed");
-                return ClientResponse::Error(ClientError::internal(format!("local write failed: {message}")));
+                return ClientResponse::Error(ClientError::internal(format!(
+                    "local write failed: {message}"
+                )));
             }
         };
 
@@ -601,13 +625,16 @@ impl Node {
                     context: Context::of(&object).encode(),
                 }
             }
-            QuorumOutcome::Lost(shortfall) => {
-                error_response(ErrorKind::QuorumUnmet(shortfall.clone()), shortfall.to_string())
-            }
+            QuorumOutcome::Lost(shortfall) => error_response(
+                ErrorKind::QuorumUnmet(shortfall.clone()),
+                shortfall.to_string(),
+            ),
             QuorumOutcome::Pending => {
                 let shortfall = tracker.timeout_shortfall();
                 let message = match &shortfall {
-                    Some(shortfall) => format!("timed out after {} ms: {shortfall}", timeout.as_millis()),
+                    Some(shortfall) => {
+                        format!("timed out after {} ms: {shortfall}", timeout.as_millis())
+                    }
                     None => format!("timed out after {} ms", timeout.as_millis()),
                 };
                 error_response(ErrorKind::Timeout(shortfall), message)
@@ -699,7 +726,11 @@ impl Node {
             match self
                 .inner
                 .peers
-                .call(&target.node, PeerRequest::Coordinate(request.clone()), attempt.max(Duration::from_millis(1)))
+                .call(
+                    &target.node,
+                    PeerRequest::Coordinate(request.clone()),
+                    attempt.max(Duration::from_millis(1)),
+                )
                 .await
             {
                 Ok(PeerResponse::Client(response)) => return response,

@@ -28,7 +28,13 @@ impl DevCluster {
         let dir = tempfile::tempdir().expect("temporary directory");
         let base_port = base_port(slot);
         let mut child = Command::new(binary())
-            .args(["dev", "--nodes", &nodes.to_string(), "--base-port", &base_port.to_string()])
+            .args([
+                "dev",
+                "--nodes",
+                &nodes.to_string(),
+                "--base-port",
+                &base_port.to_string(),
+            ])
             .arg("--dir")
             .arg(dir.path())
             .args(["--request-timeout-ms", "2000"])
@@ -50,7 +56,11 @@ impl DevCluster {
         assert!(up, "dynkv dev exited before its nodes were up");
         // Keep draining stdout so the dev process never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
-        DevCluster { dir, base_port, child }
+        DevCluster {
+            dir,
+            base_port,
+            child,
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -86,12 +96,16 @@ impl DevCluster {
     pub fn kill_node(&self, node: u16) {
         let pid_file = self.path().join(format!("n{node}")).join("pid");
         let pid = std::fs::read_to_string(&pid_file).expect("pid file");
-        let status = Command::new("kill").args(["-9", pid.trim()]).status().expect("kill runs");
+        let status = Command::new("kill")
+            .args(["-9", pid.trim()])
+            .status()
+            .expect("kill runs");
         assert!(status.success());
         // Wait until the process is gone so the ports are free for a restart.
         let deadline = Instant::now() + Duration::from_secs(10);
         while Path::new(&format!("/proc/{}", pid.trim())).exists() {
-            let stat = std::fs::read_to_string(format!("/proc/{}/stat", pid.trim())).unwrap_or_default();
+            let stat =
+                std::fs::read_to_string(format!("/proc/{}/stat", pid.trim())).unwrap_or_default();
             if stat.contains(") Z ") || Instant::now() > deadline {
                 break;
             }
@@ -99,9 +113,11 @@ impl DevCluster {
         }
     }
 
-    /// Starts a node by hand, as the walkthrough tells a user to.
+    /// Starts a node by hand, as the walkthrough tells a user to. The caller kills and waits
+    /// for the returned process.
+    #[allow(clippy::zombie_processes)]
     pub fn restart_node(&self, node: u16) -> Child {
-        let child = Command::new(binary())
+        let mut child = Command::new(binary())
             .arg("server")
             .arg("--config")
             .arg(self.node_config(node))
@@ -116,7 +132,11 @@ impl DevCluster {
             if output.status.success() {
                 return child;
             }
-            assert!(Instant::now() < deadline, "restarted node {node} never answered");
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("restarted node {node} never answered");
+            }
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -125,7 +145,9 @@ impl DevCluster {
 impl Drop for DevCluster {
     fn drop(&mut self) {
         // SIGTERM lets dev stop its nodes; wait for it so no process outlives the test.
-        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             match self.child.try_wait() {
@@ -151,8 +173,13 @@ pub fn stderr(output: &Output) -> String {
 
 /// Parses `--json` output of `get` or `put`.
 pub fn json(output: &Output) -> serde_json::Value {
-    serde_json::from_slice(&output.stdout)
-        .unwrap_or_else(|error| panic!("not JSON ({error}): {} / {}", stdout(output), stderr(output)))
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|error| {
+        panic!(
+            "not JSON ({error}): {} / {}",
+            stdout(output),
+            stderr(output)
+        )
+    })
 }
 
 pub fn sibling_values(document: &serde_json::Value) -> Vec<String> {

@@ -87,10 +87,12 @@ impl SimCluster {
         let handler_node = node.clone();
         self.network.register(
             id.clone(),
-            Arc::new(move |request: PeerRequest| -> BoxFuture<'static, PeerResponse> {
-                let node = handler_node.clone();
-                Box::pin(async move { node.handle_peer(request).await })
-            }),
+            Arc::new(
+                move |request: PeerRequest| -> BoxFuture<'static, PeerResponse> {
+                    let node = handler_node.clone();
+                    Box::pin(async move { node.handle_peer(request).await })
+                },
+            ),
         );
         self.nodes.insert(id.clone(), node);
     }
@@ -132,18 +134,7 @@ impl SimCluster {
     /// The replica copy of a key on one node, read from its store.
     pub async fn replica(&self, id: &NodeId, bucket: &[u8], key: &[u8]) -> Option<StoredObject> {
         let node = self.nodes.get(id)?;
-        let partition = self.ring.partition_for_key(bucket, key);
-        match node
-            .handle_peer(PeerRequest::ReplicaGet {
-                partition,
-                bucket: bucket.to_vec(),
-                key: key.to_vec(),
-            })
-            .await
-        {
-            PeerResponse::Object(object) => object,
-            other => panic!("replica read on {id} failed: {other:?}"),
-        }
+        replica_copy(node, &self.ring, bucket, key).await
     }
 
     /// The nodes that hold replicas of a key.
@@ -166,4 +157,25 @@ pub async fn wait_until_stopped(node: WeakNode) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("a crashed node was still in use 20 simulated seconds later");
+}
+
+/// The copy of a key that `node` holds, read from its store.
+pub async fn replica_copy(
+    node: &Node,
+    ring: &Ring,
+    bucket: &[u8],
+    key: &[u8],
+) -> Option<StoredObject> {
+    let partition = ring.partition_for_key(bucket, key);
+    match node
+        .handle_peer(PeerRequest::ReplicaGet {
+            partition,
+            bucket: bucket.to_vec(),
+            key: key.to_vec(),
+        })
+        .await
+    {
+        PeerResponse::Object(object) => object,
+        other => panic!("replica read on {} failed: {other:?}", node.id()),
+    }
 }
