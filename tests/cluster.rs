@@ -190,3 +190,121 @@ fn invalid_options_and_over_limit_values_get_clear_errors() {
     assert_eq!(sibling_values(&read), vec!["fine"]);
     assert!(stdout(&cluster.cli(&["get", "demo", "k"])).starts_with("fine\ncontext: "));
 }
+
+/// Garbage datagrams, a malformed frame on an open connection, and peers without a certificate
+/// from the cluster CA are refused and logged; the node keeps serving.
+#[test]
+fn hostile_network_input_is_refused_and_the_node_keeps_serving() {
+    use dynkv::core::ids::NodeId;
+    use dynkv::net::tls;
+    use dynkv::net::{QuicPeers, RpcLimits, Transport};
+    use dynkv::protocol::{PeerRequest, PeerResponse};
+    use std::net::SocketAddr;
+
+    let cluster = DevCluster::start(3, 2);
+    let peer_addr: SocketAddr = cluster.peer_addr(1).parse().unwrap();
+    let client_addr: SocketAddr = cluster.client_addr(1).parse().unwrap();
+
+    // 1. Garbage datagrams at both ports.
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    for index in 0..2000u32 {
+        let datagram: Vec<u8> = (0..(index % 1300 + 1))
+            .map(|byte| (byte * 31 + index) as u8)
+            .collect();
+        let _ = socket.send_to(&datagram, peer_addr);
+        let _ = socket.send_to(&datagram, client_addr);
+    }
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        tls::install_crypto_provider();
+        let ca_pem = std::fs::read_to_string(cluster.ca_cert()).unwrap();
+
+        // 2. A malformed frame on an open, properly authenticated client connection.
+        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        endpoint.set_default_client_config(
+            tls::quic_client_config(tls::client_config(&ca_pem).unwrap()).unwrap(),
+        );
+        let connection = endpoint
+            .connect(client_addr, "127.0.0.1")
+            .unwrap()
+            .await
+            .unwrap();
+        let (mut send, mut receive) = connection.open_bi().await.unwrap();
+        send.write_all(b"DK\x01\x00\x00\x00\x00\x00\x00\x00\x00\x01\xff\xff\xff\xff")
+            .await
+            .unwrap();
+        let _ = send.finish();
+        let answer =
+            tokio::time::timeout(Duration::from_secs(10), receive.read_to_end(1 << 20)).await;
+        assert!(
+            !matches!(answer, Ok(Ok(ref bytes)) if !bytes.is_empty()),
+            "a 4 GiB frame length must not be answered"
+        );
+        let closed = tokio::time::timeout(Duration::from_secs(10), connection.closed()).await;
+        assert!(
+            closed.is_ok(),
+            "the connection that sent a malformed frame must be closed"
+        );
+
+        // 3. A peer whose certificate comes from another CA, and one with no certificate.
+        let rogue_ca = tls::generate_ca("rogue").unwrap();
+        let rogue_node =
+            tls::issue_node_certificate(&rogue_ca, &NodeId::new("n9").unwrap(), &[]).unwrap();
+        let rogue_tls = tls::peer_client_config(&ca_pem, &rogue_node).unwrap();
+        let rogue = QuicPeers::<PeerRequest, PeerResponse>::new(
+            "127.0.0.1:0".parse().unwrap(),
+            rogue_tls,
+            RpcLimits::default(),
+        )
+        .unwrap();
+        let n1 = NodeId::new("n1").unwrap();
+        rogue.set_address(n1.clone(), peer_addr);
+        let result = Transport::call(&rogue, &n1, PeerRequest::Ping, Duration::from_secs(5)).await;
+        assert!(
+            result.is_err(),
+            "a peer certified by another CA must be refused: {result:?}"
+        );
+
+        let anonymous = QuicPeers::<PeerRequest, PeerResponse>::new(
+            "127.0.0.1:0".parse().unwrap(),
+            tls::client_config(&ca_pem).unwrap(),
+            RpcLimits::default(),
+        )
+        .unwrap();
+        anonymous.set_address(n1.clone(), peer_addr);
+        let result =
+            Transport::call(&anonymous, &n1, PeerRequest::Ping, Duration::from_secs(5)).await;
+        assert!(
+            result.is_err(),
+            "a peer without a certificate must be refused: {result:?}"
+        );
+    });
+
+    // The node still serves, and it logged the refusals.
+    let output = cluster.cli(&[
+        "put",
+        "demo",
+        "after-abuse",
+        "ok",
+        "--w",
+        "all",
+        "--node",
+        &cluster.client_addr(1),
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let read = json(&cluster.cli(&["get", "demo", "after-abuse", "--r", "all", "--json"]));
+    assert_eq!(sibling_values(&read), vec!["ok"]);
+    let log = std::fs::read_to_string(cluster.path().join("n1").join("node.log")).unwrap();
+    assert!(
+        log.contains("handshake refused"),
+        "refused handshakes must be logged:\n{log}"
+    );
+    assert!(
+        log.contains("malformed frame"),
+        "malformed frames must be logged:\n{log}"
+    );
+}

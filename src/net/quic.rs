@@ -86,6 +86,11 @@ impl QuicServer {
         self.local_addr
     }
 
+    /// Connections currently open (including ones still draining after a close).
+    pub fn open_connections(&self) -> usize {
+        self.endpoint.open_connections()
+    }
+
     /// Stops accepting, closes every connection with [`rpc::CLOSE_SHUTDOWN`] (peers see the
     /// close at once instead of waiting for an idle timeout) and waits for them to drain.
     pub async fn shutdown(mut self) {
@@ -407,6 +412,49 @@ mod tests {
                 payload: format!("payload-{tag}")
             })
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_first_calls_share_one_connection_and_timeouts_leave_nothing_behind() {
+        let fixture = quic_fixture();
+        let server = fixture.pki.server_id.clone();
+        let mut calls = tokio::task::JoinSet::new();
+        for tag in 0..50 {
+            let peers = fixture.peers.clone();
+            let server = server.clone();
+            calls.spawn(async move { peers.call(&server, &echo(tag), TIMEOUT).await });
+        }
+        while let Some(result) = calls.join_next().await {
+            assert!(result.unwrap().is_ok());
+        }
+        assert_eq!(
+            fixture.server.open_connections(),
+            1,
+            "one connect attempt was shared"
+        );
+
+        let result = fixture
+            .peers
+            .call(
+                &server,
+                &TestRequest::Sleep { millis: 2_000 },
+                Duration::from_millis(50),
+            )
+            .await;
+        assert!(
+            matches!(result, Err(TransportError::Timeout { .. })),
+            "{result:?}"
+        );
+        let client = fixture.peers.client_for(&server).await.unwrap();
+        assert_eq!(
+            client.pending_calls(),
+            0,
+            "the timed-out call left its entry behind"
+        );
+        assert!(matches!(
+            fixture.peers.call(&node("nobody"), &echo(1), TIMEOUT).await,
+            Err(TransportError::UnknownPeer { peer }) if peer == node("nobody")
+        ));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

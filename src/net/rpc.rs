@@ -282,6 +282,14 @@ impl<Req, Resp> RpcClient<Req, Resp> {
             && !self.streams.iter().any(|stream| stream.pending.is_failed())
     }
 
+    /// Calls waiting for a response, over all streams.
+    pub fn pending_calls(&self) -> usize {
+        self.streams
+            .iter()
+            .map(|stream| stream.pending.state.lock().waiting.len())
+            .sum()
+    }
+
     /// The peer's address.
     pub fn remote_address(&self) -> SocketAddr {
         self.connection.remote_address()
