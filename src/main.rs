@@ -2,9 +2,16 @@
 
 mod cli;
 
-use anyhow::Result;
 use clap::Parser;
+use std::process::ExitCode;
 
-fn main() -> Result<()> {
-    cli::run(cli::Cli::parse())
+fn main() -> ExitCode {
+    match cli::run(cli::Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            // The error chain, one line, without a backtrace: these are user-facing messages.
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
