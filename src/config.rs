@@ -8,8 +8,13 @@
 //! client_listen = "0.0.0.0:8700"       # client QUIC (TLS)
 //! partition_count = 64                 # ring size, fixed at cluster creation
 //! request_timeout_ms = 5000            # default timeout of a get/put/delete
+//! gossip_interval_ms = 500             # one gossip round (and heartbeat) per interval
+//! gossip_fanout = 3                    # peers per round
+//! phi_threshold = 8.0                  # down after ~ phi × interval × ln 10 of silence (~9 s)
+//! hint_window_secs = 10800             # hints older than this are dropped (3 h)
+//! handoff_interval_ms = 1000           # how often hints are offered to returning primaries
 //!
-//! [[members]]                          # static membership: every node, this one included
+//! [[members]]                          # seeds: members contacted at start; the rest is gossiped
 //! id = "n1"
 //! peer_addr = "10.0.0.1:8710"
 //!
@@ -49,6 +54,13 @@ pub struct Config {
     pub client_listen: SocketAddr,
     pub partition_count: u32,
     pub request_timeout_ms: u64,
+    pub gossip_interval_ms: u64,
+    pub gossip_fanout: usize,
+    pub phi_threshold: f64,
+    pub hint_window_secs: u64,
+    pub handoff_interval_ms: u64,
+    /// Seeds: members this node contacts at start (it may list itself). The member list is
+    /// then learned by gossip and saved in the data directory.
     pub members: Vec<MemberConfig>,
     pub tls: TlsConfig,
     pub buckets: BucketConfig,
@@ -153,6 +165,11 @@ impl Default for Config {
             client_listen: SocketAddr::from(([127, 0, 0, 1], 8700)),
             partition_count: 64,
             request_timeout_ms: 5000,
+            gossip_interval_ms: 500,
+            gossip_fanout: 3,
+            phi_threshold: 8.0,
+            hint_window_secs: 3 * 60 * 60,
+            handoff_interval_ms: 1000,
             members: Vec::new(),
             tls: TlsConfig::default(),
             buckets: BucketConfig::default(),
@@ -240,13 +257,28 @@ impl Config {
             }
             members.push((id, member.peer_addr));
         }
-        if members.is_empty() {
-            members.push((node_id.clone(), self.peer_listen));
-        }
-        if !members.iter().any(|(id, _)| id == &node_id) {
+        if !(10..=60_000).contains(&self.gossip_interval_ms) {
             return Err(invalid(
-                "members",
-                format!("does not list this node ({node_id})"),
+                "gossip_interval_ms",
+                "must be between 10 and 60000",
+            ));
+        }
+        if !(1..=16).contains(&self.gossip_fanout) {
+            return Err(invalid("gossip_fanout", "must be between 1 and 16"));
+        }
+        if !(self.phi_threshold.is_finite()
+            && self.phi_threshold >= 1.0
+            && self.phi_threshold <= 100.0)
+        {
+            return Err(invalid("phi_threshold", "must be between 1 and 100"));
+        }
+        if self.hint_window_secs == 0 {
+            return Err(invalid("hint_window_secs", "must be at least 1"));
+        }
+        if !(10..=600_000).contains(&self.handoff_interval_ms) {
+            return Err(invalid(
+                "handoff_interval_ms",
+                "must be between 10 and 600000",
             ));
         }
         for (field, path) in [
@@ -341,7 +373,7 @@ mod tests {
     fn defaults_validate_and_round_trip_through_toml() {
         let config = valid();
         let validated = config.validate().unwrap();
-        assert_eq!(validated.members.len(), 1, "a lone node is its own member");
+        assert!(validated.members.is_empty(), "no seeds: a lone node");
         let parsed: Config = toml::from_str(&config.to_toml()).unwrap();
         assert_eq!(parsed, config);
     }
@@ -364,11 +396,20 @@ mod tests {
         config.tls.node_key = PathBuf::new();
         assert_eq!(field_of(&config), "tls.node_key");
         let mut config = valid();
-        config.members = vec![MemberConfig {
-            id: "n2".into(),
-            peer_addr: "127.0.0.1:1".parse().unwrap(),
-        }];
-        assert_eq!(field_of(&config), "members");
+        config.phi_threshold = f64::NAN;
+        assert_eq!(field_of(&config), "phi_threshold");
+        let mut config = valid();
+        config.members = vec![
+            MemberConfig {
+                id: "n2".into(),
+                peer_addr: "127.0.0.1:1".parse().unwrap(),
+            },
+            MemberConfig {
+                id: "n2".into(),
+                peer_addr: "127.0.0.1:2".parse().unwrap(),
+            },
+        ];
+        assert_eq!(field_of(&config), "members[1].id");
     }
 
     #[test]

@@ -5,6 +5,8 @@
 //! Every field that arrives from the network is checked with `validate` before use; the
 //! frame layer has already bounded the message's total size.
 
+use crate::core::gossip::{Digest, MemberRecord};
+use crate::core::ids::NodeId;
 use crate::core::object::{Content, MAX_BUCKET_BYTES, MAX_KEY_BYTES, StoredObject};
 use crate::core::quorum::{Quorum, QuorumShortfall};
 use crate::core::ring::PartitionId;
@@ -17,6 +19,9 @@ pub struct GetOptions {
     pub pr: Quorum,
     /// Milliseconds; `None` uses the node's default.
     pub timeout_ms: Option<u64>,
+    /// Let fallbacks stand in for down primaries; `None` means yes (Riak's default).
+    #[serde(default)]
+    pub sloppy_quorum: Option<bool>,
 }
 
 /// Options of a put or delete.
@@ -28,6 +33,9 @@ pub struct PutOptions {
     pub timeout_ms: Option<u64>,
     /// Answer with the object as stored after the write (its siblings and context).
     pub return_body: bool,
+    /// Let fallbacks stand in for down primaries; `None` means yes (Riak's default).
+    #[serde(default)]
+    pub sloppy_quorum: Option<bool>,
 }
 
 /// A value a client writes.
@@ -67,6 +75,41 @@ pub enum ClientRequest {
         context: Option<serde_bytes::ByteBuf>,
         options: PutOptions,
     },
+    /// This node's view of every member (`dynkv admin members`).
+    Members,
+    /// This node's summary (`dynkv admin status`).
+    Status,
+}
+
+/// One member as the answering node sees it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MemberInfo {
+    pub node: String,
+    pub peer_addr: String,
+    pub client_addr: String,
+    pub up: bool,
+    /// Suspicion level of the failure detector (0 for the answering node itself).
+    pub phi: f64,
+    /// Milliseconds since the node's last heartbeat arrived; `None` for the answering node.
+    pub silent_ms: Option<u64>,
+    pub generation: u64,
+}
+
+/// A node's summary.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub node: String,
+    pub partition_count: u32,
+    pub partitions_owned: u32,
+    pub members_up: u32,
+    pub members_down: u32,
+    /// Approximate number of records stored (overwrites count until compaction).
+    pub keys_estimate: u64,
+    /// Hints this node holds for down primaries.
+    pub hints_held: u64,
+    pub hints_delivered: u64,
+    /// Hints dropped because they outlived the hint window.
+    pub hints_expired: u64,
 }
 
 /// The kinds of error a client can get; each maps to one HTTP status in the HTTP API.
@@ -107,7 +150,7 @@ impl ClientError {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum ClientResponse {
     Pong {
         node: String,
@@ -129,6 +172,8 @@ pub enum ClientResponse {
         #[serde(with = "serde_bytes")]
         context: Vec<u8>,
     },
+    Members(Vec<MemberInfo>),
+    Status(NodeStatus),
     Error(ClientError),
 }
 
@@ -136,13 +181,15 @@ pub enum ClientResponse {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PeerRequest {
     Ping,
-    /// Read a replica's copy of one key.
+    /// Read a replica's copy of one key (with `hint_for`, the copy a fallback keeps for that
+    /// primary).
     ReplicaGet {
         partition: PartitionId,
         #[serde(with = "serde_bytes")]
         bucket: Vec<u8>,
         #[serde(with = "serde_bytes")]
         key: Vec<u8>,
+        hint_for: Option<NodeId>,
     },
     /// Merge `object` into the replica's copy (a coordinated put or a read repair).
     ReplicaPut {
@@ -152,13 +199,23 @@ pub enum PeerRequest {
         #[serde(with = "serde_bytes")]
         key: Vec<u8>,
         object: StoredObject,
+        /// Set when the receiver is a fallback: it keeps the object as a hint for this primary.
+        hint_for: Option<NodeId>,
     },
     /// A client put or delete that must be coordinated by a replica of its key; the receiving
     /// node coordinates it (and does not forward it again).
     Coordinate(ClientRequest),
+    /// Gossip step 1: what the sender knows.
+    GossipDigest {
+        digests: Vec<Digest>,
+    },
+    /// Gossip step 3: the records the receiver asked for.
+    GossipPush {
+        records: Vec<MemberRecord>,
+    },
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum PeerResponse {
     Pong,
     Object(Option<StoredObject>),
@@ -167,6 +224,11 @@ pub enum PeerResponse {
         durable: bool,
     },
     Client(ClientResponse),
+    /// Gossip step 2: records newer than the digest, and the nodes to send back.
+    GossipReply {
+        records: Vec<MemberRecord>,
+        requests: Vec<NodeId>,
+    },
     /// The replica could not do what was asked.
     Failed {
         message: String,

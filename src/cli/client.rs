@@ -27,7 +27,7 @@ pub struct ConnectArgs {
     dev_dir: Option<PathBuf>,
     /// Print the result as JSON.
     #[arg(long)]
-    json: bool,
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -43,6 +43,9 @@ pub struct GetArgs {
     /// Request timeout in milliseconds [default: the node's].
     #[arg(long)]
     timeout_ms: Option<u64>,
+    /// Let fallbacks stand in for down primaries (false: primaries only).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    sloppy_quorum: bool,
     #[command(flatten)]
     connect: ConnectArgs,
 }
@@ -64,6 +67,9 @@ pub struct WriteOptionArgs {
     /// The context printed by `get`: the write supersedes exactly what that read returned.
     #[arg(long)]
     context: Option<String>,
+    /// Let fallbacks stand in for down primaries (false: primaries only).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    sloppy_quorum: bool,
 }
 
 #[derive(Args, Debug)]
@@ -99,7 +105,7 @@ pub struct PingArgs {
     connect: ConnectArgs,
 }
 
-async fn connect(args: &ConnectArgs) -> Result<Client> {
+pub async fn connect(args: &ConnectArgs) -> Result<Client> {
     let (nodes, ca_path) = if args.nodes.is_empty() || args.ca.is_none() {
         let dir = args.dev_dir.clone().unwrap_or_else(default_dev_dir);
         let cluster = DevCluster::load(&dir).with_context(|| {
@@ -141,6 +147,7 @@ fn write_options(args: &WriteOptionArgs, return_body: bool) -> PutOptions {
         pw: args.pw,
         timeout_ms: args.timeout_ms,
         return_body,
+        sloppy_quorum: Some(args.sloppy_quorum),
     }
 }
 
@@ -183,7 +190,7 @@ fn print_siblings(json: bool, found: bool, siblings: &[Content], context: Option
 }
 
 /// Server-side errors (bad option, quorum unmet) are printed as the node worded them.
-fn report(error: ClientLibError) -> anyhow::Error {
+pub fn report(error: ClientLibError) -> anyhow::Error {
     match error {
         ClientLibError::Server(error) => anyhow::anyhow!("{}", error.message),
         other => anyhow::Error::new(other),
@@ -196,6 +203,7 @@ pub async fn get(args: GetArgs) -> Result<()> {
         r: args.r,
         pr: args.pr,
         timeout_ms: args.timeout_ms,
+        sloppy_quorum: Some(args.sloppy_quorum),
     };
     let result = client
         .get(args.bucket.as_bytes(), args.key.as_bytes(), options)

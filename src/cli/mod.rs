@@ -1,5 +1,6 @@
 //! Command-line interface. Each subcommand lives in its own module.
 
+mod admin;
 mod cert;
 mod client;
 mod dev;
@@ -34,6 +35,9 @@ enum Command {
     Delete(client::DeleteArgs),
     /// Check that a node answers.
     Ping(client::PingArgs),
+    /// Operator commands: members, status.
+    #[command(subcommand)]
+    Admin(admin::AdminCommand),
     /// Create a cluster CA and node certificates.
     #[command(subcommand)]
     Cert(cert::CertCommand),
@@ -57,6 +61,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Put(args) => runtime.block_on(client::put(args)),
         Command::Delete(args) => runtime.block_on(client::delete(args)),
         Command::Ping(args) => runtime.block_on(client::ping(args)),
+        Command::Admin(command) => runtime.block_on(admin::run(command)),
         Command::Cert(command) => cert::run(command),
     }
 }

@@ -189,6 +189,12 @@ impl Client {
         }
     }
 
+    /// Sends any client request (admin ones included) and returns the node's answer; an
+    /// error answer becomes [`ClientLibError::Server`].
+    pub async fn request(&self, request: ClientRequest) -> Result<ClientResponse, ClientLibError> {
+        self.call(request).await
+    }
+
     /// Asks the connected node to answer; returns its node id.
     pub async fn ping(&self) -> Result<String, ClientLibError> {
         match self.call(ClientRequest::Ping).await? {

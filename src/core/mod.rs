@@ -7,9 +7,16 @@
 //! - [`object`]: what a key stores, its record and context formats, put and merge rules.
 //! - [`quorum`]: consistency levels and quorum trackers.
 //! - [`request`]: the coordinator's request state machines.
+//! - [`placement`]: targets of a request, with sloppy-quorum fallbacks.
+//! - [`gossip`], [`failure`]: scuttlebutt membership and phi accrual failure detection.
+//! - [`hints`]: hinted handoff record formats.
 
+pub mod failure;
+pub mod gossip;
+pub mod hints;
 pub mod ids;
 pub mod object;
+pub mod placement;
 pub mod quorum;
 pub mod request;
 pub mod ring;

@@ -11,6 +11,8 @@ pub struct Target {
     pub node: NodeId,
     /// The node is one of the key's primaries (not a fallback standing in for one).
     pub primary: bool,
+    /// For a fallback: the down primary it stands in for and keeps a hint for.
+    pub hint_for: Option<NodeId>,
 }
 
 /// A get in progress: collects replica replies, merges them, and names the replicas that
@@ -114,6 +116,7 @@ mod tests {
             .map(|name| Target {
                 node: NodeId::new(*name).unwrap(),
                 primary: true,
+                hint_for: None,
             })
             .collect()
     }

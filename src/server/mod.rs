@@ -1,16 +1,18 @@
 //! The IO shell of one node: it opens the store, binds the peer (mutual TLS) and client (TLS)
 //! QUIC endpoints, and serves until asked to shut down.
 
+pub mod membership;
 pub mod node;
 
 use crate::config::Config;
-use crate::core::ring::Ring;
+use crate::core::gossip::{GossipConfig, MemberRecord};
 use crate::net::quic::{QuicPeers, QuicServer};
 use crate::net::tls;
 use crate::net::{BoxFuture, RpcLimits};
 use crate::protocol::{ClientRequest, ClientResponse, PeerRequest, PeerResponse};
 use crate::storage::{StorageConfig, Store};
-use node::{Node, NodeSettings, StaticMembership};
+use membership::{GossipMembership, GossipSetup, load_members};
+use node::{Node, NodeSettings};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,8 +26,8 @@ pub enum ServerError {
     Tls(String),
     #[error("cannot open the store in {path}: {reason}")]
     Storage { path: String, reason: String },
-    #[error("cannot build the ring: {0}")]
-    Ring(#[from] crate::core::ring::RingError),
+    #[error("cannot start membership: {0}")]
+    Membership(#[from] membership::MembershipError),
     #[error("cannot listen on {address}: {reason}")]
     Listen { address: SocketAddr, reason: String },
 }
@@ -37,11 +39,18 @@ pub struct RunningServer {
     pub client_addr: SocketAddr,
     peer_server: QuicServer,
     client_server: QuicServer,
+    background: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl RunningServer {
     /// Stops accepting, closes connections, and flushes the store.
     pub async fn shutdown(self) {
+        for task in &self.background {
+            task.abort();
+        }
+        for task in self.background {
+            let _ = task.await;
+        }
         self.client_server.shutdown().await;
         self.peer_server.shutdown().await;
         let store = self.node.store().clone();
@@ -62,6 +71,8 @@ pub fn node_settings(config: &Config, validated: &crate::config::Validated) -> N
         max_object_bytes: config.limits.max_object_bytes,
         max_siblings: config.limits.max_siblings,
         durable_writes: config.storage.sync_writes,
+        hint_window: Duration::from_secs(config.hint_window_secs),
+        handoff_batch: 64,
     }
 }
 
@@ -94,12 +105,6 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         reason: error.to_string(),
     })?;
 
-    let member_ids: Vec<_> = validated.members.iter().map(|(id, _)| id.clone()).collect();
-    let ring = Ring::new(
-        config.partition_count,
-        &member_ids,
-        validated.bucket_defaults.n_val as usize,
-    )?;
     let peer_client_tls = tls::peer_client_config(&ca_pem, &node_identity)
         .map_err(|error| ServerError::Tls(error.to_string()))?;
     // Outgoing peer connections leave from the peer address's IP, with any free port.
@@ -113,13 +118,78 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
     for (id, address) in &validated.members {
         peers.set_address(id.clone(), *address);
     }
+
+    // Membership: the saved table and the seeds, then gossip. The generation grows on every
+    // restart (and is at least the wall-clock second, so a wiped node still outranks its
+    // old records).
+    let saved = load_members(&config.data_dir)?;
+    let previous_generation = saved
+        .iter()
+        .find(|record| record.node == validated.node_id)
+        .map_or(0, |record| record.generation);
+    let wall_seconds = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_secs());
+    let local = MemberRecord {
+        node: validated.node_id.clone(),
+        generation: (previous_generation + 1).max(wall_seconds),
+        version: 0,
+        peer_addr: config.peer_listen.to_string(),
+        client_addr: config.client_listen.to_string(),
+    };
+    let mut known: Vec<MemberRecord> = saved
+        .into_iter()
+        .filter(|record| record.node != validated.node_id)
+        .collect();
+    for (id, address) in &validated.members {
+        if *id != validated.node_id && !known.iter().any(|record| &record.node == id) {
+            known.push(MemberRecord {
+                node: id.clone(),
+                generation: 0,
+                version: 0,
+                peer_addr: address.to_string(),
+                client_addr: String::new(),
+            });
+        }
+    }
+    let seeds = validated.members.iter().map(|(id, _)| id.clone()).collect();
+    let peers = Arc::new(peers);
+    let address_book_peers = peers.clone();
+    let address_book = Box::new(move |record: &MemberRecord| {
+        if let Ok(address) = record.peer_addr.parse() {
+            address_book_peers.set_address(record.node.clone(), address);
+        }
+    });
+    let gossip = Arc::new(GossipMembership::new(GossipSetup {
+        local,
+        config: GossipConfig {
+            fanout: config.gossip_fanout,
+            interval_ms: config.gossip_interval_ms,
+            phi_threshold: config.phi_threshold,
+        },
+        seeds,
+        known,
+        partition_count: config.partition_count,
+        n_val: validated.bucket_defaults.n_val as usize,
+        address_book,
+        members_file_dir: Some(config.data_dir.clone()),
+    })?);
     let node = Node::new(
         validated.node_id.clone(),
         store,
-        Arc::new(StaticMembership::new(ring)),
-        Arc::new(peers),
+        gossip.clone(),
+        peers.clone(),
         node_settings(&config, &validated),
     );
+    // Peer selection only needs to differ between nodes and runs.
+    let gossip_seed = node.store().actor() ^ wall_seconds;
+    let background = vec![
+        tokio::spawn(gossip.run(peers, gossip_seed)),
+        tokio::spawn(
+            node.clone()
+                .run_handoff(Duration::from_millis(config.handoff_interval_ms)),
+        ),
+    ];
 
     let peer_config = tls::peer_server_config(&ca_pem, &node_identity)
         .map_err(|error| ServerError::Tls(error.to_string()))?;
@@ -167,5 +237,6 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         client_addr,
         peer_server,
         client_server,
+        background,
     })
 }

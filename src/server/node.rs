@@ -1,54 +1,36 @@
 //! One node's request handling: it coordinates client gets, puts and deletes over the
-//! [`Transport`] seam and serves its peers' replica reads and writes from the [`Store`].
+//! [`Transport`] seam, serves its peers' replica reads and writes from the [`Store`], keeps
+//! hints for down primaries and hands them back.
 //!
 //! The same `Node` runs over QUIC in `dynkv server` and over the in-memory network in the
-//! simulation tests. The decisions are made by the core (`coordinate_put`, `merge_replica`,
-//! `GetCoordinator`, `WriteTracker`); this file sends messages, keeps time and stores.
+//! simulation tests. The decisions are made by the core (`placement::targets`,
+//! `coordinate_put`, `merge_replica`, `GetCoordinator`, `WriteTracker`); this file sends
+//! messages, keeps time and stores.
 
+use crate::core::hints::{self, HintKey, HintRecord};
 use crate::core::ids::{Actor, NodeId};
 use crate::core::object::{
-    Content, Context, StoredObject, coordinate_put, decode_record, encode_record, live_siblings,
-    merge_replica, object_size_bytes,
+    Content, Context, ObjectError, StoredObject, coordinate_put, decode_record, encode_record,
+    live_siblings, merge_replica, object_size_bytes,
 };
+use crate::core::placement;
 use crate::core::quorum::{BucketDefaults, QuorumOutcome, ReadQuorum, WriteQuorum, WriteTracker};
 use crate::core::request::{GetCoordinator, Target};
-use crate::core::ring::{PartitionId, Ring};
+use crate::core::ring::PartitionId;
 use crate::net::Transport;
 use crate::protocol::{
-    ClientError, ClientRequest, ClientResponse, ErrorKind, GetOptions, NewContent, PeerRequest,
-    PeerResponse, PutOptions, validate_bucket_and_key,
+    ClientError, ClientRequest, ClientResponse, ErrorKind, GetOptions, NewContent, NodeStatus,
+    PeerRequest, PeerResponse, PutOptions, validate_bucket_and_key,
 };
-use crate::storage::{Store, UpdateError};
+use crate::storage::{HintWrite, Store, UpdateError};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tracing::{Instrument, debug, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
-/// Where the node learns the current ring. Static (from the config) for now; the gossip
-/// membership replaces it behind this seam.
-pub trait Membership: Send + Sync + 'static {
-    fn ring(&self) -> Arc<Ring>;
-}
-
-/// A member list fixed at start-up.
-pub struct StaticMembership {
-    ring: Arc<Ring>,
-}
-
-impl StaticMembership {
-    pub fn new(ring: Ring) -> Self {
-        StaticMembership {
-            ring: Arc::new(ring),
-        }
-    }
-}
-
-impl Membership for StaticMembership {
-    fn ring(&self) -> Arc<Ring> {
-        self.ring.clone()
-    }
-}
+pub use super::membership::{Membership, StaticMembership};
 
 /// The settings a node's request handling needs.
 #[derive(Clone, Debug)]
@@ -61,9 +43,19 @@ pub struct NodeSettings {
     pub max_siblings: u32,
     /// The store fsyncs before it acknowledges, so this node's acks count for `dw`.
     pub durable_writes: bool,
+    /// Hints older than this are dropped instead of delivered.
+    pub hint_window: Duration,
+    /// Hints sent to a returning primary per batch (each batch is acknowledged before the next).
+    pub handoff_batch: usize,
 }
 
 pub type PeerTransport = Arc<dyn Transport<PeerRequest, PeerResponse>>;
+
+#[derive(Default)]
+struct Counters {
+    hints_delivered: AtomicU64,
+    hints_expired: AtomicU64,
+}
 
 struct NodeInner {
     id: NodeId,
@@ -72,6 +64,7 @@ struct NodeInner {
     membership: Arc<dyn Membership>,
     peers: PeerTransport,
     settings: NodeSettings,
+    counters: Counters,
 }
 
 /// A node's request handler; cheap to clone.
@@ -90,10 +83,36 @@ impl WeakNode {
     }
 }
 
-/// Why a write could not be applied to the local store.
+/// Where this node keeps its copy of a key: as a replica, or as a hint for a down primary.
+#[derive(Clone, Debug)]
+struct Copy {
+    partition: PartitionId,
+    bucket: Vec<u8>,
+    key: Vec<u8>,
+    hint_for: Option<NodeId>,
+}
+
+impl Copy {
+    fn hint_key(&self, primary: &NodeId) -> Vec<u8> {
+        hints::encode_key(&HintKey {
+            primary: primary.clone(),
+            partition: self.partition,
+            bucket: self.bucket.clone(),
+            key: self.key.clone(),
+        })
+    }
+}
+
+/// Why a write could not be applied to a local copy.
 enum LocalWriteError {
     Refused(ClientError),
     Storage(String),
+}
+
+impl From<ObjectError> for LocalWriteError {
+    fn from(error: ObjectError) -> Self {
+        LocalWriteError::Storage(error.to_string())
+    }
 }
 
 fn now_micros() -> u64 {
@@ -108,6 +127,10 @@ fn error_response(kind: ErrorKind, message: impl Into<String>) -> ClientResponse
         kind,
         message: message.into(),
     })
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
 }
 
 impl Node {
@@ -127,6 +150,7 @@ impl Node {
                 membership,
                 peers,
                 settings,
+                counters: Counters::default(),
             }),
         }
     }
@@ -143,22 +167,29 @@ impl Node {
         &self.inner.store
     }
 
+    pub fn membership(&self) -> &Arc<dyn Membership> {
+        &self.inner.membership
+    }
+
     /// Serves one client request, coordinating it (or forwarding a write to a replica).
     pub async fn handle_client(&self, request: ClientRequest) -> ClientResponse {
         self.client_request(request, false).await
     }
 
     async fn client_request(&self, request: ClientRequest, forwarded: bool) -> ClientResponse {
+        let node = &self.inner.id;
         match request {
             ClientRequest::Ping => ClientResponse::Pong {
-                node: self.inner.id.to_string(),
+                node: node.to_string(),
             },
+            ClientRequest::Members => ClientResponse::Members(self.inner.membership.view()),
+            ClientRequest::Status => self.status(),
             ClientRequest::Get {
                 bucket,
                 key,
                 options,
             } => {
-                let span = info_span!("get", node = %self.inner.id, bucket = %String::from_utf8_lossy(&bucket), key = %String::from_utf8_lossy(&key));
+                let span = info_span!("get", %node, bucket = %text(&bucket), key = %text(&key));
                 self.get(bucket, key, options).instrument(span).await
             }
             ClientRequest::Put {
@@ -168,7 +199,8 @@ impl Node {
                 content,
                 options,
             } => {
-                let span = info_span!("put", node = %self.inner.id, bucket = %String::from_utf8_lossy(&bucket), key = %String::from_utf8_lossy(&key), forwarded);
+                let span =
+                    info_span!("put", %node, bucket = %text(&bucket), key = %text(&key), forwarded);
                 let write = Write {
                     bucket,
                     key,
@@ -184,7 +216,7 @@ impl Node {
                 context,
                 options,
             } => {
-                let span = info_span!("delete", node = %self.inner.id, bucket = %String::from_utf8_lossy(&bucket), key = %String::from_utf8_lossy(&key), forwarded);
+                let span = info_span!("delete", %node, bucket = %text(&bucket), key = %text(&key), forwarded);
                 let write = Write {
                     bucket,
                     key,
@@ -195,6 +227,27 @@ impl Node {
                 self.write(write, forwarded).instrument(span).await
             }
         }
+    }
+
+    fn status(&self) -> ClientResponse {
+        let ring = self.inner.membership.ring();
+        let members = self.inner.membership.view();
+        let up = members.iter().filter(|member| member.up).count() as u32;
+        let hints_held = match self.inner.store.hint_count() {
+            Ok(count) => count,
+            Err(error) => return ClientResponse::Error(ClientError::internal(error.to_string())),
+        };
+        ClientResponse::Status(NodeStatus {
+            node: self.inner.id.to_string(),
+            partition_count: ring.partition_count(),
+            partitions_owned: ring.partitions_owned_by(&self.inner.id).len() as u32,
+            members_up: up,
+            members_down: members.len() as u32 - up,
+            keys_estimate: self.inner.store.key_count_estimate(),
+            hints_held,
+            hints_delivered: self.inner.counters.hints_delivered.load(Ordering::Relaxed),
+            hints_expired: self.inner.counters.hints_expired.load(Ordering::Relaxed),
+        })
     }
 
     /// Serves one request from a peer node.
@@ -218,15 +271,25 @@ impl Node {
                 partition,
                 bucket,
                 key,
-            } => match self.read_local(partition, &bucket, &key) {
-                Ok(object) => PeerResponse::Object(object),
-                Err(message) => PeerResponse::Failed { message },
-            },
+                hint_for,
+            } => {
+                let copy = Copy {
+                    partition,
+                    bucket,
+                    key,
+                    hint_for,
+                };
+                match self.read_copy(&copy) {
+                    Ok(object) => PeerResponse::Object(object),
+                    Err(message) => PeerResponse::Failed { message },
+                }
+            }
             PeerRequest::ReplicaPut {
                 partition,
                 bucket,
                 key,
                 object,
+                hint_for,
             } => {
                 if let Err(error) = object.validate() {
                     warn!(node = %self.inner.id, error = %error, "refused an invalid replica object");
@@ -239,7 +302,13 @@ impl Node {
                         message: error.message,
                     };
                 }
-                match self.merge_local(partition, &bucket, &key, &object).await {
+                let copy = Copy {
+                    partition,
+                    bucket,
+                    key,
+                    hint_for,
+                };
+                match self.merge_copy(&copy, &object).await {
                     Ok(()) => PeerResponse::Stored {
                         durable: self.inner.settings.durable_writes,
                     },
@@ -249,6 +318,27 @@ impl Node {
             PeerRequest::Coordinate(request) => {
                 PeerResponse::Client(Box::pin(self.client_request(request, true)).await)
             }
+            PeerRequest::GossipDigest { digests } => match self.inner.membership.gossip() {
+                Some(gossip) if crate::core::gossip::check_entry_count(digests.len()).is_ok() => {
+                    let (records, requests) = gossip.answer(&digests);
+                    PeerResponse::GossipReply { records, requests }
+                }
+                Some(_) => PeerResponse::Failed {
+                    message: "too many gossip digests".into(),
+                },
+                None => PeerResponse::Failed {
+                    message: "this node does not gossip".into(),
+                },
+            },
+            PeerRequest::GossipPush { records } => match self.inner.membership.gossip() {
+                Some(gossip) if crate::core::gossip::check_entry_count(records.len()).is_ok() => {
+                    gossip.apply(records);
+                    PeerResponse::Pong
+                }
+                _ => PeerResponse::Failed {
+                    message: "gossip push refused".into(),
+                },
+            },
         }
     }
 
@@ -259,67 +349,119 @@ impl Node {
             .unwrap_or(self.inner.settings.request_timeout)
     }
 
-    /// The key's partition and replicas. A cluster smaller than `n_val` keeps one copy per
-    /// node, so the levels are later capped at the number of replicas found.
-    fn placement(&self, bucket: &[u8], key: &[u8]) -> (PartitionId, Vec<Target>) {
+    /// The key's partition and the replicas to ask (fallbacks for down primaries when
+    /// `sloppy`). A cluster smaller than `n_val` keeps one copy per node, so the levels are
+    /// later capped at the number of targets.
+    fn placement(&self, bucket: &[u8], key: &[u8], sloppy: bool) -> (PartitionId, Vec<Target>) {
         let ring = self.inner.membership.ring();
         let partition = ring.partition_for_key(bucket, key);
         let n_val = self.inner.settings.bucket_defaults.n_val as usize;
-        let targets = ring
-            .preference_list(partition, n_val)
-            .into_iter()
-            .map(|(_, node)| Target {
-                node,
-                primary: true,
-            })
-            .collect();
+        let membership = &self.inner.membership;
+        let targets = placement::targets(&ring, partition, n_val, sloppy, |node| {
+            *node == self.inner.id || membership.is_up(node)
+        });
         (partition, targets)
     }
 
-    fn read_local(
-        &self,
-        partition: PartitionId,
-        bucket: &[u8],
-        key: &[u8],
-    ) -> Result<Option<StoredObject>, String> {
-        let bytes = self
-            .inner
-            .store
-            .get(partition, bucket, key)
-            .map_err(|error| error.to_string())?;
-        match bytes {
-            None => Ok(None),
-            Some(bytes) => decode_record(&bytes).map(Some).map_err(|error| {
-                warn!(node = %self.inner.id, partition, error = %error, "stored record is unreadable");
-                error.to_string()
-            }),
+    /// Reads this node's copy of a key (a replica, or a hint it keeps for a primary).
+    fn read_copy(&self, copy: &Copy) -> Result<Option<StoredObject>, String> {
+        let store = &self.inner.store;
+        match &copy.hint_for {
+            None => {
+                let bytes = store
+                    .get(copy.partition, &copy.bucket, &copy.key)
+                    .map_err(|error| error.to_string())?;
+                bytes
+                    .map(|bytes| decode_record(&bytes))
+                    .transpose()
+                    .map_err(|error| {
+                        warn!(node = %self.inner.id, partition = copy.partition, error = %error, "stored record is unreadable");
+                        error.to_string()
+                    })
+            }
+            Some(primary) => {
+                let bytes = store
+                    .hint_get(&copy.hint_key(primary))
+                    .map_err(|error| error.to_string())?;
+                bytes
+                    .map(|bytes| hints::decode_record(&bytes).map(|record| record.object))
+                    .transpose()
+                    .map_err(|error| error.to_string())
+            }
         }
     }
 
-    async fn merge_local(
+    /// Atomically transforms this node's copy of a key and stores the result durably.
+    /// `transform` gets the current object and returns the new one (`None`: keep) and an
+    /// output.
+    async fn update_copy<T>(
         &self,
-        partition: PartitionId,
-        bucket: &[u8],
-        key: &[u8],
-        incoming: &StoredObject,
-    ) -> Result<(), String> {
+        copy: &Copy,
+        transform: impl FnOnce(
+            Option<StoredObject>,
+        ) -> Result<(Option<StoredObject>, T), LocalWriteError>,
+    ) -> Result<T, LocalWriteError> {
+        let store = &self.inner.store;
+        let result = match &copy.hint_for {
+            None => {
+                store
+                    .update(copy.partition, &copy.bucket, &copy.key, |current| {
+                        let local = current.map(decode_record).transpose()?;
+                        let (updated, output) = transform(local)?;
+                        Ok((updated.map(|object| encode_record(&object)), output))
+                    })
+                    .await
+            }
+            Some(primary) => {
+                store
+                    .hint_update(&copy.hint_key(primary), |current| {
+                        let existing = current
+                            .map(hints::decode_record)
+                            .transpose()
+                            .map_err(|error| LocalWriteError::Storage(error.to_string()))?;
+                        let created_micros = existing
+                            .as_ref()
+                            .map_or_else(now_micros, |record| record.created_micros);
+                        let (updated, output) = transform(existing.map(|record| record.object))?;
+                        let write = match updated {
+                            Some(object) => HintWrite::Put(hints::encode_record(&HintRecord {
+                                created_micros,
+                                object,
+                            })),
+                            None => HintWrite::Keep,
+                        };
+                        Ok((write, output))
+                    })
+                    .await
+            }
+        };
+        result.map_err(|error| match error {
+            UpdateError::Rejected { source } => source,
+            UpdateError::Storage { source } => LocalWriteError::Storage(source.to_string()),
+        })
+    }
+
+    /// A replica's write: merge the incoming object into this node's copy.
+    async fn merge_copy(&self, copy: &Copy, incoming: &StoredObject) -> Result<(), String> {
         let allow_mult = self.inner.settings.allow_mult;
         let result = self
-            .inner
-            .store
-            .update(partition, bucket, key, |current| {
-                let local = current.map(decode_record).transpose()?;
+            .update_copy(copy, |local| {
                 if let Some(local) = &local
                     && local.descends(incoming)
                 {
                     // Nothing new: skip the write (and its fsync).
                     return Ok((None, ()));
                 }
-                let merged = merge_replica(local.as_ref(), incoming, allow_mult);
-                Ok((Some(encode_record(&merged)), ()))
+                Ok((
+                    Some(merge_replica(local.as_ref(), incoming, allow_mult)),
+                    (),
+                ))
             })
             .await;
-        result.map_err(|error: UpdateError<crate::core::object::ObjectError>| error.to_string())
+        result.map_err(|error| match error {
+            LocalWriteError::Refused(error) => error.message,
+            LocalWriteError::Storage(message) => message,
+        })
     }
 
     async fn get(&self, bucket: Vec<u8>, key: Vec<u8>, options: GetOptions) -> ClientResponse {
@@ -335,7 +477,8 @@ impl Node {
             Err(error) => return ClientResponse::Error(ClientError::invalid(error.to_string())),
         };
         let deadline = Instant::now() + self.timeout_of(options.timeout_ms);
-        let (partition, targets) = self.placement(&bucket, &key);
+        let sloppy = options.sloppy_quorum.unwrap_or(true);
+        let (partition, targets) = self.placement(&bucket, &key, sloppy);
         let quorum = ReadQuorum {
             r: quorum.r.min(targets.len() as u32),
             pr: quorum.pr.min(targets.len() as u32),
@@ -346,12 +489,15 @@ impl Node {
         for (index, target) in targets.iter().enumerate() {
             let node = self.clone();
             let sender = replies_sender.clone();
-            let target = target.clone();
-            let (bucket, key) = (bucket.clone(), key.clone());
+            let copy = Copy {
+                partition,
+                bucket: bucket.clone(),
+                key: key.clone(),
+                hint_for: target.hint_for.clone(),
+            };
+            let target = target.node.clone();
             tokio::spawn(async move {
-                let reply = node
-                    .replica_get(&target.node, partition, bucket, key, deadline)
-                    .await;
+                let reply = node.replica_get(&target, copy, deadline).await;
                 let _ = sender.send((index, reply)).await;
             });
         }
@@ -412,17 +558,18 @@ impl Node {
                 let Some(merged) = coordinator.merged().cloned() else {
                     return;
                 };
-                for stale in coordinator.read_repairs() {
-                    debug!(replica = %stale, "read repair");
-                    node.replica_put(
-                        &stale,
+                let stale = coordinator.read_repairs();
+                for target in targets.iter().filter(|target| stale.contains(&target.node)) {
+                    debug!(replica = %target.node, "read repair");
+                    let copy = Copy {
                         partition,
-                        bucket.clone(),
-                        key.clone(),
-                        merged.clone(),
-                        Instant::now() + node.inner.settings.request_timeout,
-                    )
-                    .await;
+                        bucket: bucket.clone(),
+                        key: key.clone(),
+                        hint_for: target.hint_for.clone(),
+                    };
+                    let deadline = Instant::now() + node.inner.settings.request_timeout;
+                    node.replica_put(&target.node, copy, merged.clone(), deadline)
+                        .await;
                 }
             }
             .in_current_span(),
@@ -434,18 +581,17 @@ impl Node {
     async fn replica_get(
         &self,
         node: &NodeId,
-        partition: PartitionId,
-        bucket: Vec<u8>,
-        key: Vec<u8>,
+        copy: Copy,
         deadline: Instant,
     ) -> Result<Option<StoredObject>, ()> {
         if node == &self.inner.id {
-            return self.read_local(partition, &bucket, &key).map_err(|_| ());
+            return self.read_copy(&copy).map_err(|_| ());
         }
         let request = PeerRequest::ReplicaGet {
-            partition,
-            bucket,
-            key,
+            partition: copy.partition,
+            bucket: copy.bucket,
+            key: copy.key,
+            hint_for: copy.hint_for,
         };
         let timeout = deadline.saturating_duration_since(Instant::now());
         match self.inner.peers.call(node, request, timeout).await {
@@ -468,27 +614,26 @@ impl Node {
         }
     }
 
-    /// Sends a merged object to one replica; the answer is (acked, durable).
+    /// Sends an object to one replica (or fallback) to merge; the answer is (acked, durable).
     async fn replica_put(
         &self,
         node: &NodeId,
-        partition: PartitionId,
-        bucket: Vec<u8>,
-        key: Vec<u8>,
+        copy: Copy,
         object: StoredObject,
         deadline: Instant,
     ) -> (bool, bool) {
         if node == &self.inner.id {
-            return match self.merge_local(partition, &bucket, &key, &object).await {
+            return match self.merge_copy(&copy, &object).await {
                 Ok(()) => (true, self.inner.settings.durable_writes),
                 Err(_) => (false, false),
             };
         }
         let request = PeerRequest::ReplicaPut {
-            partition,
-            bucket,
-            key,
+            partition: copy.partition,
+            bucket: copy.bucket,
+            key: copy.key,
             object,
+            hint_for: copy.hint_for,
         };
         let timeout = deadline.saturating_duration_since(Instant::now());
         match self.inner.peers.call(node, request, timeout).await {
@@ -540,23 +685,42 @@ impl Node {
         };
         let timeout = self.timeout_of(write.options.timeout_ms);
         let deadline = Instant::now() + timeout;
-        let (partition, targets) = self.placement(&write.bucket, &write.key);
-        if !targets.iter().any(|target| target.node == self.inner.id) {
+        let sloppy = write.options.sloppy_quorum.unwrap_or(true);
+        let (partition, targets) = self.placement(&write.bucket, &write.key, sloppy);
+        let Some(local_target) = targets
+            .iter()
+            .find(|target| target.node == self.inner.id)
+            .cloned()
+        else {
             if forwarded {
-                // The sender thought this node was a replica; the rings disagree. Refuse
+                // The sender thought this node was a target; the rings disagree. Refuse
                 // rather than bounce the write around.
                 return ClientResponse::Error(ClientError::internal(
                     "forwarded write reached a node that is not a replica of its key",
                 ));
             }
             return self.forward(write, &targets, deadline).await;
-        }
+        };
+        let primaries = targets.iter().filter(|target| target.primary).count() as u32;
         let quorum = WriteQuorum {
             w: quorum.w.min(targets.len() as u32),
             dw: quorum.dw.min(targets.len() as u32),
             pw: quorum.pw.min(targets.len() as u32),
             ..quorum
         };
+        if quorum.pw > primaries {
+            // Fallbacks never count as primaries: say so at once rather than after the timeout.
+            let shortfall = crate::core::quorum::QuorumShortfall {
+                requirement: "pw".into(),
+                answered: primaries,
+                required: quorum.pw,
+                asked: targets.len() as u32,
+            };
+            return error_response(
+                ErrorKind::QuorumUnmet(shortfall.clone()),
+                format!("{shortfall}: only {primaries} primary replicas are up"),
+            );
+        }
 
         let content = match write.content {
             Some(NewContent {
@@ -572,10 +736,13 @@ impl Node {
             },
             None => Content::tombstone(now_micros()),
         };
-        let object = match self
-            .coordinate_local(partition, &write.bucket, &write.key, context, content)
-            .await
-        {
+        let local_copy = Copy {
+            partition,
+            bucket: write.bucket.clone(),
+            key: write.key.clone(),
+            hint_for: local_target.hint_for.clone(),
+        };
+        let object = match self.coordinate_local(&local_copy, context, content).await {
             Ok(object) => object,
             Err(LocalWriteError::Refused(error)) => return ClientResponse::Error(error),
             Err(LocalWriteError::Storage(message)) => {
@@ -586,20 +753,25 @@ impl Node {
             }
         };
 
-        let mut tracker = WriteTracker::new(quorum, targets.len() as u32, targets.len() as u32);
-        let mut outcome = tracker.record(true, true, settings.durable_writes);
+        let mut tracker = WriteTracker::new(quorum, targets.len() as u32, primaries);
+        let mut outcome = tracker.record(local_target.primary, true, settings.durable_writes);
         let (acks_sender, mut acks) = mpsc::channel(targets.len().max(1));
         for target in targets.iter().filter(|target| target.node != self.inner.id) {
             let node = self.clone();
             let sender = acks_sender.clone();
-            let target = target.clone();
-            let (bucket, key, object) = (write.bucket.clone(), write.key.clone(), object.clone());
+            let copy = Copy {
+                partition,
+                bucket: write.bucket.clone(),
+                key: write.key.clone(),
+                hint_for: target.hint_for.clone(),
+            };
+            let (target_node, primary, object) =
+                (target.node.clone(), target.primary, object.clone());
             tokio::spawn(
                 async move {
-                    let (acked, durable) = node
-                        .replica_put(&target.node, partition, bucket, key, object, deadline)
-                        .await;
-                    let _ = sender.send((target.primary, acked, durable)).await;
+                    let (acked, durable) =
+                        node.replica_put(&target_node, copy, object, deadline).await;
+                    let _ = sender.send((primary, acked, durable)).await;
                 }
                 .in_current_span(),
             );
@@ -646,59 +818,46 @@ impl Node {
     /// value with a fresh dot of this node's actor, check the limits, store durably.
     async fn coordinate_local(
         &self,
-        partition: PartitionId,
-        bucket: &[u8],
-        key: &[u8],
+        copy: &Copy,
         context: Option<Context>,
         content: Content,
     ) -> Result<StoredObject, LocalWriteError> {
         let settings = &self.inner.settings;
         let actor = self.inner.actor;
-        let result = self
-            .inner
-            .store
-            .update(partition, bucket, key, |current| {
-                let local = match current.map(decode_record).transpose() {
-                    Ok(local) => local,
-                    Err(error) => return Err(LocalWriteError::Storage(error.to_string())),
-                };
-                // A delete without a context removes what this replica has seen, as Riak
-                // fetches the vclock first for such a delete.
-                let context = match (&context, content.deleted, &local) {
-                    (None, true, Some(local)) => Some(Context::of(local)),
-                    _ => context,
-                };
-                let updated = coordinate_put(local.as_ref(), context.as_ref(), content, actor, settings.allow_mult);
-                let siblings = updated.value_count();
-                if siblings > settings.max_siblings as usize {
-                    return Err(LocalWriteError::Refused(ClientError {
-                        kind: ErrorKind::TooLarge,
-                        message: format!(
-                            "the key would have {siblings} siblings; at most {} are allowed (limits.max_siblings): read it and write back with its context to resolve them",
-                            settings.max_siblings
-                        ),
-                    }));
-                }
-                let size = object_size_bytes(&updated) as u64;
-                if size > settings.max_object_bytes {
-                    return Err(LocalWriteError::Refused(ClientError {
-                        kind: ErrorKind::TooLarge,
-                        message: format!(
-                            "the object would be {size} bytes with its siblings; the limit is {} bytes (limits.max_object_bytes)",
-                            settings.max_object_bytes
-                        ),
-                    }));
-                }
-                Ok((Some(encode_record(&updated)), updated))
-            })
-            .await;
-        result.map_err(|error| match error {
-            UpdateError::Rejected { source } => source,
-            UpdateError::Storage { source } => LocalWriteError::Storage(source.to_string()),
+        self.update_copy(copy, |local| {
+            // A delete without a context removes what this replica has seen, as Riak
+            // fetches the vclock first for such a delete.
+            let context = match (&context, content.deleted, &local) {
+                (None, true, Some(local)) => Some(Context::of(local)),
+                _ => context,
+            };
+            let updated = coordinate_put(local.as_ref(), context.as_ref(), content, actor, settings.allow_mult);
+            let siblings = updated.value_count();
+            if siblings > settings.max_siblings as usize {
+                return Err(LocalWriteError::Refused(ClientError {
+                    kind: ErrorKind::TooLarge,
+                    message: format!(
+                        "the key would have {siblings} siblings; at most {} are allowed (limits.max_siblings): read it and write back with its context to resolve them",
+                        settings.max_siblings
+                    ),
+                }));
+            }
+            let size = object_size_bytes(&updated) as u64;
+            if size > settings.max_object_bytes {
+                return Err(LocalWriteError::Refused(ClientError {
+                    kind: ErrorKind::TooLarge,
+                    message: format!(
+                        "the object would be {size} bytes with its siblings; the limit is {} bytes (limits.max_object_bytes)",
+                        settings.max_object_bytes
+                    ),
+                }));
+            }
+            Ok((Some(updated.clone()), updated))
         })
+        .await
     }
 
-    /// Sends a write to a replica of its key to coordinate, trying each replica in turn.
+    /// Sends a write to a target of its key to coordinate, trying each in turn.
     async fn forward(&self, write: Write, targets: &[Target], deadline: Instant) -> ClientResponse {
         let request = match write.content {
             Some(content) => ClientRequest::Put {
@@ -722,14 +881,14 @@ impl Node {
                 break;
             }
             // Leave later replicas a share of the time if this one does not answer.
-            let attempt = timeout / 2;
+            let attempt = (timeout / 2).max(Duration::from_millis(1));
             match self
                 .inner
                 .peers
                 .call(
                     &target.node,
                     PeerRequest::Coordinate(request.clone()),
-                    attempt.max(Duration::from_millis(1)),
+                    attempt,
                 )
                 .await
             {
@@ -742,6 +901,137 @@ impl Node {
             ErrorKind::Timeout(None),
             format!("no replica could coordinate the write: {last_error}"),
         )
+    }
+
+    /// Hinted handoff, one pass: for every member that is up and for which this node holds
+    /// hints, sends them in batches (each batch acknowledged before the next) and deletes each
+    /// hint once its primary acknowledged it, unless it changed meanwhile. Hints older than
+    /// the hint window are dropped and counted. Returns the number delivered.
+    pub async fn hand_off_hints(&self) -> u64 {
+        let members = self.inner.membership.ring().members();
+        let mut delivered = 0;
+        for primary in members.iter().filter(|member| **member != self.inner.id) {
+            if !self.inner.membership.is_up(primary) {
+                continue;
+            }
+            delivered += self.hand_off_to(primary).await;
+        }
+        delivered
+    }
+
+    async fn hand_off_to(&self, primary: &NodeId) -> u64 {
+        let prefix = hints::primary_prefix(primary);
+        let batch = self.inner.settings.handoff_batch.max(1);
+        let window_micros = self.inner.settings.hint_window.as_micros() as u64;
+        let mut delivered = 0;
+        let mut start_after: Option<Vec<u8>> = None;
+        loop {
+            let page = match self
+                .inner
+                .store
+                .scan_hints(&prefix, start_after.as_deref(), batch)
+            {
+                Ok(page) => page,
+                Err(error) => {
+                    warn!(error = %error, "cannot scan hints");
+                    return delivered;
+                }
+            };
+            let Some((last_key, _)) = page.last() else {
+                return delivered;
+            };
+            start_after = Some(last_key.clone());
+            let mut sends = tokio::task::JoinSet::new();
+            for (hint_key, hint_bytes) in page {
+                let (key, record) = match (
+                    hints::decode_key(&hint_key),
+                    hints::decode_record(&hint_bytes),
+                ) {
+                    (Ok(key), Ok(record)) => (key, record),
+                    _ => {
+                        warn!(primary = %primary, "dropping an unreadable hint");
+                        self.delete_hint_if_unchanged(&hint_key, &hint_bytes).await;
+                        continue;
+                    }
+                };
+                if hints::expired(record.created_micros, now_micros(), window_micros) {
+                    if self.delete_hint_if_unchanged(&hint_key, &hint_bytes).await {
+                        self.inner
+                            .counters
+                            .hints_expired
+                            .fetch_add(1, Ordering::Relaxed);
+                        warn!(primary = %primary, "hint outlived the hint window and was dropped");
+                    }
+                    continue;
+                }
+                let node = self.clone();
+                let primary = primary.clone();
+                sends.spawn(async move {
+                    let copy = Copy {
+                        partition: key.partition,
+                        bucket: key.bucket,
+                        key: key.key,
+                        hint_for: None,
+                    };
+                    let deadline = Instant::now() + node.inner.settings.request_timeout;
+                    let (acked, _) = node
+                        .replica_put(&primary, copy, record.object, deadline)
+                        .await;
+                    (acked, hint_key, hint_bytes)
+                });
+            }
+            let mut failures = 0;
+            while let Some(sent) = sends.join_next().await {
+                let Ok((acked, hint_key, hint_bytes)) = sent else {
+                    failures += 1;
+                    continue;
+                };
+                if !acked {
+                    failures += 1;
+                } else if self.delete_hint_if_unchanged(&hint_key, &hint_bytes).await {
+                    delivered += 1;
+                    self.inner
+                        .counters
+                        .hints_delivered
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            if failures > 0 {
+                // The primary is not taking them; try again next pass.
+                debug!(primary = %primary, failures, "hint delivery paused");
+                return delivered;
+            }
+        }
+    }
+
+    /// Deletes a hint if it still holds `expected`; a hint that changed since it was read
+    /// (a newer write for the primary arrived) is kept for the next pass.
+    async fn delete_hint_if_unchanged(&self, hint_key: &[u8], expected: &[u8]) -> bool {
+        let result = self
+            .inner
+            .store
+            .hint_update(hint_key, |current| {
+                Ok::<_, ()>(if current == Some(expected) {
+                    (HintWrite::Delete, true)
+                } else {
+                    (HintWrite::Keep, false)
+                })
+            })
+            .await;
+        result.unwrap_or(false)
+    }
+
+    /// Runs hinted handoff every `interval` until the task is aborted.
+    pub async fn run_handoff(self, interval: Duration) {
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            let delivered = self.hand_off_hints().await;
+            if delivered > 0 {
+                info!(node = %self.inner.id, delivered, "hints handed off");
+            }
+        }
     }
 }
 

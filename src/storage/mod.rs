@@ -45,8 +45,11 @@
 //! waiting for its fsync. [`Store::update`] returns only once the value it read is durable.
 
 mod commit;
+mod hints;
 mod key;
 mod meta;
+
+pub use hints::{HintEntry, HintWrite};
 
 #[cfg(test)]
 mod tests;
@@ -222,6 +225,12 @@ pub enum StorageError {
         #[source]
         source: Arc<PersistError>,
     },
+    #[error("hint store {operation} failed")]
+    Hints {
+        operation: &'static str,
+        #[source]
+        source: fjall::Error,
+    },
     #[error("the committer task stopped before the write was durable")]
     CommitterStopped,
     #[error("the store was flushed but {other_handles} other handles still hold it open")]
@@ -255,6 +264,8 @@ struct Inner {
     /// Every partition keyspace that exists, loaded at open and extended on first write, so a
     /// read of a missing partition needs no lock on fjall's keyspace table.
     partitions: RwLock<HashMap<u32, Keyspace>>,
+    /// Hinted handoff: objects kept for down primaries (see `hints.rs`).
+    hints: Keyspace,
     stripes: Box<[Mutex<()>]>,
     /// Sequence number of the last write appended to the journal.
     written: watch::Sender<u64>,
@@ -288,8 +299,17 @@ impl Store {
             })?;
         let database = Arc::new(database);
 
+        let hints = database
+            .keyspace(hints::HINTS_KEYSPACE, KeyspaceCreateOptions::default)
+            .map_err(|source| StorageError::Hints {
+                operation: "open",
+                source,
+            })?;
         let mut partitions = HashMap::new();
         for name in database.list_keyspace_names() {
+            if &*name == hints::HINTS_KEYSPACE {
+                continue;
+            }
             let Some(partition) = parse_partition_name(&name) else {
                 tracing::warn!(keyspace = %&*name, "ignoring keyspace that is not a partition");
                 continue;
@@ -330,6 +350,7 @@ impl Store {
                 sync_writes: config.sync_writes,
                 database,
                 partitions: RwLock::new(partitions),
+                hints,
                 stripes: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
                 written: written_sender,
                 durable: durable_receiver,

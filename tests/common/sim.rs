@@ -5,12 +5,14 @@
 #![allow(dead_code)]
 
 use dynkv::config::{Config, Validated};
+use dynkv::core::gossip::{GossipConfig, MemberRecord};
 use dynkv::core::ids::NodeId;
 use dynkv::core::object::StoredObject;
 use dynkv::core::quorum::BucketDefaults;
 use dynkv::core::ring::Ring;
 use dynkv::net::{BoxFuture, MemoryNetwork};
 use dynkv::protocol::{ClientRequest, ClientResponse, PeerRequest, PeerResponse};
+use dynkv::server::membership::{GossipMembership, GossipSetup, Membership, load_members};
 use dynkv::server::node::{Node, NodeSettings, StaticMembership, WeakNode};
 use dynkv::server::node_settings;
 use dynkv::storage::{StorageConfig, Store};
@@ -21,6 +23,11 @@ use std::time::Duration;
 
 pub struct SimCluster {
     pub network: MemoryNetwork<PeerRequest, PeerResponse>,
+    /// Nodes gossip (and hand off hints) instead of using a static member list.
+    gossip: bool,
+    seed: u64,
+    /// Gossip and handoff tasks of each running node, aborted when it crashes.
+    background: BTreeMap<NodeId, Vec<tokio::task::JoinHandle<()>>>,
     pub ring: Ring,
     pub ids: Vec<NodeId>,
     nodes: BTreeMap<NodeId, Node>,
@@ -43,6 +50,25 @@ pub fn default_settings() -> NodeSettings {
 
 impl SimCluster {
     pub async fn start(node_count: usize, seed: u64, settings: NodeSettings) -> SimCluster {
+        Self::build(node_count, seed, settings, false).await
+    }
+
+    /// A cluster whose nodes find each other by gossip (every node is given every other as a
+    /// seed) and hand hints back to returning primaries.
+    pub async fn start_gossiping(
+        node_count: usize,
+        seed: u64,
+        settings: NodeSettings,
+    ) -> SimCluster {
+        Self::build(node_count, seed, settings, true).await
+    }
+
+    async fn build(
+        node_count: usize,
+        seed: u64,
+        settings: NodeSettings,
+        gossip: bool,
+    ) -> SimCluster {
         let root = tempfile::tempdir().expect("temporary directory");
         let ids: Vec<NodeId> = (1..=node_count)
             .map(|index| NodeId::new(format!("n{index}")).unwrap())
@@ -51,6 +77,9 @@ impl SimCluster {
         let network = MemoryNetwork::new(rand::SeedableRng::seed_from_u64(seed));
         let mut cluster = SimCluster {
             network,
+            gossip,
+            seed,
+            background: BTreeMap::new(),
             ring,
             ids: ids.clone(),
             nodes: BTreeMap::new(),
@@ -77,13 +106,64 @@ impl SimCluster {
             },
         )
         .expect("store opens");
+        let transport = Arc::new(self.network.transport(id.clone()));
+        let (membership, gossip): (Arc<dyn Membership>, _) = if self.gossip {
+            let saved = load_members(directory).expect("member table readable");
+            let generation = saved
+                .iter()
+                .find(|record| &record.node == id)
+                .map_or(0, |record| record.generation)
+                + 1;
+            let record = |node: &NodeId, generation| MemberRecord {
+                node: node.clone(),
+                generation,
+                version: 0,
+                peer_addr: format!("{node}:peer"),
+                client_addr: format!("{node}:client"),
+            };
+            let known = self
+                .ids
+                .iter()
+                .filter(|other| *other != id)
+                .map(|other| record(other, 0))
+                .collect();
+            let gossip = Arc::new(
+                GossipMembership::new(GossipSetup {
+                    local: record(id, generation),
+                    config: GossipConfig::default(),
+                    seeds: self.ids.clone(),
+                    known,
+                    partition_count: 64,
+                    n_val: self.settings.bucket_defaults.n_val as usize,
+                    address_book: Box::new(|_| {}),
+                    members_file_dir: Some(directory.clone()),
+                })
+                .expect("membership starts"),
+            );
+            (gossip.clone(), Some(gossip))
+        } else {
+            (Arc::new(StaticMembership::new(self.ring.clone())), None)
+        };
         let node = Node::new(
             id.clone(),
             store,
-            Arc::new(StaticMembership::new(self.ring.clone())),
-            Arc::new(self.network.transport(id.clone())),
+            membership,
+            transport.clone(),
             self.settings.clone(),
         );
+        if let Some(gossip) = gossip {
+            let seed = self
+                .seed
+                .wrapping_mul(1000)
+                .wrapping_add(self.background.len() as u64);
+            self.background.insert(
+                id.clone(),
+                vec![
+                    tokio::spawn(gossip.run(transport, seed)),
+                    tokio::spawn(node.clone().run_handoff(Duration::from_millis(500))),
+                ],
+            );
+        }
         let handler_node = node.clone();
         self.network.register(
             id.clone(),
@@ -110,6 +190,9 @@ impl SimCluster {
     /// restarting it, so that its store is closed first.
     pub fn crash(&mut self, id: &NodeId) -> Option<WeakNode> {
         self.network.unregister(id);
+        for task in self.background.remove(id).unwrap_or_default() {
+            task.abort();
+        }
         self.nodes.remove(id).map(|node| node.downgrade())
     }
 
@@ -172,6 +255,7 @@ pub async fn replica_copy(
             partition,
             bucket: bucket.to_vec(),
             key: key.to_vec(),
+            hint_for: None,
         })
         .await
     {

@@ -1,0 +1,347 @@
+//! Where a node learns the ring and who is up: the [`Membership`] seam, with a static
+//! implementation (a fixed member list, for tests) and the gossip one that `dynkv server` runs.
+
+use crate::core::gossip::{Digest, Gossip, GossipConfig, MemberRecord, MembershipChange};
+use crate::core::ids::NodeId;
+use crate::core::ring::{Ring, RingError};
+use crate::net::Transport;
+use crate::protocol::{MemberInfo, PeerRequest, PeerResponse};
+use parking_lot::{Mutex, RwLock};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+/// Where the node learns the current ring and which members are up.
+pub trait Membership: Send + Sync + 'static {
+    fn ring(&self) -> Arc<Ring>;
+    /// This node's judgement; a node judged down is routed around, never removed.
+    fn is_up(&self, node: &NodeId) -> bool;
+    fn view(&self) -> Vec<MemberInfo>;
+    /// The gossip state, when membership is gossiped.
+    fn gossip(&self) -> Option<&GossipMembership> {
+        None
+    }
+}
+
+/// A member list fixed at start-up, every member always considered up.
+pub struct StaticMembership {
+    ring: Arc<Ring>,
+}
+
+impl StaticMembership {
+    pub fn new(ring: Ring) -> Self {
+        StaticMembership {
+            ring: Arc::new(ring),
+        }
+    }
+}
+
+impl Membership for StaticMembership {
+    fn ring(&self) -> Arc<Ring> {
+        self.ring.clone()
+    }
+
+    fn is_up(&self, _node: &NodeId) -> bool {
+        true
+    }
+
+    fn view(&self) -> Vec<MemberInfo> {
+        self.ring
+            .members()
+            .into_iter()
+            .map(|node| MemberInfo {
+                node: node.to_string(),
+                peer_addr: String::new(),
+                client_addr: String::new(),
+                up: true,
+                phi: 0.0,
+                silent_ms: None,
+                generation: 0,
+            })
+            .collect()
+    }
+}
+
+/// Called with each member's record when it is learned or its address changes, so the
+/// transport knows where to dial it.
+pub type AddressBook = Box<dyn Fn(&MemberRecord) + Send + Sync>;
+
+const MEMBERS_FILE: &str = "members";
+const MEMBERS_FORMAT_VERSION: u8 = 1;
+
+/// What [`GossipMembership::new`] starts from.
+pub struct GossipSetup {
+    /// This node's own record, its generation already chosen.
+    pub local: MemberRecord,
+    pub config: GossipConfig,
+    /// Members contacted while this node knows few others.
+    pub seeds: Vec<NodeId>,
+    /// Members from the config (seeds) and from the saved table.
+    pub known: Vec<MemberRecord>,
+    pub partition_count: u32,
+    pub n_val: usize,
+    pub address_book: AddressBook,
+    /// Where the member table is saved (the data directory); `None` keeps it in memory.
+    pub members_file_dir: Option<PathBuf>,
+}
+
+/// Membership by gossip over the peer transport (see `core::gossip`).
+pub struct GossipMembership {
+    state: Mutex<Gossip>,
+    ring: RwLock<Arc<Ring>>,
+    partition_count: u32,
+    n_val: usize,
+    seeds: Vec<NodeId>,
+    epoch: tokio::time::Instant,
+    address_book: AddressBook,
+    /// The member table is saved here on every membership change, so a restarted node
+    /// knows the cluster without its seeds.
+    members_file: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MembershipError {
+    #[error(transparent)]
+    Ring(#[from] RingError),
+    #[error("member file {path} is unreadable: {reason}")]
+    MembersFile { path: PathBuf, reason: String },
+}
+
+/// Reads the member table saved by an earlier run; none when the directory is new.
+pub fn load_members(data_dir: &std::path::Path) -> Result<Vec<MemberRecord>, MembershipError> {
+    let path = data_dir.join(MEMBERS_FILE);
+    let bytes = match std::fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(error) => {
+            return Err(MembershipError::MembersFile {
+                path,
+                reason: error.to_string(),
+            });
+        }
+    };
+    let unreadable = |reason: String| MembershipError::MembersFile {
+        path: path.clone(),
+        reason,
+    };
+    let (&version, body) = bytes
+        .split_first()
+        .ok_or_else(|| unreadable("empty".into()))?;
+    if version != MEMBERS_FORMAT_VERSION {
+        return Err(unreadable(format!(
+            "format version {version}, expected {MEMBERS_FORMAT_VERSION}"
+        )));
+    }
+    let records: Vec<MemberRecord> =
+        rmp_serde::from_slice(body).map_err(|error| unreadable(error.to_string()))?;
+    crate::core::gossip::check_entry_count(records.len())
+        .map_err(|error| unreadable(error.to_string()))?;
+    Ok(records)
+}
+
+impl GossipMembership {
+    pub fn new(setup: GossipSetup) -> Result<Self, MembershipError> {
+        let GossipSetup {
+            local,
+            config,
+            seeds,
+            known,
+            partition_count,
+            n_val,
+            address_book,
+            members_file_dir,
+        } = setup;
+        let mut gossip = Gossip::new(local, config);
+        for record in &known {
+            address_book(record);
+        }
+        gossip.remember(known, 0);
+        let ring = Ring::new(partition_count, &gossip.member_ids(), n_val)?;
+        Ok(GossipMembership {
+            state: Mutex::new(gossip),
+            ring: RwLock::new(Arc::new(ring)),
+            partition_count,
+            n_val,
+            seeds,
+            epoch: tokio::time::Instant::now(),
+            address_book,
+            members_file: members_file_dir.map(|dir| dir.join(MEMBERS_FILE)),
+        })
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    pub fn interval(&self) -> Duration {
+        Duration::from_millis(self.state.lock().config().interval_ms)
+    }
+
+    /// Gossip step 2, at the receiver.
+    pub fn answer(&self, digests: &[Digest]) -> (Vec<MemberRecord>, Vec<NodeId>) {
+        self.state.lock().answer_digest(digests)
+    }
+
+    pub fn records_for(&self, nodes: &[NodeId]) -> Vec<MemberRecord> {
+        self.state.lock().records_for(nodes)
+    }
+
+    /// Merges records from a peer; rebuilds the ring when the member set grew.
+    pub fn apply(&self, records: Vec<MemberRecord>) {
+        let now_ms = self.now_ms();
+        let (changes, members, table) = {
+            let mut state = self.state.lock();
+            let changes = state.apply(records, now_ms);
+            (changes, state.member_ids(), state.records())
+        };
+        if changes.is_empty() {
+            return;
+        }
+        let mut grew = false;
+        for change in &changes {
+            match change {
+                MembershipChange::Joined(node) => {
+                    info!(member = %node, "member joined");
+                    grew = true;
+                }
+                MembershipChange::Restarted(node) => info!(member = %node, "member restarted"),
+                MembershipChange::AddressChanged(node) => {
+                    info!(member = %node, "member address changed")
+                }
+            }
+            let node = match change {
+                MembershipChange::Joined(node)
+                | MembershipChange::Restarted(node)
+                | MembershipChange::AddressChanged(node) => node,
+            };
+            if let Some(record) = table.iter().find(|record| &record.node == node) {
+                (self.address_book)(record);
+            }
+        }
+        if grew {
+            match Ring::new(self.partition_count, &members, self.n_val) {
+                Ok(ring) => *self.ring.write() = Arc::new(ring),
+                Err(error) => warn!(error = %error, "cannot build the ring for the new member set"),
+            }
+        }
+        self.save(&table);
+    }
+
+    fn save(&self, table: &[MemberRecord]) {
+        let Some(path) = &self.members_file else {
+            return;
+        };
+        let mut bytes = vec![MEMBERS_FORMAT_VERSION];
+        if let Err(error) = rmp_serde::encode::write(&mut bytes, table) {
+            warn!(error = %error, "cannot encode the member table");
+            return;
+        }
+        // Written aside and renamed, so a crash leaves the old table or the new one.
+        let temporary = path.with_extension("tmp");
+        let result =
+            std::fs::write(&temporary, &bytes).and_then(|()| std::fs::rename(&temporary, path));
+        if let Err(error) = result {
+            warn!(path = %path.display(), error = %error, "cannot save the member table");
+        }
+    }
+
+    /// Runs gossip rounds until the task is aborted. `seed` seeds peer selection.
+    pub async fn run(
+        self: Arc<Self>,
+        transport: Arc<dyn Transport<PeerRequest, PeerResponse>>,
+        seed: u64,
+    ) {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let interval = self.interval();
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            let now_ms = self.now_ms();
+            let (peers, digests) = {
+                let mut state = self.state.lock();
+                state.tick();
+                (
+                    state.select_peers(now_ms, &self.seeds, &mut rng),
+                    state.digests(),
+                )
+            };
+            for peer in peers {
+                let membership = self.clone();
+                let transport = transport.clone();
+                let digests = digests.clone();
+                let span = info_span!("gossip", peer = %peer);
+                tokio::spawn(
+                    async move {
+                        let timeout = interval * 2;
+                        let reply = transport
+                            .call(&peer, PeerRequest::GossipDigest { digests }, timeout)
+                            .await;
+                        match reply {
+                            Ok(PeerResponse::GossipReply { records, requests }) => {
+                                if crate::core::gossip::check_entry_count(
+                                    records.len().max(requests.len()),
+                                )
+                                .is_err()
+                                {
+                                    warn!("oversized gossip reply ignored");
+                                    return;
+                                }
+                                membership.apply(records);
+                                if !requests.is_empty() {
+                                    let records = membership.records_for(&requests);
+                                    let _ = transport
+                                        .call(&peer, PeerRequest::GossipPush { records }, timeout)
+                                        .await;
+                                }
+                            }
+                            Ok(other) => debug!(response = ?other, "unexpected gossip reply"),
+                            Err(error) => debug!(error = %error, "gossip round failed"),
+                        }
+                    }
+                    .instrument(span),
+                );
+            }
+        }
+    }
+}
+
+impl Membership for GossipMembership {
+    fn ring(&self) -> Arc<Ring> {
+        self.ring.read().clone()
+    }
+
+    fn is_up(&self, node: &NodeId) -> bool {
+        let now_ms = self.now_ms();
+        self.state.lock().is_up(node, now_ms)
+    }
+
+    fn view(&self) -> Vec<MemberInfo> {
+        let now_ms = self.now_ms();
+        self.state
+            .lock()
+            .view(now_ms)
+            .into_iter()
+            .map(|view| MemberInfo {
+                node: view.record.node.to_string(),
+                peer_addr: view.record.peer_addr,
+                client_addr: view.record.client_addr,
+                up: view.up,
+                phi: if view.phi.is_finite() {
+                    view.phi
+                } else {
+                    f64::MAX
+                },
+                silent_ms: view.silent_ms,
+                generation: view.record.generation,
+            })
+            .collect()
+    }
+
+    fn gossip(&self) -> Option<&GossipMembership> {
+        Some(self)
+    }
+}

@@ -1,0 +1,187 @@
+//! The hint store: one keyspace, `hints`, where a fallback keeps the objects it received for
+//! a down primary until the primary has acknowledged them. Keys and values are opaque here
+//! (their format is `core::hints`); what this adds is atomic update-or-delete, so a hint is
+//! removed only if it did not change while it was being delivered.
+
+use super::{StorageError, Store, UpdateError};
+use std::ops::Bound;
+use std::sync::atomic::Ordering;
+
+pub(super) const HINTS_KEYSPACE: &str = "hints";
+
+/// One stored hint: its key and its value.
+pub type HintEntry = (Vec<u8>, Vec<u8>);
+
+/// Lock stripes are shared with the partitions; this sentinel keeps hint keys apart.
+const HINT_STRIPE_PARTITION: u32 = u32::MAX;
+
+/// What a hint update does to the stored hint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HintWrite {
+    /// Leave it as it is.
+    Keep,
+    /// Store these bytes.
+    Put(Vec<u8>),
+    /// Remove it.
+    Delete,
+}
+
+impl Store {
+    /// The stored hint under `hint_key`.
+    pub fn hint_get(&self, hint_key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        let value = self
+            .inner
+            .hints
+            .get(hint_key)
+            .map_err(|source| StorageError::Hints {
+                operation: "read",
+                source,
+            })?;
+        Ok(value.map(|value| value.to_vec()))
+    }
+
+    /// Atomic read-modify-write (or delete) of one hint; durable when it returns, like
+    /// [`Store::update`].
+    pub async fn hint_update<T, E>(
+        &self,
+        hint_key: &[u8],
+        update: impl FnOnce(Option<&[u8]>) -> Result<(HintWrite, T), E>,
+    ) -> Result<T, UpdateError<E>> {
+        let inner = &self.inner;
+        let (output, must_be_durable) = {
+            let _key_lock = inner.stripe(HINT_STRIPE_PARTITION, hint_key).lock();
+            let current = inner
+                .hints
+                .get(hint_key)
+                .map_err(|source| StorageError::Hints {
+                    operation: "read",
+                    source,
+                })?;
+            let (write, output) =
+                update(current.as_deref()).map_err(|source| UpdateError::Rejected { source })?;
+            let result = match write {
+                HintWrite::Keep => None,
+                HintWrite::Put(bytes) => Some(inner.hints.insert(hint_key, bytes)),
+                HintWrite::Delete => Some(inner.hints.remove(hint_key)),
+            };
+            match result {
+                None => (output, *inner.written.borrow()),
+                Some(result) => {
+                    result.map_err(|source| StorageError::Hints {
+                        operation: "write",
+                        source,
+                    })?;
+                    inner.counters.writes.fetch_add(1, Ordering::Relaxed);
+                    let mut sequence = 0;
+                    inner.written.send_modify(|written| {
+                        *written += 1;
+                        sequence = *written;
+                    });
+                    (output, sequence)
+                }
+            }
+        };
+        if inner.sync_writes {
+            inner.wait_durable(must_be_durable).await?;
+        }
+        Ok(output)
+    }
+
+    /// Up to `limit` hints `(key, value)` whose key starts with `prefix`, after `start_after`
+    /// (exclusive), in key order.
+    pub fn scan_hints(
+        &self,
+        prefix: &[u8],
+        start_after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<HintEntry>, StorageError> {
+        let start = match start_after {
+            Some(after) => Bound::Excluded(after.to_vec()),
+            None => Bound::Included(prefix.to_vec()),
+        };
+        let mut hints = Vec::with_capacity(limit.min(1024));
+        for entry in self
+            .inner
+            .hints
+            .range::<Vec<u8>, _>((start, Bound::Unbounded))
+        {
+            if hints.len() >= limit {
+                break;
+            }
+            let (key, value) = entry.into_inner().map_err(|source| StorageError::Hints {
+                operation: "scan",
+                source,
+            })?;
+            if !key.starts_with(prefix) {
+                break;
+            }
+            hints.push((key.to_vec(), value.to_vec()));
+        }
+        Ok(hints)
+    }
+
+    /// The exact number of hints held (a scan of the keys; for status, not hot paths).
+    pub fn hint_count(&self) -> Result<u64, StorageError> {
+        let mut count = 0;
+        for entry in self.inner.hints.iter() {
+            entry.key().map_err(|source| StorageError::Hints {
+                operation: "count",
+                source,
+            })?;
+            count += 1;
+        }
+        Ok(count)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::StorageConfig;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn hints_update_scan_delete_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), StorageConfig::default()).unwrap();
+        for (key, value) in [
+            (&b"\x01a1"[..], &b"x"[..]),
+            (b"\x01a2", b"y"),
+            (b"\x01b1", b"z"),
+        ] {
+            store
+                .hint_update(key, |_| Ok::<_, ()>((HintWrite::Put(value.to_vec()), ())))
+                .await
+                .unwrap();
+        }
+        let a_hints = store.scan_hints(b"\x01a", None, 10).unwrap();
+        assert_eq!(a_hints.len(), 2);
+        let page = store.scan_hints(b"\x01a", Some(b"\x01a1"), 10).unwrap();
+        assert_eq!(page, vec![(b"\x01a2".to_vec(), b"y".to_vec())]);
+        assert_eq!(store.hint_count().unwrap(), 3);
+        // Compare-and-delete: a changed hint is kept.
+        let deleted = store
+            .hint_update(b"\x01a1", |current| {
+                Ok::<_, ()>(if current == Some(&b"stale"[..]) {
+                    (HintWrite::Delete, true)
+                } else {
+                    (HintWrite::Keep, false)
+                })
+            })
+            .await
+            .unwrap();
+        assert!(!deleted);
+        store
+            .hint_update(b"\x01a1", |_| Ok::<_, ()>((HintWrite::Delete, ())))
+            .await
+            .unwrap();
+        assert_eq!(store.hint_get(b"\x01a1").unwrap(), None);
+        store.close().await.unwrap();
+        let store = Store::open(dir.path(), StorageConfig::default()).unwrap();
+        assert_eq!(store.hint_count().unwrap(), 2, "hints are durable");
+        assert_eq!(
+            store.scan_partition(0, None, 10).unwrap(),
+            Vec::new(),
+            "hints are not partition data"
+        );
+    }
+}
