@@ -16,6 +16,16 @@ pub fn base_port(slot: u16) -> u16 {
     20_000 + (std::process::id() % 150) as u16 * 250 + slot * 10
 }
 
+/// A `dynkv server` process started by a test; killed and reaped on drop.
+pub struct NodeProcess(pub Child);
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 pub struct DevCluster {
     pub dir: tempfile::TempDir,
     pub base_port: u16,
@@ -113,10 +123,9 @@ impl DevCluster {
         }
     }
 
-    /// Starts a node by hand, as the walkthrough tells a user to. The caller kills and waits
-    /// for the returned process.
-    #[allow(clippy::zombie_processes)]
-    pub fn restart_node(&self, node: u16) -> Child {
+    /// Starts a node by hand, as the walkthrough tells a user to; it is killed when the
+    /// returned guard drops (also when the test fails).
+    pub fn restart_node(&self, node: u16) -> NodeProcess {
         let mut child = Command::new(binary())
             .arg("server")
             .arg("--config")
@@ -130,7 +139,7 @@ impl DevCluster {
         loop {
             let output = self.cli(&["ping", "--node", &self.client_addr(node)]);
             if output.status.success() {
-                return child;
+                return NodeProcess(child);
             }
             if Instant::now() > deadline {
                 let _ = child.kill();

@@ -1,0 +1,264 @@
+//! Membership, failure detection, sloppy quorum and hinted handoff under simulation
+//! (gossiping nodes over the in-memory network, tokio's paused clock).
+
+mod common;
+
+use common::sim::{SimCluster, default_settings, wait_until_stopped};
+use dynkv::core::ids::NodeId;
+use dynkv::core::object::live_siblings;
+use dynkv::core::quorum::Quorum;
+use dynkv::protocol::{
+    ClientRequest, ClientResponse, ErrorKind, GetOptions, NewContent, PutOptions,
+};
+use std::time::Duration;
+use tokio::time::Instant;
+
+const BUCKET: &[u8] = b"members";
+
+fn node(name: &str) -> NodeId {
+    NodeId::new(name).unwrap()
+}
+
+fn put(key: &str, value: &str, w: Quorum, pw: Quorum) -> ClientRequest {
+    ClientRequest::Put {
+        bucket: BUCKET.to_vec(),
+        key: key.as_bytes().to_vec(),
+        context: None,
+        content: NewContent {
+            value: value.as_bytes().to_vec(),
+            ..NewContent::default()
+        },
+        options: PutOptions {
+            w,
+            pw,
+            ..PutOptions::default()
+        },
+    }
+}
+
+/// Polls (in simulated time) until `done` holds; returns the simulated time it took.
+async fn until(limit: Duration, mut done: impl FnMut() -> bool) -> Option<Duration> {
+    let started = Instant::now();
+    while started.elapsed() < limit {
+        if done() {
+            return Some(started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    None
+}
+
+fn sees(cluster: &SimCluster, observer: &NodeId, subject: &NodeId) -> bool {
+    cluster
+        .node(observer)
+        .is_some_and(|node| node.membership().is_up(subject))
+}
+
+async fn hints_held(cluster: &SimCluster) -> u64 {
+    let mut total = 0;
+    for id in cluster.up_nodes() {
+        let node = cluster.node(&id).unwrap();
+        match node.handle_client(ClientRequest::Status).await {
+            ClientResponse::Status(status) => total += status.hints_held,
+            other => panic!("status failed: {other:?}"),
+        }
+    }
+    total
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_partitioned_node_is_marked_down_by_all_others_and_up_after_the_heal() {
+    let cluster = SimCluster::start_gossiping(5, 11, default_settings()).await;
+    let ids = cluster.ids.clone();
+    let everyone_up = || ids.iter().all(|a| ids.iter().all(|b| sees(&cluster, a, b)));
+    let converged = until(Duration::from_secs(10), everyone_up).await;
+    assert!(
+        converged.is_some(),
+        "5 gossiping nodes did not all see each other up"
+    );
+
+    let isolated = node("n3");
+    cluster.network.isolate(&isolated);
+    let others: Vec<NodeId> = ids.iter().filter(|id| **id != isolated).cloned().collect();
+    let detected = until(Duration::from_secs(60), || {
+        others
+            .iter()
+            .all(|observer| !sees(&cluster, observer, &isolated))
+    })
+    .await;
+    let detected = detected.expect("every other node marks the isolated node down");
+    println!("isolated node marked down by all others after {detected:?} (simulated)");
+    // The isolated node, hearing nobody, judges all of them down too.
+    assert!(others.iter().all(|other| !sees(&cluster, &isolated, other)));
+
+    cluster.network.heal_all();
+    let recovered = until(Duration::from_secs(30), everyone_up)
+        .await
+        .expect("everyone sees everyone up again after the heal");
+    println!("all up again {recovered:?} after the heal (simulated)");
+}
+
+#[tokio::test(start_paused = true)]
+async fn writes_go_on_while_a_node_is_down_and_reach_it_when_it_returns() {
+    let mut cluster = SimCluster::start_gossiping(5, 12, default_settings()).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let down = node("n3");
+    let weak = cluster.crash(&down).expect("n3 was up");
+    wait_until_stopped(weak).await;
+    let coordinator = node("n1");
+    let detected = until(Duration::from_secs(60), || {
+        !sees(&cluster, &coordinator, &down)
+    })
+    .await;
+    assert!(detected.is_some(), "n1 never noticed n3 was down");
+
+    // Keys n3 is a primary of: w=2 and (through a fallback) w=all succeed, pw=all cannot.
+    let keys: Vec<String> = (0..400)
+        .map(|index| format!("key{index}"))
+        .filter(|key| cluster.replicas_of(BUCKET, key.as_bytes()).contains(&down))
+        .take(40)
+        .collect();
+    assert!(keys.len() >= 20, "too few keys land on n3");
+    for (index, key) in keys.iter().enumerate() {
+        let level = if index % 2 == 0 {
+            Quorum::Count(2)
+        } else {
+            Quorum::All
+        };
+        let response = cluster
+            .client(
+                &coordinator,
+                put(key, &format!("v-{key}"), level, Quorum::Default),
+            )
+            .await;
+        assert!(
+            matches!(response, ClientResponse::Stored { .. }),
+            "{key} at w={level}: {response:?}"
+        );
+    }
+    let response = cluster
+        .client(
+            &coordinator,
+            put(&keys[0], "strict", Quorum::One, Quorum::All),
+        )
+        .await;
+    let ClientResponse::Error(error) = response else {
+        panic!("pw=all must fail while a primary is down: {response:?}");
+    };
+    assert!(matches!(error.kind, ErrorKind::QuorumUnmet(_)), "{error:?}");
+    assert!(error.message.contains("primary"), "{}", error.message);
+    assert!(
+        hints_held(&cluster).await > 0,
+        "fallbacks must hold hints for n3"
+    );
+
+    cluster.restart(&down);
+    let mut handed_back = None;
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(60) {
+        if hints_held(&cluster).await == 0 {
+            handed_back = Some(started.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let handed_back =
+        handed_back.expect("hints were not all delivered within 60 simulated seconds");
+    println!(
+        "{} keys: hints back to 0 after {handed_back:?} (simulated)",
+        keys.len()
+    );
+    // n3's own store has every key written while it was down; a primaries-only read agrees.
+    for key in &keys {
+        let copy = cluster.replica(&down, BUCKET, key.as_bytes()).await;
+        let copy = copy.unwrap_or_else(|| panic!("{key} did not reach n3"));
+        let values: Vec<Vec<u8>> = live_siblings(&copy)
+            .into_iter()
+            .map(|content| content.value)
+            .collect();
+        assert_eq!(values, vec![format!("v-{key}").into_bytes()]);
+        let read = ClientRequest::Get {
+            bucket: BUCKET.to_vec(),
+            key: key.as_bytes().to_vec(),
+            options: GetOptions {
+                r: Quorum::All,
+                pr: Quorum::All,
+                sloppy_quorum: Some(false),
+                ..GetOptions::default()
+            },
+        };
+        let response = cluster.client(&coordinator, read).await;
+        assert!(
+            matches!(response, ClientResponse::Found { .. }),
+            "{key}: {response:?}"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn hints_survive_a_crash_of_the_node_that_holds_them() {
+    let mut cluster = SimCluster::start_gossiping(5, 13, default_settings()).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let down = node("n2");
+    let weak = cluster.crash(&down).expect("n2 was up");
+    wait_until_stopped(weak).await;
+    let coordinator = node("n1");
+    assert!(
+        until(Duration::from_secs(60), || !sees(
+            &cluster,
+            &coordinator,
+            &down
+        ))
+        .await
+        .is_some()
+    );
+    let keys: Vec<String> = (0..400)
+        .map(|index| format!("key{index}"))
+        .filter(|key| cluster.replicas_of(BUCKET, key.as_bytes()).contains(&down))
+        .take(20)
+        .collect();
+    for key in &keys {
+        let response = cluster
+            .client(&coordinator, put(key, "kept", Quorum::All, Quorum::Default))
+            .await;
+        assert!(
+            matches!(response, ClientResponse::Stored { .. }),
+            "{response:?}"
+        );
+    }
+    // Crash and restart every node that holds hints, before n2 comes back.
+    let mut holders = Vec::new();
+    for id in cluster.up_nodes() {
+        let node = cluster.node(&id).unwrap();
+        if let ClientResponse::Status(status) = node.handle_client(ClientRequest::Status).await
+            && status.hints_held > 0
+        {
+            holders.push(id);
+        }
+    }
+    assert!(!holders.is_empty(), "some fallback must hold hints");
+    for holder in &holders {
+        let weak = cluster.crash(holder).expect("holder up");
+        wait_until_stopped(weak).await;
+        cluster.restart(holder);
+    }
+    cluster.restart(&down);
+    let started = Instant::now();
+    loop {
+        if hints_held(&cluster).await == 0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(90),
+            "hints were not delivered after the restarts"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    for key in &keys {
+        let copy = cluster.replica(&down, BUCKET, key.as_bytes()).await;
+        assert!(
+            copy.is_some_and(|copy| !live_siblings(&copy).is_empty()),
+            "{key} lost with its hint"
+        );
+    }
+}
