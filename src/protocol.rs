@@ -156,6 +156,20 @@ pub enum PeerRequest {
     /// A client put or delete that must be coordinated by a replica of its key; the receiving
     /// node coordinates it (and does not forward it again).
     Coordinate(ClientRequest),
+    /// One page of a coverage scan (list buckets, list keys): the live keys of `partition`
+    /// this node holds after `start_after`, of `bucket` only when given, or with `bucket`
+    /// `None` the distinct bucket names (each with an empty key).
+    ListKeys {
+        partition: PartitionId,
+        bucket: Option<serde_bytes::ByteBuf>,
+        start_after: Option<(serde_bytes::ByteBuf, serde_bytes::ByteBuf)>,
+        limit: u32,
+    },
+    /// A bucket's properties were set; the receiver forgets its cached copy.
+    BucketPropsChanged {
+        #[serde(with = "serde_bytes")]
+        bucket: Vec<u8>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -170,6 +184,12 @@ pub enum PeerResponse {
     /// The replica could not do what was asked.
     Failed {
         message: String,
+    },
+    /// A page of [`PeerRequest::ListKeys`]; `next` is where the following page starts, `None`
+    /// at the end of the partition.
+    Keys {
+        entries: Vec<(serde_bytes::ByteBuf, serde_bytes::ByteBuf)>,
+        next: Option<(serde_bytes::ByteBuf, serde_bytes::ByteBuf)>,
     },
 }
 

@@ -25,6 +25,10 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{Instrument, debug, info_span, warn};
 
+mod buckets;
+mod coverage;
+pub use buckets::{BucketProps, PROPS_BUCKET};
+
 /// Where the node learns the current ring. Static (from the config) for now; the gossip
 /// membership replaces it behind this seam.
 pub trait Membership: Send + Sync + 'static {
@@ -72,6 +76,7 @@ struct NodeInner {
     membership: Arc<dyn Membership>,
     peers: PeerTransport,
     settings: NodeSettings,
+    bucket_cache: buckets::BucketCache,
 }
 
 /// A node's request handler; cheap to clone.
@@ -127,6 +132,7 @@ impl Node {
                 membership,
                 peers,
                 settings,
+                bucket_cache: buckets::BucketCache::default(),
             }),
         }
     }
@@ -145,6 +151,15 @@ impl Node {
 
     /// Serves one client request, coordinating it (or forwarding a write to a replica).
     pub async fn handle_client(&self, request: ClientRequest) -> ClientResponse {
+        if let ClientRequest::Get { bucket, .. }
+        | ClientRequest::Put { bucket, .. }
+        | ClientRequest::Delete { bucket, .. } = &request
+            && bucket.first() == Some(&0)
+        {
+            return ClientResponse::Error(ClientError::invalid(
+                "bucket names that start with a NUL byte are reserved",
+            ));
+        }
         self.client_request(request, false).await
     }
 
@@ -249,6 +264,16 @@ impl Node {
             PeerRequest::Coordinate(request) => {
                 PeerResponse::Client(Box::pin(self.client_request(request, true)).await)
             }
+            PeerRequest::ListKeys {
+                partition,
+                bucket,
+                start_after,
+                limit,
+            } => self.serve_list_keys(partition, bucket, start_after, limit),
+            PeerRequest::BucketPropsChanged { bucket } => {
+                self.forget_bucket_props(&bucket);
+                PeerResponse::Pong
+            }
         }
     }
 
@@ -261,10 +286,10 @@ impl Node {
 
     /// The key's partition and replicas. A cluster smaller than `n_val` keeps one copy per
     /// node, so the levels are later capped at the number of replicas found.
-    fn placement(&self, bucket: &[u8], key: &[u8]) -> (PartitionId, Vec<Target>) {
+    fn placement(&self, bucket: &[u8], key: &[u8], n_val: u32) -> (PartitionId, Vec<Target>) {
         let ring = self.inner.membership.ring();
         let partition = ring.partition_for_key(bucket, key);
-        let n_val = self.inner.settings.bucket_defaults.n_val as usize;
+        let n_val = n_val as usize;
         let targets = ring
             .preference_list(partition, n_val)
             .into_iter()
@@ -303,7 +328,7 @@ impl Node {
         key: &[u8],
         incoming: &StoredObject,
     ) -> Result<(), String> {
-        let allow_mult = self.inner.settings.allow_mult;
+        let allow_mult = self.bucket_props(bucket).await.keeps_siblings();
         let result = self
             .inner
             .store
@@ -326,16 +351,13 @@ impl Node {
         if let Err(error) = validate_bucket_and_key(&bucket, &key) {
             return ClientResponse::Error(error);
         }
-        let quorum = match ReadQuorum::resolve(
-            options.r,
-            options.pr,
-            &self.inner.settings.bucket_defaults,
-        ) {
+        let props = self.bucket_props(&bucket).await;
+        let quorum = match ReadQuorum::resolve(options.r, options.pr, &props.defaults()) {
             Ok(quorum) => quorum,
             Err(error) => return ClientResponse::Error(ClientError::invalid(error.to_string())),
         };
         let deadline = Instant::now() + self.timeout_of(options.timeout_ms);
-        let (partition, targets) = self.placement(&bucket, &key);
+        let (partition, targets) = self.placement(&bucket, &key, props.n_val);
         let quorum = ReadQuorum {
             r: quorum.r.min(targets.len() as u32),
             pr: quorum.pr.min(targets.len() as u32),
@@ -373,6 +395,14 @@ impl Node {
             Some(QuorumOutcome::Won) => match coordinator.merged() {
                 None => ClientResponse::NotFound { context: None },
                 Some(object) => {
+                    // Replicas may hold concurrent winners of a last-write-wins bucket.
+                    let reconciled;
+                    let object = if props.keeps_siblings() {
+                        object
+                    } else {
+                        reconciled = buckets::reconcile_latest(object);
+                        &reconciled
+                    };
                     let context = Context::of(object).encode();
                     let siblings = live_siblings(object);
                     if siblings.is_empty() {
@@ -414,6 +444,7 @@ impl Node {
                 };
                 for stale in coordinator.read_repairs() {
                     debug!(replica = %stale, "read repair");
+                    metrics::counter!("dynkv_read_repairs_total").increment(1);
                     node.replica_put(
                         &stale,
                         partition,
@@ -509,11 +540,12 @@ impl Node {
             return ClientResponse::Error(error);
         }
         let settings = &self.inner.settings;
+        let props = self.bucket_props(&write.bucket).await;
         let quorum = match WriteQuorum::resolve(
             write.options.w,
             write.options.dw,
             write.options.pw,
-            &settings.bucket_defaults,
+            &props.defaults(),
         ) {
             Ok(quorum) => quorum,
             Err(error) => return ClientResponse::Error(ClientError::invalid(error.to_string())),
@@ -540,7 +572,7 @@ impl Node {
         };
         let timeout = self.timeout_of(write.options.timeout_ms);
         let deadline = Instant::now() + timeout;
-        let (partition, targets) = self.placement(&write.bucket, &write.key);
+        let (partition, targets) = self.placement(&write.bucket, &write.key, props.n_val);
         if !targets.iter().any(|target| target.node == self.inner.id) {
             if forwarded {
                 // The sender thought this node was a replica; the rings disagree. Refuse
@@ -573,7 +605,14 @@ impl Node {
             None => Content::tombstone(now_micros()),
         };
         let object = match self
-            .coordinate_local(partition, &write.bucket, &write.key, context, content)
+            .coordinate_local(
+                partition,
+                &write.bucket,
+                &write.key,
+                context,
+                content,
+                props.keeps_siblings(),
+            )
             .await
         {
             Ok(object) => object,
@@ -651,6 +690,7 @@ impl Node {
         key: &[u8],
         context: Option<Context>,
         content: Content,
+        allow_mult: bool,
     ) -> Result<StoredObject, LocalWriteError> {
         let settings = &self.inner.settings;
         let actor = self.inner.actor;
@@ -668,7 +708,7 @@ impl Node {
                     (None, true, Some(local)) => Some(Context::of(local)),
                     _ => context,
                 };
-                let updated = coordinate_put(local.as_ref(), context.as_ref(), content, actor, settings.allow_mult);
+                let updated = coordinate_put(local.as_ref(), context.as_ref(), content, actor, allow_mult);
                 let siblings = updated.value_count();
                 if siblings > settings.max_siblings as usize {
                     return Err(LocalWriteError::Refused(ClientError {
