@@ -6,6 +6,7 @@
 //! data_dir = "/var/lib/dynkv"          # fjall store, actor id
 //! peer_listen = "0.0.0.0:8710"         # node-to-node QUIC (mutual TLS)
 //! client_listen = "0.0.0.0:8700"       # client QUIC (TLS)
+//! http_listen = "0.0.0.0:8098"         # Riak-compatible HTTP API and /metrics (plain HTTP)
 //! partition_count = 64                 # ring size, fixed at cluster creation
 //! request_timeout_ms = 5000            # default timeout of a get/put/delete
 //!
@@ -47,6 +48,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub peer_listen: SocketAddr,
     pub client_listen: SocketAddr,
+    /// Riak-compatible HTTP API, `/stats` and `/metrics` (plain HTTP, as Riak's port 8098).
+    pub http_listen: SocketAddr,
     pub partition_count: u32,
     pub request_timeout_ms: u64,
     pub members: Vec<MemberConfig>,
@@ -151,6 +154,7 @@ impl Default for Config {
             data_dir: PathBuf::from("dynkv-data"),
             peer_listen: SocketAddr::from(([127, 0, 0, 1], 8710)),
             client_listen: SocketAddr::from(([127, 0, 0, 1], 8700)),
+            http_listen: SocketAddr::from(([127, 0, 0, 1], 8098)),
             partition_count: 64,
             request_timeout_ms: 5000,
             members: Vec::new(),

@@ -1,6 +1,7 @@
 //! The IO shell of one node: it opens the store, binds the peer (mutual TLS) and client (TLS)
-//! QUIC endpoints, and serves until asked to shut down.
+//! QUIC endpoints and the HTTP listener, and serves until asked to shut down.
 
+pub mod counters;
 pub mod node;
 
 use crate::config::Config;
@@ -35,6 +36,8 @@ pub struct RunningServer {
     pub node: Node,
     pub peer_addr: SocketAddr,
     pub client_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    http_server: crate::http::HttpServer,
     peer_server: QuicServer,
     client_server: QuicServer,
 }
@@ -42,6 +45,7 @@ pub struct RunningServer {
 impl RunningServer {
     /// Stops accepting, closes connections, and flushes the store.
     pub async fn shutdown(self) {
+        self.http_server.shutdown().await;
         self.client_server.shutdown().await;
         self.peer_server.shutdown().await;
         let store = self.node.store().clone();
@@ -147,7 +151,35 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
     let client_handler = Arc::new(
         move |request: ClientRequest| -> BoxFuture<'static, ClientResponse> {
             let node = client_node.clone();
-            Box::pin(async move { node.handle_client(request).await })
+            Box::pin(async move {
+                let started = std::time::Instant::now();
+                let (operation, consistency) = match &request {
+                    ClientRequest::Ping => ("ping", String::from("none")),
+                    ClientRequest::Get { options, .. } => ("get", options.r.to_string()),
+                    ClientRequest::Put { options, .. } => ("put", options.w.to_string()),
+                    ClientRequest::Delete { options, .. } => ("delete", options.w.to_string()),
+                };
+                let response = node.handle_client(request).await;
+                let outcome = match &response {
+                    ClientResponse::NotFound { .. } => "not_found",
+                    ClientResponse::Error(error) => match error.kind {
+                        crate::protocol::ErrorKind::InvalidRequest
+                        | crate::protocol::ErrorKind::TooLarge => "client_error",
+                        crate::protocol::ErrorKind::QuorumUnmet(_)
+                        | crate::protocol::ErrorKind::Timeout(_) => "unavailable",
+                        crate::protocol::ErrorKind::Internal => "error",
+                    },
+                    _ => "ok",
+                };
+                crate::http::stats::record_metrics(
+                    "native",
+                    operation,
+                    &consistency,
+                    outcome,
+                    started.elapsed(),
+                );
+                response
+            })
         },
     );
     let client_server =
@@ -158,13 +190,27 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
             },
         )?;
 
+    let http_server = crate::http::HttpServer::start(
+        node.clone(),
+        config.http_listen,
+        config.limits.max_value_bytes,
+    )
+    .await
+    .map_err(|error| ServerError::Listen {
+        address: config.http_listen,
+        reason: error.to_string(),
+    })?;
+
     let peer_addr = peer_server.local_addr();
     let client_addr = client_server.local_addr();
-    info!(node = %validated.node_id, %peer_addr, %client_addr, members = validated.members.len(), "node started");
+    let http_addr = http_server.local_addr;
+    info!(node = %validated.node_id, %peer_addr, %client_addr, %http_addr, members = validated.members.len(), "node started");
     Ok(RunningServer {
         node,
         peer_addr,
         client_addr,
+        http_addr,
+        http_server,
         peer_server,
         client_server,
     })

@@ -149,6 +149,11 @@ impl Node {
         &self.inner.store
     }
 
+    /// The ring this node routes by now.
+    pub fn ring(&self) -> Arc<Ring> {
+        self.inner.membership.ring()
+    }
+
     /// Serves one client request, coordinating it (or forwarding a write to a replica).
     pub async fn handle_client(&self, request: ClientRequest) -> ClientResponse {
         if let ClientRequest::Get { bucket, .. }
@@ -444,7 +449,7 @@ impl Node {
                 };
                 for stale in coordinator.read_repairs() {
                     debug!(replica = %stale, "read repair");
-                    metrics::counter!("dynkv_read_repairs_total").increment(1);
+                    super::counters::record_read_repair();
                     node.replica_put(
                         &stale,
                         partition,

@@ -9,7 +9,7 @@
 
 use super::{Node, Write};
 use crate::core::object::Content;
-use crate::core::quorum::{BucketDefaults, Quorum, ReadQuorum, WriteQuorum};
+use crate::core::quorum::{BucketDefaults, Quorum};
 use crate::protocol::{
     ClientError, ClientResponse, GetOptions, NewContent, PeerRequest, PutOptions,
 };
@@ -26,6 +26,11 @@ pub const PROPS_BUCKET: &[u8] = b"\0props";
 
 /// How long a node trusts a cached copy it was not told to forget.
 const CACHE_TTL: Duration = Duration::from_secs(10);
+/// After a failed read the defaults are used for this long, so that an outage does not
+/// make every request wait for a properties read first.
+const FAILED_READ_TTL: Duration = Duration::from_secs(1);
+/// A properties read waits at most this long (or the request timeout if shorter).
+const READ_TIMEOUT: Duration = Duration::from_secs(1);
 /// Most buckets cached; the cache is cleared when it would grow past this.
 const CACHE_CAPACITY: usize = 10_000;
 const STORED_CONTENT_TYPE: &str = "application/x-msgpack";
@@ -73,11 +78,18 @@ impl BucketProps {
                 self.n_val
             )));
         }
-        let defaults = self.defaults();
-        ReadQuorum::resolve(Quorum::Default, Quorum::Default, &defaults)
-            .map_err(|error| ClientError::invalid(error.to_string()))?;
-        WriteQuorum::resolve(Quorum::Default, Quorum::Default, Quorum::Default, &defaults)
-            .map_err(|error| ClientError::invalid(error.to_string()))?;
+        // Minimums as the request path uses them: r and w need a reply, the rest may be 0.
+        for (field, level, minimum) in [
+            ("r", self.r, 1),
+            ("w", self.w, 1),
+            ("dw", self.dw, 0),
+            ("pr", self.pr, 0),
+            ("pw", self.pw, 0),
+        ] {
+            level
+                .resolve(field, self.n_val, Quorum::Default, minimum)
+                .map_err(|error| ClientError::invalid(error.to_string()))?;
+        }
         Ok(())
     }
 }
@@ -85,22 +97,23 @@ impl BucketProps {
 /// A node's cache of bucket properties.
 #[derive(Default)]
 pub(super) struct BucketCache {
+    /// Properties and when they expire.
     entries: parking_lot::Mutex<HashMap<Vec<u8>, (BucketProps, Instant)>>,
 }
 
 impl BucketCache {
     fn get(&self, bucket: &[u8]) -> Option<BucketProps> {
         let entries = self.entries.lock();
-        let (props, at) = entries.get(bucket)?;
-        (at.elapsed() < CACHE_TTL).then_some(*props)
+        let (props, expires) = entries.get(bucket)?;
+        (Instant::now() < *expires).then_some(*props)
     }
 
-    fn put(&self, bucket: &[u8], props: BucketProps) {
+    fn put(&self, bucket: &[u8], props: BucketProps, ttl: Duration) {
         let mut entries = self.entries.lock();
         if entries.len() >= CACHE_CAPACITY && !entries.contains_key(bucket) {
             entries.clear();
         }
-        entries.insert(bucket.to_vec(), (props, Instant::now()));
+        entries.insert(bucket.to_vec(), (props, Instant::now() + ttl));
     }
 
     fn forget(&self, bucket: &[u8]) {
@@ -152,23 +165,29 @@ impl Node {
         }
         match self.read_bucket_props(bucket).await {
             Ok(props) => {
-                self.inner.bucket_cache.put(bucket, props);
+                self.inner.bucket_cache.put(bucket, props, CACHE_TTL);
                 props
             }
             Err(error) => {
                 warn!(bucket = %String::from_utf8_lossy(bucket), error = %error, "cannot read bucket properties; using the defaults");
-                self.default_bucket_props()
+                let props = self.default_bucket_props();
+                self.inner.bucket_cache.put(bucket, props, FAILED_READ_TTL);
+                props
             }
         }
     }
 
+    /// Reads with `r = one`: properties are eventually consistent, as Riak's (gossiped with
+    /// its ring) are, and a read must not need more replicas than the request it serves.
     async fn read_bucket_props(&self, bucket: &[u8]) -> Result<BucketProps, ClientError> {
+        let timeout = READ_TIMEOUT.min(self.inner.settings.request_timeout);
+        let options = GetOptions {
+            r: Quorum::One,
+            pr: Quorum::Count(0),
+            timeout_ms: Some(timeout.as_millis() as u64),
+        };
         let response = self
-            .get(
-                PROPS_BUCKET.to_vec(),
-                bucket.to_vec(),
-                GetOptions::default(),
-            )
+            .get(PROPS_BUCKET.to_vec(), bucket.to_vec(), options)
             .await;
         match response {
             ClientResponse::Found { siblings, .. } => {
@@ -224,9 +243,11 @@ impl Node {
                 )));
             }
         }
-        self.inner
-            .bucket_cache
-            .put(bucket, props.unwrap_or_else(|| self.default_bucket_props()));
+        self.inner.bucket_cache.put(
+            bucket,
+            props.unwrap_or_else(|| self.default_bucket_props()),
+            CACHE_TTL,
+        );
         let ring = self.inner.membership.ring();
         for member in ring.members() {
             if member == self.inner.id {
