@@ -321,6 +321,33 @@ fn bucket_properties_change_n_val_and_allow_mult_cluster_wide() {
     assert_eq!(reply.status, 400);
     assert!(reply.text().contains("n_val (1)"), "{}", reply.text());
 
+    // n_val = 1 places each key on one node: 30 new keys add about 30 records across the
+    // cluster, not 90 (the storage estimate is approximate, hence the margin).
+    let records = || -> u64 {
+        [&node1, &node2, &node3]
+            .into_iter()
+            .map(|node| {
+                curl(&[&format!("{node}/stats")]).json()["storage_key_count_estimate"]
+                    .as_u64()
+                    .expect("a key count")
+            })
+            .sum()
+    };
+    let before = records();
+    for index in 0..30 {
+        let reply = put_text(
+            &format!("{node1}/buckets/lww/keys/one{index}?w=all"),
+            "x",
+            None,
+        );
+        assert_eq!(reply.status, 204, "{}", reply.text());
+    }
+    let added = records() - before;
+    assert!(
+        (30..60).contains(&added),
+        "{added} records for 30 keys with n_val=1"
+    );
+
     // allow_mult = false: blind concurrent writes through every node leave one value.
     for (index, node) in [&node1, &node2, &node3].into_iter().enumerate() {
         let reply = put_text(
@@ -412,10 +439,10 @@ fn check_prometheus_text(text: &str) -> Vec<String> {
                 .all(|character| character.is_ascii_alphanumeric() || "_:".contains(character)),
             "{line}"
         );
-        if let Some(labels) = series.strip_prefix(name) {
-            if !labels.is_empty() {
-                assert!(labels.starts_with('{') && labels.ends_with('}'), "{line}");
-            }
+        if let Some(labels) = series.strip_prefix(name)
+            && !labels.is_empty()
+        {
+            assert!(labels.starts_with('{') && labels.ends_with('}'), "{line}");
         }
         assert!(
             families

@@ -141,11 +141,7 @@ impl Window {
         };
         Summary {
             count,
-            mean: if count == 0 {
-                0
-            } else {
-                values.iter().sum::<u64>() / count
-            },
+            mean: values.iter().sum::<u64>().checked_div(count).unwrap_or(0),
             median: percentile(0.5),
             p95: percentile(0.95),
             p99: percentile(0.99),
