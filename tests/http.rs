@@ -249,6 +249,7 @@ fn riak_examples_store_fetch_siblings_resolve_delete_and_list() {
         reply.header("x-riak-vclock").is_some(),
         "a tombstone answers with its vclock"
     );
+    assert_eq!(reply.header("x-riak-deleted"), Some("true"));
     let reply = curl(&["-X", "DELETE", &format!("{node1}/buckets/test/keys/doc")]);
     assert_eq!(reply.status, 404);
     let reply = curl(&[&format!("{node1}/buckets/test/keys/never-written")]);

@@ -105,7 +105,11 @@ fn not_found(context: Option<&[u8]>) -> Response {
     if let Some(context) = context
         && let Ok(value) = HeaderValue::from_str(&BASE64.encode(context))
     {
+        // A tombstone: Riak marks it so, and its vclock lets a later write supersede it.
         response.headers_mut().insert(VCLOCK, value);
+        response
+            .headers_mut()
+            .insert("x-riak-deleted", HeaderValue::from_static("true"));
     }
     response
 }

@@ -96,3 +96,55 @@ pub fn quorum_from_json(name: &str, value: &serde_json::Value) -> Result<Quorum,
     text.parse::<Quorum>()
         .map_err(|error| HttpError::bad_request(format!("{name}: {error}")))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn query(pairs: &[(&str, &str)]) -> Query {
+        pairs
+            .iter()
+            .map(|(name, value)| (name.to_string(), value.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn riak_values_parse_and_bad_ones_name_the_parameter() {
+        let options =
+            get_options(&query(&[("r", "all"), ("pr", "2"), ("timeout", "500")])).unwrap();
+        assert_eq!(
+            (options.r, options.pr, options.timeout_ms),
+            (Quorum::All, Quorum::Count(2), Some(500))
+        );
+        let options = put_options(&query(&[("w", "one"), ("returnbody", "true")])).unwrap();
+        assert_eq!((options.w, options.return_body), (Quorum::One, true));
+        let options = delete_options(&query(&[("rw", "quorum")])).unwrap();
+        assert_eq!(options.w, Quorum::Quorum);
+        for (name, value) in [
+            ("r", "most"),
+            ("pr", "-1"),
+            ("basic_quorum", "yes"),
+            ("timeout", "0"),
+        ] {
+            let error = get_options(&query(&[(name, value)])).unwrap_err();
+            assert_eq!(error.status, axum::http::StatusCode::BAD_REQUEST);
+            assert!(error.message.starts_with(name), "{}", error.message);
+        }
+        let error = put_options(&query(&[("dw", "x")])).unwrap_err();
+        assert!(error.message.starts_with("dw"), "{}", error.message);
+    }
+
+    #[test]
+    fn quorums_round_trip_through_riak_json() {
+        for level in [
+            Quorum::One,
+            Quorum::Quorum,
+            Quorum::All,
+            Quorum::Default,
+            Quorum::Count(2),
+        ] {
+            assert_eq!(quorum_from_json("r", &quorum_json(level)).unwrap(), level);
+        }
+        assert!(quorum_from_json("r", &serde_json::Value::Bool(true)).is_err());
+    }
+}
