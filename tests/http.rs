@@ -616,4 +616,8 @@ fn ping_resources_stats_metrics_and_bad_input() {
     );
     assert_eq!(reply.status, 503, "{}", reply.text());
     assert!(reply.text().contains("(w)"), "{}", reply.text());
+    // Listing still covers every partition: the next node of each walk answers for n3.
+    let reply = curl(&[&format!("{node1}/buckets/s/keys?keys=true")]);
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.json()["keys"], serde_json::json!(["k"]));
 }

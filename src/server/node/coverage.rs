@@ -186,9 +186,16 @@ impl Node {
             let bucket = bucket.clone();
             scans.spawn(async move {
                 let mut last_error = String::from("no node to ask");
-                for candidate in &candidates {
+                for (index, candidate) in candidates.iter().enumerate() {
+                    // Leave later nodes half of the time if this one does not answer.
+                    let attempt_deadline = if index + 1 < candidates.len() {
+                        let now = Instant::now();
+                        now + deadline.saturating_duration_since(now) / 2
+                    } else {
+                        deadline
+                    };
                     match node
-                        .scan_from(candidate, partition, bucket.as_deref(), deadline)
+                        .scan_from(candidate, partition, bucket.as_deref(), attempt_deadline)
                         .await
                     {
                         Ok(entries) => return Ok(entries),
