@@ -4,8 +4,9 @@
 
 mod common;
 
-use common::process::DevCluster;
-use std::process::Command;
+use common::process::{DevCluster, base_port, binary};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 /// One HTTP exchange as curl saw it.
 struct Reply {
@@ -620,4 +621,141 @@ fn ping_resources_stats_metrics_and_bad_input() {
     let reply = curl(&[&format!("{node1}/buckets/s/keys?keys=true")]);
     assert_eq!(reply.status, 200, "{}", reply.text());
     assert_eq!(reply.json()["keys"], serde_json::json!(["k"]));
+}
+
+/// A single `dynkv server` process, killed when dropped.
+struct ServerProcess(Child);
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn https_with_a_bearer_token() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let pki = dir.path().join("pki");
+    let pki_text = pki.display().to_string();
+    for args in [
+        vec!["cert", "ca", "--dir", &pki_text],
+        vec![
+            "cert",
+            "node",
+            "--dir",
+            &pki_text,
+            "--id",
+            "n1",
+            "--host",
+            "127.0.0.1",
+        ],
+    ] {
+        let output = Command::new(binary())
+            .args(&args)
+            .output()
+            .expect("dynkv cert runs");
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let base = base_port(3);
+    let address = |offset: u16| format!("127.0.0.1:{}", base + offset);
+    let child = Command::new(binary())
+        .args(["server", "--node-id", "n1", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .args([
+            "--peer-listen",
+            &address(100),
+            "--client-listen",
+            &address(0),
+        ])
+        .args(["--http-listen", &address(200), "--http-tls", "true"])
+        .args(["--http-token", "s3cret"])
+        .arg("--ca-cert")
+        .arg(pki.join("ca.pem"))
+        .arg("--node-cert")
+        .arg(pki.join("n1.pem"))
+        .arg("--node-key")
+        .arg(pki.join("n1.key"))
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("dynkv server starts");
+    let _server = ServerProcess(child);
+    let ca = pki.join("ca.pem").display().to_string();
+    let url = |path: &str| format!("https://{}{path}", address(200));
+
+    // /ping needs no token (health checks); wait for it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let output = Command::new("curl")
+            .args([
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--cacert",
+                &ca,
+                &url("/ping"),
+            ])
+            .output()
+            .expect("curl runs");
+        if output.stdout == b"200" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the HTTPS listener never answered"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let reply = curl(&["--cacert", &ca, &url("/buckets/b/keys/k")]);
+    assert_eq!(reply.status, 401);
+    assert_eq!(reply.header("www-authenticate"), Some("Bearer"));
+    let reply = curl(&[
+        "--cacert",
+        &ca,
+        "-H",
+        "Authorization: Bearer wrong",
+        &url("/stats"),
+    ]);
+    assert_eq!(reply.status, 401);
+    let auth = "Authorization: Bearer s3cret";
+    let reply = curl(&[
+        "--cacert",
+        &ca,
+        "-H",
+        auth,
+        "-X",
+        "PUT",
+        "-H",
+        "Content-Type: text/plain",
+        "-d",
+        "secret value",
+        &url("/buckets/b/keys/k"),
+    ]);
+    assert_eq!(reply.status, 204, "{}", reply.text());
+    let reply = curl(&["--cacert", &ca, "-H", auth, &url("/buckets/b/keys/k")]);
+    assert_eq!((reply.status, reply.text().as_str()), (200, "secret value"));
+    // Plain HTTP to the TLS port gets no HTTP answer.
+    let output = Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "5",
+        ])
+        .arg(format!("http://{}/ping", address(200)))
+        .output()
+        .expect("curl runs");
+    assert_ne!(output.stdout, b"200");
 }

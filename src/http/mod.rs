@@ -10,6 +10,7 @@
 //! list buckets, list keys), `stats` (`/stats`, `/metrics`, request accounting).
 
 mod bucket;
+mod listener;
 mod object;
 mod params;
 pub mod stats;
@@ -96,8 +97,49 @@ fn object_routes() -> Router<AppState> {
         .route("/buckets", get(bucket::list_buckets))
 }
 
-/// The whole API as a router (also used by tests without a socket).
-pub(crate) fn router(state: AppState) -> Router {
+/// With a token configured, every request but `/ping` (for health checks) must carry
+/// `Authorization: Bearer <token>`; others get 401.
+async fn require_token(
+    axum::extract::State(token): axum::extract::State<Option<Arc<str>>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Some(token) = token else {
+        return next.run(request).await;
+    };
+    if request.uri().path() == "/ping" {
+        return next.run(request).await;
+    }
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .unwrap_or("");
+    // Compare in time independent of where the first difference is.
+    let matches = given.len() == token.len()
+        && given
+            .bytes()
+            .zip(token.bytes())
+            .fold(0u8, |difference, (a, b)| difference | (a ^ b))
+            == 0;
+    if matches {
+        next.run(request).await
+    } else {
+        let mut response = HttpError::new(
+            StatusCode::UNAUTHORIZED,
+            "this node requires Authorization: Bearer <token> (http_token)",
+        )
+        .into_response();
+        response
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        response
+    }
+}
+
+/// The whole API as a router.
+pub(crate) fn router(state: AppState, token: Option<Arc<str>>) -> Router {
     Router::new()
         .merge(object_routes())
         .nest("/types/default", object_routes())
@@ -111,6 +153,7 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/", get(list_resources))
         .fallback(not_found)
         .with_state(state)
+        .layer(axum::middleware::from_fn_with_state(token, require_token))
 }
 
 async fn ping() -> impl IntoResponse {
@@ -163,6 +206,18 @@ async fn list_resources(headers: HeaderMap) -> Response {
     }
 }
 
+/// How a node's HTTP listener is set up.
+#[derive(Clone)]
+pub struct HttpSettings {
+    pub address: SocketAddr,
+    /// Largest request body read (`limits.max_value_bytes`).
+    pub max_body_bytes: u64,
+    /// Serve HTTPS with this config; plain HTTP when `None`.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Required bearer token, if any.
+    pub token: Option<String>,
+}
+
 /// A running HTTP listener; [`HttpServer::shutdown`] stops it.
 pub struct HttpServer {
     pub local_addr: SocketAddr,
@@ -172,33 +227,43 @@ pub struct HttpServer {
 
 impl HttpServer {
     /// Binds `address` and serves the API for `node` until shut down.
-    pub async fn start(
-        node: Node,
-        address: SocketAddr,
-        max_body_bytes: u64,
-    ) -> std::io::Result<HttpServer> {
+    pub async fn start(node: Node, settings: HttpSettings) -> std::io::Result<HttpServer> {
         stats::install_prometheus();
-        let listener = tokio::net::TcpListener::bind(address).await?;
+        let listener = tokio::net::TcpListener::bind(settings.address).await?;
         let local_addr = listener.local_addr()?;
         let state = AppState {
             node,
             stats: Arc::new(stats::Stats::new()),
-            max_body_bytes,
+            max_body_bytes: settings.max_body_bytes,
         };
-        let app = router(state);
+        let app = router(state, settings.token.map(Arc::from));
         let (stop, mut stopped) = watch::channel(false);
-        let task = tokio::spawn(async move {
-            let shutdown = async move {
-                let _ = stopped.wait_for(|stop| *stop).await;
-            };
-            if let Err(error) = axum::serve(listener, app)
-                .with_graceful_shutdown(shutdown)
-                .await
-            {
-                warn!(error = %error, "HTTP listener failed");
+        let shutdown = async move {
+            let _ = stopped.wait_for(|stop| *stop).await;
+        };
+        let tls = settings.tls.is_some();
+        let task = match settings.tls {
+            None => tokio::spawn(async move {
+                if let Err(error) = axum::serve(listener, app)
+                    .with_graceful_shutdown(shutdown)
+                    .await
+                {
+                    warn!(error = %error, "HTTP listener failed");
+                }
+            }),
+            Some(config) => {
+                let listener = listener::TlsListener::new(listener, config)?;
+                tokio::spawn(async move {
+                    if let Err(error) = axum::serve(listener, app)
+                        .with_graceful_shutdown(shutdown)
+                        .await
+                    {
+                        warn!(error = %error, "HTTPS listener failed");
+                    }
+                })
             }
-        });
-        info!(%local_addr, "HTTP API listening");
+        };
+        info!(%local_addr, tls, "HTTP API listening");
         Ok(HttpServer {
             local_addr,
             stop,

@@ -190,10 +190,22 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
             },
         )?;
 
+    let http_tls = if config.http_tls {
+        let mut tls_config = tls::client_facing_server_config(&node_identity)
+            .map_err(|error| ServerError::Tls(error.to_string()))?;
+        tls_config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Some(Arc::new(tls_config))
+    } else {
+        None
+    };
     let http_server = crate::http::HttpServer::start(
         node.clone(),
-        config.http_listen,
-        config.limits.max_value_bytes,
+        crate::http::HttpSettings {
+            address: config.http_listen,
+            max_body_bytes: config.limits.max_value_bytes,
+            tls: http_tls,
+            token: config.http_token.clone(),
+        },
     )
     .await
     .map_err(|error| ServerError::Listen {
