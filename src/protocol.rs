@@ -165,10 +165,13 @@ pub enum PeerRequest {
         start_after: Option<(serde_bytes::ByteBuf, serde_bytes::ByteBuf)>,
         limit: u32,
     },
-    /// A bucket's properties were set; the receiver forgets its cached copy.
+    /// A bucket's properties were set: the receiver caches `props` (their stored encoding)
+    /// in place of its copy, so the change is seen at once without waiting for a quorum read.
     BucketPropsChanged {
         #[serde(with = "serde_bytes")]
         bucket: Vec<u8>,
+        #[serde(with = "serde_bytes")]
+        props: Vec<u8>,
     },
 }
 

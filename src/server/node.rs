@@ -275,8 +275,8 @@ impl Node {
                 start_after,
                 limit,
             } => self.serve_list_keys(partition, bucket, start_after, limit),
-            PeerRequest::BucketPropsChanged { bucket } => {
-                self.forget_bucket_props(&bucket);
+            PeerRequest::BucketPropsChanged { bucket, props } => {
+                self.learn_bucket_props(&bucket, &props);
                 PeerResponse::Pong
             }
         }

@@ -3,9 +3,10 @@
 //! A bucket's properties are the value of key `<bucket>` in the reserved bucket
 //! [`PROPS_BUCKET`], written and read through the normal quorum path (so they are replicated,
 //! read-repaired and survive restarts like any data) with last-write-wins merging. Each node
-//! keeps a small cache; a node that sets properties updates its own cache and tells every
-//! other member to forget theirs, and a time-to-live bounds how long a node that missed that
-//! message serves stale properties. Clients cannot name the reserved bucket.
+//! keeps a small cache; a node that sets properties updates its own cache and sends the new
+//! properties to every other member before it answers, and a time-to-live bounds how long a
+//! node that missed that message serves stale properties. Clients cannot name the reserved
+//! bucket.
 
 use super::{Node, Write};
 use crate::core::object::Content;
@@ -29,6 +30,8 @@ const CACHE_TTL: Duration = Duration::from_secs(10);
 /// After a failed read the defaults are used for this long, so that an outage does not
 /// make every request wait for a properties read first.
 const FAILED_READ_TTL: Duration = Duration::from_secs(1);
+/// How long the setting node waits for each member to take the new properties.
+const ANNOUNCE_TIMEOUT: Duration = Duration::from_secs(1);
 /// A properties read waits at most this long (or the request timeout if shorter).
 const READ_TIMEOUT: Duration = Duration::from_secs(1);
 /// Most buckets cached; the cache is cleared when it would grow past this.
@@ -118,6 +121,10 @@ impl BucketCache {
 
     fn forget(&self, bucket: &[u8]) {
         self.entries.lock().remove(bucket);
+    }
+
+    fn clear(&self) {
+        self.entries.lock().clear();
     }
 }
 
@@ -217,16 +224,21 @@ impl Node {
         if let Some(props) = &props {
             props.validate()?;
         }
+        let encode = |props: &BucketProps| {
+            rmp_serde::to_vec_named(props).map_err(|error| {
+                ClientError::internal(format!("cannot encode properties: {error}"))
+            })
+        };
         let content = match &props {
             Some(props) => Some(NewContent {
-                value: rmp_serde::to_vec_named(props).map_err(|error| {
-                    ClientError::internal(format!("cannot encode properties: {error}"))
-                })?,
+                value: encode(props)?,
                 content_type: STORED_CONTENT_TYPE.to_string(),
                 user_metadata: Vec::new(),
             }),
             None => None,
         };
+        let in_force = props.unwrap_or_else(|| self.default_bucket_props());
+        let announced = encode(&in_force)?;
         let write = Write {
             bucket: PROPS_BUCKET.to_vec(),
             key: bucket.to_vec(),
@@ -243,30 +255,45 @@ impl Node {
                 )));
             }
         }
-        self.inner.bucket_cache.put(
-            bucket,
-            props.unwrap_or_else(|| self.default_bucket_props()),
-            CACHE_TTL,
-        );
-        let ring = self.inner.membership.ring();
-        for member in ring.members() {
+        self.inner.bucket_cache.put(bucket, in_force, CACHE_TTL);
+        // Tell every member before answering, so that a client that sets properties and then
+        // uses another node finds them in force. Best effort: a member that misses it serves
+        // stale properties for at most CACHE_TTL.
+        let mut announcements = tokio::task::JoinSet::new();
+        for member in self.inner.membership.ring().members() {
             if member == self.inner.id {
                 continue;
             }
             let peers = self.inner.peers.clone();
             let request = PeerRequest::BucketPropsChanged {
                 bucket: bucket.to_vec(),
+                props: announced.clone(),
             };
-            tokio::spawn(async move {
-                // Best effort: a member that misses it serves stale properties for CACHE_TTL.
-                let _ = peers.call(&member, request, Duration::from_secs(2)).await;
+            announcements.spawn(async move {
+                let _ = peers.call(&member, request, ANNOUNCE_TIMEOUT).await;
             });
         }
+        while announcements.join_next().await.is_some() {}
         Ok(())
     }
 
-    pub(super) fn forget_bucket_props(&self, bucket: &[u8]) {
-        self.inner.bucket_cache.forget(bucket);
+    /// Another node set a bucket's properties: cache them (or, when they cannot be read,
+    /// forget the cached copy so that the next request reads them).
+    pub(super) fn learn_bucket_props(&self, bucket: &[u8], encoded: &[u8]) {
+        match rmp_serde::from_slice::<BucketProps>(encoded) {
+            Ok(props) if props.validate().is_ok() => {
+                self.inner.bucket_cache.put(bucket, props, CACHE_TTL)
+            }
+            _ => {
+                warn!(bucket = %String::from_utf8_lossy(bucket), "a peer announced unreadable bucket properties");
+                self.inner.bucket_cache.forget(bucket);
+            }
+        }
+    }
+
+    /// Drops every cached bucket property, so that the next requests read them afresh.
+    pub fn clear_bucket_props_cache(&self) {
+        self.inner.bucket_cache.clear();
     }
 }
 
