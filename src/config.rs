@@ -6,6 +6,9 @@
 //! data_dir = "/var/lib/dynkv"          # fjall store, actor id
 //! peer_listen = "0.0.0.0:8710"         # node-to-node QUIC (mutual TLS)
 //! client_listen = "0.0.0.0:8700"       # client QUIC (TLS)
+//! http_listen = "0.0.0.0:8098"         # Riak-compatible HTTP API, /stats and /metrics
+//! http_tls = false                     # serve HTTPS with the node certificate instead
+//! http_token = "s3cret"                # optional: require `Authorization: Bearer s3cret`
 //! partition_count = 64                 # ring size, fixed at cluster creation
 //! request_timeout_ms = 5000            # default timeout of a get/put/delete
 //! gossip_interval_ms = 500             # one gossip round (and heartbeat) per interval
@@ -52,6 +55,15 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub peer_listen: SocketAddr,
     pub client_listen: SocketAddr,
+    /// Riak-compatible HTTP API, `/stats` and `/metrics` (plain HTTP by default, as Riak's
+    /// port 8098).
+    pub http_listen: SocketAddr,
+    /// Serve the HTTP API over TLS with the node certificate (`tls.node_cert`), as the client
+    /// port does.
+    pub http_tls: bool,
+    /// When set, every HTTP request except `/ping` must carry `Authorization: Bearer <token>`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http_token: Option<String>,
     pub partition_count: u32,
     pub request_timeout_ms: u64,
     pub gossip_interval_ms: u64,
@@ -163,6 +175,9 @@ impl Default for Config {
             data_dir: PathBuf::from("dynkv-data"),
             peer_listen: SocketAddr::from(([127, 0, 0, 1], 8710)),
             client_listen: SocketAddr::from(([127, 0, 0, 1], 8700)),
+            http_listen: SocketAddr::from(([127, 0, 0, 1], 8098)),
+            http_tls: false,
+            http_token: None,
             partition_count: 64,
             request_timeout_ms: 5000,
             gossip_interval_ms: 500,
@@ -289,6 +304,14 @@ impl Config {
             if path.as_os_str().is_empty() {
                 return Err(invalid(field, "is required (create one with `dynkv cert`)"));
             }
+        }
+        if let Some(token) = &self.http_token
+            && (token.is_empty() || !token.bytes().all(|byte| byte.is_ascii_graphic()))
+        {
+            return Err(invalid(
+                "http_token",
+                "must be non-empty printable ASCII without spaces",
+            ));
         }
         let buckets = &self.buckets;
         if !(1..=16).contains(&buckets.n_val) {

@@ -7,6 +7,7 @@
 //! - [`net`]: the transport seam — QUIC with mutual TLS, and an in-memory network with fault
 //!   injection for simulation; both serialize every message.
 //! - [`storage`]: the fjall store, one keyspace per partition, with group commit.
+//! - [`http`]: the Riak-compatible HTTP API, `/stats` and `/metrics`.
 //! - [`server`]: the node (request coordination) and the process around it.
 //! - [`client`]: the Rust client library.
 //! - [`config`]: the documented, validated node configuration.
@@ -14,6 +15,7 @@
 pub mod client;
 pub mod config;
 pub mod core;
+pub mod http;
 pub mod net;
 pub mod protocol;
 pub mod server;

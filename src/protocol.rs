@@ -213,6 +213,23 @@ pub enum PeerRequest {
     GossipPush {
         records: Vec<MemberRecord>,
     },
+    /// One page of a coverage scan (list buckets, list keys): the live keys of `partition`
+    /// this node holds after `start_after`, of `bucket` only when given, or with `bucket`
+    /// `None` the distinct bucket names (each with an empty key).
+    ListKeys {
+        partition: PartitionId,
+        bucket: Option<serde_bytes::ByteBuf>,
+        start_after: Option<(serde_bytes::ByteBuf, serde_bytes::ByteBuf)>,
+        limit: u32,
+    },
+    /// A bucket's properties were set: the receiver caches `props` (their stored encoding)
+    /// in place of its copy, so the change is seen at once without waiting for a quorum read.
+    BucketPropsChanged {
+        #[serde(with = "serde_bytes")]
+        bucket: Vec<u8>,
+        #[serde(with = "serde_bytes")]
+        props: Vec<u8>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -232,6 +249,12 @@ pub enum PeerResponse {
     /// The replica could not do what was asked.
     Failed {
         message: String,
+    },
+    /// A page of [`PeerRequest::ListKeys`]; `next` is where the following page starts, `None`
+    /// at the end of the partition.
+    Keys {
+        entries: Vec<(serde_bytes::ByteBuf, serde_bytes::ByteBuf)>,
+        next: Option<(serde_bytes::ByteBuf, serde_bytes::ByteBuf)>,
     },
 }
 

@@ -477,6 +477,10 @@ fn three_servers_started_by_hand_with_one_seed_each_agree_on_members() {
                 "--client-listen",
                 &format!("127.0.0.1:{}", base + index - 1),
             ])
+            .args([
+                "--http-listen",
+                &format!("127.0.0.1:{}", base + 200 + index - 1),
+            ])
             .args(["--member", &seed])
             .arg("--ca-cert")
             .arg(pki.join("ca.pem"))

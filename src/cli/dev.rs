@@ -28,7 +28,8 @@ pub struct DevArgs {
     /// Directory for the CA, configs, data and logs [default: $DYNKV_DEV_DIR or ~/.local/share/dynkv/dev].
     #[arg(long)]
     dir: Option<PathBuf>,
-    /// Node i listens for clients on BASE+i-1 and for peers on BASE+100+i-1.
+    /// Node i listens for clients on BASE+i-1, for peers on BASE+100+i-1 and for HTTP on
+    /// BASE+200+i-1.
     #[arg(long, default_value_t = 8700)]
     base_port: u16,
     /// Ring partitions.
@@ -57,6 +58,9 @@ pub struct DevNode {
     pub id: String,
     pub client_addr: SocketAddr,
     pub peer_addr: SocketAddr,
+    /// Absent in files written before the HTTP API existed.
+    #[serde(default)]
+    pub http_addr: Option<SocketAddr>,
     pub config: PathBuf,
 }
 
@@ -133,6 +137,7 @@ fn prepare(args: &DevArgs, dir: &Path) -> Result<DevCluster> {
             data_dir: node_dir.join("data"),
             peer_listen: address(100, index)?,
             client_listen: address(0, index)?,
+            http_listen: address(200, index)?,
             partition_count: args.partition_count,
             request_timeout_ms: args.request_timeout_ms,
             members: members.clone(),
@@ -155,6 +160,7 @@ fn prepare(args: &DevArgs, dir: &Path) -> Result<DevCluster> {
             id: id.to_string(),
             client_addr: config.client_listen,
             peer_addr: config.peer_listen,
+            http_addr: Some(config.http_listen),
             config: config_path,
         });
     }
@@ -268,10 +274,13 @@ pub async fn run(args: DevArgs) -> Result<()> {
     );
     for (node, child) in cluster.nodes.iter().zip(&children) {
         println!(
-            "  {}  client {}  peer {}  pid {}",
+            "  {}  client {}  peer {}  http http://{}  pid {}",
             node.id,
             node.client_addr,
             node.peer_addr,
+            node.http_addr
+                .map(|address| address.to_string())
+                .unwrap_or_default(),
             child.id().map(|pid| pid.to_string()).unwrap_or_default()
         );
     }
@@ -285,6 +294,12 @@ pub async fn run(args: DevArgs) -> Result<()> {
     println!("Try, from another shell:");
     println!("  dynkv put demo hello 'world' --w all{dir_flag}");
     println!("  dynkv get demo hello --r all{dir_flag}");
+    if let Some(http) = cluster.nodes.first().and_then(|node| node.http_addr) {
+        println!(
+            "  curl -XPUT -H 'Content-Type: text/plain' -d world http://{http}/buckets/demo/keys/hello"
+        );
+        println!("  curl -i http://{http}/buckets/demo/keys/hello");
+    }
     println!("Kill a node:     kill -9 $(cat {dir_text}/n2/pid)");
     println!("Restart it:      dynkv server --config {dir_text}/n2/dynkv.toml");
     println!("Logs:            {dir_text}/nN/node.log     Stop the cluster: Ctrl-C");

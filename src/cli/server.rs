@@ -24,6 +24,16 @@ pub struct ServerArgs {
     /// Client QUIC address (TLS) [default: 127.0.0.1:8700].
     #[arg(long)]
     client_listen: Option<SocketAddr>,
+    /// Riak-compatible HTTP API and metrics address (plain HTTP) [default: 127.0.0.1:8098].
+    #[arg(long)]
+    http_listen: Option<SocketAddr>,
+    /// Serve the HTTP API over TLS with the node certificate [default: false].
+    #[arg(long)]
+    http_tls: Option<bool>,
+    /// Require `Authorization: Bearer TOKEN` on every HTTP request except /ping
+    /// [default: none; env DYNKV_HTTP_TOKEN].
+    #[arg(long, env = "DYNKV_HTTP_TOKEN", hide_env_values = true)]
+    http_token: Option<String>,
     /// A cluster member as ID=PEER_ADDR; repeat for each (this node included).
     #[arg(long = "member", value_parser = parse_member)]
     members: Vec<MemberConfig>,
@@ -91,6 +101,11 @@ pub fn effective_config(args: ServerArgs) -> Result<(Config, bool)> {
     apply!(args.data_dir => data_dir);
     apply!(args.peer_listen => peer_listen);
     apply!(args.client_listen => client_listen);
+    apply!(args.http_listen => http_listen);
+    apply!(args.http_tls => http_tls);
+    if args.http_token.is_some() {
+        config.http_token = args.http_token;
+    }
     apply!(args.partition_count => partition_count);
     apply!(args.request_timeout_ms => request_timeout_ms);
     apply!(args.ca_cert => tls.ca_cert);

@@ -1,6 +1,7 @@
 //! The IO shell of one node: it opens the store, binds the peer (mutual TLS) and client (TLS)
-//! QUIC endpoints, and serves until asked to shut down.
+//! QUIC endpoints and the HTTP listener, and serves until asked to shut down.
 
+pub mod counters;
 pub mod membership;
 pub mod node;
 
@@ -37,6 +38,8 @@ pub struct RunningServer {
     pub node: Node,
     pub peer_addr: SocketAddr,
     pub client_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    http_server: crate::http::HttpServer,
     peer_server: QuicServer,
     client_server: QuicServer,
     background: Vec<tokio::task::JoinHandle<()>>,
@@ -51,6 +54,7 @@ impl RunningServer {
         for task in self.background {
             let _ = task.await;
         }
+        self.http_server.shutdown().await;
         self.client_server.shutdown().await;
         self.peer_server.shutdown().await;
         let store = self.node.store().clone();
@@ -217,7 +221,38 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
     let client_handler = Arc::new(
         move |request: ClientRequest| -> BoxFuture<'static, ClientResponse> {
             let node = client_node.clone();
-            Box::pin(async move { node.handle_client(request).await })
+            Box::pin(async move {
+                let started = std::time::Instant::now();
+                let (operation, consistency) = match &request {
+                    ClientRequest::Ping => ("ping", String::from("none")),
+                    ClientRequest::Members | ClientRequest::Status => {
+                        ("admin", String::from("none"))
+                    }
+                    ClientRequest::Get { options, .. } => ("get", options.r.to_string()),
+                    ClientRequest::Put { options, .. } => ("put", options.w.to_string()),
+                    ClientRequest::Delete { options, .. } => ("delete", options.w.to_string()),
+                };
+                let response = node.handle_client(request).await;
+                let outcome = match &response {
+                    ClientResponse::NotFound { .. } => "not_found",
+                    ClientResponse::Error(error) => match error.kind {
+                        crate::protocol::ErrorKind::InvalidRequest
+                        | crate::protocol::ErrorKind::TooLarge => "client_error",
+                        crate::protocol::ErrorKind::QuorumUnmet(_)
+                        | crate::protocol::ErrorKind::Timeout(_) => "unavailable",
+                        crate::protocol::ErrorKind::Internal => "error",
+                    },
+                    _ => "ok",
+                };
+                crate::http::stats::record_metrics(
+                    "native",
+                    operation,
+                    &consistency,
+                    outcome,
+                    started.elapsed(),
+                );
+                response
+            })
         },
     );
     let client_server =
@@ -228,13 +263,39 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
             },
         )?;
 
+    let http_tls = if config.http_tls {
+        let mut tls_config = tls::client_facing_server_config(&node_identity)
+            .map_err(|error| ServerError::Tls(error.to_string()))?;
+        tls_config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Some(Arc::new(tls_config))
+    } else {
+        None
+    };
+    let http_server = crate::http::HttpServer::start(
+        node.clone(),
+        crate::http::HttpSettings {
+            address: config.http_listen,
+            max_body_bytes: config.limits.max_value_bytes,
+            tls: http_tls,
+            token: config.http_token.clone(),
+        },
+    )
+    .await
+    .map_err(|error| ServerError::Listen {
+        address: config.http_listen,
+        reason: error.to_string(),
+    })?;
+
     let peer_addr = peer_server.local_addr();
     let client_addr = client_server.local_addr();
-    info!(node = %validated.node_id, %peer_addr, %client_addr, members = validated.members.len(), "node started");
+    let http_addr = http_server.local_addr;
+    info!(node = %validated.node_id, %peer_addr, %client_addr, %http_addr, members = validated.members.len(), "node started");
     Ok(RunningServer {
         node,
         peer_addr,
         client_addr,
+        http_addr,
+        http_server,
         peer_server,
         client_server,
         background,

@@ -16,7 +16,7 @@ use crate::core::object::{
 use crate::core::placement;
 use crate::core::quorum::{BucketDefaults, QuorumOutcome, ReadQuorum, WriteQuorum, WriteTracker};
 use crate::core::request::{GetCoordinator, Target};
-use crate::core::ring::PartitionId;
+use crate::core::ring::{PartitionId, Ring};
 use crate::net::Transport;
 use crate::protocol::{
     ClientError, ClientRequest, ClientResponse, ErrorKind, GetOptions, NewContent, NodeStatus,
@@ -31,6 +31,10 @@ use tokio::time::Instant;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 pub use super::membership::{Membership, StaticMembership};
+
+mod buckets;
+mod coverage;
+pub use buckets::{BucketProps, PROPS_BUCKET};
 
 /// The settings a node's request handling needs.
 #[derive(Clone, Debug)]
@@ -65,6 +69,7 @@ struct NodeInner {
     peers: PeerTransport,
     settings: NodeSettings,
     counters: Counters,
+    bucket_cache: buckets::BucketCache,
 }
 
 /// A node's request handler; cheap to clone.
@@ -151,6 +156,7 @@ impl Node {
                 peers,
                 settings,
                 counters: Counters::default(),
+                bucket_cache: buckets::BucketCache::default(),
             }),
         }
     }
@@ -171,8 +177,22 @@ impl Node {
         &self.inner.membership
     }
 
+    /// The ring this node routes by now.
+    pub fn ring(&self) -> Arc<Ring> {
+        self.inner.membership.ring()
+    }
+
     /// Serves one client request, coordinating it (or forwarding a write to a replica).
     pub async fn handle_client(&self, request: ClientRequest) -> ClientResponse {
+        if let ClientRequest::Get { bucket, .. }
+        | ClientRequest::Put { bucket, .. }
+        | ClientRequest::Delete { bucket, .. } = &request
+            && bucket.first() == Some(&0)
+        {
+            return ClientResponse::Error(ClientError::invalid(
+                "bucket names that start with a NUL byte are reserved",
+            ));
+        }
         self.client_request(request, false).await
     }
 
@@ -339,6 +359,16 @@ impl Node {
                     message: "gossip push refused".into(),
                 },
             },
+            PeerRequest::ListKeys {
+                partition,
+                bucket,
+                start_after,
+                limit,
+            } => self.serve_list_keys(partition, bucket, start_after, limit),
+            PeerRequest::BucketPropsChanged { bucket, props } => {
+                self.learn_bucket_props(&bucket, &props);
+                PeerResponse::Pong
+            }
         }
     }
 
@@ -352,10 +382,16 @@ impl Node {
     /// The key's partition and the replicas to ask (fallbacks for down primaries when
     /// `sloppy`). A cluster smaller than `n_val` keeps one copy per node, so the levels are
     /// later capped at the number of targets.
-    fn placement(&self, bucket: &[u8], key: &[u8], sloppy: bool) -> (PartitionId, Vec<Target>) {
+    fn placement(
+        &self,
+        bucket: &[u8],
+        key: &[u8],
+        n_val: u32,
+        sloppy: bool,
+    ) -> (PartitionId, Vec<Target>) {
         let ring = self.inner.membership.ring();
         let partition = ring.partition_for_key(bucket, key);
-        let n_val = self.inner.settings.bucket_defaults.n_val as usize;
+        let n_val = n_val as usize;
         let membership = &self.inner.membership;
         let targets = placement::targets(&ring, partition, n_val, sloppy, |node| {
             *node == self.inner.id || membership.is_up(node)
@@ -443,7 +479,7 @@ impl Node {
 
     /// A replica's write: merge the incoming object into this node's copy.
     async fn merge_copy(&self, copy: &Copy, incoming: &StoredObject) -> Result<(), String> {
-        let allow_mult = self.inner.settings.allow_mult;
+        let allow_mult = self.bucket_props(&copy.bucket).await.keeps_siblings();
         let result = self
             .update_copy(copy, |local| {
                 if let Some(local) = &local
@@ -468,17 +504,14 @@ impl Node {
         if let Err(error) = validate_bucket_and_key(&bucket, &key) {
             return ClientResponse::Error(error);
         }
-        let quorum = match ReadQuorum::resolve(
-            options.r,
-            options.pr,
-            &self.inner.settings.bucket_defaults,
-        ) {
+        let props = self.bucket_props(&bucket).await;
+        let quorum = match ReadQuorum::resolve(options.r, options.pr, &props.defaults()) {
             Ok(quorum) => quorum,
             Err(error) => return ClientResponse::Error(ClientError::invalid(error.to_string())),
         };
         let deadline = Instant::now() + self.timeout_of(options.timeout_ms);
         let sloppy = options.sloppy_quorum.unwrap_or(true);
-        let (partition, targets) = self.placement(&bucket, &key, sloppy);
+        let (partition, targets) = self.placement(&bucket, &key, props.n_val, sloppy);
         let quorum = ReadQuorum {
             r: quorum.r.min(targets.len() as u32),
             pr: quorum.pr.min(targets.len() as u32),
@@ -519,6 +552,14 @@ impl Node {
             Some(QuorumOutcome::Won) => match coordinator.merged() {
                 None => ClientResponse::NotFound { context: None },
                 Some(object) => {
+                    // Replicas may hold concurrent winners of a last-write-wins bucket.
+                    let reconciled;
+                    let object = if props.keeps_siblings() {
+                        object
+                    } else {
+                        reconciled = buckets::reconcile_latest(object);
+                        &reconciled
+                    };
                     let context = Context::of(object).encode();
                     let siblings = live_siblings(object);
                     if siblings.is_empty() {
@@ -561,6 +602,7 @@ impl Node {
                 let stale = coordinator.read_repairs();
                 for target in targets.iter().filter(|target| stale.contains(&target.node)) {
                     debug!(replica = %target.node, "read repair");
+                    super::counters::record_read_repair();
                     let copy = Copy {
                         partition,
                         bucket: bucket.clone(),
@@ -654,11 +696,12 @@ impl Node {
             return ClientResponse::Error(error);
         }
         let settings = &self.inner.settings;
+        let props = self.bucket_props(&write.bucket).await;
         let quorum = match WriteQuorum::resolve(
             write.options.w,
             write.options.dw,
             write.options.pw,
-            &settings.bucket_defaults,
+            &props.defaults(),
         ) {
             Ok(quorum) => quorum,
             Err(error) => return ClientResponse::Error(ClientError::invalid(error.to_string())),
@@ -686,7 +729,7 @@ impl Node {
         let timeout = self.timeout_of(write.options.timeout_ms);
         let deadline = Instant::now() + timeout;
         let sloppy = write.options.sloppy_quorum.unwrap_or(true);
-        let (partition, targets) = self.placement(&write.bucket, &write.key, sloppy);
+        let (partition, targets) = self.placement(&write.bucket, &write.key, props.n_val, sloppy);
         let Some(local_target) = targets
             .iter()
             .find(|target| target.node == self.inner.id)
@@ -742,7 +785,10 @@ impl Node {
             key: write.key.clone(),
             hint_for: local_target.hint_for.clone(),
         };
-        let object = match self.coordinate_local(&local_copy, context, content).await {
+        let object = match self
+            .coordinate_local(&local_copy, context, content, props.keeps_siblings())
+            .await
+        {
             Ok(object) => object,
             Err(LocalWriteError::Refused(error)) => return ClientResponse::Error(error),
             Err(LocalWriteError::Storage(message)) => {
@@ -821,6 +867,7 @@ impl Node {
         copy: &Copy,
         context: Option<Context>,
         content: Content,
+        allow_mult: bool,
     ) -> Result<StoredObject, LocalWriteError> {
         let settings = &self.inner.settings;
         let actor = self.inner.actor;
@@ -831,7 +878,7 @@ impl Node {
                 (None, true, Some(local)) => Some(Context::of(local)),
                 _ => context,
             };
-            let updated = coordinate_put(local.as_ref(), context.as_ref(), content, actor, settings.allow_mult);
+            let updated = coordinate_put(local.as_ref(), context.as_ref(), content, actor, allow_mult);
             let siblings = updated.value_count();
             if siblings > settings.max_siblings as usize {
                 return Err(LocalWriteError::Refused(ClientError {

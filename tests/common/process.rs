@@ -85,6 +85,11 @@ impl DevCluster {
         format!("127.0.0.1:{}", self.base_port + 100 + node - 1)
     }
 
+    /// The base URL of a node's HTTP API (`dynkv dev` puts it at BASE+200+i-1).
+    pub fn http_addr(&self, node: u16) -> String {
+        format!("http://127.0.0.1:{}", self.base_port + 200 + node - 1)
+    }
+
     pub fn node_config(&self, node: u16) -> PathBuf {
         self.path().join(format!("n{node}")).join("dynkv.toml")
     }

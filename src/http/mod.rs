@@ -1,0 +1,279 @@
+//! The HTTP listener of a node: the key/value part of Riak KV's HTTP API, `/stats` in Riak's
+//! JSON shape and `/metrics` in Prometheus text format.
+//!
+//! Routes are served both under `/buckets/...` and `/types/default/buckets/...` (dynkv has
+//! one bucket type). Handlers turn HTTP into [`ClientRequest`](crate::protocol::ClientRequest)s
+//! for [`Node::handle_client`] and answers back into Riak's status codes and headers; they hold
+//! no state of their own beyond the statistics.
+//!
+//! Layout: `params` (query parameters), `object` (fetch, store, delete), `bucket` (properties,
+//! list buckets, list keys), `stats` (`/stats`, `/metrics`, request accounting).
+
+mod bucket;
+mod listener;
+mod object;
+mod params;
+pub mod stats;
+
+use crate::protocol::{ClientError, ErrorKind};
+use crate::server::node::Node;
+use axum::Router;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+/// What every handler shares.
+#[derive(Clone)]
+pub(crate) struct AppState {
+    node: Node,
+    stats: Arc<stats::Stats>,
+    /// Largest request body read, in bytes (`limits.max_value_bytes`).
+    max_body_bytes: u64,
+}
+
+/// An error answer: a status and a one-line plain-text message naming the problem.
+#[derive(Debug)]
+pub(crate) struct HttpError {
+    status: StatusCode,
+    message: String,
+}
+
+impl HttpError {
+    pub(crate) fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        HttpError {
+            status,
+            message: message.into(),
+        }
+    }
+
+    pub(crate) fn bad_request(message: impl Into<String>) -> Self {
+        HttpError::new(StatusCode::BAD_REQUEST, message)
+    }
+}
+
+impl From<ClientError> for HttpError {
+    fn from(error: ClientError) -> Self {
+        let status = match error.kind {
+            ErrorKind::InvalidRequest => StatusCode::BAD_REQUEST,
+            ErrorKind::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorKind::QuorumUnmet(_) | ErrorKind::Timeout(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        HttpError::new(status, error.message)
+    }
+}
+
+impl IntoResponse for HttpError {
+    fn into_response(self) -> Response {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        (self.status, headers, format!("{}\n", self.message)).into_response()
+    }
+}
+
+fn object_routes() -> Router<AppState> {
+    Router::new()
+        .route(
+            "/buckets/{bucket}/keys/{key}",
+            get(object::fetch)
+                .put(object::store)
+                .post(object::store)
+                .delete(object::delete),
+        )
+        .route(
+            "/buckets/{bucket}/keys",
+            get(bucket::list_keys).post(object::create),
+        )
+        .route(
+            "/buckets/{bucket}/props",
+            get(bucket::get_props)
+                .put(bucket::set_props)
+                .delete(bucket::reset_props),
+        )
+        .route("/buckets", get(bucket::list_buckets))
+}
+
+/// With a token configured, every request but `/ping` (for health checks) must carry
+/// `Authorization: Bearer <token>`; others get 401.
+async fn require_token(
+    axum::extract::State(token): axum::extract::State<Option<Arc<str>>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Some(token) = token else {
+        return next.run(request).await;
+    };
+    if request.uri().path() == "/ping" {
+        return next.run(request).await;
+    }
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .unwrap_or("");
+    // Compare in time independent of where the first difference is.
+    let matches = given.len() == token.len()
+        && given
+            .bytes()
+            .zip(token.bytes())
+            .fold(0u8, |difference, (a, b)| difference | (a ^ b))
+            == 0;
+    if matches {
+        next.run(request).await
+    } else {
+        let mut response = HttpError::new(
+            StatusCode::UNAUTHORIZED,
+            "this node requires Authorization: Bearer <token> (http_token)",
+        )
+        .into_response();
+        response
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        response
+    }
+}
+
+/// The whole API as a router.
+pub(crate) fn router(state: AppState, token: Option<Arc<str>>) -> Router {
+    Router::new()
+        .merge(object_routes())
+        .nest("/types/default", object_routes())
+        .route(
+            "/types/{bucket_type}/{*rest}",
+            axum::routing::any(unknown_type),
+        )
+        .route("/ping", get(ping))
+        .route("/stats", get(stats::riak_stats))
+        .route("/metrics", get(stats::prometheus))
+        .route("/", get(list_resources))
+        .fallback(not_found)
+        .with_state(state)
+        .layer(axum::middleware::from_fn_with_state(token, require_token))
+}
+
+async fn ping() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/plain")], "OK")
+}
+
+async fn unknown_type(
+    axum::extract::Path((bucket_type, _)): axum::extract::Path<(String, String)>,
+) -> HttpError {
+    HttpError::new(
+        StatusCode::NOT_FOUND,
+        format!("unknown bucket type {bucket_type:?}: dynkv has only the \"default\" type"),
+    )
+}
+
+async fn not_found() -> HttpError {
+    HttpError::new(StatusCode::NOT_FOUND, "not found")
+}
+
+/// `GET /`: the resources this node serves, as JSON when asked for, else as HTML links.
+async fn list_resources(headers: HeaderMap) -> Response {
+    let resources = [
+        ("riak_kv_wm_buckets", "/buckets"),
+        ("riak_kv_wm_ping", "/ping"),
+        ("riak_kv_wm_stats", "/stats"),
+        ("riak_kv_wm_object", "/buckets"),
+        ("dynkv_metrics", "/metrics"),
+    ];
+    let wants_json = headers
+        .get(header::ACCEPT)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|accept| accept.contains("application/json"));
+    if wants_json {
+        let map: serde_json::Map<String, serde_json::Value> = resources
+            .iter()
+            .map(|(name, path)| (name.to_string(), serde_json::Value::from(*path)))
+            .collect();
+        (
+            [(header::CONTENT_TYPE, "application/json")],
+            serde_json::Value::Object(map).to_string(),
+        )
+            .into_response()
+    } else {
+        let mut html = String::from("<html><body><ul>");
+        for (name, path) in resources {
+            html.push_str(&format!("<li><a href=\"{path}\">{name}</a></li>"));
+        }
+        html.push_str("</ul></body></html>");
+        ([(header::CONTENT_TYPE, "text/html")], html).into_response()
+    }
+}
+
+/// How a node's HTTP listener is set up.
+#[derive(Clone)]
+pub struct HttpSettings {
+    pub address: SocketAddr,
+    /// Largest request body read (`limits.max_value_bytes`).
+    pub max_body_bytes: u64,
+    /// Serve HTTPS with this config; plain HTTP when `None`.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Required bearer token, if any.
+    pub token: Option<String>,
+}
+
+/// A running HTTP listener; [`HttpServer::shutdown`] stops it.
+pub struct HttpServer {
+    pub local_addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl HttpServer {
+    /// Binds `address` and serves the API for `node` until shut down.
+    pub async fn start(node: Node, settings: HttpSettings) -> std::io::Result<HttpServer> {
+        stats::install_prometheus();
+        let listener = tokio::net::TcpListener::bind(settings.address).await?;
+        let local_addr = listener.local_addr()?;
+        let state = AppState {
+            node,
+            stats: Arc::new(stats::Stats::new()),
+            max_body_bytes: settings.max_body_bytes,
+        };
+        let app = router(state, settings.token.map(Arc::from));
+        let (stop, mut stopped) = watch::channel(false);
+        let shutdown = async move {
+            let _ = stopped.wait_for(|stop| *stop).await;
+        };
+        let tls = settings.tls.is_some();
+        let task = match settings.tls {
+            None => tokio::spawn(async move {
+                if let Err(error) = axum::serve(listener, app)
+                    .with_graceful_shutdown(shutdown)
+                    .await
+                {
+                    warn!(error = %error, "HTTP listener failed");
+                }
+            }),
+            Some(config) => {
+                let listener = listener::TlsListener::new(listener, config)?;
+                tokio::spawn(async move {
+                    if let Err(error) = axum::serve(listener, app)
+                        .with_graceful_shutdown(shutdown)
+                        .await
+                    {
+                        warn!(error = %error, "HTTPS listener failed");
+                    }
+                })
+            }
+        };
+        info!(%local_addr, tls, "HTTP API listening");
+        Ok(HttpServer {
+            local_addr,
+            stop,
+            task,
+        })
+    }
+
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        // Keep-alive connections may linger; do not wait for them forever.
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), self.task).await;
+    }
+}

@@ -1,0 +1,326 @@
+//! Request accounting for `/stats` (Riak's JSON shape) and `/metrics` (Prometheus text).
+//!
+//! `/stats` follows Riak: `node_gets`/`node_puts` and the latency, sibling and object-size
+//! figures cover the last minute, the `_total` counters the whole uptime; times are in
+//! microseconds. `/metrics` is rendered by `metrics-exporter-prometheus` from the `metrics`
+//! facade: `dynkv_requests_total` and the `dynkv_request_duration_seconds` histogram carry
+//! `interface`, `operation` and `consistency` labels (the level asked for: `r` for gets, `w`
+//! for puts and deletes).
+
+use super::AppState;
+use crate::core::object::Content;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use serde_json::{Value, json};
+use std::collections::VecDeque;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// The window of the per-minute figures.
+const WINDOW: Duration = Duration::from_secs(60);
+/// Most samples a window keeps; beyond it the oldest go first.
+const WINDOW_CAPACITY: usize = 100_000;
+/// Histogram buckets of request latency, in seconds.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+static PROMETHEUS: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the process-wide Prometheus recorder once. Another recorder already installed
+/// (by an embedding program) leaves `/metrics` empty rather than failing the node.
+pub fn install_prometheus() -> Option<&'static PrometheusHandle> {
+    PROMETHEUS
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Full("dynkv_request_duration_seconds".into()),
+                    LATENCY_BUCKETS,
+                )
+                .ok()?;
+            match builder.install_recorder() {
+                Ok(handle) => Some(handle),
+                Err(error) => {
+                    tracing::warn!(error = %error, "cannot install the metrics recorder; /metrics will be empty");
+                    None
+                }
+            }
+        })
+        .as_ref()
+}
+
+/// Records one request of either interface for `/metrics`.
+pub fn record_metrics(
+    interface: &'static str,
+    operation: &'static str,
+    consistency: &str,
+    outcome: &'static str,
+    elapsed: Duration,
+) {
+    let consistency = consistency_label(consistency);
+    let labels = [
+        ("interface", interface.to_string()),
+        ("operation", operation.to_string()),
+        ("consistency", consistency.to_string()),
+    ];
+    metrics::counter!(
+        "dynkv_requests_total",
+        &[
+            ("interface", interface.to_string()),
+            ("operation", operation.to_string()),
+            ("consistency", consistency.to_string()),
+            ("outcome", outcome.to_string()),
+        ]
+    )
+    .increment(1);
+    metrics::histogram!("dynkv_request_duration_seconds", &labels).record(elapsed.as_secs_f64());
+}
+
+/// A level as a label value: its canonical spelling, or `invalid` for text that is not a
+/// level (so that user input cannot grow the number of series without bound).
+fn consistency_label(text: &str) -> String {
+    match text.parse::<crate::core::quorum::Quorum>() {
+        Ok(crate::core::quorum::Quorum::Count(count)) if count > 16 => "invalid".to_string(),
+        Ok(level) => level.to_string(),
+        Err(_) if text == "none" || text == "all" => text.to_string(),
+        Err(_) => "invalid".to_string(),
+    }
+}
+
+/// Samples of the last minute.
+#[derive(Default)]
+struct Window {
+    samples: parking_lot::Mutex<VecDeque<(Instant, u64)>>,
+}
+
+struct Summary {
+    count: u64,
+    mean: u64,
+    median: u64,
+    p95: u64,
+    p99: u64,
+    max: u64,
+}
+
+impl Window {
+    fn record(&self, value: u64) {
+        let now = Instant::now();
+        let mut samples = self.samples.lock();
+        samples.push_back((now, value));
+        while samples.len() > WINDOW_CAPACITY {
+            samples.pop_front();
+        }
+        while samples
+            .front()
+            .is_some_and(|(at, _)| now.duration_since(*at) > WINDOW)
+        {
+            samples.pop_front();
+        }
+    }
+
+    fn summary(&self) -> Summary {
+        let now = Instant::now();
+        let mut values: Vec<u64> = self
+            .samples
+            .lock()
+            .iter()
+            .filter(|(at, _)| now.duration_since(*at) <= WINDOW)
+            .map(|(_, value)| *value)
+            .collect();
+        values.sort_unstable();
+        let count = values.len() as u64;
+        let percentile = |fraction: f64| -> u64 {
+            if values.is_empty() {
+                return 0;
+            }
+            let index = ((values.len() as f64 * fraction).ceil() as usize).clamp(1, values.len());
+            values[index - 1]
+        };
+        Summary {
+            count,
+            mean: values.iter().sum::<u64>().checked_div(count).unwrap_or(0),
+            median: percentile(0.5),
+            p95: percentile(0.95),
+            p99: percentile(0.99),
+            max: values.last().copied().unwrap_or(0),
+        }
+    }
+}
+
+/// One node's HTTP statistics.
+pub struct Stats {
+    get_times: Window,
+    put_times: Window,
+    siblings: Window,
+    object_sizes: Window,
+    gets_total: AtomicU64,
+    puts_total: AtomicU64,
+    deletes_total: AtomicU64,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn outcome_of(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        200..=399 => "ok",
+        404 => "not_found",
+        400..=499 => "client_error",
+        503 => "unavailable",
+        _ => "error",
+    }
+}
+
+impl Stats {
+    pub fn new() -> Self {
+        Stats {
+            get_times: Window::default(),
+            put_times: Window::default(),
+            siblings: Window::default(),
+            object_sizes: Window::default(),
+            gets_total: AtomicU64::new(0),
+            puts_total: AtomicU64::new(0),
+            deletes_total: AtomicU64::new(0),
+        }
+    }
+
+    pub fn record_request(
+        &self,
+        operation: &'static str,
+        consistency: &str,
+        status: StatusCode,
+        elapsed: Duration,
+    ) {
+        record_metrics("http", operation, consistency, outcome_of(status), elapsed);
+        let micros = elapsed.as_micros() as u64;
+        match operation {
+            "get" => {
+                self.gets_total.fetch_add(1, Ordering::Relaxed);
+                self.get_times.record(micros);
+            }
+            "put" => {
+                self.puts_total.fetch_add(1, Ordering::Relaxed);
+                self.put_times.record(micros);
+            }
+            "delete" => {
+                self.deletes_total.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {}
+        }
+    }
+
+    /// The shape of an object a get found.
+    pub fn record_object(&self, siblings: &[Content]) {
+        self.siblings.record(siblings.len() as u64);
+        let size: usize = siblings.iter().map(Content::size_bytes).sum();
+        self.object_sizes.record(size as u64);
+        metrics::histogram!("dynkv_get_siblings").record(siblings.len() as f64);
+        metrics::histogram!("dynkv_get_object_bytes").record(size as f64);
+    }
+}
+
+fn summary_fields(fields: &mut serde_json::Map<String, Value>, prefix: &str, summary: &Summary) {
+    fields.insert(format!("{prefix}_mean"), json!(summary.mean));
+    fields.insert(format!("{prefix}_median"), json!(summary.median));
+    fields.insert(format!("{prefix}_95"), json!(summary.p95));
+    fields.insert(format!("{prefix}_99"), json!(summary.p99));
+    fields.insert(format!("{prefix}_100"), json!(summary.max));
+}
+
+/// `GET /stats`: Riak's status document, with the fields that apply to dynkv.
+pub(crate) async fn riak_stats(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    let stats = &state.stats;
+    let node = &state.node;
+    let ring = node.ring();
+    let get_times = stats.get_times.summary();
+    let put_times = stats.put_times.summary();
+    let mut fields = serde_json::Map::new();
+    fields.insert("nodename".into(), json!(node.id().to_string()));
+    fields.insert("node_gets".into(), json!(get_times.count));
+    fields.insert(
+        "node_gets_total".into(),
+        json!(stats.gets_total.load(Ordering::Relaxed)),
+    );
+    fields.insert("node_puts".into(), json!(put_times.count));
+    fields.insert(
+        "node_puts_total".into(),
+        json!(stats.puts_total.load(Ordering::Relaxed)),
+    );
+    fields.insert(
+        "node_deletes_total".into(),
+        json!(stats.deletes_total.load(Ordering::Relaxed)),
+    );
+    summary_fields(&mut fields, "node_get_fsm_time", &get_times);
+    summary_fields(&mut fields, "node_put_fsm_time", &put_times);
+    summary_fields(
+        &mut fields,
+        "node_get_fsm_siblings",
+        &stats.siblings.summary(),
+    );
+    summary_fields(
+        &mut fields,
+        "node_get_fsm_objsize",
+        &stats.object_sizes.summary(),
+    );
+    fields.insert(
+        "read_repairs_total".into(),
+        json!(crate::server::counters::read_repairs()),
+    );
+    let members: Vec<String> = ring.members().iter().map(|id| id.to_string()).collect();
+    fields.insert("ring_members".into(), json!(members));
+    fields.insert("ring_num_partitions".into(), json!(ring.partition_count()));
+    fields.insert(
+        "ring_ownership".into(),
+        json!(
+            members
+                .iter()
+                .map(|member| {
+                    let id = crate::core::ids::NodeId::new(member.clone());
+                    let owned = id
+                        .map(|id| ring.partitions_owned_by(&id).len())
+                        .unwrap_or(0);
+                    json!({ "node": member, "partitions": owned })
+                })
+                .collect::<Vec<_>>()
+        ),
+    );
+    fields.insert("storage_backend".into(), json!("fjall"));
+    let storage = node.store().stats();
+    fields.insert("storage_writes_total".into(), json!(storage.writes));
+    fields.insert("storage_fsyncs_total".into(), json!(storage.fsyncs));
+    fields.insert(
+        "storage_key_count_estimate".into(),
+        json!(node.store().key_count_estimate()),
+    );
+    fields.insert("dynkv_version".into(), json!(env!("CARGO_PKG_VERSION")));
+    let document = Value::Object(fields);
+    // Riak pretty-prints for a text/plain Accept.
+    let pretty = headers
+        .get(header::ACCEPT)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|accept| accept.contains("text/plain"));
+    let body = if pretty {
+        serde_json::to_string_pretty(&document).unwrap_or_default()
+    } else {
+        document.to_string()
+    };
+    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+/// `GET /metrics`: Prometheus text exposition format 0.0.4.
+pub(crate) async fn prometheus() -> Response {
+    let text = match install_prometheus() {
+        Some(handle) => {
+            handle.run_upkeep();
+            handle.render()
+        }
+        None => String::new(),
+    };
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
