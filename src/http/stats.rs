@@ -298,6 +298,28 @@ pub(crate) async fn riak_stats(State(state): State<AppState>, headers: HeaderMap
         "storage_key_count_estimate".into(),
         json!(node.store().key_count_estimate()),
     );
+    if let Ok(status) = node.status() {
+        fields.insert("dynkv_hints_held".into(), json!(status.hints_held));
+        fields.insert(
+            "dynkv_hints_delivered_total".into(),
+            json!(status.hints_delivered),
+        );
+        fields.insert(
+            "dynkv_hints_expired_total".into(),
+            json!(status.hints_expired),
+        );
+        fields.insert("dynkv_members_up".into(), json!(status.members_up));
+        fields.insert("dynkv_members_down".into(), json!(status.members_down));
+    }
+    // Riak's list of the nodes this one is connected to: here, the members judged up.
+    let connected: Vec<String> = node
+        .membership()
+        .view()
+        .into_iter()
+        .filter(|member| member.up && member.node != node.id().as_str())
+        .map(|member| member.node)
+        .collect();
+    fields.insert("connected_nodes".into(), json!(connected));
     fields.insert("dynkv_version".into(), json!(env!("CARGO_PKG_VERSION")));
     let document = Value::Object(fields);
     // Riak pretty-prints for a text/plain Accept.

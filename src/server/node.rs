@@ -203,7 +203,10 @@ impl Node {
                 node: node.to_string(),
             },
             ClientRequest::Members => ClientResponse::Members(self.inner.membership.view()),
-            ClientRequest::Status => self.status(),
+            ClientRequest::Status => match self.status() {
+                Ok(status) => ClientResponse::Status(status),
+                Err(error) => ClientResponse::Error(error),
+            },
             ClientRequest::Get {
                 bucket,
                 key,
@@ -249,15 +252,17 @@ impl Node {
         }
     }
 
-    fn status(&self) -> ClientResponse {
+    /// This node's summary: ring share, members up and down, keys, hints.
+    pub fn status(&self) -> Result<NodeStatus, ClientError> {
         let ring = self.inner.membership.ring();
         let members = self.inner.membership.view();
         let up = members.iter().filter(|member| member.up).count() as u32;
-        let hints_held = match self.inner.store.hint_count() {
-            Ok(count) => count,
-            Err(error) => return ClientResponse::Error(ClientError::internal(error.to_string())),
-        };
-        ClientResponse::Status(NodeStatus {
+        let hints_held = self
+            .inner
+            .store
+            .hint_count()
+            .map_err(|error| ClientError::internal(error.to_string()))?;
+        Ok(NodeStatus {
             node: self.inner.id.to_string(),
             partition_count: ring.partition_count(),
             partitions_owned: ring.partitions_owned_by(&self.inner.id).len() as u32,
