@@ -9,8 +9,10 @@
 //! - [`storage`]: the fjall store, one keyspace per partition, with group commit.
 //! - [`server`]: the node (request coordination) and the process around it.
 //! - [`client`]: the Rust client library.
+//! - [`bench`]: workloads, key distributions, histograms and reports of `dynkv bench`.
 //! - [`config`]: the documented, validated node configuration.
 
+pub mod bench;
 pub mod client;
 pub mod config;
 pub mod core;
