@@ -61,7 +61,8 @@ impl ZipfianRanks {
         if scaled < 1.0 + self.half_pow_theta {
             return 1.min(self.items - 1);
         }
-        let rank = (self.items as f64 * (self.eta * uniform - self.eta + 1.0).powf(self.alpha)) as u64;
+        let rank =
+            (self.items as f64 * (self.eta * uniform - self.eta + 1.0).powf(self.alpha)) as u64;
         rank.min(self.items - 1)
     }
 }
@@ -83,7 +84,9 @@ fn fnv1a_64(value: u64) -> u64 {
 /// How a workload picks the record each operation touches.
 #[derive(Clone, Debug)]
 pub enum KeyChooser {
-    Uniform { records: u64 },
+    Uniform {
+        records: u64,
+    },
     /// Zipfian ranks scrambled over the records.
     Zipfian(ZipfianRanks),
 }
@@ -183,7 +186,10 @@ mod tests {
         // The ten hottest records are not the first ten indexes.
         assert!(hottest[..10].iter().any(|&index| index >= 10));
         let max = *counts.iter().max().unwrap_or(&0);
-        assert!(max > 5_000, "the hottest record gets several percent: {max}");
+        assert!(
+            max > 5_000,
+            "the hottest record gets several percent: {max}"
+        );
     }
 
     #[test]

@@ -56,7 +56,10 @@ impl Recorder {
 
     pub fn merge(&mut self, other: &Recorder) {
         for (operation, histogram) in &other.histograms {
-            let mine = self.histograms.entry(*operation).or_insert_with(new_histogram);
+            let mine = self
+                .histograms
+                .entry(*operation)
+                .or_insert_with(new_histogram);
             // Same bounds on both sides, so adding cannot fail.
             let _ = mine.add(histogram);
         }
@@ -333,7 +336,11 @@ mod tests {
         assert_eq!(read.count, 100);
         assert!((read.throughput_ops_per_sec - 50.0).abs() < 1e-9);
         // Three significant digits: within 0.1%.
-        assert!((read.latency_ms.p50 - 50.0).abs() < 0.1, "{}", read.latency_ms.p50);
+        assert!(
+            (read.latency_ms.p50 - 50.0).abs() < 0.1,
+            "{}",
+            read.latency_ms.p50
+        );
         assert!((read.latency_ms.p99 - 99.0).abs() < 0.1);
         assert!((read.latency_ms.max - 100.0).abs() < 0.1);
         assert_eq!(report.operations, 101);
@@ -353,7 +360,14 @@ mod tests {
     fn table_names_every_operation_and_error_kind() {
         let text = PhaseReport::new(&recorder(), Duration::from_secs(1)).render();
         assert!(text.starts_with("operation"));
-        for needle in ["read", "update", "all", "p99.9 ms", "timeout=2", "transport=1"] {
+        for needle in [
+            "read",
+            "update",
+            "all",
+            "p99.9 ms",
+            "timeout=2",
+            "transport=1",
+        ] {
             assert!(text.contains(needle), "{needle} missing from:\n{text}");
         }
     }

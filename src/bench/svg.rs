@@ -167,10 +167,7 @@ mod tests {
         let mut rest = document;
         while let Some(start) = rest.find('<') {
             check_text(&rest[..start])?;
-            let end = rest[start..]
-                .find('>')
-                .ok_or("unterminated tag")?
-                + start;
+            let end = rest[start..].find('>').ok_or("unterminated tag")? + start;
             let tag = &rest[start + 1..end];
             rest = &rest[end + 1..];
             if tag.starts_with('?') {
@@ -187,14 +184,11 @@ mod tests {
             }
             let self_closing = tag.ends_with('/');
             let body = tag.trim_end_matches('/');
-            let name: String = body
-                .chars()
-                .take_while(|c| !c.is_whitespace())
-                .collect();
+            let name: String = body.chars().take_while(|c| !c.is_whitespace()).collect();
             if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
                 return Err(format!("bad element name in <{tag}>"));
             }
-            if body.matches('"').count() % 2 != 0 || body.contains('<') {
+            if !body.matches('"').count().is_multiple_of(2) || body.contains('<') {
                 return Err(format!("bad attributes in <{tag}>"));
             }
             if stack.is_empty() && !elements.is_empty() {

@@ -105,10 +105,7 @@ mod tests {
     fn parses_named_and_custom_workloads() {
         assert_eq!("A".parse(), Ok(Workload::A));
         assert_eq!("w".parse(), Ok(Workload::W));
-        assert_eq!(
-            "read=80".parse(),
-            Ok(Workload::Custom { read_percent: 80 })
-        );
+        assert_eq!("read=80".parse(), Ok(Workload::Custom { read_percent: 80 }));
         assert!("read=101".parse::<Workload>().is_err());
         assert!("z".parse::<Workload>().is_err());
     }

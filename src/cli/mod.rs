@@ -1,5 +1,6 @@
 //! Command-line interface. Each subcommand lives in its own module.
 
+mod bench;
 mod cert;
 mod client;
 mod dev;
@@ -34,6 +35,8 @@ enum Command {
     Delete(client::DeleteArgs),
     /// Check that a node answers.
     Ping(client::PingArgs),
+    /// Drive a cluster with YCSB-style workloads, or compare W/R configurations (`bench compare`).
+    Bench(Box<bench::BenchArgs>),
     /// Create a cluster CA and node certificates.
     #[command(subcommand)]
     Cert(cert::CertCommand),
@@ -57,6 +60,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Put(args) => runtime.block_on(client::put(args)),
         Command::Delete(args) => runtime.block_on(client::delete(args)),
         Command::Ping(args) => runtime.block_on(client::ping(args)),
+        Command::Bench(args) => runtime.block_on(bench::run(args)),
         Command::Cert(command) => cert::run(command),
     }
 }
