@@ -92,7 +92,15 @@ fn bench_workload_and_compare_report_json_without_errors() {
         .iter()
         .filter_map(|config| config["label"].as_str())
         .collect();
-    assert_eq!(labels, ["W=one/R=all", "W=quorum/R=quorum", "W=all/R=one"]);
+    assert_eq!(
+        labels,
+        [
+            "W=one/R=all",
+            "W=quorum/R=quorum",
+            "W=all/R=one",
+            "W=one/R=one"
+        ]
+    );
     for config in configs {
         assert_eq!(config["result"]["errors"]["total"], 0, "{config}");
         let buckets = config["staleness"].as_array().expect("staleness buckets");

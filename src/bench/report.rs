@@ -268,7 +268,7 @@ impl CompareReport {
             .unwrap_or_default();
         let _ = write!(
             text,
-            "{:<16} {:>9} {:>7} {:>8} {:>8} {:>7}",
+            "{:<18} {:>9} {:>7} {:>8} {:>8} {:>7}",
             "config", "ops/s", "ceil%", "p50 ms", "p99 ms", "errors"
         );
         for bucket in &buckets {
@@ -279,7 +279,7 @@ impl CompareReport {
             let latency = config.result.latency_ms.clone();
             let _ = write!(
                 text,
-                "{:<16} {:>9.0} {:>7} {:>8.2} {:>8.2} {:>7}",
+                "{:<18} {:>9.0} {:>7} {:>8.2} {:>8.2} {:>7}",
                 config.label,
                 config.result.throughput_ops_per_sec,
                 config

@@ -137,13 +137,19 @@ pub fn compare_chart(report: &CompareReport) -> String {
                 y - 4.0,
                 escape(&(panel.format)(*value))
             );
-            let _ = writeln!(
-                svg,
-                r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
-                x + bar_width / 2.0,
-                bottom + 16.0,
-                escape(labels.get(bar).map(String::as_str).unwrap_or(""))
-            );
+            // "W=quorum/R=quorum" on two lines, so neighbouring labels do not overlap.
+            let label = labels.get(bar).map(String::as_str).unwrap_or("");
+            let _ = write!(svg, r#"<text text-anchor="middle">"#);
+            for (line, part) in label.split('/').enumerate() {
+                let _ = write!(
+                    svg,
+                    r#"<tspan x="{:.1}" y="{:.1}">{}</tspan>"#,
+                    x + bar_width / 2.0,
+                    bottom + 16.0 + 14.0 * line as f64,
+                    escape(part)
+                );
+            }
+            let _ = writeln!(svg, "</text>");
         }
         let _ = writeln!(svg, "</g>");
     }
@@ -261,7 +267,9 @@ mod tests {
         assert_eq!(elements.iter().filter(|e| *e == "g").count(), 3);
         // A background plus one bar per configuration in each of the three panels.
         assert_eq!(elements.iter().filter(|e| *e == "rect").count(), 1 + 3 * 2);
-        assert!(svg.contains("W=&lt;&amp;&gt;/R=&quot;x&quot;"));
+        assert!(
+            svg.contains(">W=&lt;&amp;&gt;</tspan>") && svg.contains(">R=&quot;x&quot;</tspan>")
+        );
         assert!(svg.contains("50.0"), "stale percent label:\n{svg}");
     }
 

@@ -47,8 +47,10 @@ enum BenchCommand {
 
 #[derive(Args, Debug)]
 struct CompareArgs {
-    /// Configurations as W/R pairs, comma separated (one, quorum, all or a number).
-    #[arg(long, default_value = "one/all,quorum/quorum,all/one")]
+    /// Configurations as W/R pairs, comma separated (one, quorum, all or a number). The
+    /// default adds W=1/R=1, the partial quorum whose staleness PBS predicts, to the three
+    /// strict ones.
+    #[arg(long, default_value = "one/all,quorum/quorum,all/one,one/one")]
     configs: String,
     /// Staleness probes per configuration, each a writer and a reader on different nodes,
     /// running beside the workload.
