@@ -10,8 +10,10 @@
 //! - [`http`]: the Riak-compatible HTTP API, `/stats` and `/metrics`.
 //! - [`server`]: the node (request coordination) and the process around it.
 //! - [`client`]: the Rust client library.
+//! - [`bench`]: workloads, key distributions, histograms and reports of `dynkv bench`.
 //! - [`config`]: the documented, validated node configuration.
 
+pub mod bench;
 pub mod client;
 pub mod config;
 pub mod core;

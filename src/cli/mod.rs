@@ -1,6 +1,7 @@
 //! Command-line interface. Each subcommand lives in its own module.
 
 mod admin;
+mod bench;
 mod cert;
 mod client;
 mod dev;
@@ -38,6 +39,8 @@ enum Command {
     /// Operator commands: members, status.
     #[command(subcommand)]
     Admin(admin::AdminCommand),
+    /// Drive a cluster with YCSB-style workloads, or compare W/R configurations (`bench compare`).
+    Bench(Box<bench::BenchArgs>),
     /// Create a cluster CA and node certificates.
     #[command(subcommand)]
     Cert(cert::CertCommand),
@@ -62,6 +65,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Delete(args) => runtime.block_on(client::delete(args)),
         Command::Ping(args) => runtime.block_on(client::ping(args)),
         Command::Admin(command) => runtime.block_on(admin::run(command)),
+        Command::Bench(args) => runtime.block_on(bench::run(args)),
         Command::Cert(command) => cert::run(command),
     }
 }

@@ -1,0 +1,854 @@
+//! `dynkv bench` and `dynkv bench compare`: closed-loop YCSB-style load against a cluster (a
+//! running one, the dev cluster, or one started here with `--local N`), reported as HDR
+//! percentiles per operation, errors by kind and JSON; and the consistency comparison of
+//! several W/R configurations on the same cluster and data, with measured staleness.
+//!
+//! Every phase can be read against the ceiling: the same workers sending the no-op `Ping`
+//! through the same client path and transport for the same duration or count.
+
+use super::dev::{DevCluster, default_dev_dir};
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand, ValueEnum};
+use dynkv::bench::keys::{DEFAULT_ZIPFIAN_THETA, KeyChooser, record_key};
+use dynkv::bench::report::{
+    CompareReport, ConfigReport, PhaseReport, Recorder, RunReport, RunSettings,
+};
+use dynkv::bench::staleness::{PROBE_GAPS_MICROS, StalenessTally};
+use dynkv::bench::svg::compare_chart;
+use dynkv::bench::workload::{Operation, Workload};
+use dynkv::client::{Client, ClientConfig, ClientLibError};
+use dynkv::core::quorum::Quorum;
+use dynkv::protocol::{GetOptions, NewContent, PutOptions};
+use parking_lot::Mutex;
+use rand::SeedableRng;
+use rand::rngs::SmallRng;
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, IsTerminal, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    command: Option<BenchCommand>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum BenchCommand {
+    /// Run the same workload under several W/R configurations on the same cluster and data;
+    /// print a table, write an SVG chart, and measure stale reads by write-to-read gap.
+    Compare(CompareArgs),
+}
+
+#[derive(Args, Debug)]
+struct CompareArgs {
+    /// Configurations as W/R pairs, comma separated (one, quorum, all or a number). The
+    /// default adds W=1/R=1, the partial quorum whose staleness PBS predicts, to the three
+    /// strict ones.
+    #[arg(long, default_value = "one/all,quorum/quorum,all/one,one/one")]
+    configs: String,
+    /// Staleness probes per configuration, each a writer and a reader on different nodes,
+    /// running beside the workload.
+    #[arg(long, default_value_t = 4)]
+    probes: usize,
+    /// Where to write the SVG chart.
+    #[arg(long, default_value = "bench-compare.svg")]
+    svg_out: PathBuf,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+struct RunArgs {
+    /// Client address of a node; repeat for several (workers are spread over them)
+    /// [default: every node of the dev cluster].
+    #[arg(long = "node")]
+    nodes: Vec<SocketAddr>,
+    /// Cluster CA certificate [default: the dev cluster's].
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// Directory of the dev cluster to reach [default: $DYNKV_DEV_DIR or ~/.local/share/dynkv/dev].
+    #[arg(long)]
+    dev_dir: Option<PathBuf>,
+    /// Start a fresh N-node `dynkv dev` cluster in a temporary directory for this run.
+    #[arg(long, value_name = "N")]
+    local: Option<u16>,
+    /// Base port of the `--local` cluster (clients on BASE.., peers on BASE+100..).
+    #[arg(long, default_value_t = 27100)]
+    local_base_port: u16,
+    /// a (50% read), b (95% read), c (read only), w (write only) or read=PERCENT.
+    #[arg(long, default_value = "a")]
+    workload: Workload,
+    /// How keys are chosen.
+    #[arg(long, value_enum, default_value_t = KeyDistribution::Zipfian)]
+    keys: KeyDistribution,
+    /// Skew of the zipfian distribution, in (0, 1).
+    #[arg(long, default_value_t = DEFAULT_ZIPFIAN_THETA)]
+    zipf_theta: f64,
+    /// Records written before the run; operations choose among them.
+    #[arg(long, default_value_t = 10_000)]
+    records: u64,
+    /// Do not write the records first (they exist from an earlier run).
+    #[arg(long)]
+    no_preload: bool,
+    /// Size of every written value.
+    #[arg(long, default_value_t = 100)]
+    value_bytes: usize,
+    /// Concurrent closed-loop workers (each keeps one request in flight).
+    #[arg(long, default_value_t = 50)]
+    workers: usize,
+    /// Length of the run (of each configuration in compare), in seconds.
+    #[arg(long, default_value_t = 10.0)]
+    duration_secs: f64,
+    /// Stop after this many operations instead of a duration.
+    #[arg(long)]
+    operations: Option<u64>,
+    /// Replies needed by reads: one, quorum, all, default or a number.
+    #[arg(long, default_value = "default")]
+    r: Quorum,
+    /// Acknowledgements needed by writes.
+    #[arg(long, default_value = "default")]
+    w: Quorum,
+    /// Durable acknowledgements needed by writes.
+    #[arg(long, default_value = "default")]
+    dw: Quorum,
+    /// Per-request timeout in milliseconds [default: the node's].
+    #[arg(long)]
+    timeout_ms: Option<u64>,
+    #[arg(long, default_value = "bench")]
+    bucket: String,
+    /// Seed of the key and operation choices (worker i uses seed + i).
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Skip the no-op ceiling phase.
+    #[arg(long)]
+    no_ceiling: bool,
+    /// Write without the causal context of the key's last read or write; with allow_mult
+    /// every such write adds a sibling.
+    #[arg(long)]
+    blind_writes: bool,
+    /// Write the results as JSON to this file.
+    #[arg(long)]
+    json_out: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum KeyDistribution {
+    Uniform,
+    Zipfian,
+}
+
+pub async fn run(args: Box<BenchArgs>) -> Result<()> {
+    match args.command {
+        None => run_workload(args.run).await,
+        Some(BenchCommand::Compare(compare)) => run_compare(compare).await,
+    }
+}
+
+/// A `dynkv dev` child started by `--local`; stopped (SIGTERM) and removed on drop.
+struct LocalCluster {
+    child: std::process::Child,
+    dir: PathBuf,
+}
+
+impl LocalCluster {
+    fn start(nodes: u16, base_port: u16) -> Result<LocalCluster> {
+        let dir = std::env::temp_dir().join(format!("dynkv-bench-{}", std::process::id()));
+        let executable = std::env::current_exe().context("cannot find the dynkv executable")?;
+        let mut child = std::process::Command::new(executable)
+            .args(["dev", "--fresh", "--nodes", &nodes.to_string()])
+            .args(["--base-port", &base_port.to_string()])
+            .arg("--dir")
+            .arg(&dir)
+            // The nodes' logs go to their files; keep dev's own info lines off the report.
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .context("cannot start `dynkv dev`")?;
+        let stdout = child.stdout.take().context("dev stdout")?;
+        let cluster = LocalCluster { child, dir };
+        let mut lines = BufReader::new(stdout).lines();
+        let mut up = false;
+        for line in lines.by_ref() {
+            if line
+                .context("reading `dynkv dev` output")?
+                .contains("nodes up")
+            {
+                up = true;
+                break;
+            }
+        }
+        if !up {
+            bail!(
+                "`dynkv dev` stopped before its nodes were up (logs in {})",
+                cluster.dir.display()
+            );
+        }
+        // Keep draining so dev never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Ok(cluster)
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on the child we spawned and still own; no memory is touched.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !matches!(self.child.try_wait(), Ok(Some(_))) {
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// One client per node, so workers enter the cluster through every node.
+async fn connect(args: &RunArgs, dev_dir: Option<&Path>) -> Result<Vec<Client>> {
+    let (nodes, ca_path) = if args.nodes.is_empty() || args.ca.is_none() {
+        let dir = dev_dir
+            .map(Path::to_path_buf)
+            .or_else(|| args.dev_dir.clone())
+            .unwrap_or_else(default_dev_dir);
+        let cluster = DevCluster::load(&dir).with_context(|| {
+            format!(
+                "no --node/--ca given and no dev cluster in {}; start one with `dynkv dev`, pass --local 3, or --node ADDR --ca FILE",
+                dir.display()
+            )
+        })?;
+        let nodes = if args.nodes.is_empty() {
+            cluster.nodes.iter().map(|node| node.client_addr).collect()
+        } else {
+            args.nodes.clone()
+        };
+        (nodes, args.ca.clone().unwrap_or(cluster.ca_cert))
+    } else {
+        (args.nodes.clone(), args.ca.clone().unwrap_or_default())
+    };
+    let ca_pem = std::fs::read_to_string(&ca_path)
+        .with_context(|| format!("cannot read the CA certificate {}", ca_path.display()))?;
+    let mut clients = Vec::new();
+    for node in nodes {
+        let client = Client::connect(ClientConfig::new(vec![node], ca_pem.clone()))
+            .await
+            .with_context(|| format!("cannot connect to {node}"))?;
+        clients.push(client);
+    }
+    Ok(clients)
+}
+
+/// The latest causal context seen per record, so that updates supersede what the key holds
+/// instead of piling up siblings (a client reading before writing does the same).
+struct Contexts {
+    shards: Vec<Mutex<HashMap<u64, Vec<u8>>>>,
+}
+
+impl Contexts {
+    fn new() -> Self {
+        Contexts {
+            shards: (0..64).map(|_| Mutex::new(HashMap::new())).collect(),
+        }
+    }
+
+    fn shard(&self, record: u64) -> &Mutex<HashMap<u64, Vec<u8>>> {
+        &self.shards[(record % self.shards.len() as u64) as usize]
+    }
+
+    fn get(&self, record: u64) -> Option<Vec<u8>> {
+        self.shard(record).lock().get(&record).cloned()
+    }
+
+    fn set(&self, record: u64, context: Vec<u8>) {
+        self.shard(record).lock().insert(record, context);
+    }
+}
+
+/// What every request of a phase shares.
+struct Plan {
+    mix: Mix,
+    keys: KeyChooser,
+    bucket: Vec<u8>,
+    value: Vec<u8>,
+    read_options: GetOptions,
+    write_options: PutOptions,
+    contexts: Option<Contexts>,
+}
+
+#[derive(Clone, Copy)]
+enum Mix {
+    Workload(Workload),
+    /// Record `i` written once each, in order (the preload).
+    Preload,
+    Ping,
+}
+
+#[derive(Clone, Copy)]
+enum Limit {
+    Duration(Duration),
+    Operations(u64),
+}
+
+impl RunArgs {
+    fn limit(&self) -> Limit {
+        match self.operations {
+            Some(operations) => Limit::Operations(operations),
+            None => Limit::Duration(Duration::from_secs_f64(self.duration_secs.max(0.001))),
+        }
+    }
+
+    fn plan(&self, mix: Mix, r: Quorum, w: Quorum) -> Plan {
+        let keys = match self.keys {
+            KeyDistribution::Uniform => KeyChooser::uniform(self.records),
+            KeyDistribution::Zipfian => KeyChooser::zipfian(self.records, self.zipf_theta),
+        };
+        Plan {
+            mix,
+            keys,
+            bucket: self.bucket.clone().into_bytes(),
+            value: vec![b'x'; self.value_bytes],
+            read_options: GetOptions {
+                r,
+                timeout_ms: self.timeout_ms,
+                ..Default::default()
+            },
+            write_options: PutOptions {
+                w,
+                dw: self.dw,
+                timeout_ms: self.timeout_ms,
+                ..Default::default()
+            },
+            contexts: (!self.blind_writes).then(Contexts::new),
+        }
+    }
+
+    fn settings(&self, clients: &[Client], r: &str, w: &str) -> RunSettings {
+        RunSettings {
+            workload: self.workload.to_string(),
+            key_distribution: match self.keys {
+                KeyDistribution::Uniform => "uniform".into(),
+                KeyDistribution::Zipfian => format!("zipfian(theta={})", self.zipf_theta),
+            },
+            records: self.records,
+            value_bytes: self.value_bytes,
+            workers: self.workers,
+            r: r.to_string(),
+            w: w.to_string(),
+            duration_secs: self.operations.is_none().then_some(self.duration_secs),
+            operations: self.operations,
+            seed: self.seed,
+            nodes: clients
+                .iter()
+                .filter_map(Client::connected_node)
+                .map(|address| address.to_string())
+                .collect(),
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.workers == 0 {
+            bail!("--workers must be at least 1");
+        }
+        if self.records == 0 {
+            bail!("--records must be at least 1");
+        }
+        if self.zipf_theta.is_nan() || self.zipf_theta <= 0.0 || self.zipf_theta >= 1.0 {
+            bail!("--zipf-theta must be between 0 and 1 (exclusive)");
+        }
+        if self.duration_secs.is_nan() || self.duration_secs <= 0.0 {
+            bail!("--duration-secs must be positive");
+        }
+        Ok(())
+    }
+}
+
+/// The kind of a failed request, as a short snake_case name (e.g. `quorum_unmet`).
+fn error_kind(error: &ClientLibError) -> String {
+    let debug = match error {
+        ClientLibError::Server(error) => format!("{:?}", error.kind),
+        other => format!("{other:?}"),
+    };
+    let name: String = debug
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric())
+        .collect();
+    let mut snake = String::new();
+    for (index, character) in name.chars().enumerate() {
+        if character.is_ascii_uppercase() && index > 0 {
+            snake.push('_');
+        }
+        snake.push(character.to_ascii_lowercase());
+    }
+    snake
+}
+
+async fn execute(
+    client: &Client,
+    plan: &Plan,
+    operation: Operation,
+    record: u64,
+) -> Result<(), ClientLibError> {
+    match operation {
+        Operation::Ping => client.ping().await.map(|_| ()),
+        Operation::Read => {
+            let key = record_key(record);
+            let result = client
+                .get(&plan.bucket, &key, plan.read_options.clone())
+                .await?;
+            if let (Some(contexts), Some(context)) = (&plan.contexts, result.context) {
+                contexts.set(record, context);
+            }
+            Ok(())
+        }
+        Operation::Update => {
+            let key = record_key(record);
+            let context = plan.contexts.as_ref().and_then(|c| c.get(record));
+            let content = NewContent {
+                value: plan.value.clone(),
+                ..Default::default()
+            };
+            let result = client
+                .put(
+                    &plan.bucket,
+                    &key,
+                    context.as_deref(),
+                    content,
+                    plan.write_options.clone(),
+                )
+                .await?;
+            if let Some(contexts) = &plan.contexts {
+                contexts.set(record, result.context);
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Runs `workers` closed-loop workers until the limit; prints a live progress line on a
+/// terminal. Returns what they measured and how long it took.
+async fn run_phase(
+    name: &str,
+    clients: &[Client],
+    workers: usize,
+    plan: Arc<Plan>,
+    limit: Limit,
+    seed: u64,
+) -> Result<PhaseReport> {
+    let done = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let claimed = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let deadline = match limit {
+        Limit::Duration(duration) => Some(started + duration),
+        Limit::Operations(_) => None,
+    };
+    let budget = match limit {
+        Limit::Operations(operations) => operations,
+        Limit::Duration(_) => u64::MAX,
+    };
+    let progress = spawn_progress(name.to_string(), done.clone(), failed.clone(), limit);
+    let mut tasks = Vec::with_capacity(workers);
+    for worker in 0..workers {
+        let client = clients[worker % clients.len()].clone();
+        let plan = plan.clone();
+        let (done, failed, claimed) = (done.clone(), failed.clone(), claimed.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut rng = SmallRng::seed_from_u64(seed.wrapping_add(worker as u64));
+            let mut recorder = Recorder::new();
+            loop {
+                if deadline.is_some_and(|deadline| Instant::now() >= deadline) {
+                    break;
+                }
+                let ticket = claimed.fetch_add(1, Ordering::Relaxed);
+                if ticket >= budget {
+                    break;
+                }
+                let (operation, record) = match plan.mix {
+                    Mix::Workload(workload) => {
+                        (workload.choose(&mut rng), plan.keys.next(&mut rng))
+                    }
+                    Mix::Preload => (Operation::Update, ticket),
+                    Mix::Ping => (Operation::Ping, 0),
+                };
+                let begun = Instant::now();
+                match execute(&client, &plan, operation, record).await {
+                    Ok(()) => recorder.record(operation, begun.elapsed()),
+                    Err(error) => {
+                        recorder.error(&error_kind(&error));
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+            recorder
+        }));
+    }
+    let mut recorder = Recorder::new();
+    for task in tasks {
+        recorder.merge(&task.await.context("a bench worker panicked")?);
+    }
+    let elapsed = started.elapsed();
+    progress.finish();
+    Ok(PhaseReport::new(&recorder, elapsed))
+}
+
+struct Progress {
+    stop: Arc<AtomicBool>,
+    active: bool,
+}
+
+impl Progress {
+    fn finish(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if self.active {
+            eprint!("\r{:79}\r", "");
+        }
+    }
+}
+
+/// A `\r` line on stderr, twice a second, only when stderr is a terminal.
+fn spawn_progress(
+    name: String,
+    done: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    limit: Limit,
+) -> Progress {
+    let stop = Arc::new(AtomicBool::new(false));
+    let active = std::io::stderr().is_terminal();
+    if active {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let mut last = (Instant::now(), 0u64);
+            while !stop.load(Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let now = Instant::now();
+                let count = done.load(Ordering::Relaxed);
+                let rate = (count - last.1) as f64 / (now - last.0).as_secs_f64().max(1e-6);
+                last = (now, count);
+                let total = match limit {
+                    Limit::Duration(duration) => format!("/{:.0} s", duration.as_secs_f64()),
+                    Limit::Operations(operations) => format!(" ({count}/{operations} ops)"),
+                };
+                eprint!(
+                    "\r{name}: {:.1}{total}  {count} ops  {rate:.0} ops/s  errors {}   ",
+                    started.elapsed().as_secs_f64(),
+                    failed.load(Ordering::Relaxed)
+                );
+                let _ = std::io::stderr().flush();
+            }
+        });
+    }
+    Progress { stop, active }
+}
+
+async fn preload(args: &RunArgs, clients: &[Client]) -> Result<()> {
+    if args.no_preload {
+        return Ok(());
+    }
+    // Every replica gets every record, so reads find them whatever their r.
+    let plan = Arc::new(args.plan(Mix::Preload, Quorum::Default, Quorum::All));
+    let report = run_phase(
+        "preload",
+        clients,
+        args.workers,
+        plan,
+        Limit::Operations(args.records),
+        args.seed,
+    )
+    .await?;
+    eprintln!(
+        "preloaded {} records in {:.2} s ({} errors)",
+        report.operations, report.elapsed_secs, report.errors.total
+    );
+    Ok(())
+}
+
+async fn ceiling(args: &RunArgs, clients: &[Client]) -> Result<Option<PhaseReport>> {
+    if args.no_ceiling {
+        return Ok(None);
+    }
+    let plan = Arc::new(args.plan(Mix::Ping, Quorum::Default, Quorum::Default));
+    let report = run_phase(
+        "ceiling (ping)",
+        clients,
+        args.workers,
+        plan,
+        args.limit(),
+        args.seed,
+    )
+    .await?;
+    Ok(Some(report))
+}
+
+fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {
+    let text = serde_json::to_string_pretty(value).context("cannot render the JSON report")?;
+    std::fs::write(path, text + "\n").with_context(|| format!("cannot write {}", path.display()))
+}
+
+async fn start_local(args: &RunArgs) -> Result<Option<LocalCluster>> {
+    match args.local {
+        None => Ok(None),
+        Some(0) => bail!("--local needs at least 1 node"),
+        Some(nodes) => {
+            let base_port = args.local_base_port;
+            eprintln!("starting a local {nodes}-node cluster on ports {base_port}..");
+            let cluster =
+                tokio::task::spawn_blocking(move || LocalCluster::start(nodes, base_port))
+                    .await
+                    .context("local cluster start-up panicked")??;
+            Ok(Some(cluster))
+        }
+    }
+}
+
+async fn run_workload(args: RunArgs) -> Result<()> {
+    args.validate()?;
+    let local = start_local(&args).await?;
+    let clients = connect(&args, local.as_ref().map(|cluster| cluster.dir.as_path())).await?;
+    let settings = args.settings(&clients, &args.r.to_string(), &args.w.to_string());
+    println!(
+        "dynkv bench: workload {}, {} keys over {} records, {}-byte values, {} workers, r={} w={}, nodes {}",
+        settings.workload,
+        settings.key_distribution,
+        args.records,
+        args.value_bytes,
+        args.workers,
+        args.r,
+        args.w,
+        settings.nodes.join(" ")
+    );
+    preload(&args, &clients).await?;
+    let ceiling = ceiling(&args, &clients).await?;
+    let plan = Arc::new(args.plan(Mix::Workload(args.workload), args.r, args.w));
+    let name = format!("workload {}", args.workload);
+    let result = run_phase(&name, &clients, args.workers, plan, args.limit(), args.seed).await?;
+    print!("{}", result.render());
+    let fraction_of_ceiling = ceiling.as_ref().and_then(|c| result.fraction_of(c));
+    if let (Some(ceiling), Some(fraction)) = (&ceiling, fraction_of_ceiling) {
+        println!(
+            "ceiling (no-op ping, same client path): {:.0} ops/s, p99 {:.2} ms; this run reached {:.0}% of it",
+            ceiling.throughput_ops_per_sec,
+            ceiling.latency_ms.as_ref().map_or(0.0, |l| l.p99),
+            fraction * 100.0
+        );
+    }
+    let report = RunReport {
+        settings,
+        result,
+        ceiling,
+        fraction_of_ceiling,
+    };
+    if let Some(path) = &args.json_out {
+        write_json(path, &report)?;
+    }
+    drop(local);
+    Ok(())
+}
+
+fn parse_configs(text: &str) -> Result<Vec<(Quorum, Quorum)>> {
+    text.split(',')
+        .filter(|part| !part.trim().is_empty())
+        .map(|part| {
+            let (w, r) = part
+                .split_once('/')
+                .with_context(|| format!("config {part:?} is not W/R (e.g. quorum/quorum)"))?;
+            let w: Quorum = w.parse().with_context(|| format!("W of {part:?}"))?;
+            let r: Quorum = r.parse().with_context(|| format!("R of {part:?}"))?;
+            Ok((w, r))
+        })
+        .collect()
+}
+
+/// Writes a fresh key, waits a chosen gap after the acknowledgement, then reads it through
+/// another node: the read is stale when it does not return the acknowledged value.
+async fn probe(
+    writer: Client,
+    reader: Client,
+    bucket: Vec<u8>,
+    options: (PutOptions, GetOptions),
+    name: String,
+    stop: Arc<AtomicBool>,
+) -> StalenessTally {
+    let mut tally = StalenessTally::default();
+    let (write_options, read_options) = options;
+    let mut sequence = 0usize;
+    while !stop.load(Ordering::Relaxed) {
+        let gap_target = PROBE_GAPS_MICROS[sequence % PROBE_GAPS_MICROS.len()];
+        let key = format!("{name}-{sequence}").into_bytes();
+        sequence += 1;
+        let content = NewContent {
+            value: key.clone(),
+            ..Default::default()
+        };
+        if writer
+            .put(&bucket, &key, None, content, write_options.clone())
+            .await
+            .is_err()
+        {
+            continue;
+        }
+        let acknowledged = Instant::now();
+        if gap_target > 0 {
+            tokio::time::sleep(Duration::from_micros(gap_target)).await;
+        }
+        let gap = acknowledged.elapsed();
+        if let Ok(read) = reader.get(&bucket, &key, read_options.clone()).await {
+            let fresh = read.siblings.iter().any(|sibling| sibling.value == key);
+            tally.record(gap.as_micros() as u64, !fresh);
+        }
+    }
+    tally
+}
+
+async fn run_compare(compare: CompareArgs) -> Result<()> {
+    let args = compare.run.clone();
+    args.validate()?;
+    let configs = parse_configs(&compare.configs)?;
+    if configs.is_empty() {
+        bail!("--configs names no configuration");
+    }
+    let local = start_local(&args).await?;
+    let clients = connect(&args, local.as_ref().map(|cluster| cluster.dir.as_path())).await?;
+    let settings = args.settings(&clients, "per config", "per config");
+    println!(
+        "dynkv bench compare: workload {}, {} keys over {} records, {}-byte values, {} workers, {} probes, nodes {}",
+        settings.workload,
+        settings.key_distribution,
+        args.records,
+        args.value_bytes,
+        args.workers,
+        compare.probes,
+        settings.nodes.join(" ")
+    );
+    preload(&args, &clients).await?;
+    let ceiling = ceiling(&args, &clients).await?;
+    let run_id = std::process::id();
+    let mut reports = Vec::new();
+    for (w, r) in configs {
+        let label = format!("W={w}/R={r}");
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut probes = Vec::new();
+        for index in 0..compare.probes {
+            let writer = clients[index % clients.len()].clone();
+            let reader = clients[(index + 1) % clients.len()].clone();
+            let options = (
+                PutOptions {
+                    w,
+                    dw: args.dw,
+                    timeout_ms: args.timeout_ms,
+                    ..Default::default()
+                },
+                GetOptions {
+                    r,
+                    timeout_ms: args.timeout_ms,
+                    ..Default::default()
+                },
+            );
+            let name = format!("probe-{run_id}-{w}-{r}-{index}");
+            probes.push(tokio::spawn(probe(
+                writer,
+                reader,
+                args.bucket.clone().into_bytes(),
+                options,
+                name,
+                stop.clone(),
+            )));
+        }
+        let plan = Arc::new(args.plan(Mix::Workload(args.workload), r, w));
+        let result = run_phase(
+            &label,
+            &clients,
+            args.workers,
+            plan,
+            args.limit(),
+            args.seed,
+        )
+        .await?;
+        stop.store(true, Ordering::Relaxed);
+        let mut tally = StalenessTally::default();
+        for probe in probes {
+            tally.merge(&probe.await.context("a staleness probe panicked")?);
+        }
+        println!(
+            "{label}: {:.0} ops/s, {} errors, {} staleness reads",
+            result.throughput_ops_per_sec,
+            result.errors.total,
+            tally.total_reads()
+        );
+        reports.push(ConfigReport {
+            label,
+            w: w.to_string(),
+            r: r.to_string(),
+            fraction_of_ceiling: ceiling.as_ref().and_then(|c| result.fraction_of(c)),
+            result,
+            staleness: tally.buckets(),
+        });
+    }
+    let report = CompareReport {
+        settings,
+        ceiling,
+        configs: reports,
+    };
+    println!();
+    print!("{}", report.render());
+    std::fs::write(&compare.svg_out, compare_chart(&report))
+        .with_context(|| format!("cannot write {}", compare.svg_out.display()))?;
+    println!("chart: {}", compare.svg_out.display());
+    if let Some(path) = &args.json_out {
+        write_json(path, &report)?;
+    }
+    drop(local);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn configs_parse_as_w_over_r() {
+        let configs = parse_configs("one/all, quorum/quorum,3/1").expect("parses");
+        assert_eq!(
+            configs,
+            vec![
+                (Quorum::One, Quorum::All),
+                (Quorum::Quorum, Quorum::Quorum),
+                (Quorum::Count(3), Quorum::Count(1)),
+            ]
+        );
+        assert!(parse_configs("quorum").is_err());
+        assert!(parse_configs("x/1").is_err());
+    }
+
+    #[test]
+    fn error_kinds_are_snake_case_names() {
+        assert_eq!(
+            error_kind(&ClientLibError::Transport("reset".into())),
+            "transport"
+        );
+        assert_eq!(
+            error_kind(&ClientLibError::Server(
+                dynkv::protocol::ClientError::invalid("bad")
+            )),
+            "invalid_request"
+        );
+    }
+}
