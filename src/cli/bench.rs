@@ -6,7 +6,6 @@
 //! Every phase can be read against the ceiling: the same workers sending the no-op `Ping`
 //! through the same client path and transport for the same duration or count.
 
-use super::dev::{DevCluster, default_dev_dir};
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand, ValueEnum};
 use dynkv::bench::keys::{DEFAULT_ZIPFIAN_THETA, KeyChooser, record_key};
@@ -220,28 +219,11 @@ impl Drop for LocalCluster {
 
 /// One client per node, so workers enter the cluster through every node.
 async fn connect(args: &RunArgs, dev_dir: Option<&Path>) -> Result<Vec<Client>> {
-    let (nodes, ca_path) = if args.nodes.is_empty() || args.ca.is_none() {
-        let dir = dev_dir
-            .map(Path::to_path_buf)
-            .or_else(|| args.dev_dir.clone())
-            .unwrap_or_else(default_dev_dir);
-        let cluster = DevCluster::load(&dir).with_context(|| {
-            format!(
-                "no --node/--ca given and no dev cluster in {}; start one with `dynkv dev`, pass --local 3, or --node ADDR --ca FILE",
-                dir.display()
-            )
-        })?;
-        let nodes = if args.nodes.is_empty() {
-            cluster.nodes.iter().map(|node| node.client_addr).collect()
-        } else {
-            args.nodes.clone()
-        };
-        (nodes, args.ca.clone().unwrap_or(cluster.ca_cert))
-    } else {
-        (args.nodes.clone(), args.ca.clone().unwrap_or_default())
-    };
-    let ca_pem = std::fs::read_to_string(&ca_path)
-        .with_context(|| format!("cannot read the CA certificate {}", ca_path.display()))?;
+    let dev_dir = dev_dir
+        .map(Path::to_path_buf)
+        .or_else(|| args.dev_dir.clone());
+    let (nodes, ca_pem) =
+        super::client::cluster_endpoints(&args.nodes, args.ca.as_deref(), dev_dir.as_deref())?;
     let mut clients = Vec::new();
     for node in nodes {
         let client = Client::connect(ClientConfig::new(vec![node], ca_pem.clone()))

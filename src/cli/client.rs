@@ -12,7 +12,7 @@ use dynkv::core::quorum::Quorum;
 use dynkv::protocol::{GetOptions, NewContent, PutOptions};
 use std::io::Read;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(Args, Debug)]
 pub struct ConnectArgs {
@@ -105,26 +105,41 @@ pub struct PingArgs {
     connect: ConnectArgs,
 }
 
-pub async fn connect(args: &ConnectArgs) -> Result<Client> {
-    let (nodes, ca_path) = if args.nodes.is_empty() || args.ca.is_none() {
-        let dir = args.dev_dir.clone().unwrap_or_else(default_dev_dir);
-        let cluster = DevCluster::load(&dir).with_context(|| {
-            format!(
-                "no --node/--ca given and no dev cluster found in {}; start one with `dynkv dev` or pass --node ADDR --ca FILE",
-                dir.display()
-            )
-        })?;
-        let nodes = if args.nodes.is_empty() {
-            cluster.nodes.iter().map(|node| node.client_addr).collect()
-        } else {
-            args.nodes.clone()
-        };
-        (nodes, args.ca.clone().unwrap_or(cluster.ca_cert))
-    } else {
-        (args.nodes.clone(), args.ca.clone().unwrap_or_default())
+/// The client addresses and the CA certificate (PEM) to use: those given, or the dev
+/// cluster's (from `dev_dir`, else the default dev directory) for what is not given.
+pub fn cluster_endpoints(
+    nodes: &[SocketAddr],
+    ca: Option<&Path>,
+    dev_dir: Option<&Path>,
+) -> Result<(Vec<SocketAddr>, String)> {
+    let (nodes, ca_path) = match (nodes.is_empty(), ca) {
+        (false, Some(ca)) => (nodes.to_vec(), ca.to_path_buf()),
+        _ => {
+            let dir = dev_dir
+                .map(Path::to_path_buf)
+                .unwrap_or_else(default_dev_dir);
+            let cluster = DevCluster::load(&dir).with_context(|| {
+                format!(
+                    "no --node/--ca given and no dev cluster found in {}; start one with `dynkv dev` or pass --node ADDR --ca FILE",
+                    dir.display()
+                )
+            })?;
+            let nodes = if nodes.is_empty() {
+                cluster.nodes.iter().map(|node| node.client_addr).collect()
+            } else {
+                nodes.to_vec()
+            };
+            (nodes, ca.map(Path::to_path_buf).unwrap_or(cluster.ca_cert))
+        }
     };
     let ca_pem = std::fs::read_to_string(&ca_path)
         .with_context(|| format!("cannot read the CA certificate {}", ca_path.display()))?;
+    Ok((nodes, ca_pem))
+}
+
+pub async fn connect(args: &ConnectArgs) -> Result<Client> {
+    let (nodes, ca_pem) =
+        cluster_endpoints(&args.nodes, args.ca.as_deref(), args.dev_dir.as_deref())?;
     Client::connect(ClientConfig::new(nodes, ca_pem))
         .await
         .context("cannot connect to the cluster")

@@ -262,25 +262,39 @@ fn client_builder()
         .map_err(config_error)
 }
 
+/// The node's certificate chain and private key, parsed from its PEMs.
+fn node_identity(
+    node: &CertifiedKey,
+) -> Result<
+    (
+        Vec<rustls_pki_types::CertificateDer<'static>>,
+        rustls_pki_types::PrivateKeyDer<'static>,
+    ),
+    TlsError,
+> {
+    Ok((
+        vec![parse_certificate_pem(
+            &node.cert_pem,
+            "the node certificate",
+        )?],
+        parse_key_pem(&node.key_pem, "the node key")?,
+    ))
+}
+
 /// Server side of node-to-node traffic: presents `node`'s certificate and REQUIRES a client
 /// certificate issued by the cluster CA.
 pub fn peer_server_config(
     ca_cert_pem: &str,
     node: &CertifiedKey,
 ) -> Result<rustls::ServerConfig, TlsError> {
+    let (chain, key) = node_identity(node)?;
     let verifier =
         WebPkiClientVerifier::builder_with_provider(root_store(ca_cert_pem)?, provider())
             .build()
             .map_err(config_error)?;
     let mut config = server_builder()?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(
-            vec![parse_certificate_pem(
-                &node.cert_pem,
-                "the node certificate",
-            )?],
-            parse_key_pem(&node.key_pem, "the node key")?,
-        )
+        .with_single_cert(chain, key)
         .map_err(config_error)?;
     config.alpn_protocols = vec![ALPN.to_vec()];
     Ok(config)
@@ -289,15 +303,10 @@ pub fn peer_server_config(
 /// Server side of client traffic: presents `node`'s certificate; clients are not asked for one
 /// (they authenticate, if at all, with a token inside the protocol).
 pub fn client_facing_server_config(node: &CertifiedKey) -> Result<rustls::ServerConfig, TlsError> {
+    let (chain, key) = node_identity(node)?;
     let mut config = server_builder()?
         .with_no_client_auth()
-        .with_single_cert(
-            vec![parse_certificate_pem(
-                &node.cert_pem,
-                "the node certificate",
-            )?],
-            parse_key_pem(&node.key_pem, "the node key")?,
-        )
+        .with_single_cert(chain, key)
         .map_err(config_error)?;
     config.alpn_protocols = vec![ALPN.to_vec()];
     Ok(config)
@@ -309,15 +318,10 @@ pub fn peer_client_config(
     ca_cert_pem: &str,
     node: &CertifiedKey,
 ) -> Result<rustls::ClientConfig, TlsError> {
+    let (chain, key) = node_identity(node)?;
     let mut config = client_builder()?
         .with_root_certificates(root_store(ca_cert_pem)?)
-        .with_client_auth_cert(
-            vec![parse_certificate_pem(
-                &node.cert_pem,
-                "the node certificate",
-            )?],
-            parse_key_pem(&node.key_pem, "the node key")?,
-        )
+        .with_client_auth_cert(chain, key)
         .map_err(config_error)?;
     config.alpn_protocols = vec![ALPN.to_vec()];
     Ok(config)
