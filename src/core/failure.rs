@@ -9,11 +9,19 @@
 //! every 500 ms, μ is about 0.5 s, so about 9 s).
 //!
 //! Judging a peer down only routes requests around it; nothing removes it from the cluster.
+//!
+//! An interval longer than [`MAX_INTERVAL_FACTOR`] times the expected one is a silence (a
+//! partition, a pause), not a sample of the heartbeat rate: it is left out of the window, as
+//! Cassandra's arrival window does, or a healed partition would inflate the mean and slow the
+//! detection of the next failure for the next hundred heartbeats.
 
 use std::collections::VecDeque;
 
 /// Intervals remembered per peer.
 pub const DEFAULT_WINDOW: usize = 100;
+
+/// Intervals longer than this many expected intervals are not recorded (see the module doc).
+pub const MAX_INTERVAL_FACTOR: u64 = 4;
 
 /// The phi accrual detector of one peer. Times are milliseconds on any monotonic clock the
 /// caller chooses.
@@ -42,6 +50,10 @@ impl PhiAccrual {
     pub fn heartbeat(&mut self, now_ms: u64) {
         if let Some(last) = self.last_heartbeat_ms {
             let interval = now_ms.saturating_sub(last);
+            if interval > self.initial_interval_ms * MAX_INTERVAL_FACTOR {
+                self.last_heartbeat_ms = Some(now_ms);
+                return;
+            }
             if self.intervals_ms.len() == self.window
                 && let Some(oldest) = self.intervals_ms.pop_front()
             {
@@ -97,6 +109,32 @@ mod tests {
         assert!(detector.phi(last + 9_300) > 8.0);
         detector.heartbeat(last + 20_000);
         assert_eq!(detector.phi(last + 20_000), 0.0);
+    }
+
+    #[test]
+    fn a_healed_silence_does_not_slow_the_next_detection() {
+        let mut detector = PhiAccrual::new(500, DEFAULT_WINDOW);
+        let mut now = 0;
+        for _ in 0..20 {
+            now += 500;
+            detector.heartbeat(now);
+        }
+        // A 41 s partition, healed; then heartbeats resume.
+        now += 41_000;
+        detector.heartbeat(now);
+        for _ in 0..5 {
+            now += 500;
+            detector.heartbeat(now);
+        }
+        assert!(
+            (detector.mean_interval_ms() - 500.0).abs() < 1e-9,
+            "{}",
+            detector.mean_interval_ms()
+        );
+        assert!(
+            detector.phi(now + 9_300) > 8.0,
+            "the next failure is still detected in ~9 s"
+        );
     }
 
     #[test]
