@@ -61,7 +61,12 @@ trap on_term TERM
 # The watchdog: after 9 minutes the script gives up and cleans up. Long steps run in the
 # background under `wait`, which the TERM interrupts at once; every other command runs under
 # `timeout` of at most two minutes.
-( sleep "${DYNKV_DEPLOY_DEADLINE:-540}"; kill -TERM $$ ) 2>/dev/null &
+# (Stopping the watchdog stops its sleep too, so no stray process outlives the script.)
+(
+  trap 'kill "$nap" 2>/dev/null; exit 0' TERM
+  sleep "${DYNKV_DEPLOY_DEADLINE:-540}" & nap=$!
+  wait "$nap" && kill -TERM $$
+) 2>/dev/null &
 watchdog=$!
 long() { "$@" & child=$!; wait "$child"; child=""; }
 
