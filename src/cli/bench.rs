@@ -218,20 +218,29 @@ impl Drop for LocalCluster {
 }
 
 /// One client per node, so workers enter the cluster through every node.
-async fn connect(args: &RunArgs, dev_dir: Option<&Path>) -> Result<Vec<Client>> {
+/// The clients, and whether some node could not be reached.
+async fn connect(args: &RunArgs, dev_dir: Option<&Path>) -> Result<(Vec<Client>, bool)> {
     let dev_dir = dev_dir
         .map(Path::to_path_buf)
         .or_else(|| args.dev_dir.clone());
     let (nodes, ca_pem) =
         super::client::cluster_endpoints(&args.nodes, args.ca.as_deref(), dev_dir.as_deref())?;
+    // A node that is down is skipped (benchmarking a degraded cluster is a use), but not all.
     let mut clients = Vec::new();
+    let mut unreachable = Vec::new();
     for node in nodes {
-        let client = Client::connect(ClientConfig::new(vec![node], ca_pem.clone()))
-            .await
-            .with_context(|| format!("cannot connect to {node}"))?;
-        clients.push(client);
+        match Client::connect(ClientConfig::new(vec![node], ca_pem.clone())).await {
+            Ok(client) => clients.push(client),
+            Err(error) => {
+                eprintln!("dynkv bench: skipping {node}: {error}");
+                unreachable.push(format!("{node}: {error}"));
+            }
+        }
     }
-    Ok(clients)
+    if clients.is_empty() {
+        anyhow::bail!("no node could be reached: {}", unreachable.join("; "));
+    }
+    Ok((clients, !unreachable.is_empty()))
 }
 
 /// The latest causal context seen per record, so that updates supersede what the key holds
@@ -541,12 +550,19 @@ fn spawn_progress(
     Progress { stop, active }
 }
 
-async fn preload(args: &RunArgs, clients: &[Client]) -> Result<()> {
+async fn preload(args: &RunArgs, clients: &[Client], degraded: bool) -> Result<()> {
     if args.no_preload {
         return Ok(());
     }
-    // Every replica gets every record, so reads find them whatever their r.
-    let plan = Arc::new(args.plan(Mix::Preload, Quorum::Default, Quorum::All));
+    // Every replica gets every record, so reads find them whatever their r; with a node
+    // down, w=all could only time out, so a quorum must do.
+    let level = if degraded {
+        eprintln!("dynkv bench: a node is unreachable, so the preload writes at w=quorum");
+        Quorum::Quorum
+    } else {
+        Quorum::All
+    };
+    let plan = Arc::new(args.plan(Mix::Preload, Quorum::Default, level));
     let report = run_phase(
         "preload",
         clients,
@@ -604,7 +620,8 @@ async fn start_local(args: &RunArgs) -> Result<Option<LocalCluster>> {
 async fn run_workload(args: RunArgs) -> Result<()> {
     args.validate()?;
     let local = start_local(&args).await?;
-    let clients = connect(&args, local.as_ref().map(|cluster| cluster.dir.as_path())).await?;
+    let (clients, degraded) =
+        connect(&args, local.as_ref().map(|cluster| cluster.dir.as_path())).await?;
     let settings = args.settings(&clients, &args.r.to_string(), &args.w.to_string());
     println!(
         "dynkv bench: workload {}, {} keys over {} records, {}-byte values, {} workers, r={} w={}, nodes {}",
@@ -617,7 +634,7 @@ async fn run_workload(args: RunArgs) -> Result<()> {
         args.w,
         settings.nodes.join(" ")
     );
-    preload(&args, &clients).await?;
+    preload(&args, &clients, degraded).await?;
     let ceiling = ceiling(&args, &clients).await?;
     let plan = Arc::new(args.plan(Mix::Workload(args.workload), args.r, args.w));
     let name = format!("workload {}", args.workload);
@@ -708,7 +725,8 @@ async fn run_compare(compare: CompareArgs) -> Result<()> {
         bail!("--configs names no configuration");
     }
     let local = start_local(&args).await?;
-    let clients = connect(&args, local.as_ref().map(|cluster| cluster.dir.as_path())).await?;
+    let (clients, degraded) =
+        connect(&args, local.as_ref().map(|cluster| cluster.dir.as_path())).await?;
     let settings = args.settings(&clients, "per config", "per config");
     println!(
         "dynkv bench compare: workload {}, {} keys over {} records, {}-byte values, {} workers, {} probes, nodes {}",
@@ -720,7 +738,7 @@ async fn run_compare(compare: CompareArgs) -> Result<()> {
         compare.probes,
         settings.nodes.join(" ")
     );
-    preload(&args, &clients).await?;
+    preload(&args, &clients, degraded).await?;
     let ceiling = ceiling(&args, &clients).await?;
     let run_id = std::process::id();
     let mut reports = Vec::new();
