@@ -16,6 +16,8 @@
 //! phi_threshold = 8.0                  # down after ~ phi × interval × ln 10 of silence (~9 s)
 //! hint_window_secs = 10800             # hints older than this are dropped (3 h)
 //! handoff_interval_ms = 1000           # how often hints are offered to returning primaries
+//! read_repair_chance = 0.1             # share of gets that ask every replica (read repair)
+//! speculative_retry_ms = 50            # a get asks the other replicas after this long
 //!
 //! [[members]]                          # seeds: members contacted at start; the rest is gossiped
 //! id = "n1"
@@ -71,6 +73,13 @@ pub struct Config {
     pub phi_threshold: f64,
     pub hint_window_secs: u64,
     pub handoff_interval_ms: u64,
+    /// A get asks only the replicas its `r` and `pr` need; this share of gets asks every
+    /// replica instead, so that read repair also reaches the replicas plain reads skip.
+    /// Between 0 and 1.
+    pub read_repair_chance: f64,
+    /// When the replicas a get asked have not met its quorum after this many milliseconds,
+    /// it asks the others too (speculative retry).
+    pub speculative_retry_ms: u64,
     /// Seeds: members this node contacts at start (it may list itself). The member list is
     /// then learned by gossip and saved in the data directory.
     pub members: Vec<MemberConfig>,
@@ -185,6 +194,8 @@ impl Default for Config {
             phi_threshold: 8.0,
             hint_window_secs: 3 * 60 * 60,
             handoff_interval_ms: 1000,
+            read_repair_chance: 0.1,
+            speculative_retry_ms: 50,
             members: Vec::new(),
             tls: TlsConfig::default(),
             buckets: BucketConfig::default(),
@@ -294,6 +305,16 @@ impl Config {
             return Err(invalid(
                 "handoff_interval_ms",
                 "must be between 10 and 600000",
+            ));
+        }
+        if !(self.read_repair_chance.is_finite() && (0.0..=1.0).contains(&self.read_repair_chance))
+        {
+            return Err(invalid("read_repair_chance", "must be between 0 and 1"));
+        }
+        if !(1..=600_000).contains(&self.speculative_retry_ms) {
+            return Err(invalid(
+                "speculative_retry_ms",
+                "must be between 1 and 600000",
             ));
         }
         for (field, path) in [

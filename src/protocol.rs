@@ -22,6 +22,11 @@ pub struct GetOptions {
     /// Let fallbacks stand in for down primaries; `None` means yes (Riak's default).
     #[serde(default)]
     pub sloppy_quorum: Option<bool>,
+    /// Ask every replica at once, as Riak does, instead of only as many as `r` and `pr`
+    /// need (the rest are asked if those fail or are slow). `None` means no, except for the
+    /// node's `read_repair_chance` share of reads.
+    #[serde(default)]
+    pub ask_all_replicas: Option<bool>,
 }
 
 /// Options of a put or delete.

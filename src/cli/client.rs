@@ -46,6 +46,10 @@ pub struct GetArgs {
     /// Let fallbacks stand in for down primaries (false: primaries only).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     sloppy_quorum: bool,
+    /// Ask every replica at once, as Riak does (default: only as many as r and pr need,
+    /// and the rest if those fail or are slow); the later replies feed read repair.
+    #[arg(long)]
+    all_replicas: bool,
     #[command(flatten)]
     connect: ConnectArgs,
 }
@@ -219,6 +223,7 @@ pub async fn get(args: GetArgs) -> Result<()> {
         pr: args.pr,
         timeout_ms: args.timeout_ms,
         sloppy_quorum: Some(args.sloppy_quorum),
+        ask_all_replicas: args.all_replicas.then_some(true),
     };
     let result = client
         .get(args.bucket.as_bytes(), args.key.as_bytes(), options)

@@ -42,7 +42,9 @@ fn timeout_ms(query: &Query) -> Result<Option<u64>, HttpError> {
     }
 }
 
-/// `r`, `pr`, `timeout`, dynkv's `sloppy_quorum` (default true); `basic_quorum` and `notfound_ok` are checked and accepted (dynkv
+/// `r`, `pr`, `timeout`, dynkv's `sloppy_quorum` (default true) and `ask_all_replicas`
+/// (default false: only as many replicas as `r` and `pr` need, see the node's
+/// `read_repair_chance`); `basic_quorum` and `notfound_ok` are checked and accepted (dynkv
 /// always counts a not-found reply and always waits for `r` replies).
 pub fn get_options(query: &Query) -> Result<GetOptions, HttpError> {
     flag(query, "basic_quorum", false)?;
@@ -52,6 +54,7 @@ pub fn get_options(query: &Query) -> Result<GetOptions, HttpError> {
         pr: quorum(query, "pr")?,
         timeout_ms: timeout_ms(query)?,
         sloppy_quorum: Some(flag(query, "sloppy_quorum", true)?),
+        ask_all_replicas: flag(query, "ask_all_replicas", false)?.then_some(true),
     })
 }
 

@@ -76,6 +76,8 @@ pub fn node_settings(config: &Config, validated: &crate::config::Validated) -> N
         max_siblings: config.limits.max_siblings,
         durable_writes: config.storage.sync_writes,
         hint_window: Duration::from_secs(config.hint_window_secs),
+        read_repair_chance: config.read_repair_chance,
+        speculative_retry: Duration::from_millis(config.speculative_retry_ms),
         handoff_batch: 64,
     }
 }

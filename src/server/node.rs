@@ -15,7 +15,7 @@ use crate::core::object::{
 };
 use crate::core::placement;
 use crate::core::quorum::{BucketDefaults, QuorumOutcome, ReadQuorum, WriteQuorum, WriteTracker};
-use crate::core::request::{GetCoordinator, Target};
+use crate::core::request::{GetCoordinator, ReadFanout, Target};
 use crate::core::ring::{PartitionId, Ring};
 use crate::net::Transport;
 use crate::protocol::{
@@ -49,8 +49,25 @@ pub struct NodeSettings {
     pub durable_writes: bool,
     /// Hints older than this are dropped instead of delivered.
     pub hint_window: Duration,
+    /// Fraction of gets that ask every replica, not just the ones `r` and `pr` need, so
+    /// that read repair reaches the replicas a plain read skips (Cassandra's
+    /// `read_repair_chance`).
+    pub read_repair_chance: f64,
+    /// A get asks the remaining replicas when the asked ones have not met its quorum after
+    /// this long (Cassandra's speculative retry).
+    pub speculative_retry: Duration,
     /// Hints sent to a returning primary per batch (each batch is acknowledged before the next).
     pub handoff_batch: usize,
+}
+
+/// What [`Node::ask_replicas`] needs to start replica reads of one get.
+struct ReplicaRead<'a> {
+    partition: PartitionId,
+    bucket: &'a [u8],
+    key: &'a [u8],
+    targets: &'a [Target],
+    deadline: Instant,
+    replies: &'a mpsc::Sender<(usize, Result<Option<StoredObject>, ()>)>,
 }
 
 pub type PeerTransport = Arc<dyn Transport<PeerRequest, PeerResponse>>;
@@ -522,37 +539,56 @@ impl Node {
             pr: quorum.pr.min(targets.len() as u32),
             ..quorum
         };
-        let mut coordinator = GetCoordinator::new(quorum, &targets);
+        let fanout = if options.ask_all_replicas.unwrap_or(false) || self.draw_read_repair() {
+            ReadFanout::All
+        } else {
+            ReadFanout::Needed
+        };
+        let mut coordinator = GetCoordinator::new(quorum, &targets, Some(&self.inner.id), fanout);
         let (replies_sender, mut replies) = mpsc::channel(targets.len().max(1));
-        for (index, target) in targets.iter().enumerate() {
-            let node = self.clone();
-            let sender = replies_sender.clone();
-            let copy = Copy {
-                partition,
-                bucket: bucket.clone(),
-                key: key.clone(),
-                hint_for: target.hint_for.clone(),
-            };
-            let target = target.node.clone();
-            tokio::spawn(async move {
-                let reply = node.replica_get(&target, copy, deadline).await;
-                let _ = sender.send((index, reply)).await;
-            });
-        }
-        drop(replies_sender);
-
+        let read = ReplicaRead {
+            partition,
+            bucket: &bucket,
+            key: &key,
+            targets: &targets,
+            deadline,
+            replies: &replies_sender,
+        };
+        self.ask_replicas(&read, coordinator.to_ask());
+        let speculate_at = Instant::now() + self.inner.settings.speculative_retry;
+        let mut speculated = false;
         let outcome = loop {
             match coordinator.outcome() {
                 QuorumOutcome::Pending => {}
                 decided => break Some(decided),
             }
-            match tokio::time::timeout_at(deadline, replies.recv()).await {
+            if coordinator.complete() {
+                // Every asked replica answered and nobody is left to ask.
+                break None;
+            }
+            let wake_at = if speculated {
+                deadline
+            } else {
+                speculate_at.min(deadline)
+            };
+            match tokio::time::timeout_at(wake_at, replies.recv()).await {
                 Ok(Some((index, reply))) => {
                     coordinator.on_reply(&targets[index], reply);
+                    self.ask_replicas(&read, coordinator.to_ask());
                 }
-                Ok(None) | Err(_) => break None,
+                Ok(None) => break None,
+                Err(_) if !speculated && Instant::now() < deadline => {
+                    speculated = true;
+                    let more = coordinator.speculate();
+                    if !more.is_empty() {
+                        debug!(asked = more.len(), "replicas slow: speculative read");
+                    }
+                    self.ask_replicas(&read, more);
+                }
+                Err(_) => break None,
             }
         };
+        drop(replies_sender);
         let response = match outcome {
             Some(QuorumOutcome::Won) => match coordinator.merged() {
                 None => ClientResponse::NotFound { context: None },
@@ -622,6 +658,36 @@ impl Node {
             .in_current_span(),
         );
         response
+    }
+
+    /// Whether this read asks every replica for read repair (`read_repair_chance`).
+    fn draw_read_repair(&self) -> bool {
+        let chance = self.inner.settings.read_repair_chance;
+        chance > 0.0 && rand::random::<f64>() < chance
+    }
+
+    /// Starts reads of the targets at `indexes`; each reply arrives on `read.replies`.
+    fn ask_replicas(&self, read: &ReplicaRead<'_>, indexes: Vec<usize>) {
+        for index in indexes {
+            let node = self.clone();
+            let sender = read.replies.clone();
+            let target = &read.targets[index];
+            let copy = Copy {
+                partition: read.partition,
+                bucket: read.bucket.to_vec(),
+                key: read.key.to_vec(),
+                hint_for: target.hint_for.clone(),
+            };
+            let target = target.node.clone();
+            let deadline = read.deadline;
+            tokio::spawn(
+                async move {
+                    let reply = node.replica_get(&target, copy, deadline).await;
+                    let _ = sender.send((index, reply)).await;
+                }
+                .in_current_span(),
+            );
+        }
     }
 
     /// Reads one replica's copy: locally without the network, otherwise over the transport.

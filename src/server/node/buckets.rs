@@ -193,6 +193,9 @@ impl Node {
             pr: Quorum::Count(0),
             timeout_ms: Some(timeout.as_millis() as u64),
             sloppy_quorum: None,
+            // Every replica's copy feeds the merge and read repair, as before reads asked
+            // only what `r` needs: property reads are rare (they are cached).
+            ask_all_replicas: Some(true),
         };
         let response = self
             .get(PROPS_BUCKET.to_vec(), bucket.to_vec(), options)
