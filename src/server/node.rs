@@ -350,7 +350,7 @@ impl Node {
                     key,
                     hint_for,
                 };
-                match self.merge_copy(&copy, &object).await {
+                match self.merge_copy(&copy, object).await {
                     Ok(()) => PeerResponse::Stored {
                         durable: self.inner.settings.durable_writes,
                     },
@@ -452,18 +452,21 @@ impl Node {
     /// Atomically transforms this node's copy of a key and stores the result durably.
     /// `transform` gets the current object and returns the new one (`None`: keep) and an
     /// output.
-    async fn update_copy<T>(
+    /// `transform` runs on the store's writer, batched with other updates.
+    async fn update_copy<T: Send + 'static>(
         &self,
         copy: &Copy,
         transform: impl FnOnce(
             Option<StoredObject>,
-        ) -> Result<(Option<StoredObject>, T), LocalWriteError>,
+        ) -> Result<(Option<StoredObject>, T), LocalWriteError>
+        + Send
+        + 'static,
     ) -> Result<T, LocalWriteError> {
         let store = &self.inner.store;
         let result = match &copy.hint_for {
             None => {
                 store
-                    .update(copy.partition, &copy.bucket, &copy.key, |current| {
+                    .update(copy.partition, &copy.bucket, &copy.key, move |current| {
                         let local = current.map(decode_record).transpose()?;
                         let (updated, output) = transform(local)?;
                         Ok((updated.map(|object| encode_record(&object)), output))
@@ -472,7 +475,7 @@ impl Node {
             }
             Some(primary) => {
                 store
-                    .hint_update(&copy.hint_key(primary), |current| {
+                    .hint_update(&copy.hint_key(primary), move |current| {
                         let existing = current
                             .map(hints::decode_record)
                             .transpose()
@@ -500,18 +503,18 @@ impl Node {
     }
 
     /// A replica's write: merge the incoming object into this node's copy.
-    async fn merge_copy(&self, copy: &Copy, incoming: &StoredObject) -> Result<(), String> {
+    async fn merge_copy(&self, copy: &Copy, incoming: StoredObject) -> Result<(), String> {
         let allow_mult = self.bucket_props(&copy.bucket).await.keeps_siblings();
         let result = self
-            .update_copy(copy, |local| {
+            .update_copy(copy, move |local| {
                 if let Some(local) = &local
-                    && local.descends(incoming)
+                    && local.descends(&incoming)
                 {
                     // Nothing new: skip the write (and its fsync).
                     return Ok((None, ()));
                 }
                 Ok((
-                    Some(merge_replica(local.as_ref(), incoming, allow_mult)),
+                    Some(merge_replica(local.as_ref(), &incoming, allow_mult)),
                     (),
                 ))
             })
@@ -736,7 +739,7 @@ impl Node {
         deadline: Instant,
     ) -> (bool, bool) {
         if node == &self.inner.id {
-            return match self.merge_copy(&copy, &object).await {
+            return match self.merge_copy(&copy, object).await {
                 Ok(()) => (true, self.inner.settings.durable_writes),
                 Err(_) => (false, false),
             };
@@ -940,9 +943,10 @@ impl Node {
         content: Content,
         allow_mult: bool,
     ) -> Result<StoredObject, LocalWriteError> {
-        let settings = &self.inner.settings;
+        let max_siblings = self.inner.settings.max_siblings;
+        let max_object_bytes = self.inner.settings.max_object_bytes;
         let actor = self.inner.actor;
-        self.update_copy(copy, |local| {
+        self.update_copy(copy, move |local| {
             // A delete without a context removes what this replica has seen, as Riak
             // fetches the vclock first for such a delete.
             let context = match (&context, content.deleted, &local) {
@@ -951,22 +955,22 @@ impl Node {
             };
             let updated = coordinate_put(local.as_ref(), context.as_ref(), content, actor, allow_mult);
             let siblings = updated.value_count();
-            if siblings > settings.max_siblings as usize {
+            if siblings > max_siblings as usize {
                 return Err(LocalWriteError::Refused(ClientError {
                     kind: ErrorKind::TooLarge,
                     message: format!(
                         "the key would have {siblings} siblings; at most {} are allowed (limits.max_siblings): read it and write back with its context to resolve them",
-                        settings.max_siblings
+                        max_siblings
                     ),
                 }));
             }
             let size = object_size_bytes(&updated) as u64;
-            if size > settings.max_object_bytes {
+            if size > max_object_bytes {
                 return Err(LocalWriteError::Refused(ClientError {
                     kind: ErrorKind::TooLarge,
                     message: format!(
                         "the object would be {size} bytes with its siblings; the limit is {} bytes (limits.max_object_bytes)",
-                        settings.max_object_bytes
+                        max_object_bytes
                     ),
                 }));
             }
@@ -1068,12 +1072,12 @@ impl Node {
                     (Ok(key), Ok(record)) => (key, record),
                     _ => {
                         warn!(primary = %primary, "dropping an unreadable hint");
-                        self.delete_hint_if_unchanged(&hint_key, &hint_bytes).await;
+                        self.delete_hint_if_unchanged(&hint_key, hint_bytes).await;
                         continue;
                     }
                 };
                 if hints::expired(record.created_micros, now_micros(), window_micros) {
-                    if self.delete_hint_if_unchanged(&hint_key, &hint_bytes).await {
+                    if self.delete_hint_if_unchanged(&hint_key, hint_bytes).await {
                         self.inner
                             .counters
                             .hints_expired
@@ -1106,7 +1110,7 @@ impl Node {
                 };
                 if !acked {
                     failures += 1;
-                } else if self.delete_hint_if_unchanged(&hint_key, &hint_bytes).await {
+                } else if self.delete_hint_if_unchanged(&hint_key, hint_bytes).await {
                     delivered += 1;
                     self.inner
                         .counters
@@ -1124,12 +1128,12 @@ impl Node {
 
     /// Deletes a hint if it still holds `expected`; a hint that changed since it was read
     /// (a newer write for the primary arrived) is kept for the next pass.
-    async fn delete_hint_if_unchanged(&self, hint_key: &[u8], expected: &[u8]) -> bool {
+    async fn delete_hint_if_unchanged(&self, hint_key: &[u8], expected: Vec<u8>) -> bool {
         let result = self
             .inner
             .store
-            .hint_update(hint_key, |current| {
-                Ok::<_, ()>(if current == Some(expected) {
+            .hint_update(hint_key, move |current| {
+                Ok::<_, ()>(if current == Some(&expected[..]) {
                     (HintWrite::Delete, true)
                 } else {
                     (HintWrite::Keep, false)

@@ -12,9 +12,6 @@ pub(super) const HINTS_KEYSPACE: &str = "hints";
 /// One stored hint: its key and its value.
 pub type HintEntry = (Vec<u8>, Vec<u8>);
 
-/// Lock stripes are shared with the partitions; this sentinel keeps hint keys apart.
-const HINT_STRIPE_PARTITION: u32 = u32::MAX;
-
 /// What a hint update does to the stored hint.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HintWrite {
@@ -41,50 +38,44 @@ impl Store {
     }
 
     /// Atomic read-modify-write (or delete) of one hint; durable when it returns, like
-    /// [`Store::update`].
+    /// [`Store::update`] (and run by the same writer).
     pub async fn hint_update<T, E>(
         &self,
         hint_key: &[u8],
-        update: impl FnOnce(Option<&[u8]>) -> Result<(HintWrite, T), E>,
-    ) -> Result<T, UpdateError<E>> {
-        let inner = &self.inner;
-        let (output, must_be_durable) = {
-            let _key_lock = inner.stripe(HINT_STRIPE_PARTITION, hint_key).lock();
-            let current = inner
-                .hints
-                .get(hint_key)
-                .map_err(|source| StorageError::Hints {
-                    operation: "read",
-                    source,
-                })?;
-            let (write, output) =
-                update(current.as_deref()).map_err(|source| UpdateError::Rejected { source })?;
-            let result = match write {
-                HintWrite::Keep => None,
-                HintWrite::Put(bytes) => Some(inner.hints.insert(hint_key, bytes)),
-                HintWrite::Delete => Some(inner.hints.remove(hint_key)),
-            };
-            match result {
-                None => (output, *inner.written.borrow()),
-                Some(result) => {
-                    result.map_err(|source| StorageError::Hints {
-                        operation: "write",
-                        source,
-                    })?;
-                    inner.counters.writes.fetch_add(1, Ordering::Relaxed);
-                    let mut sequence = 0;
-                    inner.written.send_modify(|written| {
-                        *written += 1;
-                        sequence = *written;
-                    });
-                    (output, sequence)
+        update: impl FnOnce(Option<&[u8]>) -> Result<(HintWrite, T), E> + Send + 'static,
+    ) -> Result<T, UpdateError<E>>
+    where
+        T: Send + 'static,
+        E: Send + 'static,
+    {
+        let hints = self.inner.hints.clone();
+        let counters = self.inner.counters.clone();
+        let hint_key = hint_key.to_vec();
+        self.inner
+            .submit(move |answer| {
+                let failed = |operation, source| {
+                    UpdateError::from(StorageError::Hints { operation, source })
+                };
+                let current = match hints.get(&hint_key) {
+                    Ok(current) => current,
+                    Err(source) => return answer.now(Err(failed("read", source))),
+                };
+                let (write, output) = match update(current.as_deref()) {
+                    Ok(result) => result,
+                    Err(source) => return answer.now(Err(UpdateError::Rejected { source })),
+                };
+                let written = match write {
+                    HintWrite::Keep => return answer.when_durable(false, output),
+                    HintWrite::Put(bytes) => hints.insert(hint_key, bytes),
+                    HintWrite::Delete => hints.remove(hint_key),
+                };
+                if let Err(source) = written {
+                    return answer.now(Err(failed("write", source)));
                 }
-            }
-        };
-        if inner.sync_writes {
-            inner.wait_durable(must_be_durable).await?;
-        }
-        Ok(output)
+                counters.writes.fetch_add(1, Ordering::Relaxed);
+                answer.when_durable(true, output)
+            })
+            .await
     }
 
     /// Up to `limit` hints `(key, value)` whose key starts with `prefix`, after `start_after`

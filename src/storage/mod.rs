@@ -28,12 +28,11 @@
 //! # Durability: group commit
 //!
 //! With [`StorageConfig::sync_writes`] (the default) a write is acknowledged only after the
-//! journal holding it is fsynced. Fsyncs are shared: writers append to the journal (fjall
-//! hands each append to the OS, so it survives a crash of the process), bump a write
-//! sequence number and wait for a committer task to publish a durable sequence number at
-//! least as high. The committer fsyncs once for every write queued before the fsync began;
-//! see `commit.rs`. A failed fsync fails every write still waiting, and every later one, since
-//! fjall refuses writes after it.
+//! journal holding it is fsynced. Fsyncs are shared: every read-modify-write is queued to one
+//! writer task, which runs all queued ones as a batch (fjall hands each append to the OS, so
+//! it survives a crash of the process) and fsyncs once per batch; see `commit.rs`. A failed
+//! fsync fails every write of its batch, and every later one, since fjall refuses writes
+//! after it.
 //!
 //! Without `sync_writes` a write is acknowledged once it is in the OS page cache (it survives
 //! a process crash, not a power loss) and the journal is fsynced every second.
@@ -43,6 +42,7 @@
 //!
 //! Reads do not wait for durability: [`Store::get`] can return a value whose write is still
 //! waiting for its fsync. [`Store::update`] returns only once the value it read is durable.
+//! Updates need no per-key lock: the writer runs them one after another.
 
 mod commit;
 mod hints;
@@ -55,28 +55,23 @@ pub use hints::{HintEntry, HintWrite};
 mod tests;
 
 use std::collections::HashMap;
-use std::hash::{DefaultHasher, Hash, Hasher};
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
-use parking_lot::{Mutex, RwLock};
-use tokio::sync::{oneshot, watch};
+use parking_lot::RwLock;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::core::ids::Actor;
-use commit::{Committer, Counters, DurableState};
+use commit::{Counters, Job, JobDone, Writer};
 
 pub use key::{MAX_BUCKET_BYTES, MAX_KEY_BYTES};
 
 /// Name of the fjall database directory inside the data directory.
 const DATABASE_DIR: &str = "fjall";
-
-/// Number of per-key locks. Two keys share a lock only if they hash to the same stripe, which
-/// costs a little waiting, never correctness.
-const LOCK_STRIPES: usize = 1024;
 
 /// One record returned by [`Store::scan_partition`]: `(bucket, key, value)`.
 pub type ScannedRecord = (Vec<u8>, Vec<u8>, Vec<u8>);
@@ -105,8 +100,10 @@ impl Default for StorageConfig {
 pub struct StorageStats {
     /// Records written by [`Store::update`].
     pub writes: u64,
-    /// Journal fsyncs started by the committer (each may cover many writes).
+    /// Journal fsyncs started by the writer (each covers a batch of writes).
     pub fsyncs: u64,
+    /// Batches of updates the writer ran (each needs at most one fsync).
+    pub batches: u64,
 }
 
 /// Why a metadata file could not be read; see [`StorageError::CorruptMeta`].
@@ -147,7 +144,7 @@ pub enum PersistError {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
-    #[error("the store must be opened inside a tokio runtime (it spawns its committer task)")]
+    #[error("the store must be opened inside a tokio runtime (it spawns its writer task)")]
     NoRuntime,
     #[error("cannot create data directory {path}")]
     CreateDir {
@@ -231,7 +228,7 @@ pub enum StorageError {
         #[source]
         source: fjall::Error,
     },
-    #[error("the committer task stopped before the write was durable")]
+    #[error("the storage writer stopped before the write was durable")]
     CommitterStopped,
     #[error("the store was flushed but {other_handles} other handles still hold it open")]
     StillShared { other_handles: usize },
@@ -250,7 +247,7 @@ pub enum UpdateError<E> {
     },
 }
 
-/// The node's store. Cheap to clone: every clone shares one database and one committer.
+/// The node's store. Cheap to clone: every clone shares one database and one writer.
 #[derive(Clone)]
 pub struct Store {
     inner: Arc<Inner>,
@@ -258,28 +255,25 @@ pub struct Store {
 
 struct Inner {
     actor: Actor,
-    sync_writes: bool,
-    /// The only strong handle besides in-flight fsyncs (see [`Committer`]).
+    /// The only strong handle besides in-flight batches (see [`Writer`]).
     database: Arc<Database>,
     /// Every partition keyspace that exists, loaded at open and extended on first write, so a
     /// read of a missing partition needs no lock on fjall's keyspace table.
     partitions: RwLock<HashMap<u32, Keyspace>>,
     /// Hinted handoff: objects kept for down primaries (see `hints.rs`).
     hints: Keyspace,
-    stripes: Box<[Mutex<()>]>,
-    /// Sequence number of the last write appended to the journal.
-    written: watch::Sender<u64>,
-    durable: watch::Receiver<DurableState>,
+    /// Read-modify-writes for the writer task.
+    jobs: mpsc::UnboundedSender<Job>,
     counters: Arc<Counters>,
-    committer: JoinHandle<Result<(), StorageError>>,
-    /// Dropped (with the last handle, or by `close`) to stop the committer.
+    writer: JoinHandle<Result<(), StorageError>>,
+    /// Dropped (with the last handle, or by `close`) to stop the writer.
     shutdown: oneshot::Sender<()>,
 }
 
 impl Store {
     /// Opens the data directory `dir`, creating it (and the node's actor id) if needed.
     ///
-    /// Must be called inside a tokio runtime, which runs the committer task. It does blocking
+    /// Must be called inside a tokio runtime, which runs the writer task. It does blocking
     /// disk IO (journal recovery), so async callers may want `spawn_blocking`.
     #[tracing::instrument(name = "storage_open", skip_all, fields(dir = %dir.display()))]
     pub fn open(dir: &Path, config: StorageConfig) -> Result<Store, StorageError> {
@@ -320,23 +314,18 @@ impl Store {
             partitions.insert(partition, keyspace);
         }
 
-        let (written_sender, written_receiver) = watch::channel(0);
-        let (durable_sender, durable_receiver) = watch::channel(DurableState::default());
+        let (jobs_sender, jobs_receiver) = mpsc::unbounded_channel();
         let (shutdown_sender, shutdown_receiver) = oneshot::channel();
         let counters = Arc::new(Counters::default());
-        let committer = Committer {
+        let writer = Writer {
             database: Arc::downgrade(&database),
-            written: written_receiver,
-            durable: durable_sender,
+            jobs: jobs_receiver,
             counters: counters.clone(),
             shutdown: shutdown_receiver,
             sync_writes: config.sync_writes,
         };
-        let committer_span = tracing::info_span!("storage_committer", actor);
-        let committer = runtime.spawn(tracing::Instrument::instrument(
-            committer.run(),
-            committer_span,
-        ));
+        let writer_span = tracing::info_span!("storage_writer", actor);
+        let writer = runtime.spawn(tracing::Instrument::instrument(writer.run(), writer_span));
 
         tracing::info!(
             actor,
@@ -347,15 +336,12 @@ impl Store {
         Ok(Store {
             inner: Arc::new(Inner {
                 actor,
-                sync_writes: config.sync_writes,
                 database,
                 partitions: RwLock::new(partitions),
                 hints,
-                stripes: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
-                written: written_sender,
-                durable: durable_receiver,
+                jobs: jobs_sender,
                 counters,
-                committer,
+                writer,
                 shutdown: shutdown_sender,
             }),
         })
@@ -388,11 +374,9 @@ impl Store {
     /// Atomic read-modify-write of one key.
     ///
     /// `update` gets the current value and returns the value to store (`None`: store nothing)
-    /// and an output for the caller. It runs under a per-key lock, so two updates of one key
-    /// never lose each other; it must not call back into this store's `update` (it would
-    /// deadlock on its own lock) and should be quick: it runs on a runtime thread, as do the
-    /// read and the journal append, which waits if an fsync is in flight (fjall holds its
-    /// journal lock while syncing).
+    /// and an output for the caller. It runs on the store's writer (a blocking-pool thread),
+    /// one update after another, so two updates of one key never lose each other; it should
+    /// be quick, since the updates batched with it wait for it.
     ///
     /// Returns the output once the write, or if nothing was written the value `update` read,
     /// is durable. An error from `update` writes nothing and is returned as
@@ -402,41 +386,37 @@ impl Store {
         partition: u32,
         bucket: &[u8],
         key: &[u8],
-        update: impl FnOnce(Option<&[u8]>) -> Result<(Option<Vec<u8>>, T), E>,
-    ) -> Result<T, UpdateError<E>> {
+        update: impl FnOnce(Option<&[u8]>) -> Result<(Option<Vec<u8>>, T), E> + Send + 'static,
+    ) -> Result<T, UpdateError<E>>
+    where
+        T: Send + 'static,
+        E: Send + 'static,
+    {
         let stored_key = key::encode(bucket, key)?;
         let keyspace = self.inner.partition_for_write(partition)?;
-        let (output, must_be_durable) = {
-            let _key_lock = self.inner.stripe(partition, &stored_key).lock();
-            let current = keyspace
-                .get(&stored_key)
-                .map_err(|source| StorageError::Read { partition, source })?;
-            let (new_value, output) =
-                update(current.as_deref()).map_err(|source| UpdateError::Rejected { source })?;
-            match new_value {
-                Some(new_value) => {
-                    keyspace
-                        .insert(stored_key, new_value)
-                        .map_err(|source| StorageError::Write { partition, source })?;
-                    self.inner.counters.writes.fetch_add(1, Ordering::Relaxed);
-                    // Numbered under the key lock, so a later update of this key that reads
-                    // this value also sees a sequence number covering it.
-                    let mut sequence = 0;
-                    self.inner.written.send_modify(|written| {
-                        *written += 1;
-                        sequence = *written;
-                    });
-                    (output, sequence)
+        let counters = self.inner.counters.clone();
+        self.inner
+            .submit(move |answer| {
+                let current = match keyspace.get(&stored_key) {
+                    Ok(current) => current,
+                    Err(source) => {
+                        return answer.now(Err(StorageError::Read { partition, source }.into()));
+                    }
+                };
+                let (new_value, output) = match update(current.as_deref()) {
+                    Ok(result) => result,
+                    Err(source) => return answer.now(Err(UpdateError::Rejected { source })),
+                };
+                let Some(new_value) = new_value else {
+                    return answer.when_durable(false, output);
+                };
+                if let Err(source) = keyspace.insert(stored_key, new_value) {
+                    return answer.now(Err(StorageError::Write { partition, source }.into()));
                 }
-                // What was read may have been written by an update still waiting for its
-                // fsync; the current sequence number covers it.
-                None => (output, *self.inner.written.borrow()),
-            }
-        };
-        if self.inner.sync_writes {
-            self.inner.wait_durable(must_be_durable).await?;
-        }
-        Ok(output)
+                counters.writes.fetch_add(1, Ordering::Relaxed);
+                answer.when_durable(true, output)
+            })
+            .await
     }
 
     /// Up to `limit` records `(bucket, key, value)` of `partition` that follow `start_after`
@@ -502,10 +482,11 @@ impl Store {
         StorageStats {
             writes: self.inner.counters.writes.load(Ordering::Relaxed),
             fsyncs: self.inner.counters.fsyncs.load(Ordering::Relaxed),
+            batches: self.inner.counters.batches.load(Ordering::Relaxed),
         }
     }
 
-    /// Makes every write durable and, if this is the last handle, stops the committer and
+    /// Makes every write durable and, if this is the last handle, stops the writer and
     /// releases the database so the directory can be opened again.
     ///
     /// If other handles remain the data is still flushed, and the answer is
@@ -528,12 +509,12 @@ impl Store {
         let Inner {
             database,
             partitions,
-            committer,
+            writer,
             shutdown,
             ..
         } = inner;
         drop(shutdown);
-        let committed = committer.await;
+        let committed = writer.await;
         drop(partitions);
         // fjall joins its background threads when the last database handle drops.
         let released = tokio::task::spawn_blocking(move || drop(database)).await;
@@ -572,29 +553,51 @@ impl Inner {
         Ok(keyspace)
     }
 
-    fn stripe(&self, partition: u32, stored_key: &[u8]) -> &Mutex<()> {
-        let mut hasher = DefaultHasher::new();
-        partition.hash(&mut hasher);
-        stored_key.hash(&mut hasher);
-        // The modulo keeps the index below LOCK_STRIPES, which fits in usize.
-        let index = (hasher.finish() % LOCK_STRIPES as u64) as usize;
-        &self.stripes[index]
+    /// Queues `job` to the writer and waits for its answer. `job` gets an [`Answer`] to give
+    /// its caller the result, at once or once the job's batch is durable.
+    async fn submit<T, E>(
+        &self,
+        job: impl FnOnce(Answer<T, E>) -> JobDone + Send + 'static,
+    ) -> Result<T, UpdateError<E>>
+    where
+        T: Send + 'static,
+        E: Send + 'static,
+    {
+        let (sender, receiver) = oneshot::channel();
+        let queued = self.jobs.send(Job::new(move || job(Answer { sender })));
+        if queued.is_err() {
+            return Err(StorageError::CommitterStopped.into());
+        }
+        // A dropped sender means the writer stopped (the store was dropped, or a batch
+        // panicked) before the job was answered.
+        receiver
+            .await
+            .unwrap_or(Err(StorageError::CommitterStopped.into()))
+    }
+}
+
+/// How a writer job answers its caller.
+pub(super) struct Answer<T, E> {
+    sender: oneshot::Sender<Result<T, UpdateError<E>>>,
+}
+
+impl<T: Send + 'static, E: Send + 'static> Answer<T, E> {
+    /// Answers at once (an error, or nothing to wait for); the job wrote nothing.
+    fn now(self, result: Result<T, UpdateError<E>>) -> JobDone {
+        // The caller may have gone (its request timed out); nobody is left to tell.
+        let _ = self.sender.send(result);
+        JobDone::answered()
     }
 
-    async fn wait_durable(&self, sequence: u64) -> Result<(), StorageError> {
-        let mut durable = self.durable.clone();
-        let waited = durable
-            .wait_for(|state| state.durable_seq >= sequence || state.failure.is_some())
-            .await
-            .map(|state| state.clone());
-        // If the committer is gone, its last word says whether it failed.
-        let state = waited.unwrap_or_else(|_| durable.borrow().clone());
-        if state.durable_seq >= sequence {
-            Ok(())
-        } else if let Some(failure) = state.failure {
-            Err(StorageError::Persist { source: failure })
-        } else {
-            Err(StorageError::CommitterStopped)
+    /// Answers `output` once the job's batch is durable, or with the fsync's error.
+    fn when_durable(self, wrote: bool, output: T) -> JobDone {
+        JobDone {
+            wrote,
+            finish: Some(Box::new(move |durable: Result<(), StorageError>| {
+                let _ = self
+                    .sender
+                    .send(durable.map(|()| output).map_err(UpdateError::from));
+            })),
         }
     }
 }

@@ -97,7 +97,7 @@ async fn concurrent_updates_of_one_key_never_lose_each_other() {
         let store = store.clone();
         tasks.push(tokio::spawn(async move {
             store
-                .update(7, b"b", b"counter", |current| {
+                .update(7, b"b", b"counter", move |current| {
                     let mut value = current.map(<[u8]>::to_vec).unwrap_or_default();
                     value.push(writer);
                     Ok::<_, Refused>((Some(value), ()))
