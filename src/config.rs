@@ -18,6 +18,7 @@
 //! handoff_interval_ms = 1000           # how often hints are offered to returning primaries
 //! read_repair_chance = 0.1             # share of gets that ask every replica (read repair)
 //! speculative_retry_ms = 50            # a get asks the other replicas after this long
+//! worker_threads = 0                   # async runtime threads; 0 = one per CPU core
 //!
 //! [[members]]                          # seeds: members contacted at start; the rest is gossiped
 //! id = "n1"
@@ -80,6 +81,10 @@ pub struct Config {
     /// When the replicas a get asked have not met its quorum after this many milliseconds,
     /// it asks the others too (speculative retry).
     pub speculative_retry_ms: u64,
+    /// Threads of the node's async runtime; 0 means one per CPU core. Nodes sharing a
+    /// machine (as `dynkv dev`'s do) run faster with their share of the cores than with
+    /// threads that preempt each other.
+    pub worker_threads: usize,
     /// Seeds: members this node contacts at start (it may list itself). The member list is
     /// then learned by gossip and saved in the data directory.
     pub members: Vec<MemberConfig>,
@@ -196,6 +201,7 @@ impl Default for Config {
             handoff_interval_ms: 1000,
             read_repair_chance: 0.1,
             speculative_retry_ms: 50,
+            worker_threads: 0,
             members: Vec::new(),
             tls: TlsConfig::default(),
             buckets: BucketConfig::default(),
@@ -315,6 +321,12 @@ impl Config {
             return Err(invalid(
                 "speculative_retry_ms",
                 "must be between 1 and 600000",
+            ));
+        }
+        if self.worker_threads > 1024 {
+            return Err(invalid(
+                "worker_threads",
+                "must be at most 1024 (0: one per core)",
             ));
         }
         for (field, path) in [

@@ -140,6 +140,7 @@ fn prepare(args: &DevArgs, dir: &Path) -> Result<DevCluster> {
             http_listen: address(200, index)?,
             partition_count: args.partition_count,
             request_timeout_ms: args.request_timeout_ms,
+            worker_threads: dev_worker_threads(usize::from(args.nodes)),
             members: members.clone(),
             tls: TlsConfig {
                 ca_cert: pki.join("ca.pem"),
@@ -171,6 +172,13 @@ fn prepare(args: &DevArgs, dir: &Path) -> Result<DevCluster> {
     let text = toml::to_string(&cluster).context("cannot render cluster.toml")?;
     std::fs::write(dir.join("cluster.toml"), text)?;
     Ok(cluster)
+}
+
+/// Runtime threads per dev node: the nodes share this machine's cores (with whatever drives
+/// them), and more threads than cores only preempt each other.
+fn dev_worker_threads(nodes: usize) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |cores| cores.get());
+    (cores / nodes.max(1)).max(1)
 }
 
 fn spawn_node(node: &DevNode) -> Result<Child> {

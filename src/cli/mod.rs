@@ -46,16 +46,29 @@ enum Command {
     Cert(cert::CertCommand),
 }
 
-pub fn run(cli: Cli) -> Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+/// A multi-threaded runtime with `worker_threads` threads (0: tokio's default, one per core
+/// or `TOKIO_WORKER_THREADS`).
+fn build_runtime(worker_threads: usize) -> Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if worker_threads > 0 {
+        builder.worker_threads(worker_threads);
+    }
+    builder
         .enable_all()
         .build()
-        .context("cannot start the async runtime")?;
+        .context("cannot start the async runtime")
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    if let Command::Server(args) = cli.command {
+        // The node's config says how many runtime threads it wants, so read it first.
+        let (config, print_only) = server::effective_config(args)?;
+        init_logging();
+        return build_runtime(config.worker_threads)?.block_on(server::run(config, print_only));
+    }
+    let runtime = build_runtime(0)?;
     match cli.command {
-        Command::Server(args) => {
-            init_logging();
-            runtime.block_on(server::run(args))
-        }
+        Command::Server(_) => unreachable!("handled above"),
         Command::Dev(args) => {
             init_logging();
             runtime.block_on(dev::run(args))

@@ -43,6 +43,9 @@ pub struct ServerArgs {
     /// Default request timeout in milliseconds [default: 5000].
     #[arg(long)]
     request_timeout_ms: Option<u64>,
+    /// Threads of the async runtime; 0 means one per CPU core [default: 0]
+    #[arg(long)]
+    worker_threads: Option<usize>,
     /// Cluster CA certificate (PEM).
     #[arg(long)]
     ca_cert: Option<PathBuf>,
@@ -108,6 +111,7 @@ pub fn effective_config(args: ServerArgs) -> Result<(Config, bool)> {
     }
     apply!(args.partition_count => partition_count);
     apply!(args.request_timeout_ms => request_timeout_ms);
+    apply!(args.worker_threads => worker_threads);
     apply!(args.ca_cert => tls.ca_cert);
     apply!(args.node_cert => tls.node_cert);
     apply!(args.node_key => tls.node_key);
@@ -122,8 +126,9 @@ pub fn effective_config(args: ServerArgs) -> Result<(Config, bool)> {
     Ok((config, args.print_config))
 }
 
-pub async fn run(args: ServerArgs) -> Result<()> {
-    let (config, print_only) = effective_config(args)?;
+/// Runs a node with the effective config (see [`effective_config`]), on a runtime of
+/// `config.worker_threads` threads that the caller built.
+pub async fn run(config: Config, print_only: bool) -> Result<()> {
     if print_only {
         print!("{}", config.to_toml());
         return Ok(());
