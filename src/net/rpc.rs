@@ -339,6 +339,16 @@ async fn write_frames(
         if received == 0 {
             break;
         }
+        // Let the other ready tasks queue their frames first: under load they then share
+        // this write, and so QUIC packets and send syscalls (Cassandra's outbound message
+        // coalescing, without its wait).
+        tokio::task::yield_now().await;
+        while batch.len() < WRITE_BATCH_FRAMES {
+            match queue.try_recv() {
+                Ok(frame) => batch.push(frame),
+                Err(_) => break,
+            }
+        }
         if let Err(error) = send.write_all_chunks(&mut batch).await {
             debug!(error = %error, "stream write failed");
             if let Some(pending) = pending {
