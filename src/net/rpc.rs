@@ -19,7 +19,7 @@
 use crate::net::frame::{
     self, Frame, FrameError, FrameKind, decode_body, encode_error_frame, encode_frame, read_frame,
 };
-use crate::net::{MAX_STREAMS_PER_CONNECTION, RpcLimits};
+use crate::net::{MAX_STREAMS_PER_CONNECTION, RpcLimits, SMALL_FRAME_BYTES};
 use bytes::Bytes;
 use parking_lot::Mutex;
 use serde::Serialize;
@@ -238,7 +238,11 @@ where
             request,
             self.max_frame_bytes,
         )?;
-        let index = self.next_stream.fetch_add(1, Ordering::Relaxed) % self.streams.len();
+        let index = if frame.len() <= SMALL_FRAME_BYTES || self.streams.len() == 1 {
+            0
+        } else {
+            1 + self.next_stream.fetch_add(1, Ordering::Relaxed) % (self.streams.len() - 1)
+        };
         let stream = &self.streams[index];
         let timeout_error = || RpcError::Timeout {
             timeout_ms: timeout.as_millis() as u64,
