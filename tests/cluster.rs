@@ -527,3 +527,81 @@ fn three_servers_started_by_hand_with_one_seed_each_agree_on_members() {
     let agreed = agreed.expect("three servers did not agree on the member list within 30 s");
     println!("three hand-started servers agreed on 3 members after {agreed:?}");
 }
+
+/// A get asks only the replicas its `r` needs; when one of them is frozen (no error, just
+/// silence, and not yet judged down), the get asks the others after `speculative_retry_ms`
+/// instead of running into its timeout.
+#[test]
+fn reads_speculate_past_a_frozen_replica() {
+    let cluster = DevCluster::start(3, 4);
+    for index in 0..12 {
+        let output = cluster.cli(&[
+            "put",
+            "frozen",
+            &format!("key{index}"),
+            &format!("value{index}"),
+            "--w",
+            "all",
+        ]);
+        assert!(output.status.success(), "{}", stderr(&output));
+    }
+    cluster.signal_node(2, "STOP");
+    for index in 0..12 {
+        let output = cluster.cli(&[
+            "get",
+            "frozen",
+            &format!("key{index}"),
+            "--r",
+            "quorum",
+            "--timeout-ms",
+            "1500",
+            "--json",
+            "--node",
+            &cluster.client_addr(1),
+        ]);
+        assert!(
+            output.status.success(),
+            "key{index} with n2 frozen: {}",
+            stderr(&output)
+        );
+        assert_eq!(
+            sibling_values(&json(&output)),
+            vec![format!("value{index}")]
+        );
+    }
+    // Every replica asked at once (Riak's way) also answers at r=quorum...
+    let output = cluster.cli(&[
+        "get",
+        "frozen",
+        "key0",
+        "--r",
+        "quorum",
+        "--all-replicas",
+        "--timeout-ms",
+        "1500",
+        "--json",
+        "--node",
+        &cluster.client_addr(3),
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(sibling_values(&json(&output)), vec!["value0"]);
+    // ...while r=all cannot be met and says so when its timeout fires.
+    let output = cluster.cli(&[
+        "get",
+        "frozen",
+        "key0",
+        "--r",
+        "all",
+        "--timeout-ms",
+        "500",
+        "--node",
+        &cluster.client_addr(1),
+    ]);
+    assert!(!output.status.success(), "r=all with a frozen replica");
+    assert!(
+        stderr(&output).contains("2 of 3 replicas replied, 3 required (r)"),
+        "{}",
+        stderr(&output)
+    );
+    cluster.signal_node(2, "CONT");
+}

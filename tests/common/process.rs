@@ -108,6 +108,18 @@ impl DevCluster {
             .expect("dynkv CLI runs")
     }
 
+    /// Sends `signal` (`STOP`, `CONT`, ...) to a node's process: `STOP` freezes it without
+    /// closing its sockets, as a stalled machine would.
+    pub fn signal_node(&self, node: u16, signal: &str) {
+        let pid_file = self.path().join(format!("n{node}")).join("pid");
+        let pid = std::fs::read_to_string(&pid_file).expect("pid file");
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), pid.trim()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill -{signal} {pid}");
+    }
+
     pub fn kill_node(&self, node: u16) {
         let pid_file = self.path().join(format!("n{node}")).join("pid");
         let pid = std::fs::read_to_string(&pid_file).expect("pid file");
