@@ -113,9 +113,11 @@ struct RunArgs {
     /// Acknowledgements needed by writes.
     #[arg(long, default_value = "default")]
     w: Quorum,
-    /// Durable acknowledgements needed by writes.
-    #[arg(long, default_value = "default")]
-    dw: Quorum,
+    /// Durable acknowledgements needed by writes [default: the same as --w]. With fsync on
+    /// every acknowledgement is durable, and a node's default dw (quorum) would otherwise
+    /// raise --w one to two acknowledgements.
+    #[arg(long)]
+    dw: Option<Quorum>,
     /// Per-request timeout in milliseconds [default: the node's].
     #[arg(long)]
     timeout_ms: Option<u64>,
@@ -319,7 +321,7 @@ impl RunArgs {
             },
             write_options: PutOptions {
                 w,
-                dw: self.dw,
+                dw: self.dw.unwrap_or(w),
                 timeout_ms: self.timeout_ms,
                 ..Default::default()
             },
@@ -752,7 +754,7 @@ async fn run_compare(compare: CompareArgs) -> Result<()> {
             let options = (
                 PutOptions {
                     w,
-                    dw: args.dw,
+                    dw: args.dw.unwrap_or(w),
                     timeout_ms: args.timeout_ms,
                     ..Default::default()
                 },
