@@ -533,7 +533,7 @@ fn three_servers_started_by_hand_with_one_seed_each_agree_on_members() {
 /// instead of running into its timeout.
 #[test]
 fn reads_speculate_past_a_frozen_replica() {
-    let cluster = DevCluster::start(3, 4);
+    let cluster = DevCluster::start(3, 5);
     for index in 0..12 {
         let output = cluster.cli(&[
             "put",
