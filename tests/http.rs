@@ -251,6 +251,12 @@ fn riak_examples_store_fetch_siblings_resolve_delete_and_list() {
         "a tombstone answers with its vclock"
     );
     assert_eq!(reply.header("x-riak-deleted"), Some("true"));
+    // The same read asking every replica at once (Riak's fan-out) answers the same.
+    let reply = curl(&[&format!(
+        "{node3}/buckets/test/keys/doc?r=1&ask_all_replicas=true"
+    )]);
+    assert_eq!(reply.status, 404);
+    assert_eq!(reply.header("x-riak-deleted"), Some("true"));
     let reply = curl(&["-X", "DELETE", &format!("{node1}/buckets/test/keys/doc")]);
     assert_eq!(reply.status, 404);
     let reply = curl(&[&format!("{node1}/buckets/test/keys/never-written")]);
@@ -521,6 +527,7 @@ fn ping_resources_stats_metrics_and_bad_input() {
         ("pr=-1", "pr"),
         ("notfound_ok=maybe", "notfound_ok"),
         ("timeout=soon", "timeout"),
+        ("ask_all_replicas=sometimes", "ask_all_replicas"),
     ] {
         let reply = curl(&[&format!("{node1}/buckets/s/keys/k?{query}")]);
         assert_eq!(reply.status, 400, "{query}: {}", reply.text());

@@ -50,6 +50,7 @@ impl Store {
     {
         let hints = self.inner.hints.clone();
         let counters = self.inner.counters.clone();
+        let hints_held = self.inner.hints_held.clone();
         let hint_key = hint_key.to_vec();
         self.inner
             .submit(move |answer| {
@@ -64,14 +65,22 @@ impl Store {
                     Ok(result) => result,
                     Err(source) => return answer.now(Err(UpdateError::Rejected { source })),
                 };
-                let written = match write {
+                let existed = current.is_some();
+                // The change in the number of hints held, if the write succeeds.
+                let (written, change) = match write {
                     HintWrite::Keep => return answer.when_durable(false, output),
-                    HintWrite::Put(bytes) => hints.insert(hint_key, bytes),
-                    HintWrite::Delete => hints.remove(hint_key),
+                    HintWrite::Put(bytes) => (hints.insert(hint_key, bytes), i64::from(!existed)),
+                    HintWrite::Delete => (hints.remove(hint_key), -i64::from(existed)),
                 };
                 if let Err(source) = written {
                     return answer.now(Err(failed("write", source)));
                 }
+                // The writer runs hint updates one at a time, so the count stays exact.
+                match change {
+                    1 => hints_held.fetch_add(1, Ordering::Relaxed),
+                    -1 => hints_held.fetch_sub(1, Ordering::Relaxed),
+                    _ => 0,
+                };
                 counters.writes.fetch_add(1, Ordering::Relaxed);
                 answer.when_durable(true, output)
             })
@@ -111,18 +120,24 @@ impl Store {
         Ok(hints)
     }
 
-    /// The exact number of hints held (a scan of the keys; for status, not hot paths).
+    /// The number of hints held: counted once at open, then kept by the writer, so status
+    /// and `/stats` can ask it on every request.
     pub fn hint_count(&self) -> Result<u64, StorageError> {
-        let mut count = 0;
-        for entry in self.inner.hints.iter() {
-            entry.key().map_err(|source| StorageError::Hints {
-                operation: "count",
-                source,
-            })?;
-            count += 1;
-        }
-        Ok(count)
+        Ok(self.inner.hints_held.load(Ordering::Relaxed))
     }
+}
+
+/// Counts the hints in the keyspace (a scan of the keys; once, at open).
+pub(super) fn count_hints(hints: &fjall::Keyspace) -> Result<u64, StorageError> {
+    let mut count = 0;
+    for entry in hints.iter() {
+        entry.key().map_err(|source| StorageError::Hints {
+            operation: "count",
+            source,
+        })?;
+        count += 1;
+    }
+    Ok(count)
 }
 
 #[cfg(test)]
@@ -149,6 +164,14 @@ mod tests {
         let page = store.scan_hints(b"\x01a", Some(b"\x01a1"), 10).unwrap();
         assert_eq!(page, vec![(b"\x01a2".to_vec(), b"y".to_vec())]);
         assert_eq!(store.hint_count().unwrap(), 3);
+        // Replacing a hint does not add one.
+        store
+            .hint_update(b"\x01b1", |_| {
+                Ok::<_, ()>((HintWrite::Put(b"z2".to_vec()), ()))
+            })
+            .await
+            .unwrap();
+        assert_eq!(store.hint_count().unwrap(), 3);
         // Compare-and-delete: a changed hint is kept.
         let deleted = store
             .hint_update(b"\x01a1", |current| {
@@ -166,6 +189,13 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(store.hint_get(b"\x01a1").unwrap(), None);
+        assert_eq!(store.hint_count().unwrap(), 2);
+        // Deleting a hint that is not there changes nothing.
+        store
+            .hint_update(b"\x01a1", |_| Ok::<_, ()>((HintWrite::Delete, ())))
+            .await
+            .unwrap();
+        assert_eq!(store.hint_count().unwrap(), 2);
         store.close().await.unwrap();
         let store = Store::open(dir.path(), StorageConfig::default()).unwrap();
         assert_eq!(store.hint_count().unwrap(), 2, "hints are durable");

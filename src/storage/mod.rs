@@ -58,7 +58,7 @@ use std::collections::HashMap;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use parking_lot::RwLock;
@@ -262,6 +262,8 @@ struct Inner {
     partitions: RwLock<HashMap<u32, Keyspace>>,
     /// Hinted handoff: objects kept for down primaries (see `hints.rs`).
     hints: Keyspace,
+    /// Hints in `hints`, kept exact by the writer (see [`Store::hint_count`]).
+    hints_held: Arc<AtomicU64>,
     /// Read-modify-writes for the writer task.
     jobs: mpsc::UnboundedSender<Job>,
     counters: Arc<Counters>,
@@ -299,6 +301,7 @@ impl Store {
                 operation: "open",
                 source,
             })?;
+        let hints_held = hints::count_hints(&hints)?;
         let mut partitions = HashMap::new();
         for name in database.list_keyspace_names() {
             if &*name == hints::HINTS_KEYSPACE {
@@ -339,6 +342,7 @@ impl Store {
                 database,
                 partitions: RwLock::new(partitions),
                 hints,
+                hints_held: Arc::new(AtomicU64::new(hints_held)),
                 jobs: jobs_sender,
                 counters,
                 writer,
