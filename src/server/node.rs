@@ -673,8 +673,6 @@ impl Node {
     /// Starts reads of the targets at `indexes`; each reply arrives on `read.replies`.
     fn ask_replicas(&self, read: &ReplicaRead<'_>, indexes: Vec<usize>) {
         for index in indexes {
-            let node = self.clone();
-            let sender = read.replies.clone();
             let target = &read.targets[index];
             let copy = Copy {
                 partition: read.partition,
@@ -682,6 +680,15 @@ impl Node {
                 key: read.key.to_vec(),
                 hint_for: target.hint_for.clone(),
             };
+            if target.node == self.inner.id {
+                // This node's own copy is a synchronous read: no task. The channel has room
+                // for one reply per target, so the send cannot fail for want of space.
+                let reply = self.read_copy(&copy).map_err(|_| ());
+                let _ = read.replies.try_send((index, reply));
+                continue;
+            }
+            let node = self.clone();
+            let sender = read.replies.clone();
             let target = target.node.clone();
             let deadline = read.deadline;
             tokio::spawn(
