@@ -629,7 +629,12 @@ impl Node {
                 error_response(ErrorKind::Timeout(shortfall), message)
             }
         };
-        // Read repair runs after the answer, once the slower replicas have replied.
+        // Read repair runs after the answer, once the slower replicas have replied. A get whose
+        // asked replicas all answered and agree (the usual r=1 or r=quorum read) has nothing
+        // left to do: no task for it.
+        if coordinator.complete() && coordinator.read_repairs().is_empty() {
+            return response;
+        }
         let node = self.clone();
         tokio::spawn(
             async move {
