@@ -264,7 +264,9 @@ struct Inner {
     hints: Keyspace,
     /// Hints in `hints`, kept exact by the writer (see [`Store::hint_count`]).
     hints_held: Arc<AtomicU64>,
-    /// Read-modify-writes for the writer task.
+    /// Read-modify-writes for the writer task. Unbounded on purpose: every queued job has a
+    /// caller awaiting it, so the queue holds at most one job per request in flight (bounded
+    /// per connection by `RpcLimits::max_in_flight_per_connection`).
     jobs: mpsc::UnboundedSender<Job>,
     counters: Arc<Counters>,
     writer: JoinHandle<Result<(), StorageError>>,
