@@ -60,25 +60,25 @@ fn build_runtime(worker_threads: usize) -> Result<tokio::runtime::Runtime> {
 }
 
 pub fn run(cli: Cli) -> Result<()> {
-    if let Command::Server(args) = cli.command {
-        // The node's config says how many runtime threads it wants, so read it first.
-        let (config, print_only) = server::effective_config(args)?;
-        init_logging();
-        return build_runtime(config.worker_threads)?.block_on(server::run(config, print_only));
-    }
-    let runtime = build_runtime(0)?;
+    // Only a node reads how many runtime threads it wants (from its config); every other
+    // command takes tokio's default.
+    let runtime = || build_runtime(0);
     match cli.command {
-        Command::Server(_) => unreachable!("handled above"),
+        Command::Server(args) => {
+            let (config, print_only) = server::effective_config(args)?;
+            init_logging();
+            build_runtime(config.worker_threads)?.block_on(server::run(config, print_only))
+        }
         Command::Dev(args) => {
             init_logging();
-            runtime.block_on(dev::run(args))
+            runtime()?.block_on(dev::run(args))
         }
-        Command::Get(args) => runtime.block_on(client::get(args)),
-        Command::Put(args) => runtime.block_on(client::put(args)),
-        Command::Delete(args) => runtime.block_on(client::delete(args)),
-        Command::Ping(args) => runtime.block_on(client::ping(args)),
-        Command::Admin(command) => runtime.block_on(admin::run(command)),
-        Command::Bench(args) => runtime.block_on(bench::run(args)),
+        Command::Get(args) => runtime()?.block_on(client::get(args)),
+        Command::Put(args) => runtime()?.block_on(client::put(args)),
+        Command::Delete(args) => runtime()?.block_on(client::delete(args)),
+        Command::Ping(args) => runtime()?.block_on(client::ping(args)),
+        Command::Admin(command) => runtime()?.block_on(admin::run(command)),
+        Command::Bench(args) => runtime()?.block_on(bench::run(args)),
         Command::Cert(command) => cert::run(command),
     }
 }

@@ -39,8 +39,6 @@ pub struct GetCoordinator {
     asked: usize,
     /// Replies needed from the asked replicas (the larger of `r` and `pr`).
     needed: usize,
-    /// Replicas that answered (with a value or a not-found).
-    succeeded: usize,
     /// Each replica that answered, with its object (`None` is a not-found).
     replies: Vec<(NodeId, Option<StoredObject>)>,
     merged: Option<StoredObject>,
@@ -77,7 +75,6 @@ impl GetCoordinator {
             order,
             asked: 0,
             needed,
-            succeeded: 0,
             replies: Vec::with_capacity(targets.len()),
             merged: None,
             outstanding: 0,
@@ -93,7 +90,7 @@ impl GetCoordinator {
         }
         let wanted = self
             .needed
-            .saturating_sub(self.succeeded + self.outstanding);
+            .saturating_sub(self.replies.len() + self.outstanding);
         self.hand_out(wanted)
     }
 
@@ -124,7 +121,6 @@ impl GetCoordinator {
         self.outstanding = self.outstanding.saturating_sub(1);
         match reply {
             Ok(object) => {
-                self.succeeded += 1;
                 if let Some(object) = &object {
                     self.merged = Some(match self.merged.take() {
                         Some(merged) => merged.sync(object),

@@ -68,7 +68,6 @@ impl JobDone {
 pub(super) struct Counters {
     pub(super) writes: AtomicU64,
     pub(super) fsyncs: AtomicU64,
-    pub(super) batches: AtomicU64,
 }
 
 /// Everything the writer task owns. It holds no strong reference to the database between
@@ -126,7 +125,6 @@ impl Writer {
             let Some(database) = self.database.upgrade() else {
                 break;
             };
-            self.counters.batches.fetch_add(1, Ordering::Relaxed);
             let sync_writes = self.sync_writes;
             let counters = self.counters.clone();
             let earlier_failure = failure.clone();

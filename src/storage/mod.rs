@@ -102,8 +102,6 @@ pub struct StorageStats {
     pub writes: u64,
     /// Journal fsyncs started by the writer (each covers a batch of writes).
     pub fsyncs: u64,
-    /// Batches of updates the writer ran (each needs at most one fsync).
-    pub batches: u64,
 }
 
 /// Why a metadata file could not be read; see [`StorageError::CorruptMeta`].
@@ -488,7 +486,6 @@ impl Store {
         StorageStats {
             writes: self.inner.counters.writes.load(Ordering::Relaxed),
             fsyncs: self.inner.counters.fsyncs.load(Ordering::Relaxed),
-            batches: self.inner.counters.batches.load(Ordering::Relaxed),
         }
     }
 
