@@ -11,9 +11,61 @@ pub fn binary() -> &'static str {
     env!("CARGO_BIN_EXE_dynkv")
 }
 
+/// Ports a test may use lie below the kernel's ephemeral range (read from
+/// `/proc/sys/net/ipv4/ip_local_port_range`), so no socket bound to port 0 (every QUIC
+/// client endpoint, every HTTP client) can take one of them first.
+const LOWEST_TEST_PORT: u16 = 10_000;
+
+/// Ports one test process may use: a node set uses BASE+0..9 (client), BASE+100..109 (peer)
+/// and BASE+200..209 (HTTP); slots shift BASE by 10, so a band of 300 fits slots 0..=9.
+const PORTS_PER_PROCESS: u16 = 300;
+
+/// The lowest port of the kernel's ephemeral range (32,768 where it cannot be read).
+fn ephemeral_port_floor() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|text| text.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768)
+}
+
+/// A base port for one test, distinct per test (by `slot`) and per test process, below the
+/// ephemeral range. `attempt` moves to another band after a bind failure.
+pub fn base_port_for_attempt(slot: u16, attempt: u32) -> u16 {
+    let ceiling = ephemeral_port_floor().saturating_sub(PORTS_PER_PROCESS);
+    let bands = (ceiling.saturating_sub(LOWEST_TEST_PORT) / PORTS_PER_PROCESS).max(1) as u32;
+    // 37 is prime to most band counts, so retries visit bands far from the first.
+    let band = (std::process::id() + attempt * 37) % bands;
+    LOWEST_TEST_PORT + band as u16 * PORTS_PER_PROCESS + slot * 10
+}
+
 /// A base port for one test, distinct per test (by `slot`) and per test process.
 pub fn base_port(slot: u16) -> u16 {
-    20_000 + (std::process::id() % 150) as u16 * 250 + slot * 10
+    base_port_for_attempt(slot, 0)
+}
+
+/// The last `lines` lines of every `nN/node.log` under a dev directory, for failure messages
+/// (the directory is deleted with the test).
+pub fn node_log_tails(dir: &Path, lines: usize) -> String {
+    let mut report = String::new();
+    let mut logs: Vec<PathBuf> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|entry| entry.path().join("node.log"))
+        .filter(|path| path.exists())
+        .collect();
+    logs.sort();
+    for log in logs {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        let tail = &all[all.len().saturating_sub(lines)..];
+        report.push_str(&format!("--- {} (last {} lines)\n", log.display(), tail.len()));
+        for line in tail {
+            report.push_str(line);
+            report.push('\n');
+        }
+    }
+    report
 }
 
 /// A `dynkv server` process started by a test; killed and reaped on drop.
@@ -33,10 +85,33 @@ pub struct DevCluster {
 }
 
 impl DevCluster {
-    /// Starts `dynkv dev` and waits for it to report every node up.
+    /// Starts `dynkv dev` and waits for it to report every node up. A start that fails
+    /// because a port is taken is retried on another band of ports; any other failure
+    /// panics with the tail of each node's log.
     pub fn start(nodes: u16, slot: u16) -> DevCluster {
+        const ATTEMPTS: u32 = 4;
+        let mut failures = String::new();
+        for attempt in 0..ATTEMPTS {
+            let base_port = base_port_for_attempt(slot, attempt);
+            match DevCluster::try_start(nodes, base_port) {
+                Ok(cluster) => return cluster,
+                Err((dir, logs)) => {
+                    failures.push_str(&format!(
+                        "attempt {attempt} at base port {base_port} ({}):\n{logs}\n",
+                        dir.path().display()
+                    ));
+                    if !logs.contains("Address already in use") {
+                        break;
+                    }
+                }
+            }
+        }
+        panic!("dynkv dev exited before its nodes were up\n{failures}");
+    }
+
+    /// One start at `base_port`; on failure, the directory and the tails of the node logs.
+    fn try_start(nodes: u16, base_port: u16) -> Result<DevCluster, (tempfile::TempDir, String)> {
         let dir = tempfile::tempdir().expect("temporary directory");
-        let base_port = base_port(slot);
         let mut child = Command::new(binary())
             .args([
                 "dev",
@@ -56,21 +131,29 @@ impl DevCluster {
         let stdout = child.stdout.take().expect("stdout piped");
         let mut lines = BufReader::new(stdout).lines();
         let mut up = false;
+        let mut printed = String::new();
         for line in lines.by_ref() {
             let line = line.expect("dev output");
             if line.contains("nodes up") {
                 up = true;
                 break;
             }
+            printed.push_str(&line);
+            printed.push('\n');
         }
-        assert!(up, "dynkv dev exited before its nodes were up");
+        if !up {
+            let _ = child.kill();
+            let _ = child.wait();
+            let logs = format!("dev printed:\n{printed}{}", node_log_tails(dir.path(), 20));
+            return Err((dir, logs));
+        }
         // Keep draining stdout so the dev process never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
-        DevCluster {
+        Ok(DevCluster {
             dir,
             base_port,
             child,
-        }
+        })
     }
 
     pub fn path(&self) -> &Path {
