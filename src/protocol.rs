@@ -115,6 +115,10 @@ pub struct NodeStatus {
     pub hints_delivered: u64,
     /// Hints dropped because they outlived the hint window.
     pub hints_expired: u64,
+    /// Replica merges that met two different versions under one dot (a dot issued twice);
+    /// both versions were kept. Zero unless something is wrong (see `core::epoch`).
+    #[serde(default)]
+    pub dot_collisions: u64,
 }
 
 /// The kinds of error a client can get; each maps to one HTTP status in the HTTP API.

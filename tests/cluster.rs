@@ -605,3 +605,132 @@ fn reads_speculate_past_a_frozen_replica() {
     );
     cluster.signal_node(2, "CONT");
 }
+
+/// Kills node `down` and waits until every other node of the 5 judges it down.
+fn kill_and_wait_until_down(cluster: &DevCluster, down: u16) {
+    cluster.kill_node(down);
+    let killed_at = Instant::now();
+    let others: Vec<u16> = (1..=5).filter(|node| *node != down).collect();
+    while others
+        .iter()
+        .any(|node| up_count(&admin_json(cluster, "members", *node)) != 4)
+    {
+        assert!(
+            killed_at.elapsed() < Duration::from_secs(40),
+            "n{down} was not detected as down"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Waits until no node holds a hint (the restarted node has every write it missed).
+fn wait_until_no_hints(cluster: &DevCluster) {
+    let started = Instant::now();
+    loop {
+        let held: u64 = (1..=5u16)
+            .map(|node| {
+                admin_json(cluster, "status", node)["hints_held"]
+                    .as_u64()
+                    .unwrap_or(u64::MAX)
+            })
+            .sum();
+        if held == 0 {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "{held} hints still held"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Issue 9's report on real processes: a node that stands in for a down primary twice,
+/// with its hints handed back in between, must not reissue a dot (before the fix 26 of 150
+/// second writes were lost, and deletes through it were undone once the primary returned).
+#[test]
+fn writes_and_deletes_through_a_fallback_twice_are_never_lost() {
+    const KEYS: usize = 150;
+    let cluster = DevCluster::start(5, 6);
+    let started = Instant::now();
+    while (1..=5).any(|node| up_count(&admin_json(&cluster, "members", node)) != 5) {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "5 dev nodes never agreed"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let via_n4 = cluster.client_addr(4);
+    let write_all = |value: &str| {
+        for index in 0..KEYS {
+            let key = format!("k{index}");
+            let output = cluster.cli(&["put", "dr", &key, value, "--node", &via_n4]);
+            assert!(
+                output.status.success(),
+                "put {key} {value}: {}",
+                stderr(&output)
+            );
+        }
+    };
+    let mut restarted = Vec::new();
+    for value in ["v1", "v2"] {
+        kill_and_wait_until_down(&cluster, 1);
+        write_all(value);
+        restarted.push(cluster.restart_node(1));
+        wait_until_no_hints(&cluster);
+    }
+    // Read from every primary through a node that never went down (`get` exits 1 on
+    // not found, with the JSON document still printed).
+    let via_n2 = cluster.client_addr(2);
+    let read = |key: &str| {
+        let output = cluster.cli(&[
+            "get",
+            "dr",
+            key,
+            "--r",
+            "all",
+            "--pr",
+            "all",
+            "--sloppy-quorum",
+            "false",
+            "--json",
+            "--node",
+            &via_n2,
+        ]);
+        let document = json(&output);
+        assert!(
+            output.status.success() || document["found"] == false,
+            "get {key}: {}",
+            stderr(&output)
+        );
+        document
+    };
+    let lost: Vec<String> = (0..KEYS)
+        .map(|index| format!("k{index}"))
+        .filter(|key| !sibling_values(&read(key)).contains(&"v2".to_string()))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{} of {KEYS} acknowledged v2 writes are gone: {lost:?}",
+        lost.len()
+    );
+
+    // Deletes through the same fallback while n1 is down stay deleted once it is back.
+    kill_and_wait_until_down(&cluster, 1);
+    for index in 0..KEYS {
+        let key = format!("k{index}");
+        let output = cluster.cli(&["delete", "dr", &key, "--node", &via_n4]);
+        assert!(output.status.success(), "delete {key}: {}", stderr(&output));
+    }
+    restarted.push(cluster.restart_node(1));
+    wait_until_no_hints(&cluster);
+    let resurrected: Vec<String> = (0..KEYS)
+        .map(|index| format!("k{index}"))
+        .filter(|key| read(key)["found"] != false)
+        .collect();
+    assert!(
+        resurrected.is_empty(),
+        "{} of {KEYS} deleted keys are readable again: {resurrected:?}",
+        resurrected.len()
+    );
+}

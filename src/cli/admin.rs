@@ -81,6 +81,7 @@ pub async fn run(command: AdminCommand) -> Result<()> {
             println!("hints held:        {}", status.hints_held);
             println!("hints delivered:   {}", status.hints_delivered);
             println!("hints expired:     {}", status.hints_expired);
+            println!("dot collisions:    {}", status.dot_collisions);
         }
     }
     Ok(())

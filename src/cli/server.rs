@@ -137,7 +137,16 @@ pub async fn run(config: Config, print_only: bool) -> Result<()> {
     let server = dynkv::server::start(config)
         .await
         .context("node failed to start")?;
-    wait_for_shutdown_signal().await;
+    let store = server.node.store().clone();
+    tokio::select! {
+        _ = wait_for_shutdown_signal() => {}
+        reason = store.failed() => {
+            // No clean shutdown: nothing more is acknowledged or served, the store is not
+            // marked as stopped cleanly, and the next start takes a new incarnation.
+            tracing::error!(node = %server.node.id(), reason = %reason, "storage failed; stopping the node");
+            anyhow::bail!("storage failed ({reason}); the node stopped so that it acknowledges and serves nothing that may not be durable");
+        }
+    }
     info!(node = %server.node.id(), "shutting down");
     server.shutdown().await;
     Ok(())

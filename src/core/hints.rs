@@ -5,6 +5,7 @@
 //! key — so one primary's hints are contiguous and can be scanned by prefix. Hint record
 //! (format version 1): one version byte, then MessagePack of [`HintRecord`].
 
+use crate::core::epoch::KeyActor;
 use crate::core::ids::NodeId;
 use crate::core::object::StoredObject;
 use crate::core::ring::PartitionId;
@@ -19,6 +20,10 @@ pub struct HintRecord {
     /// a hint older than the hint window is dropped, not delivered.
     pub created_micros: u64,
     pub object: StoredObject,
+    /// The key actor this node coordinates writes of this hint copy under (see `epoch`);
+    /// it dies with the hint. Absent in hints written before it existed.
+    #[serde(default)]
+    pub coordinator: Option<KeyActor>,
 }
 
 /// A decoded hint key.
@@ -145,6 +150,7 @@ mod tests {
         let record = HintRecord {
             created_micros: 5,
             object: crate::core::version::DvvSet::empty(),
+            coordinator: None,
         };
         assert_eq!(decode_record(&encode_record(&record)), Ok(record));
         assert!(matches!(

@@ -2,6 +2,7 @@
 //! a clock or a socket; time and randomness come in as arguments (`.ci/run` checks this).
 //!
 //! - [`ids`]: node ids and actor ids.
+//! - [`epoch`]: key actors and node incarnations, so that no dot is ever issued twice.
 //! - [`ring`]: partitions, the claim, preference lists.
 //! - [`version`]: dotted version vector sets (siblings and causality).
 //! - [`object`]: what a key stores, its record and context formats, put and merge rules.
@@ -11,6 +12,7 @@
 //! - [`gossip`], [`failure`]: scuttlebutt membership and phi accrual failure detection.
 //! - [`hints`]: hinted handoff record formats.
 
+pub mod epoch;
 pub mod failure;
 pub mod gossip;
 pub mod hints;

@@ -1,16 +1,21 @@
 //! What a key holds: a DVVSet of [`Content`] (one per sibling), its versioned record format
 //! on disk, and the opaque causal context handed to clients.
 //!
-//! Record format (version 1): one byte `RECORD_FORMAT_VERSION`, then the MessagePack encoding
-//! of the `DvvSet<Content>`. Context format (version 1): one byte `CONTEXT_FORMAT_VERSION`,
+//! Record format (version 2): one byte `RECORD_FORMAT_VERSION`, then the MessagePack encoding
+//! of a [`LocalRecord`]: the `DvvSet<Content>` and the key actor this node coordinates the
+//! key under (local to the node, never replicated; see `epoch`). Version 1 records (the
+//! `DvvSet` alone) are still read, as records without a key actor. Context format (version 1): one byte `CONTEXT_FORMAT_VERSION`,
 //! then the MessagePack encoding of the `VersionVector`. Both are versioned so that a later
 //! release can read what an earlier one wrote.
 
+use crate::core::epoch::KeyActor;
 use crate::core::ids::Actor;
 use crate::core::version::{DvvSet, VersionError, VersionVector};
 use serde::{Deserialize, Serialize};
 
-pub const RECORD_FORMAT_VERSION: u8 = 1;
+pub const RECORD_FORMAT_VERSION: u8 = 2;
+/// The first record format: the `DvvSet` alone.
+const RECORD_FORMAT_VERSION_1: u8 = 1;
 pub const CONTEXT_FORMAT_VERSION: u8 = 1;
 
 /// Longest bucket name, in bytes.
@@ -73,7 +78,7 @@ pub enum ObjectError {
     #[error("stored record is empty")]
     EmptyRecord,
     #[error(
-        "stored record has format version {found}; this build reads version {RECORD_FORMAT_VERSION}"
+        "stored record has format version {found}; this build reads versions 1 to {RECORD_FORMAT_VERSION}"
     )]
     UnsupportedRecordVersion { found: u8 },
     #[error("stored record cannot be decoded: {reason}")]
@@ -92,27 +97,60 @@ pub enum ObjectError {
     ContextTooLarge { count: usize },
 }
 
-pub fn encode_record(object: &StoredObject) -> Vec<u8> {
+/// What a node stores for one key: the replicated object, and what only this node needs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LocalRecord {
+    pub object: StoredObject,
+    /// The key actor this node coordinates writes of this copy under, once it has
+    /// coordinated one (see `epoch`). A copy born from a merge has none yet.
+    pub coordinator: Option<KeyActor>,
+}
+
+impl LocalRecord {
+    /// A copy this node has never coordinated into.
+    pub fn merged(object: StoredObject) -> Self {
+        LocalRecord {
+            object,
+            coordinator: None,
+        }
+    }
+}
+
+/// Encodes a record in the current format.
+pub fn encode_local_record(record: &LocalRecord) -> Vec<u8> {
     let mut bytes = vec![RECORD_FORMAT_VERSION];
     // Encoding a plain struct into a Vec cannot fail.
-    if let Err(error) = rmp_serde::encode::write(&mut bytes, object) {
-        unreachable!("encoding a stored object into memory failed: {error}");
+    if let Err(error) = rmp_serde::encode::write(&mut bytes, record) {
+        unreachable!("encoding a stored record into memory failed: {error}");
     }
     bytes
 }
 
-/// Decodes and validates a stored record; disk bytes are untrusted.
-pub fn decode_record(bytes: &[u8]) -> Result<StoredObject, ObjectError> {
+/// Encodes an object as a record that no coordinator has claimed.
+pub fn encode_record(object: &StoredObject) -> Vec<u8> {
+    encode_local_record(&LocalRecord::merged(object.clone()))
+}
+
+/// Decodes and validates a stored record of either format; disk bytes are untrusted.
+pub fn decode_local_record(bytes: &[u8]) -> Result<LocalRecord, ObjectError> {
     let (&version, body) = bytes.split_first().ok_or(ObjectError::EmptyRecord)?;
-    if version != RECORD_FORMAT_VERSION {
-        return Err(ObjectError::UnsupportedRecordVersion { found: version });
-    }
-    let object: StoredObject =
-        rmp_serde::from_slice(body).map_err(|error| ObjectError::UndecodableRecord {
-            reason: error.to_string(),
-        })?;
-    object.validate()?;
-    Ok(object)
+    let undecodable = |error: rmp_serde::decode::Error| ObjectError::UndecodableRecord {
+        reason: error.to_string(),
+    };
+    let record = match version {
+        RECORD_FORMAT_VERSION => rmp_serde::from_slice::<LocalRecord>(body).map_err(undecodable)?,
+        RECORD_FORMAT_VERSION_1 => {
+            LocalRecord::merged(rmp_serde::from_slice(body).map_err(undecodable)?)
+        }
+        found => return Err(ObjectError::UnsupportedRecordVersion { found }),
+    };
+    record.object.validate()?;
+    Ok(record)
+}
+
+/// Decodes a stored record's object.
+pub fn decode_record(bytes: &[u8]) -> Result<StoredObject, ObjectError> {
+    decode_local_record(bytes).map(|record| record.object)
 }
 
 /// The causal context a client gets with a read and sends back with a write. Opaque to the
@@ -200,6 +238,44 @@ pub fn merge_replica(
     }
 }
 
+/// Pairs of different versions that `local` and `incoming` hold under one dot: a dot issued
+/// twice (DESIGN §4 forbids it; a replica that meets one keeps both and counts it).
+/// Only dots that both sides still hold as live siblings can be compared.
+pub fn colliding_versions(
+    local: &StoredObject,
+    incoming: &StoredObject,
+) -> Vec<(Content, Content)> {
+    let mut collisions = Vec::new();
+    for theirs in incoming.entries() {
+        let Some(ours) = local
+            .entries()
+            .iter()
+            .find(|entry| entry.actor() == theirs.actor())
+        else {
+            continue;
+        };
+        for (their_index, their_value) in theirs.values().iter().enumerate() {
+            let dot = theirs.counter() - their_index as u64;
+            let Some(our_index) = ours.counter().checked_sub(dot) else {
+                continue;
+            };
+            if let Some(our_value) = ours.values().get(our_index as usize)
+                && our_value != their_value
+            {
+                collisions.push((our_value.clone(), their_value.clone()));
+            }
+        }
+    }
+    collisions
+}
+
+/// Keeps a version that a dot collision would have dropped: records it again under a fresh
+/// dot of `actor` (an actor used for nothing else), concurrent with everything `merged`
+/// holds, so that a client sees it as a sibling and resolves it.
+pub fn rescue_version(merged: &StoredObject, version: Content, actor: Actor) -> StoredObject {
+    DvvSet::update(DvvSet::new(version), merged, actor)
+}
+
 /// Siblings that are not tombstones; a key whose siblings are all tombstones reads as not found.
 pub fn live_siblings(object: &StoredObject) -> Vec<Content> {
     object
@@ -248,6 +324,49 @@ mod tests {
             decode_record(&[RECORD_FORMAT_VERSION, 0xc1, 0xff]),
             Err(ObjectError::UndecodableRecord { .. })
         ));
+    }
+
+    #[test]
+    fn records_keep_their_key_actor_and_version_1_records_are_read() {
+        let object = coordinate_put(None, None, content("a", 1), 7, true);
+        let record = LocalRecord {
+            object: object.clone(),
+            coordinator: Some(KeyActor {
+                actor: 7,
+                incarnation: 3,
+            }),
+        };
+        assert_eq!(decode_local_record(&encode_local_record(&record)), Ok(record));
+        let mut version_1 = vec![RECORD_FORMAT_VERSION_1];
+        rmp_serde::encode::write(&mut version_1, &object).unwrap();
+        assert_eq!(
+            decode_local_record(&version_1),
+            Ok(LocalRecord::merged(object))
+        );
+    }
+
+    #[test]
+    fn a_dot_issued_twice_is_found_and_both_versions_are_kept() {
+        // Actor 7 issued dot (7, 1) twice, for "first" and for "second".
+        let ours = coordinate_put(None, None, content("first", 1), 7, true);
+        let theirs = coordinate_put(None, None, content("second", 2), 7, true);
+        let collisions = colliding_versions(&ours, &theirs);
+        assert_eq!(
+            collisions,
+            vec![(content("first", 1), content("second", 2))]
+        );
+        assert!(colliding_versions(&ours, &ours).is_empty());
+        let mut merged = merge_replica(Some(&ours), &theirs, true);
+        for (left, right) in &collisions {
+            for version in [left, right] {
+                if !merged.values().contains(&version) {
+                    merged = rescue_version(&merged, version.clone(), 99);
+                }
+            }
+        }
+        let mut values: Vec<Vec<u8>> = merged.values().into_iter().map(|c| c.value.clone()).collect();
+        values.sort();
+        assert_eq!(values, vec![b"first".to_vec(), b"second".to_vec()]);
     }
 
     #[test]

@@ -308,6 +308,7 @@ pub(crate) async fn riak_stats(State(state): State<AppState>, headers: HeaderMap
             "dynkv_hints_expired_total".into(),
             json!(status.hints_expired),
         );
+        fields.insert("dot_collisions".into(), json!(status.dot_collisions));
         fields.insert("dynkv_members_up".into(), json!(status.members_up));
         fields.insert("dynkv_members_down".into(), json!(status.members_down));
     }

@@ -7,11 +7,13 @@
 //! `coordinate_put`, `merge_replica`, `GetCoordinator`, `WriteTracker`); this file sends
 //! messages, keeps time and stores.
 
+use crate::core::epoch::{KeyActor, NodeEpoch};
 use crate::core::hints::{self, HintKey, HintRecord};
-use crate::core::ids::{Actor, NodeId};
+use crate::core::ids::NodeId;
 use crate::core::object::{
-    Content, Context, ObjectError, StoredObject, coordinate_put, decode_record, encode_record,
-    live_siblings, merge_replica, object_size_bytes,
+    Content, Context, LocalRecord, ObjectError, StoredObject, colliding_versions, coordinate_put,
+    decode_local_record, decode_record, encode_local_record, live_siblings, merge_replica,
+    object_size_bytes, rescue_version,
 };
 use crate::core::placement;
 use crate::core::quorum::{BucketDefaults, QuorumOutcome, ReadQuorum, WriteQuorum, WriteTracker};
@@ -76,11 +78,32 @@ pub type PeerTransport = Arc<dyn Transport<PeerRequest, PeerResponse>>;
 struct Counters {
     hints_delivered: AtomicU64,
     hints_expired: AtomicU64,
+    /// Replica merges that met two different versions under one dot (see `epoch`).
+    dot_collisions: AtomicU64,
+}
+
+/// Hands out this incarnation's key actors (see `core::epoch`); shared with the store's
+/// writer, where the choice is made atomically with the write.
+#[derive(Clone)]
+struct KeyActors {
+    epoch: NodeEpoch,
+    next_sequence: Arc<AtomicU64>,
+}
+
+impl KeyActors {
+    fn fresh(&self) -> KeyActor {
+        self.epoch
+            .derive(self.next_sequence.fetch_add(1, Ordering::Relaxed))
+    }
+
+    fn choose(&self, remembered: Option<KeyActor>) -> KeyActor {
+        self.epoch.choose(remembered, || self.fresh())
+    }
 }
 
 struct NodeInner {
     id: NodeId,
-    actor: Actor,
+    key_actors: KeyActors,
     store: Store,
     membership: Arc<dyn Membership>,
     peers: PeerTransport,
@@ -163,11 +186,14 @@ impl Node {
         peers: PeerTransport,
         settings: NodeSettings,
     ) -> Self {
-        let actor = store.actor();
+        let key_actors = KeyActors {
+            epoch: store.epoch(),
+            next_sequence: Arc::new(AtomicU64::new(0)),
+        };
         Node {
             inner: Arc::new(NodeInner {
                 id,
-                actor,
+                key_actors,
                 store,
                 membership,
                 peers,
@@ -290,6 +316,7 @@ impl Node {
             hints_held,
             hints_delivered: self.inner.counters.hints_delivered.load(Ordering::Relaxed),
             hints_expired: self.inner.counters.hints_expired.load(Ordering::Relaxed),
+            dot_collisions: self.inner.counters.dot_collisions.load(Ordering::Relaxed),
         })
     }
 
@@ -451,15 +478,13 @@ impl Node {
     }
 
     /// Atomically transforms this node's copy of a key and stores the result durably.
-    /// `transform` gets the current object and returns the new one (`None`: keep) and an
+    /// `transform` gets the current record and returns the new one (`None`: keep) and an
     /// output.
     /// `transform` runs on the store's writer, batched with other updates.
     async fn update_copy<T: Send + 'static>(
         &self,
         copy: &Copy,
-        transform: impl FnOnce(
-            Option<StoredObject>,
-        ) -> Result<(Option<StoredObject>, T), LocalWriteError>
+        transform: impl FnOnce(Option<LocalRecord>) -> Result<(Option<LocalRecord>, T), LocalWriteError>
         + Send
         + 'static,
     ) -> Result<T, LocalWriteError> {
@@ -468,9 +493,9 @@ impl Node {
             None => {
                 store
                     .update(copy.partition, &copy.bucket, &copy.key, move |current| {
-                        let local = current.map(decode_record).transpose()?;
+                        let local = current.map(decode_local_record).transpose()?;
                         let (updated, output) = transform(local)?;
-                        Ok((updated.map(|object| encode_record(&object)), output))
+                        Ok((updated.map(|record| encode_local_record(&record)), output))
                     })
                     .await
             }
@@ -484,11 +509,16 @@ impl Node {
                         let created_micros = existing
                             .as_ref()
                             .map_or_else(now_micros, |record| record.created_micros);
-                        let (updated, output) = transform(existing.map(|record| record.object))?;
+                        let local = existing.map(|record| LocalRecord {
+                            object: record.object,
+                            coordinator: record.coordinator,
+                        });
+                        let (updated, output) = transform(local)?;
                         let write = match updated {
-                            Some(object) => HintWrite::Put(hints::encode_record(&HintRecord {
+                            Some(record) => HintWrite::Put(hints::encode_record(&HintRecord {
                                 created_micros,
-                                object,
+                                object: record.object,
+                                coordinator: record.coordinator,
                             })),
                             None => HintWrite::Keep,
                         };
@@ -504,26 +534,63 @@ impl Node {
     }
 
     /// A replica's write: merge the incoming object into this node's copy.
+    ///
+    /// A version that the incoming object and this copy hold under one dot, with different
+    /// contents, is a dot issued twice: the merge would keep one and drop the other, so the
+    /// dropped one is recorded again under a fresh key actor, counted and logged.
     async fn merge_copy(&self, copy: &Copy, incoming: StoredObject) -> Result<(), String> {
         let allow_mult = self.bucket_props(&copy.bucket).await.keeps_siblings();
+        let key_actors = self.inner.key_actors.clone();
         let result = self
             .update_copy(copy, move |local| {
+                let collisions = local
+                    .as_ref()
+                    .map(|local| colliding_versions(&local.object, &incoming))
+                    .unwrap_or_default();
                 if let Some(local) = &local
-                    && local.descends(&incoming)
+                    && collisions.is_empty()
+                    && local.object.descends(&incoming)
                 {
                     // Nothing new: skip the write (and its fsync).
-                    return Ok((None, ()));
+                    return Ok((None, 0));
+                }
+                let coordinator = local.as_ref().and_then(|local| local.coordinator);
+                let mut merged = merge_replica(
+                    local.as_ref().map(|local| &local.object),
+                    &incoming,
+                    allow_mult,
+                );
+                for (ours, theirs) in &collisions {
+                    for version in [ours, theirs] {
+                        if !merged.values().contains(&version) {
+                            merged =
+                                rescue_version(&merged, version.clone(), key_actors.fresh().actor);
+                        }
+                    }
                 }
                 Ok((
-                    Some(merge_replica(local.as_ref(), &incoming, allow_mult)),
-                    (),
+                    Some(LocalRecord {
+                        object: merged,
+                        coordinator,
+                    }),
+                    collisions.len(),
                 ))
             })
             .await;
-        result.map_err(|error| match error {
-            LocalWriteError::Refused(error) => error.message,
-            LocalWriteError::Storage(message) => message,
-        })
+        match result {
+            Ok(0) => Ok(()),
+            Ok(collisions) => {
+                self.inner
+                    .counters
+                    .dot_collisions
+                    .fetch_add(collisions as u64, Ordering::Relaxed);
+                metrics::counter!("dynkv_dot_collisions_total").increment(collisions as u64);
+                warn!(node = %self.inner.id, partition = copy.partition, collisions, "a replica merge met different versions under one dot; both were kept");
+                Ok(())
+            }
+            Err(LocalWriteError::Refused(error)) => Err(error.message),
+            Err(LocalWriteError::Storage(message)) => Err(message),
+        }
     }
 
     async fn get(&self, bucket: Vec<u8>, key: Vec<u8>, options: GetOptions) -> ClientResponse {
@@ -831,6 +898,19 @@ impl Node {
             }
             return self.forward(write, &targets, deadline).await;
         };
+        if local_target.hint_for.is_some() && !forwarded {
+            // This node is only a fallback for the key: an up primary holds the key's history
+            // and coordinates under its own key actor, so this node's hint copy does not
+            // become a coordinator's copy (see `core::epoch`).
+            let primaries: Vec<Target> = targets
+                .iter()
+                .filter(|target| target.primary && target.node != self.inner.id)
+                .cloned()
+                .collect();
+            if !primaries.is_empty() {
+                return self.forward(write, &primaries, deadline).await;
+            }
+        }
         let primaries = targets.iter().filter(|target| target.primary).count() as u32;
         let quorum = WriteQuorum {
             w: quorum.w.min(targets.len() as u32),
@@ -958,15 +1038,26 @@ impl Node {
     ) -> Result<StoredObject, LocalWriteError> {
         let max_siblings = self.inner.settings.max_siblings;
         let max_object_bytes = self.inner.settings.max_object_bytes;
-        let actor = self.inner.actor;
+        let key_actors = self.inner.key_actors.clone();
         self.update_copy(copy, move |local| {
+            // The actor this copy's writes are coordinated under; a copy this node has not
+            // coordinated into since it was born (or since an unclean stop) gets a fresh one,
+            // so no dot is ever issued twice (see `core::epoch`).
+            let key_actor = key_actors.choose(local.as_ref().and_then(|local| local.coordinator));
+            let local = local.map(|local| local.object);
             // A delete without a context removes what this replica has seen, as Riak
             // fetches the vclock first for such a delete.
             let context = match (&context, content.deleted, &local) {
                 (None, true, Some(local)) => Some(Context::of(local)),
                 _ => context,
             };
-            let updated = coordinate_put(local.as_ref(), context.as_ref(), content, actor, allow_mult);
+            let updated = coordinate_put(
+                local.as_ref(),
+                context.as_ref(),
+                content,
+                key_actor.actor,
+                allow_mult,
+            );
             let siblings = updated.value_count();
             if siblings > max_siblings as usize {
                 return Err(LocalWriteError::Refused(ClientError {
@@ -987,7 +1078,11 @@ impl Node {
                     ),
                 }));
             }
-            Ok((Some(updated.clone()), updated))
+            let record = LocalRecord {
+                object: updated.clone(),
+                coordinator: Some(key_actor),
+            };
+            Ok((Some(record), updated))
         })
         .await
     }

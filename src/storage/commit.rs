@@ -79,6 +79,8 @@ pub(super) struct Writer {
     pub(super) counters: Arc<Counters>,
     pub(super) shutdown: oneshot::Receiver<()>,
     pub(super) sync_writes: bool,
+    /// Set once, when the store can no longer make writes durable (see [`super::Store::failed`]).
+    pub(super) failure: tokio::sync::watch::Sender<Option<String>>,
 }
 
 impl Writer {
@@ -108,6 +110,7 @@ impl Writer {
                         if let Err(error) = persist(database, PersistMode::SyncData).await {
                             let error = Arc::new(error);
                             tracing::error!(error = %error, "periodic journal fsync failed");
+                            self.failure.send_replace(Some(format!("journal fsync failed: {error}")));
                             return Err(StorageError::Persist { source: error });
                         }
                     }
@@ -138,6 +141,8 @@ impl Writer {
                     if let Some(error) = failed {
                         if failure.is_none() {
                             tracing::error!(error = %error, "journal fsync failed");
+                            self.failure
+                                .send_replace(Some(format!("journal fsync failed: {error}")));
                         }
                         failure = Some(error);
                     }
@@ -147,6 +152,8 @@ impl Writer {
                     // the panicking task, so they see `CommitterStopped`.
                     let error = Arc::new(PersistError::TaskFailed { source: join_error });
                     tracing::error!(error = %error, "storage writer batch failed");
+                    self.failure
+                        .send_replace(Some(format!("a storage batch failed: {error}")));
                     return Err(StorageError::Persist { source: error });
                 }
             }

@@ -1,18 +1,27 @@
-//! The node metadata file: the actor id drawn when the data directory was created.
+//! The node metadata file: the actor id drawn when the data directory was created, and the
+//! node's incarnations (see `core::epoch`).
 //!
-//! Format (version 1), four text lines so an operator can read it:
+//! Format (version 2), text lines so an operator can read it:
 //!
 //! ```text
 //! dynkv storage metadata
-//! format_version = 1
+//! format_version = 2
 //! actor = 0123456789abcdef
+//! incarnation = 0000000000000003
+//! trusted_from = 0000000000000001
+//! stopped_cleanly = 0000000000000000
 //! checksum = 89abcdef01234567
 //! ```
 //!
 //! The checksum (FNV-1a 64 over every byte before the `checksum` line) catches a flipped
 //! digit in the actor, which would otherwise silently turn this node into another actor. The
 //! header and the trailing checksum line are kept by every future version, so a reader can
-//! tell "corrupt" from "written by a newer build".
+//! tell "corrupt" from "written by a newer build". Version 1 files (no incarnation lines) are
+//! read as a node that never stopped cleanly.
+//!
+//! At every open the incarnation is counted up and the file rewritten with
+//! `stopped_cleanly = 0` before the store serves; a clean close (everything fsynced) writes
+//! `stopped_cleanly = 1`.
 
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
@@ -22,40 +31,76 @@ use rand::TryRngCore;
 use rand::rngs::OsRng;
 
 use super::{MetaProblem, StorageError};
+use crate::core::epoch::NodeEpoch;
 use crate::core::ids::Actor;
 
 /// Name of the metadata file inside the data directory.
 pub(super) const META_FILE: &str = "node.meta";
 
 /// The metadata format this build writes and reads.
-pub(super) const META_FORMAT_VERSION: u32 = 1;
+pub(super) const META_FORMAT_VERSION: u32 = 2;
 
 const HEADER: &str = "dynkv storage metadata";
-/// The file is four short lines; anything bigger is not ours.
+/// The file is seven short lines; anything bigger is not ours.
 const MAX_META_BYTES: u64 = 4096;
 
-/// Reads the actor from `dir`'s metadata file, or draws a new one and writes it durably if the
-/// file does not exist (a new or wiped data directory).
-pub(super) fn load_or_create(dir: &Path) -> Result<Actor, StorageError> {
+/// What the metadata file holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Meta {
+    actor: Actor,
+    /// `(incarnation, trusted_from)` of the last start; `None` in a version 1 file.
+    epoch: Option<(u64, u64)>,
+    stopped_cleanly: bool,
+}
+
+/// Opens the node's identity for a new start: reads the metadata file (or draws a new actor
+/// for a new or wiped data directory), counts the incarnation up, and writes the file back
+/// durably, marked as not stopped cleanly, before anything is served.
+pub(super) fn open_epoch(dir: &Path) -> Result<NodeEpoch, StorageError> {
     let path = dir.join(META_FILE);
-    match read_bounded(&path) {
-        Ok(bytes) => decode(&bytes).map_err(|problem| match problem {
-            Decoded::Corrupt(problem) => StorageError::CorruptMeta { path, problem },
-            Decoded::Unsupported(found) => StorageError::UnsupportedMetaVersion {
-                path,
-                found,
-                supported: META_FORMAT_VERSION,
-            },
-        }),
+    let epoch = match read_bounded(&path) {
+        Ok(bytes) => {
+            let meta = decode(&bytes).map_err(|problem| match problem {
+                Decoded::Corrupt(problem) => StorageError::CorruptMeta {
+                    path: path.clone(),
+                    problem,
+                },
+                Decoded::Unsupported(found) => StorageError::UnsupportedMetaVersion {
+                    path: path.clone(),
+                    found,
+                    supported: META_FORMAT_VERSION,
+                },
+            })?;
+            // A version 1 file had no incarnations: as if incarnation 0 had stopped uncleanly.
+            let previous = meta.epoch.or(Some((0, 0)));
+            NodeEpoch::next(meta.actor, previous, meta.stopped_cleanly)
+        }
         Err(source) if source.kind() == io::ErrorKind::NotFound => {
             let actor = draw_actor()?;
-            write_durably(dir, &encode(actor))
-                .map_err(|source| StorageError::WriteMeta { path, source })?;
             tracing::info!(actor, "created data directory identity");
-            Ok(actor)
+            NodeEpoch::next(actor, None, false)
         }
-        Err(source) => Err(StorageError::ReadMeta { path, source }),
-    }
+        Err(source) => return Err(StorageError::ReadMeta { path, source }),
+    };
+    write_epoch(dir, &epoch, false)?;
+    Ok(epoch)
+}
+
+/// Writes the metadata file for `epoch`; `stopped_cleanly` once every write is durable.
+pub(super) fn write_epoch(
+    dir: &Path,
+    epoch: &NodeEpoch,
+    stopped_cleanly: bool,
+) -> Result<(), StorageError> {
+    let meta = Meta {
+        actor: epoch.base,
+        epoch: Some((epoch.incarnation, epoch.trusted_from)),
+        stopped_cleanly,
+    };
+    write_durably(dir, &encode(&meta)).map_err(|source| StorageError::WriteMeta {
+        path: dir.join(META_FILE),
+        source,
+    })
 }
 
 fn read_bounded(path: &Path) -> io::Result<Vec<u8>> {
@@ -90,8 +135,13 @@ fn write_durably(dir: &Path, contents: &str) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-fn encode(actor: Actor) -> String {
-    let body = format!("{HEADER}\nformat_version = {META_FORMAT_VERSION}\nactor = {actor:016x}\n");
+fn encode(meta: &Meta) -> String {
+    let (incarnation, trusted_from) = meta.epoch.unwrap_or((0, 0));
+    let body = format!(
+        "{HEADER}\nformat_version = {META_FORMAT_VERSION}\nactor = {:016x}\nincarnation = {incarnation:016x}\ntrusted_from = {trusted_from:016x}\nstopped_cleanly = {:016x}\n",
+        meta.actor,
+        u64::from(meta.stopped_cleanly)
+    );
     let checksum = fnv1a_64(body.as_bytes());
     format!("{body}checksum = {checksum:016x}\n")
 }
@@ -101,7 +151,7 @@ enum Decoded {
     Unsupported(u32),
 }
 
-fn decode(bytes: &[u8]) -> Result<Actor, Decoded> {
+fn decode(bytes: &[u8]) -> Result<Meta, Decoded> {
     use Decoded::Corrupt;
     if bytes.len() as u64 > MAX_META_BYTES {
         return Err(Corrupt(MetaProblem::TooLarge));
@@ -128,14 +178,42 @@ fn decode(bytes: &[u8]) -> Result<Actor, Decoded> {
             field: "format_version",
         })
     })?;
-    if version != META_FORMAT_VERSION {
+    if version != 1 && version != META_FORMAT_VERSION {
         return Err(Decoded::Unsupported(version));
     }
-    let actor = parse_hex(field(lines.next().unwrap_or_default(), "actor")?, "actor")?;
+    let mut next_hex = |name: &'static str| -> Result<u64, Decoded> {
+        parse_hex(field(lines.next().unwrap_or_default(), name)?, name)
+    };
+    let actor = next_hex("actor")?;
+    let (epoch, stopped_cleanly) = if version == 1 {
+        (None, false)
+    } else {
+        let incarnation = next_hex("incarnation")?;
+        let trusted_from = next_hex("trusted_from")?;
+        let stopped_cleanly = match next_hex("stopped_cleanly")? {
+            0 => false,
+            1 => true,
+            _ => {
+                return Err(Decoded::Corrupt(MetaProblem::InvalidField {
+                    field: "stopped_cleanly",
+                }));
+            }
+        };
+        if trusted_from > incarnation {
+            return Err(Decoded::Corrupt(MetaProblem::InvalidField {
+                field: "trusted_from",
+            }));
+        }
+        (Some((incarnation, trusted_from)), stopped_cleanly)
+    };
     if lines.next().is_some() {
         return Err(Corrupt(MetaProblem::UnexpectedLine));
     }
-    Ok(actor)
+    Ok(Meta {
+        actor,
+        epoch,
+        stopped_cleanly,
+    })
 }
 
 /// The value of a `name = value` line.
@@ -165,16 +243,50 @@ fn fnv1a_64(bytes: &[u8]) -> u64 {
 mod tests {
     use super::*;
 
+    fn meta(actor: Actor) -> Meta {
+        Meta {
+            actor,
+            epoch: Some((3, 1)),
+            stopped_cleanly: true,
+        }
+    }
+
     #[test]
     fn metadata_round_trips() {
-        let text = encode(0x0123_4567_89ab_cdef);
+        let text = encode(&meta(0x0123_4567_89ab_cdef));
         assert!(text.contains("actor = 0123456789abcdef\n"));
-        assert!(matches!(decode(text.as_bytes()), Ok(0x0123_4567_89ab_cdef)));
+        assert!(
+            matches!(decode(text.as_bytes()), Ok(decoded) if decoded == meta(0x0123_4567_89ab_cdef))
+        );
+    }
+
+    #[test]
+    fn version_1_files_are_read_as_an_unclean_stop() {
+        let body = format!("{HEADER}\nformat_version = 1\nactor = 0000000000000007\n");
+        let text = format!("{body}checksum = {:016x}\n", fnv1a_64(body.as_bytes()));
+        let decoded = decode(text.as_bytes()).ok().expect("version 1 is read");
+        assert_eq!(decoded.actor, 7);
+        assert_eq!(decoded.epoch, None);
+        assert!(!decoded.stopped_cleanly);
+    }
+
+    #[test]
+    fn each_open_is_a_new_incarnation_and_an_unclean_one_resets_trust() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = open_epoch(dir.path()).unwrap();
+        assert_eq!((first.incarnation, first.trusted_from), (1, 1));
+        write_epoch(dir.path(), &first, true).unwrap();
+        let clean = open_epoch(dir.path()).unwrap();
+        assert_eq!(clean.base, first.base);
+        assert_eq!((clean.incarnation, clean.trusted_from), (2, 1));
+        // No clean close this time: the next start trusts nothing earlier.
+        let unclean = open_epoch(dir.path()).unwrap();
+        assert_eq!((unclean.incarnation, unclean.trusted_from), (3, 3));
     }
 
     #[test]
     fn damaged_metadata_is_refused() {
-        let text = encode(7);
+        let text = encode(&meta(7));
         let flipped = text.replace("actor = 0000000000000007", "actor = 0000000000000006");
         assert!(matches!(
             decode(flipped.as_bytes()),
@@ -196,11 +308,11 @@ mod tests {
 
     #[test]
     fn newer_format_versions_are_reported_as_such() {
-        let body = format!("{HEADER}\nformat_version = 2\nactor = 0000000000000007\n");
+        let body = format!("{HEADER}\nformat_version = 3\nactor = 0000000000000007\n");
         let text = format!("{body}checksum = {:016x}\n", fnv1a_64(body.as_bytes()));
         assert!(matches!(
             decode(text.as_bytes()),
-            Err(Decoded::Unsupported(2))
+            Err(Decoded::Unsupported(3))
         ));
     }
 }

@@ -65,6 +65,7 @@ use parking_lot::RwLock;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
+use crate::core::epoch::NodeEpoch;
 use crate::core::ids::Actor;
 use commit::{Counters, Job, JobDone, Writer};
 
@@ -253,6 +254,9 @@ pub struct Store {
 
 struct Inner {
     actor: Actor,
+    /// This start's incarnation (see `core::epoch`), and where to record a clean stop.
+    epoch: NodeEpoch,
+    dir: PathBuf,
     /// The only strong handle besides in-flight batches (see [`Writer`]).
     database: Arc<Database>,
     /// Every partition keyspace that exists, loaded at open and extended on first write, so a
@@ -267,6 +271,8 @@ struct Inner {
     /// per connection by `RpcLimits::max_in_flight_per_connection`).
     jobs: mpsc::UnboundedSender<Job>,
     counters: Arc<Counters>,
+    /// Why the store can no longer make writes durable, once that happens.
+    failure: tokio::sync::watch::Receiver<Option<String>>,
     writer: JoinHandle<Result<(), StorageError>>,
     /// Dropped (with the last handle, or by `close`) to stop the writer.
     shutdown: oneshot::Sender<()>,
@@ -284,7 +290,8 @@ impl Store {
             path: dir.to_path_buf(),
             source,
         })?;
-        let actor = meta::load_or_create(dir)?;
+        let epoch = meta::open_epoch(dir)?;
+        let actor = epoch.base;
         let database_dir = dir.join(DATABASE_DIR);
         let database = Database::builder(&database_dir)
             .cache_size(config.cache_bytes)
@@ -318,6 +325,7 @@ impl Store {
         }
 
         let (jobs_sender, jobs_receiver) = mpsc::unbounded_channel();
+        let (failure_sender, failure) = tokio::sync::watch::channel(None);
         let (shutdown_sender, shutdown_receiver) = oneshot::channel();
         let counters = Arc::new(Counters::default());
         let writer = Writer {
@@ -326,6 +334,7 @@ impl Store {
             counters: counters.clone(),
             shutdown: shutdown_receiver,
             sync_writes: config.sync_writes,
+            failure: failure_sender,
         };
         let writer_span = tracing::info_span!("storage_writer", actor);
         let writer = runtime.spawn(tracing::Instrument::instrument(writer.run(), writer_span));
@@ -339,12 +348,15 @@ impl Store {
         Ok(Store {
             inner: Arc::new(Inner {
                 actor,
+                epoch,
+                dir: dir.to_path_buf(),
                 database,
                 partitions: RwLock::new(partitions),
                 hints,
                 hints_held: Arc::new(AtomicU64::new(hints_held)),
                 jobs: jobs_sender,
                 counters,
+                failure,
                 writer,
                 shutdown: shutdown_sender,
             }),
@@ -354,6 +366,29 @@ impl Store {
     /// This node's actor id, drawn when its data directory was created.
     pub fn actor(&self) -> Actor {
         self.inner.actor
+    }
+
+    /// Resolves, with the reason, once the store can no longer make writes durable: an fsync
+    /// failed (fjall refuses every later write, and the kernel may have dropped the dirty
+    /// pages, so a retry could report success for data that is gone) or a storage batch
+    /// panicked. The node must then stop acknowledging and serving (DESIGN §4): the server
+    /// exits, and its peers route around it.
+    pub async fn failed(&self) -> String {
+        let mut failure = self.inner.failure.clone();
+        loop {
+            if let Some(reason) = failure.borrow_and_update().clone() {
+                return reason;
+            }
+            if failure.changed().await.is_err() {
+                // The writer is gone without a failure (the store was closed): never resolve.
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    /// This start's incarnation and the key actors it may trust (see `core::epoch`).
+    pub fn epoch(&self) -> NodeEpoch {
+        self.inner.epoch
     }
 
     /// The stored value of `(bucket, key)` in `partition` (the key's ring partition).
@@ -514,6 +549,8 @@ impl Store {
             partitions,
             writer,
             shutdown,
+            epoch,
+            dir,
             ..
         } = inner;
         drop(shutdown);
@@ -529,6 +566,8 @@ impl Store {
         released.map_err(|source| StorageError::Persist {
             source: Arc::new(PersistError::TaskFailed { source }),
         })?;
+        // Everything is durable: the next start may keep this incarnation's key actors.
+        meta::write_epoch(&dir, &epoch, true)?;
         tracing::info!("storage closed");
         Ok(())
     }

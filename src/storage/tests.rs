@@ -449,3 +449,37 @@ async fn acknowledged_writes_survive_sigkill() {
     }
     store.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_batch_marks_the_store_failed() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let panicked = store
+        .update(
+            0,
+            b"b",
+            b"k",
+            |_current| -> Result<(Option<Vec<u8>>, ()), ()> {
+                panic!("a storage job panicked (on purpose)")
+            },
+        )
+        .await;
+    assert!(
+        matches!(
+            panicked,
+            Err(UpdateError::Storage {
+                source: StorageError::CommitterStopped
+            })
+        ),
+        "{panicked:?}"
+    );
+    let reason = tokio::time::timeout(std::time::Duration::from_secs(5), store.failed())
+        .await
+        .expect("the failure is reported");
+    assert!(reason.contains("storage batch failed"), "{reason}");
+    // Nothing is acknowledged afterwards.
+    let later = store
+        .update(0, b"b", b"k", |_| Ok::<_, ()>((Some(b"v".to_vec()), ())))
+        .await;
+    assert!(later.is_err(), "{later:?}");
+}

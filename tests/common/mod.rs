@@ -1,3 +1,4 @@
 #![allow(dead_code)]
+pub mod checker;
 pub mod process;
 pub mod sim;

@@ -59,7 +59,11 @@ pub fn node_log_tails(dir: &Path, lines: usize) -> String {
         let text = std::fs::read_to_string(&log).unwrap_or_default();
         let all: Vec<&str> = text.lines().collect();
         let tail = &all[all.len().saturating_sub(lines)..];
-        report.push_str(&format!("--- {} (last {} lines)\n", log.display(), tail.len()));
+        report.push_str(&format!(
+            "--- {} (last {} lines)\n",
+            log.display(),
+            tail.len()
+        ));
         for line in tail {
             report.push_str(line);
             report.push('\n');
@@ -237,6 +241,9 @@ impl DevCluster {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("dynkv server starts");
+        // As `dynkv dev` does, so that `kill_node` (and the README's `kill`) find it.
+        let pid_file = self.path().join(format!("n{node}")).join("pid");
+        std::fs::write(&pid_file, format!("{}\n", child.id())).expect("pid file written");
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let output = self.cli(&["ping", "--node", &self.client_addr(node)]);

@@ -231,6 +231,45 @@ impl SimCluster {
     }
 }
 
+/// Every copy of a key that a running node holds: its replica copy and the hints it keeps
+/// for any of `ids`.
+pub async fn node_copies(
+    node: &Node,
+    ring: &Ring,
+    ids: &[NodeId],
+    bucket: &[u8],
+    key: &[u8],
+) -> Vec<StoredObject> {
+    let partition = ring.partition_for_key(bucket, key);
+    let mut copies = Vec::new();
+    let holders = std::iter::once(None).chain(
+        ids.iter()
+            .filter(|other| *other != node.id())
+            .map(|other| Some(other.clone())),
+    );
+    for hint_for in holders {
+        let response = node
+            .handle_peer(PeerRequest::ReplicaGet {
+                partition,
+                bucket: bucket.to_vec(),
+                key: key.to_vec(),
+                hint_for,
+            })
+            .await;
+        if let PeerResponse::Object(Some(object)) = response {
+            copies.push(object);
+        }
+    }
+    copies
+}
+
+impl SimCluster {
+    /// Handles on every running node.
+    pub fn running_nodes(&self) -> Vec<Node> {
+        self.nodes.values().cloned().collect()
+    }
+}
+
 /// Waits (in simulated time) until a crashed node's last task has finished.
 pub async fn wait_until_stopped(node: WeakNode) {
     for _ in 0..400 {
