@@ -336,7 +336,10 @@ mod tests {
                 incarnation: 3,
             }),
         };
-        assert_eq!(decode_local_record(&encode_local_record(&record)), Ok(record));
+        assert_eq!(
+            decode_local_record(&encode_local_record(&record)),
+            Ok(record)
+        );
         let mut version_1 = vec![RECORD_FORMAT_VERSION_1];
         rmp_serde::encode::write(&mut version_1, &object).unwrap();
         assert_eq!(
@@ -364,7 +367,11 @@ mod tests {
                 }
             }
         }
-        let mut values: Vec<Vec<u8>> = merged.values().into_iter().map(|c| c.value.clone()).collect();
+        let mut values: Vec<Vec<u8>> = merged
+            .values()
+            .into_iter()
+            .map(|c| c.value.clone())
+            .collect();
         values.sort();
         assert_eq!(values, vec![b"first".to_vec(), b"second".to_vec()]);
     }
