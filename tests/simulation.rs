@@ -730,3 +730,109 @@ async fn invalid_options_and_oversized_values_are_refused_with_a_reason() {
         ClientResponse::NotFound { .. }
     ));
 }
+
+/// Waits, in real time, until `condition` holds: for steps that run on the storage writer's
+/// blocking threads, which the paused clock does not drive.
+async fn eventually(what: &str, mut condition: impl AsyncFnMut() -> bool) {
+    for _ in 0..2000 {
+        if condition().await {
+            return;
+        }
+        tokio::task::yield_now().await;
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    panic!("{what} never happened");
+}
+
+/// DESIGN §4, "nothing undurable outlives a crash as a reused dot": a coordinator's write is
+/// in its store but not yet fsynced, a peer reads it and read-repairs it to the other
+/// replicas, the coordinator crashes and loses it. After the restart its next write must not
+/// reuse that dot (an unclean start trusts no earlier key actor); with the old rule it did,
+/// and the replicas met two versions under one dot.
+#[tokio::test(start_paused = true)]
+async fn a_write_lost_in_a_crash_after_a_peer_read_it_leaves_no_dot_to_reissue() {
+    let mut cluster = SimCluster::start(3, 7, default_settings()).await;
+    let (n1, n2) = (node("n1"), node("n2"));
+    let stored = cluster.client(&n1, put("k", "v1", None, Quorum::All)).await;
+    assert!(
+        matches!(stored, ClientResponse::Stored { .. }),
+        "{stored:?}"
+    );
+
+    // n1's disk stalls: v2 is in n1's store, visible, neither durable nor acknowledged.
+    let disk = cluster.disk(&n1);
+    disk.hold_persists(true);
+    let coordinator = cluster.node(&n1).expect("n1 up");
+    let unacknowledged = tokio::spawn(async move {
+        coordinator
+            .handle_client(put("k", "v2", None, Quorum::One))
+            .await
+    });
+    let n1_node = cluster.node(&n1).expect("n1 up");
+    let ring = cluster.ring.clone();
+    eventually("v2 visible on n1", async || {
+        replica_copy(&n1_node, &ring, BUCKET, b"k")
+            .await
+            .is_some_and(|copy| values(&live_siblings(&copy)).contains("v2"))
+    })
+    .await;
+    drop(n1_node);
+    // A read through n2 sees it and repairs it onto n2 and n3.
+    let mut read = get("k", Quorum::All);
+    if let ClientRequest::Get { options, .. } = &mut read {
+        options.ask_all_replicas = Some(true);
+    }
+    let via_n2 = cluster.node(&n2).expect("n2 up");
+    let seen = via_n2.handle_client(read).await;
+    assert!(
+        matches!(&seen, ClientResponse::Found { siblings, .. } if values(siblings).contains("v2")),
+        "{seen:?}"
+    );
+    for replica in [node("n2"), node("n3")] {
+        let holder = cluster.node(&replica).expect("up");
+        eventually("read repair of v2", async || {
+            replica_copy(&holder, &ring, BUCKET, b"k")
+                .await
+                .is_some_and(|copy| values(&live_siblings(&copy)).contains("v2"))
+        })
+        .await;
+    }
+
+    // n1 crashes before the fsync: v2 is gone from its disk, and was never acknowledged.
+    let weak = cluster.crash(&n1).expect("n1 was up");
+    disk.hold_persists(false);
+    let answer = unacknowledged.await.expect("put task");
+    assert!(
+        !matches!(answer, ClientResponse::Stored { .. }),
+        "a write that never became durable was acknowledged: {answer:?}"
+    );
+    wait_until_stopped(weak).await;
+    cluster.restart(&n1);
+    let copy = cluster
+        .replica(&n1, BUCKET, b"k")
+        .await
+        .expect("v1 is durable");
+    assert!(
+        !values(&live_siblings(&copy)).contains("v2"),
+        "the crash lost v2 on n1"
+    );
+
+    // n1 coordinates again: a fresh key actor, so no replica meets a second version of v2's dot.
+    let stored = cluster.client(&n1, put("k", "v3", None, Quorum::All)).await;
+    assert!(
+        matches!(stored, ClientResponse::Stored { .. }),
+        "{stored:?}"
+    );
+    let ClientResponse::Found { siblings, .. } = cluster.client(&n2, get("k", Quorum::All)).await
+    else {
+        panic!("k must be readable");
+    };
+    assert!(values(&siblings).contains("v3"), "{siblings:?}");
+    for id in &cluster.ids {
+        let status = cluster.node(id).expect("up").status().expect("status");
+        assert_eq!(
+            status.dot_collisions, 0,
+            "{id} met two versions under one dot: n1 reissued the dot of the write it lost"
+        );
+    }
+}

@@ -20,7 +20,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use fjall::{Database, PersistMode};
+use fjall::PersistMode;
+
+use super::engine::Engine;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{PersistError, StorageError};
@@ -74,7 +76,7 @@ pub(super) struct Counters {
 /// batches: dropping the last store handle releases the database (and its directory lock) at
 /// once, so a crashed node can be reopened straight away, and ends the task.
 pub(super) struct Writer {
-    pub(super) database: Weak<Database>,
+    pub(super) database: Weak<Engine>,
     pub(super) jobs: mpsc::UnboundedReceiver<Job>,
     pub(super) counters: Arc<Counters>,
     pub(super) shutdown: oneshot::Receiver<()>,
@@ -170,7 +172,7 @@ struct BatchOutcome {
 /// Runs a batch's jobs in order, fsyncs once if any wrote (with `sync_writes`), then tells
 /// every caller.
 fn run_batch(
-    database: &Database,
+    database: &Engine,
     batch: Vec<Job>,
     sync_writes: bool,
     earlier_failure: Option<Arc<PersistError>>,
@@ -213,10 +215,7 @@ fn run_batch(
 }
 
 /// Runs fjall's `persist` on the blocking pool (see the module doc for why not a thread).
-pub(super) async fn persist(
-    database: Arc<Database>,
-    mode: PersistMode,
-) -> Result<(), PersistError> {
+pub(super) async fn persist(database: Arc<Engine>, mode: PersistMode) -> Result<(), PersistError> {
     match tokio::task::spawn_blocking(move || database.persist(mode)).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(source)) => Err(PersistError::Engine { source }),

@@ -26,15 +26,13 @@ pub enum HintWrite {
 impl Store {
     /// The stored hint under `hint_key`.
     pub fn hint_get(&self, hint_key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
-        let value = self
-            .inner
+        self.inner
             .hints
             .get(hint_key)
             .map_err(|source| StorageError::Hints {
                 operation: "read",
                 source,
-            })?;
-        Ok(value.map(|value| value.to_vec()))
+            })
     }
 
     /// Atomic read-modify-write (or delete) of one hint; durable when it returns, like
@@ -99,25 +97,13 @@ impl Store {
             Some(after) => Bound::Excluded(after.to_vec()),
             None => Bound::Included(prefix.to_vec()),
         };
-        let mut hints = Vec::with_capacity(limit.min(1024));
-        for entry in self
-            .inner
+        self.inner
             .hints
-            .range::<Vec<u8>, _>((start, Bound::Unbounded))
-        {
-            if hints.len() >= limit {
-                break;
-            }
-            let (key, value) = entry.into_inner().map_err(|source| StorageError::Hints {
+            .range(start, limit, |key| key.starts_with(prefix))
+            .map_err(|source| StorageError::Hints {
                 operation: "scan",
                 source,
-            })?;
-            if !key.starts_with(prefix) {
-                break;
-            }
-            hints.push((key.to_vec(), value.to_vec()));
-        }
-        Ok(hints)
+            })
     }
 
     /// The number of hints held: counted once at open, then kept by the writer, so status
@@ -128,16 +114,11 @@ impl Store {
 }
 
 /// Counts the hints in the keyspace (a scan of the keys; once, at open).
-pub(super) fn count_hints(hints: &fjall::Keyspace) -> Result<u64, StorageError> {
-    let mut count = 0;
-    for entry in hints.iter() {
-        entry.key().map_err(|source| StorageError::Hints {
-            operation: "count",
-            source,
-        })?;
-        count += 1;
-    }
-    Ok(count)
+pub(super) fn count_hints(hints: &super::engine::Space) -> Result<u64, StorageError> {
+    hints.count().map_err(|source| StorageError::Hints {
+        operation: "count",
+        source,
+    })
 }
 
 #[cfg(test)]

@@ -25,11 +25,13 @@
 
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use rand::TryRngCore;
 use rand::rngs::OsRng;
 
+use super::engine::MemoryDisk;
 use super::{MetaProblem, StorageError};
 use crate::core::epoch::NodeEpoch;
 use crate::core::ids::Actor;
@@ -44,6 +46,42 @@ const HEADER: &str = "dynkv storage metadata";
 /// The file is seven short lines; anything bigger is not ours.
 const MAX_META_BYTES: u64 = 4096;
 
+/// Where the metadata file lives: in the data directory, or on a simulated disk.
+pub(super) enum MetaLocation {
+    Dir(PathBuf),
+    Memory(Arc<MemoryDisk>),
+}
+
+impl MetaLocation {
+    /// The file's path, for error messages.
+    fn path(&self) -> PathBuf {
+        match self {
+            MetaLocation::Dir(dir) => dir.join(META_FILE),
+            MetaLocation::Memory(_) => PathBuf::from("<in-memory disk>").join(META_FILE),
+        }
+    }
+
+    fn read(&self) -> io::Result<Vec<u8>> {
+        match self {
+            MetaLocation::Dir(dir) => read_bounded(&dir.join(META_FILE)),
+            MetaLocation::Memory(disk) => disk
+                .read_meta()
+                .map(String::into_bytes)
+                .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound)),
+        }
+    }
+
+    fn write_durably(&self, contents: &str) -> io::Result<()> {
+        match self {
+            MetaLocation::Dir(dir) => write_durably(dir, contents),
+            MetaLocation::Memory(disk) => {
+                disk.write_meta(contents.to_string());
+                Ok(())
+            }
+        }
+    }
+}
+
 /// What the metadata file holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Meta {
@@ -56,9 +94,9 @@ struct Meta {
 /// Opens the node's identity for a new start: reads the metadata file (or draws a new actor
 /// for a new or wiped data directory), counts the incarnation up, and writes the file back
 /// durably, marked as not stopped cleanly, before anything is served.
-pub(super) fn open_epoch(dir: &Path) -> Result<NodeEpoch, StorageError> {
-    let path = dir.join(META_FILE);
-    let epoch = match read_bounded(&path) {
+pub(super) fn open_epoch(location: &MetaLocation) -> Result<NodeEpoch, StorageError> {
+    let path = location.path();
+    let epoch = match location.read() {
         Ok(bytes) => {
             let meta = decode(&bytes).map_err(|problem| match problem {
                 Decoded::Corrupt(problem) => StorageError::CorruptMeta {
@@ -82,13 +120,13 @@ pub(super) fn open_epoch(dir: &Path) -> Result<NodeEpoch, StorageError> {
         }
         Err(source) => return Err(StorageError::ReadMeta { path, source }),
     };
-    write_epoch(dir, &epoch, false)?;
+    write_epoch(location, &epoch, false)?;
     Ok(epoch)
 }
 
 /// Writes the metadata file for `epoch`; `stopped_cleanly` once every write is durable.
 pub(super) fn write_epoch(
-    dir: &Path,
+    location: &MetaLocation,
     epoch: &NodeEpoch,
     stopped_cleanly: bool,
 ) -> Result<(), StorageError> {
@@ -97,10 +135,12 @@ pub(super) fn write_epoch(
         epoch: Some((epoch.incarnation, epoch.trusted_from)),
         stopped_cleanly,
     };
-    write_durably(dir, &encode(&meta)).map_err(|source| StorageError::WriteMeta {
-        path: dir.join(META_FILE),
-        source,
-    })
+    location
+        .write_durably(&encode(&meta))
+        .map_err(|source| StorageError::WriteMeta {
+            path: location.path(),
+            source,
+        })
 }
 
 fn read_bounded(path: &Path) -> io::Result<Vec<u8>> {
@@ -273,14 +313,15 @@ mod tests {
     #[test]
     fn each_open_is_a_new_incarnation_and_an_unclean_one_resets_trust() {
         let dir = tempfile::tempdir().unwrap();
-        let first = open_epoch(dir.path()).unwrap();
+        let location = MetaLocation::Dir(dir.path().to_path_buf());
+        let first = open_epoch(&location).unwrap();
         assert_eq!((first.incarnation, first.trusted_from), (1, 1));
-        write_epoch(dir.path(), &first, true).unwrap();
-        let clean = open_epoch(dir.path()).unwrap();
+        write_epoch(&location, &first, true).unwrap();
+        let clean = open_epoch(&location).unwrap();
         assert_eq!(clean.base, first.base);
         assert_eq!((clean.incarnation, clean.trusted_from), (2, 1));
         // No clean close this time: the next start trusts nothing earlier.
-        let unclean = open_epoch(dir.path()).unwrap();
+        let unclean = open_epoch(&location).unwrap();
         assert_eq!((unclean.incarnation, unclean.trusted_from), (3, 3));
     }
 

@@ -45,10 +45,12 @@
 //! Updates need no per-key lock: the writer runs them one after another.
 
 mod commit;
+mod engine;
 mod hints;
 mod key;
 mod meta;
 
+pub use engine::{EngineError, MemoryDisk};
 pub use hints::{HintEntry, HintWrite};
 
 #[cfg(test)]
@@ -60,7 +62,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+use engine::{Engine, Space};
+use fjall::{Database, PersistMode};
 use parking_lot::RwLock;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -129,10 +132,10 @@ pub enum MetaProblem {
 /// Why a journal fsync failed.
 #[derive(Debug, thiserror::Error)]
 pub enum PersistError {
-    #[error("fjall could not persist the journal")]
+    #[error("the engine could not persist the journal")]
     Engine {
         #[source]
-        source: fjall::Error,
+        source: EngineError,
     },
     #[error("the fsync task panicked or was cancelled")]
     TaskFailed {
@@ -178,6 +181,11 @@ pub enum StorageError {
         #[source]
         source: rand::rand_core::OsError,
     },
+    #[error("cannot list the keyspaces of the database")]
+    ListKeyspaces {
+        #[source]
+        source: EngineError,
+    },
     #[error("cannot open the database in {path}")]
     OpenDatabase {
         path: PathBuf,
@@ -188,13 +196,13 @@ pub enum StorageError {
     OpenPartition {
         partition: u32,
         #[source]
-        source: fjall::Error,
+        source: EngineError,
     },
     #[error("cannot drop the keyspace of partition {partition}")]
     DropPartition {
         partition: u32,
         #[source]
-        source: fjall::Error,
+        source: EngineError,
     },
     #[error("bucket is {length} bytes long; at most {MAX_BUCKET_BYTES} are allowed")]
     BucketTooLong { length: usize },
@@ -204,13 +212,13 @@ pub enum StorageError {
     Read {
         partition: u32,
         #[source]
-        source: fjall::Error,
+        source: EngineError,
     },
     #[error("write to partition {partition} failed")]
     Write {
         partition: u32,
         #[source]
-        source: fjall::Error,
+        source: EngineError,
     },
     #[error(
         "partition {partition} holds a stored key of {length} bytes that is not a valid encoding"
@@ -225,7 +233,7 @@ pub enum StorageError {
     Hints {
         operation: &'static str,
         #[source]
-        source: fjall::Error,
+        source: EngineError,
     },
     #[error("the storage writer stopped before the write was durable")]
     CommitterStopped,
@@ -256,14 +264,14 @@ struct Inner {
     actor: Actor,
     /// This start's incarnation (see `core::epoch`), and where to record a clean stop.
     epoch: NodeEpoch,
-    dir: PathBuf,
+    meta: meta::MetaLocation,
     /// The only strong handle besides in-flight batches (see [`Writer`]).
-    database: Arc<Database>,
+    database: Arc<Engine>,
     /// Every partition keyspace that exists, loaded at open and extended on first write, so a
     /// read of a missing partition needs no lock on fjall's keyspace table.
-    partitions: RwLock<HashMap<u32, Keyspace>>,
+    partitions: RwLock<HashMap<u32, Space>>,
     /// Hinted handoff: objects kept for down primaries (see `hints.rs`).
-    hints: Keyspace,
+    hints: Space,
     /// Hints in `hints`, kept exact by the writer (see [`Store::hint_count`]).
     hints_held: Arc<AtomicU64>,
     /// Read-modify-writes for the writer task. Unbounded on purpose: every queued job has a
@@ -285,13 +293,13 @@ impl Store {
     /// disk IO (journal recovery), so async callers may want `spawn_blocking`.
     #[tracing::instrument(name = "storage_open", skip_all, fields(dir = %dir.display()))]
     pub fn open(dir: &Path, config: StorageConfig) -> Result<Store, StorageError> {
-        let runtime = tokio::runtime::Handle::try_current().map_err(|_| StorageError::NoRuntime)?;
+        tokio::runtime::Handle::try_current().map_err(|_| StorageError::NoRuntime)?;
         std::fs::create_dir_all(dir).map_err(|source| StorageError::CreateDir {
             path: dir.to_path_buf(),
             source,
         })?;
-        let epoch = meta::open_epoch(dir)?;
-        let actor = epoch.base;
+        let location = meta::MetaLocation::Dir(dir.to_path_buf());
+        let epoch = meta::open_epoch(&location)?;
         let database_dir = dir.join(DATABASE_DIR);
         let database = Database::builder(&database_dir)
             .cache_size(config.cache_bytes)
@@ -300,26 +308,54 @@ impl Store {
                 path: database_dir,
                 source,
             })?;
-        let database = Arc::new(database);
+        Store::open_engine(Engine::Fjall(database), location, epoch, config)
+    }
 
-        let hints = database
-            .keyspace(hints::HINTS_KEYSPACE, KeyspaceCreateOptions::default)
-            .map_err(|source| StorageError::Hints {
-                operation: "open",
-                source,
-            })?;
+    /// Opens a store on a simulated disk (see `engine.rs`): for deterministic simulation
+    /// only, where [`MemoryDisk::crash`] loses what was not persisted. Every real node runs
+    /// on fjall ([`Store::open`]).
+    pub fn open_in_memory(
+        disk: &Arc<MemoryDisk>,
+        config: StorageConfig,
+    ) -> Result<Store, StorageError> {
+        tokio::runtime::Handle::try_current().map_err(|_| StorageError::NoRuntime)?;
+        let handle = disk.attach();
+        let location = meta::MetaLocation::Memory(handle.disk().clone());
+        let epoch = meta::open_epoch(&location)?;
+        Store::open_engine(Engine::Memory(handle), location, epoch, config)
+    }
+
+    fn open_engine(
+        database: Engine,
+        location: meta::MetaLocation,
+        epoch: NodeEpoch,
+        config: StorageConfig,
+    ) -> Result<Store, StorageError> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| StorageError::NoRuntime)?;
+        let actor = epoch.base;
+        let database = Arc::new(database);
+        let hints =
+            database
+                .keyspace(hints::HINTS_KEYSPACE)
+                .map_err(|source| StorageError::Hints {
+                    operation: "open",
+                    source,
+                })?;
         let hints_held = hints::count_hints(&hints)?;
         let mut partitions = HashMap::new();
-        for name in database.list_keyspace_names() {
-            if &*name == hints::HINTS_KEYSPACE {
+        let names = database
+            .keyspace_names()
+            .map_err(|source| StorageError::ListKeyspaces { source })?;
+        for name in names {
+            if name == hints::HINTS_KEYSPACE {
                 continue;
             }
             let Some(partition) = parse_partition_name(&name) else {
-                tracing::warn!(keyspace = %&*name, "ignoring keyspace that is not a partition");
+                tracing::warn!(keyspace = %name, "ignoring keyspace that is not a partition");
                 continue;
             };
             let keyspace = database
-                .keyspace(&name, KeyspaceCreateOptions::default)
+                .keyspace(&name)
                 .map_err(|source| StorageError::OpenPartition { partition, source })?;
             partitions.insert(partition, keyspace);
         }
@@ -349,7 +385,7 @@ impl Store {
             inner: Arc::new(Inner {
                 actor,
                 epoch,
-                dir: dir.to_path_buf(),
+                meta: location,
                 database,
                 partitions: RwLock::new(partitions),
                 hints,
@@ -404,10 +440,9 @@ impl Store {
         let Some(keyspace) = self.inner.existing_partition(partition) else {
             return Ok(None);
         };
-        let value = keyspace
+        keyspace
             .get(&stored_key)
-            .map_err(|source| StorageError::Read { partition, source })?;
-        Ok(value.map(|value| value.to_vec()))
+            .map_err(|source| StorageError::Read { partition, source })
     }
 
     /// Atomic read-modify-write of one key.
@@ -474,19 +509,16 @@ impl Store {
         let Some(keyspace) = self.inner.existing_partition(partition) else {
             return Ok(Vec::new());
         };
-        let mut records = Vec::with_capacity(limit.min(1024));
-        for entry in keyspace
-            .range::<Vec<u8>, _>((start, Bound::Unbounded))
-            .take(limit)
-        {
-            let (stored_key, value) = entry
-                .into_inner()
-                .map_err(|source| StorageError::Read { partition, source })?;
+        let pairs = keyspace
+            .range(start, limit, |_| true)
+            .map_err(|source| StorageError::Read { partition, source })?;
+        let mut records = Vec::with_capacity(pairs.len());
+        for (stored_key, value) in pairs {
             let (bucket, key) = key::decode(&stored_key).ok_or(StorageError::CorruptStoredKey {
                 partition,
                 length: stored_key.len(),
             })?;
-            records.push((bucket.to_vec(), key.to_vec(), value.to_vec()));
+            records.push((bucket.to_vec(), key.to_vec(), value));
         }
         Ok(records)
     }
@@ -512,7 +544,7 @@ impl Store {
             .partitions
             .read()
             .values()
-            .map(|keyspace| keyspace.approximate_len() as u64)
+            .map(|keyspace| keyspace.approximate_len())
             .sum()
     }
 
@@ -550,7 +582,7 @@ impl Store {
             writer,
             shutdown,
             epoch,
-            dir,
+            meta,
             ..
         } = inner;
         drop(shutdown);
@@ -567,18 +599,18 @@ impl Store {
             source: Arc::new(PersistError::TaskFailed { source }),
         })?;
         // Everything is durable: the next start may keep this incarnation's key actors.
-        meta::write_epoch(&dir, &epoch, true)?;
+        meta::write_epoch(&meta, &epoch, true)?;
         tracing::info!("storage closed");
         Ok(())
     }
 }
 
 impl Inner {
-    fn existing_partition(&self, partition: u32) -> Option<Keyspace> {
+    fn existing_partition(&self, partition: u32) -> Option<Space> {
         self.partitions.read().get(&partition).cloned()
     }
 
-    fn partition_for_write(&self, partition: u32) -> Result<Keyspace, StorageError> {
+    fn partition_for_write(&self, partition: u32) -> Result<Space, StorageError> {
         if let Some(keyspace) = self.existing_partition(partition) {
             return Ok(keyspace);
         }
@@ -588,7 +620,7 @@ impl Inner {
         }
         let keyspace = self
             .database
-            .keyspace(&partition_name(partition), KeyspaceCreateOptions::default)
+            .keyspace(&partition_name(partition))
             .map_err(|source| StorageError::OpenPartition { partition, source })?;
         partitions.insert(partition, keyspace.clone());
         tracing::debug!(partition, "partition created");

@@ -1,6 +1,7 @@
 //! A whole cluster in one process: the real `Node` code over the in-memory network, each
-//! node with a real fjall store in its own directory. Time is tokio's paused clock and all
-//! randomness comes from one seed, so a failing seed reproduces.
+//! node with its store on a simulated disk (`storage::MemoryDisk`, which passes the same
+//! storage suite as fjall) whose crash loses what was not fsynced. Time is tokio's paused
+//! clock and all randomness comes from one seed, so a failing seed reproduces.
 
 #![allow(dead_code)]
 
@@ -15,7 +16,7 @@ use dynkv::protocol::{ClientRequest, ClientResponse, PeerRequest, PeerResponse};
 use dynkv::server::membership::{GossipMembership, GossipSetup, Membership, load_members};
 use dynkv::server::node::{Node, NodeSettings, StaticMembership, WeakNode};
 use dynkv::server::node_settings;
-use dynkv::storage::{StorageConfig, Store};
+use dynkv::storage::{MemoryDisk, StorageConfig, Store};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -32,6 +33,8 @@ pub struct SimCluster {
     pub ids: Vec<NodeId>,
     nodes: BTreeMap<NodeId, Node>,
     directories: BTreeMap<NodeId, PathBuf>,
+    /// Each node's simulated disk; it outlives the node's crashes.
+    disks: BTreeMap<NodeId, Arc<MemoryDisk>>,
     settings: NodeSettings,
     _root: tempfile::TempDir,
 }
@@ -84,12 +87,15 @@ impl SimCluster {
             ids: ids.clone(),
             nodes: BTreeMap::new(),
             directories: BTreeMap::new(),
+            disks: BTreeMap::new(),
             settings,
             _root: root,
         };
         for id in ids {
             let directory = cluster._root.path().join(id.as_str());
+            std::fs::create_dir_all(&directory).expect("node directory");
             cluster.directories.insert(id.clone(), directory);
+            cluster.disks.insert(id.clone(), MemoryDisk::new());
             cluster.boot(&id);
         }
         cluster
@@ -98,8 +104,8 @@ impl SimCluster {
     /// Opens the node's store from its directory and puts the node on the network.
     fn boot(&mut self, id: &NodeId) {
         let directory = &self.directories[id];
-        let store = Store::open(
-            directory,
+        let store = Store::open_in_memory(
+            &self.disks[id],
             StorageConfig {
                 sync_writes: self.settings.durable_writes,
                 cache_bytes: 8 * 1024 * 1024,
@@ -185,11 +191,15 @@ impl SimCluster {
         self.nodes.keys().cloned().collect()
     }
 
-    /// Crashes a node: it vanishes from the network at once (calls to it time out). Work it
-    /// had started runs out by its deadline; pass the handle to [`wait_until_stopped`] before
-    /// restarting it, so that its store is closed first.
+    /// Crashes a node: it vanishes from the network at once (calls to it time out) and its
+    /// disk loses every write not yet fsynced; its in-flight work can no longer touch the
+    /// disk and runs out by its deadline. Pass the handle to [`wait_until_stopped`] before
+    /// restarting it.
     pub fn crash(&mut self, id: &NodeId) -> Option<WeakNode> {
         self.network.unregister(id);
+        if let Some(disk) = self.disks.get(id) {
+            disk.crash();
+        }
         for task in self.background.remove(id).unwrap_or_default() {
             task.abort();
         }
@@ -264,6 +274,11 @@ pub async fn node_copies(
 }
 
 impl SimCluster {
+    /// A node's simulated disk (to slow its fsyncs, say).
+    pub fn disk(&self, id: &NodeId) -> Arc<MemoryDisk> {
+        self.disks[id].clone()
+    }
+
     /// Handles on every running node.
     pub fn running_nodes(&self) -> Vec<Node> {
         self.nodes.values().cloned().collect()
