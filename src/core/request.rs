@@ -3,7 +3,9 @@
 
 use crate::core::ids::NodeId;
 use crate::core::object::StoredObject;
-use crate::core::quorum::{QuorumOutcome, ReadQuorum, ReadTracker};
+use crate::core::quorum::{
+    QuorumOutcome, QuorumShortfall, ReadQuorum, ReadTracker, WriteQuorum, WriteTracker,
+};
 
 /// One replica asked by a request.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -13,6 +15,153 @@ pub struct Target {
     pub primary: bool,
     /// For a fallback: the down primary it stands in for and keeps a hint for.
     pub hint_for: Option<NodeId>,
+}
+
+/// A replica's acknowledgement of a write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReplicaAck {
+    /// The replica's journal was fsynced before it answered (counts for `dw`).
+    pub durable: bool,
+}
+
+/// Why a replica read or write failed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ReplicaError {
+    #[error("{node} did not answer: {reason}")]
+    Unreachable { node: NodeId, reason: String },
+    #[error("{node} refused: {message}")]
+    Refused { node: NodeId, message: String },
+    #[error("{node} sent an invalid object: {reason}")]
+    InvalidObject { node: NodeId, reason: String },
+}
+
+/// Where a put (or delete) is coordinated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PutRoute {
+    /// This node coordinates; `targets[local]` is its own copy.
+    Coordinate { local: usize },
+    /// Forward the write to these targets, tried in order, to coordinate.
+    Forward { to: Vec<usize> },
+    /// A forwarded write reached a node that is not one of its targets: the rings disagree.
+    /// Refused rather than bounced around.
+    Misrouted,
+}
+
+/// Decides who coordinates a write that reached `local`: a target coordinates (DESIGN §4);
+/// any other node forwards to the targets. A node that is only a *fallback* for the key
+/// forwards to an up primary when there is one: the primary holds the key's history, and
+/// the fallback's hint copy does not become a coordinator's copy (see `epoch`). A write that
+/// was already forwarded is coordinated where it lands, or refused.
+pub fn route_put(targets: &[Target], local: &NodeId, forwarded: bool) -> PutRoute {
+    let Some(index) = targets.iter().position(|target| target.node == *local) else {
+        return if forwarded {
+            PutRoute::Misrouted
+        } else {
+            PutRoute::Forward {
+                to: (0..targets.len()).collect(),
+            }
+        };
+    };
+    if targets[index].hint_for.is_some() && !forwarded {
+        let primaries: Vec<usize> = targets
+            .iter()
+            .enumerate()
+            .filter(|(_, target)| target.primary && target.node != *local)
+            .map(|(index, _)| index)
+            .collect();
+        if !primaries.is_empty() {
+            return PutRoute::Forward { to: primaries };
+        }
+    }
+    PutRoute::Coordinate { local: index }
+}
+
+/// A put in progress at its coordinator: the levels capped to the targets found, the local
+/// write and each replica's acknowledgement in, the outcome out.
+#[derive(Debug)]
+pub struct PutCoordinator {
+    targets: Vec<Target>,
+    local: usize,
+    tracker: WriteTracker,
+}
+
+impl PutCoordinator {
+    /// Levels are capped at the number of targets (a cluster smaller than `n_val` keeps one
+    /// copy per node, as a 1-node Riak dev cluster answers `w=3`). Fails at once when `pw`
+    /// needs more primaries than are up: fallbacks never count as primaries.
+    pub fn new(
+        quorum: WriteQuorum,
+        targets: Vec<Target>,
+        local: usize,
+    ) -> Result<Self, QuorumShortfall> {
+        let asked = targets.len() as u32;
+        let primaries = targets.iter().filter(|target| target.primary).count() as u32;
+        let quorum = WriteQuorum {
+            w: quorum.w.min(asked),
+            dw: quorum.dw.min(asked),
+            pw: quorum.pw.min(asked),
+            ..quorum
+        };
+        if quorum.pw > primaries {
+            return Err(QuorumShortfall {
+                requirement: "pw".into(),
+                answered: primaries,
+                required: quorum.pw,
+                asked,
+            });
+        }
+        Ok(PutCoordinator {
+            tracker: WriteTracker::new(quorum, asked, primaries),
+            targets,
+            local,
+        })
+    }
+
+    pub fn targets(&self) -> &[Target] {
+        &self.targets
+    }
+
+    /// The coordinator's own target.
+    pub fn local(&self) -> &Target {
+        &self.targets[self.local]
+    }
+
+    /// Indexes of the targets the coordinated object goes to: every one but the local.
+    pub fn replicas(&self) -> Vec<usize> {
+        (0..self.targets.len())
+            .filter(|index| *index != self.local)
+            .collect()
+    }
+
+    /// The coordinator's own copy is stored (durably, if `durable`).
+    pub fn on_local_write(&mut self, durable: bool) -> QuorumOutcome {
+        let primary = self.targets[self.local].primary;
+        self.tracker.record(primary, true, durable)
+    }
+
+    /// One replica answered (or failed, or timed out).
+    pub fn on_ack(&mut self, index: usize, ack: Result<ReplicaAck, ReplicaError>) -> QuorumOutcome {
+        let primary = self.targets.get(index).is_some_and(|target| target.primary);
+        match ack {
+            Ok(ReplicaAck { durable }) => self.tracker.record(primary, true, durable),
+            Err(_) => self.tracker.record(primary, false, false),
+        }
+    }
+
+    pub fn outcome(&self) -> QuorumOutcome {
+        self.tracker.outcome()
+    }
+
+    /// What a put that ran out of time answers: "timed out after T ms: 2 of 3 replicas
+    /// acknowledged, 3 required (w)", with the first unmet requirement.
+    pub fn timeout(&self, timeout_ms: u128) -> (Option<QuorumShortfall>, String) {
+        let shortfall = self.tracker.timeout_shortfall();
+        let message = match &shortfall {
+            Some(shortfall) => format!("timed out after {timeout_ms} ms: {shortfall}"),
+            None => format!("timed out after {timeout_ms} ms"),
+        };
+        (shortfall, message)
+    }
 }
 
 /// Which replicas a get asks.
@@ -111,12 +260,12 @@ impl GetCoordinator {
         handed
     }
 
-    /// Records a replica's reply: `Ok(None)` is not-found, `Err(())` a failure or timeout.
+    /// Records a replica's reply: `Ok(None)` is not-found, `Err` a failure or timeout.
     /// Call [`GetCoordinator::to_ask`] after it: a failure may call for a replacement.
     pub fn on_reply(
         &mut self,
         target: &Target,
-        reply: Result<Option<StoredObject>, ()>,
+        reply: Result<Option<StoredObject>, ReplicaError>,
     ) -> QuorumOutcome {
         self.outstanding = self.outstanding.saturating_sub(1);
         match reply {
@@ -132,7 +281,7 @@ impl GetCoordinator {
             }
             // The tracker counts failures against every target, asked or not, so a failure
             // loses the quorum only when no replacement could make up for it.
-            Err(()) => self.tracker.record(target.primary, false),
+            Err(_) => self.tracker.record(target.primary, false),
         }
     }
 
@@ -179,6 +328,107 @@ impl GetCoordinator {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::quorum::{BucketDefaults, Quorum};
+
+    fn unreachable(target: &Target) -> ReplicaError {
+        ReplicaError::Unreachable {
+            node: target.node.clone(),
+            reason: "timed out".into(),
+        }
+    }
+
+    fn put_target(name: &str, primary: bool, hint_for: Option<&str>) -> Target {
+        Target {
+            node: NodeId::new(name).unwrap(),
+            primary,
+            hint_for: hint_for.map(|node| NodeId::new(node).unwrap()),
+        }
+    }
+
+    #[test]
+    fn a_write_is_coordinated_by_a_target_and_a_fallback_hands_it_to_a_primary() {
+        let n4 = NodeId::new("n4").unwrap();
+        let n9 = NodeId::new("n9").unwrap();
+        // n1 is down: n4 stands in for it.
+        let targets = vec![
+            put_target("n4", false, Some("n1")),
+            put_target("n2", true, None),
+            put_target("n3", true, None),
+        ];
+        assert_eq!(
+            route_put(&targets, &n4, false),
+            PutRoute::Forward { to: vec![1, 2] }
+        );
+        assert_eq!(
+            route_put(&targets, &n4, true),
+            PutRoute::Coordinate { local: 0 }
+        );
+        assert_eq!(
+            route_put(&targets, &n9, false),
+            PutRoute::Forward { to: vec![0, 1, 2] }
+        );
+        assert_eq!(route_put(&targets, &n9, true), PutRoute::Misrouted);
+        assert_eq!(
+            route_put(&targets, &NodeId::new("n2").unwrap(), false),
+            PutRoute::Coordinate { local: 1 }
+        );
+        // Only fallbacks are up: the fallback coordinates (under a fresh key actor).
+        let only_fallbacks = vec![put_target("n4", false, Some("n1"))];
+        assert_eq!(
+            route_put(&only_fallbacks, &n4, false),
+            PutRoute::Coordinate { local: 0 }
+        );
+    }
+
+    #[test]
+    fn a_put_counts_acks_caps_levels_and_refuses_an_unmeetable_pw() {
+        let targets = vec![
+            put_target("n1", true, None),
+            put_target("n2", true, None),
+            put_target("n4", false, Some("n3")),
+        ];
+        let quorum = WriteQuorum::resolve(
+            Quorum::All,
+            Quorum::Default,
+            Quorum::Default,
+            &BucketDefaults::default(),
+        )
+        .unwrap();
+        let mut put = PutCoordinator::new(quorum, targets.clone(), 0).unwrap();
+        assert_eq!(put.replicas(), vec![1, 2]);
+        assert_eq!(put.on_local_write(true), QuorumOutcome::Pending);
+        assert_eq!(
+            put.on_ack(1, Ok(ReplicaAck { durable: true })),
+            QuorumOutcome::Pending
+        );
+        let (shortfall, message) = put.timeout(2000);
+        assert_eq!(
+            shortfall.map(|shortfall| shortfall.requirement),
+            Some("w".into())
+        );
+        assert!(
+            message.contains("2 of 3 replicas acknowledged, 3 required (w)"),
+            "{message}"
+        );
+        assert!(matches!(
+            put.on_ack(2, Err(unreachable(&targets[2]))),
+            QuorumOutcome::Lost(_)
+        ));
+        // pw=all with a fallback among the targets cannot be met: refused at once.
+        let strict = WriteQuorum::resolve(
+            Quorum::Quorum,
+            Quorum::Default,
+            Quorum::All,
+            &BucketDefaults::default(),
+        )
+        .unwrap();
+        let refused = PutCoordinator::new(strict, targets, 0).expect_err("pw unmeetable");
+        assert_eq!((refused.answered, refused.required), (2, 3));
+        // Levels are capped to the targets found: w=all on a one-node cluster is one ack.
+        let alone = PutCoordinator::new(quorum, vec![put_target("n1", true, None)], 0);
+        let mut alone = alone.unwrap();
+        assert_eq!(alone.on_local_write(true), QuorumOutcome::Won);
+    }
     use crate::core::object::{Content, Context, coordinate_put};
 
     fn content(value: &str) -> Content {
@@ -251,7 +501,9 @@ mod tests {
         let mut get = GetCoordinator::new(quorum, &targets, None, ReadFanout::All);
         assert_eq!(get.to_ask().len(), 3);
         assert_eq!(get.on_reply(&targets[0], Ok(None)), QuorumOutcome::Pending);
-        let QuorumOutcome::Lost(shortfall) = get.on_reply(&targets[1], Err(())) else {
+        let QuorumOutcome::Lost(shortfall) =
+            get.on_reply(&targets[1], Err(unreachable(&targets[1])))
+        else {
             panic!("r=all with a failed replica cannot be met");
         };
         assert_eq!(
@@ -297,7 +549,10 @@ mod tests {
         };
         let mut get = GetCoordinator::new(quorum, &targets, None, ReadFanout::Needed);
         assert_eq!(get.to_ask(), vec![0, 1]);
-        assert_eq!(get.on_reply(&targets[0], Err(())), QuorumOutcome::Pending);
+        assert_eq!(
+            get.on_reply(&targets[0], Err(unreachable(&targets[0]))),
+            QuorumOutcome::Pending
+        );
         assert_eq!(get.to_ask(), vec![2], "the failed replica is replaced");
         assert!(get.speculate().is_empty(), "every target was asked");
         assert_eq!(get.on_reply(&targets[1], Ok(None)), QuorumOutcome::Pending);
@@ -333,7 +588,10 @@ mod tests {
         );
         get.on_reply(&targets[1], Ok(None));
         assert!(
-            matches!(get.on_reply(&targets[2], Err(())), QuorumOutcome::Lost(_)),
+            matches!(
+                get.on_reply(&targets[2], Err(unreachable(&targets[2]))),
+                QuorumOutcome::Lost(_)
+            ),
             "pr=2 with one of the two primaries failed is lost"
         );
     }

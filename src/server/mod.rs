@@ -79,6 +79,7 @@ pub fn node_settings(config: &Config, validated: &crate::config::Validated) -> N
         read_repair_chance: config.read_repair_chance,
         speculative_retry: Duration::from_millis(config.speculative_retry_ms),
         handoff_batch: 64,
+        rng_seed: None,
     }
 }
 

@@ -150,13 +150,9 @@ impl SimCluster {
         } else {
             (Arc::new(StaticMembership::new(self.ring.clone())), None)
         };
-        let node = Node::new(
-            id.clone(),
-            store,
-            membership,
-            transport.clone(),
-            self.settings.clone(),
-        );
+        let mut settings = self.settings.clone();
+        settings.rng_seed = Some(self.seed);
+        let node = Node::new(id.clone(), store, membership, transport.clone(), settings);
         if let Some(gossip) = gossip {
             let seed = self
                 .seed

@@ -1,0 +1,275 @@
+//! Coordinating a put or delete: routing to a coordinator, the coordinator's local write
+//! under its key actor, replication and the quorum.
+
+use super::*;
+
+impl Node {
+    pub(super) async fn write(&self, write: Write, forwarded: bool) -> ClientResponse {
+        if let Err(error) = validate_bucket_and_key(&write.bucket, &write.key) {
+            return ClientResponse::Error(error);
+        }
+        let settings = &self.inner.settings;
+        let props = self.bucket_props(&write.bucket).await;
+        let quorum = match WriteQuorum::resolve(
+            write.options.w,
+            write.options.dw,
+            write.options.pw,
+            &props.defaults(),
+        ) {
+            Ok(quorum) => quorum,
+            Err(error) => return ClientResponse::Error(ClientError::invalid(error.to_string())),
+        };
+        if let Some(content) = &write.content
+            && content.value.len() as u64 > settings.max_value_bytes
+        {
+            return error_response(
+                ErrorKind::TooLarge,
+                format!(
+                    "value is {} bytes; the limit is {} bytes (limits.max_value_bytes)",
+                    content.value.len(),
+                    settings.max_value_bytes
+                ),
+            );
+        }
+        let context = match write.context.as_deref().map(Context::decode).transpose() {
+            Ok(context) => context,
+            Err(error) => {
+                return ClientResponse::Error(ClientError::invalid(format!(
+                    "bad context: {error}"
+                )));
+            }
+        };
+        let timeout = self.timeout_of(write.options.timeout_ms);
+        let deadline = Instant::now() + timeout;
+        let sloppy = write.options.sloppy_quorum.unwrap_or(true);
+        let (partition, targets) = self.placement(&write.bucket, &write.key, props.n_val, sloppy);
+        let local = match route_put(&targets, &self.inner.id, forwarded) {
+            PutRoute::Coordinate { local } => local,
+            PutRoute::Forward { to } => {
+                let to: Vec<Target> = to.into_iter().map(|index| targets[index].clone()).collect();
+                return self.forward(write, &to, deadline).await;
+            }
+            PutRoute::Misrouted => {
+                return ClientResponse::Error(ClientError::internal(
+                    "forwarded write reached a node that is not a replica of its key",
+                ));
+            }
+        };
+        let mut coordinator = match PutCoordinator::new(quorum, targets, local) {
+            Ok(coordinator) => coordinator,
+            Err(shortfall) => {
+                // Fallbacks never count as primaries: say so at once, not after the timeout.
+                let message = format!(
+                    "{shortfall}: only {} primary replicas are up",
+                    shortfall.answered
+                );
+                return error_response(ErrorKind::QuorumUnmet(shortfall), message);
+            }
+        };
+
+        let content = match write.content {
+            Some(NewContent {
+                value,
+                content_type,
+                user_metadata,
+            }) => Content {
+                value,
+                content_type,
+                user_metadata,
+                last_modified_micros: now_micros(),
+                deleted: false,
+            },
+            None => Content::tombstone(now_micros()),
+        };
+        let local_copy = Copy {
+            partition,
+            bucket: write.bucket.clone(),
+            key: write.key.clone(),
+            hint_for: coordinator.local().hint_for.clone(),
+        };
+        let object = match self
+            .coordinate_local(&local_copy, context, content, props.keeps_siblings())
+            .await
+        {
+            Ok(object) => object,
+            Err(LocalWriteError::Refused(error)) => return ClientResponse::Error(error),
+            Err(LocalWriteError::Storage(message)) => {
+                warn!(error = %message, "local write failed");
+                return ClientResponse::Error(ClientError::internal(format!(
+                    "local write failed: {message}"
+                )));
+            }
+        };
+
+        let mut outcome = coordinator.on_local_write(settings.durable_writes);
+        let replicas = coordinator.replicas();
+        let (acks_sender, mut acks) = mpsc::channel(replicas.len().max(1));
+        for index in replicas {
+            let target = &coordinator.targets()[index];
+            let node = self.clone();
+            let sender = acks_sender.clone();
+            let copy = Copy {
+                partition,
+                bucket: write.bucket.clone(),
+                key: write.key.clone(),
+                hint_for: target.hint_for.clone(),
+            };
+            let (target_node, object) = (target.node.clone(), object.clone());
+            tokio::spawn(
+                async move {
+                    let ack = node.replica_put(&target_node, copy, object, deadline).await;
+                    let _ = sender.send((index, ack)).await;
+                }
+                .in_current_span(),
+            );
+        }
+        drop(acks_sender);
+        while outcome == QuorumOutcome::Pending {
+            match tokio::time::timeout_at(deadline, acks.recv()).await {
+                Ok(Some((index, ack))) => outcome = coordinator.on_ack(index, ack),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        match outcome {
+            QuorumOutcome::Won => {
+                let siblings = if write.options.return_body {
+                    live_siblings(&object)
+                } else {
+                    Vec::new()
+                };
+                ClientResponse::Stored {
+                    siblings,
+                    context: Context::of(&object).encode(),
+                }
+            }
+            QuorumOutcome::Lost(shortfall) => error_response(
+                ErrorKind::QuorumUnmet(shortfall.clone()),
+                shortfall.to_string(),
+            ),
+            QuorumOutcome::Pending => {
+                let (shortfall, message) = coordinator.timeout(timeout.as_millis());
+                error_response(ErrorKind::Timeout(shortfall), message)
+            }
+        }
+    }
+
+    /// The coordinator's local step: read, supersede what the context covers, add the new
+    /// value with a fresh dot of this node's actor, check the limits, store durably.
+    pub(super) async fn coordinate_local(
+        &self,
+        copy: &Copy,
+        context: Option<Context>,
+        content: Content,
+        allow_mult: bool,
+    ) -> Result<StoredObject, LocalWriteError> {
+        let max_siblings = self.inner.settings.max_siblings;
+        let max_object_bytes = self.inner.settings.max_object_bytes;
+        let key_actors = self.inner.key_actors.clone();
+        self.update_copy(copy, move |local| {
+            // The actor this copy's writes are coordinated under; a copy this node has not
+            // coordinated into since it was born (or since an unclean stop) gets a fresh one,
+            // so no dot is ever issued twice (see `core::epoch`).
+            let key_actor = key_actors.choose(local.as_ref().and_then(|local| local.coordinator));
+            let local = local.map(|local| local.object);
+            // A delete without a context removes what this replica has seen, as Riak
+            // fetches the vclock first for such a delete.
+            let context = match (&context, content.deleted, &local) {
+                (None, true, Some(local)) => Some(Context::of(local)),
+                _ => context,
+            };
+            let updated = coordinate_put(
+                local.as_ref(),
+                context.as_ref(),
+                content,
+                key_actor.actor,
+                allow_mult,
+            );
+            let siblings = updated.value_count();
+            if siblings > max_siblings as usize {
+                return Err(LocalWriteError::Refused(ClientError {
+                    kind: ErrorKind::TooLarge,
+                    message: format!(
+                        "the key would have {siblings} siblings; at most {} are allowed (limits.max_siblings): read it and write back with its context to resolve them",
+                        max_siblings
+                    ),
+                }));
+            }
+            let size = object_size_bytes(&updated) as u64;
+            if size > max_object_bytes {
+                return Err(LocalWriteError::Refused(ClientError {
+                    kind: ErrorKind::TooLarge,
+                    message: format!(
+                        "the object would be {size} bytes with its siblings; the limit is {} bytes (limits.max_object_bytes)",
+                        max_object_bytes
+                    ),
+                }));
+            }
+            let record = LocalRecord {
+                object: updated.clone(),
+                coordinator: Some(key_actor),
+            };
+            Ok((Some(record), updated))
+        })
+        .await
+    }
+
+    /// Sends a write to a target of its key to coordinate, trying each in turn.
+    pub(super) async fn forward(
+        &self,
+        write: Write,
+        targets: &[Target],
+        deadline: Instant,
+    ) -> ClientResponse {
+        let request = match write.content {
+            Some(content) => ClientRequest::Put {
+                bucket: write.bucket,
+                key: write.key,
+                context: write.context.map(serde_bytes::ByteBuf::from),
+                content,
+                options: write.options,
+            },
+            None => ClientRequest::Delete {
+                bucket: write.bucket,
+                key: write.key,
+                context: write.context.map(serde_bytes::ByteBuf::from),
+                options: write.options,
+            },
+        };
+        let mut last_error = String::from("no replica to forward to");
+        for target in targets {
+            let timeout = deadline.saturating_duration_since(Instant::now());
+            if timeout.is_zero() {
+                break;
+            }
+            // Leave later replicas a share of the time if this one does not answer.
+            let attempt = (timeout / 2).max(Duration::from_millis(1));
+            match self
+                .inner
+                .peers
+                .call(
+                    &target.node,
+                    PeerRequest::Coordinate(request.clone()),
+                    attempt,
+                )
+                .await
+            {
+                Ok(PeerResponse::Client(response)) => return response,
+                Ok(other) => last_error = format!("{} answered {other:?}", target.node),
+                Err(error) => last_error = format!("{}: {error}", target.node),
+            }
+        }
+        error_response(
+            ErrorKind::Timeout(None),
+            format!("no replica could coordinate the write: {last_error}"),
+        )
+    }
+}
+
+/// A put (with content) or a delete (without).
+pub(super) struct Write {
+    pub(super) bucket: Vec<u8>,
+    pub(super) key: Vec<u8>,
+    pub(super) context: Option<Vec<u8>>,
+    pub(super) content: Option<NewContent>,
+    pub(super) options: PutOptions,
+}

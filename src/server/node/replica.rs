@@ -1,0 +1,257 @@
+//! A node's own copies of keys (replica records and hints) and the calls that read or merge
+//! another replica's copy: every read-modify-write goes through the store's writer.
+
+use super::*;
+
+impl Node {
+    /// Reads this node's copy of a key (a replica, or a hint it keeps for a primary).
+    pub(super) fn read_copy(&self, copy: &Copy) -> Result<Option<StoredObject>, String> {
+        let store = &self.inner.store;
+        match &copy.hint_for {
+            None => {
+                let bytes = store
+                    .get(copy.partition, &copy.bucket, &copy.key)
+                    .map_err(|error| error.to_string())?;
+                bytes
+                    .map(|bytes| decode_record(&bytes))
+                    .transpose()
+                    .map_err(|error| {
+                        warn!(node = %self.inner.id, partition = copy.partition, error = %error, "stored record is unreadable");
+                        error.to_string()
+                    })
+            }
+            Some(primary) => {
+                let bytes = store
+                    .hint_get(&copy.hint_key(primary))
+                    .map_err(|error| error.to_string())?;
+                bytes
+                    .map(|bytes| hints::decode_record(&bytes).map(|record| record.object))
+                    .transpose()
+                    .map_err(|error| error.to_string())
+            }
+        }
+    }
+
+    /// Atomically transforms this node's copy of a key and stores the result durably.
+    /// `transform` gets the current record and returns the new one (`None`: keep) and an
+    /// output.
+    /// `transform` runs on the store's writer, batched with other updates.
+    pub(super) async fn update_copy<T: Send + 'static>(
+        &self,
+        copy: &Copy,
+        transform: impl FnOnce(Option<LocalRecord>) -> Result<(Option<LocalRecord>, T), LocalWriteError>
+        + Send
+        + 'static,
+    ) -> Result<T, LocalWriteError> {
+        let store = &self.inner.store;
+        let result = match &copy.hint_for {
+            None => {
+                store
+                    .update(copy.partition, &copy.bucket, &copy.key, move |current| {
+                        let local = current.map(decode_local_record).transpose()?;
+                        let (updated, output) = transform(local)?;
+                        Ok((updated.map(|record| encode_local_record(&record)), output))
+                    })
+                    .await
+            }
+            Some(primary) => {
+                store
+                    .hint_update(&copy.hint_key(primary), move |current| {
+                        let existing = current
+                            .map(hints::decode_record)
+                            .transpose()
+                            .map_err(|error| LocalWriteError::Storage(error.to_string()))?;
+                        let created_micros = existing
+                            .as_ref()
+                            .map_or_else(now_micros, |record| record.created_micros);
+                        let local = existing.map(|record| LocalRecord {
+                            object: record.object,
+                            coordinator: record.coordinator,
+                        });
+                        let (updated, output) = transform(local)?;
+                        let write = match updated {
+                            Some(record) => HintWrite::Put(hints::encode_record(&HintRecord {
+                                created_micros,
+                                object: record.object,
+                                coordinator: record.coordinator,
+                            })),
+                            None => HintWrite::Keep,
+                        };
+                        Ok((write, output))
+                    })
+                    .await
+            }
+        };
+        result.map_err(|error| match error {
+            UpdateError::Rejected { source } => source,
+            UpdateError::Storage { source } => LocalWriteError::Storage(source.to_string()),
+        })
+    }
+
+    /// A replica's write: merge the incoming object into this node's copy.
+    ///
+    /// A version that the incoming object and this copy hold under one dot, with different
+    /// contents, is a dot issued twice: the merge would keep one and drop the other, so the
+    /// dropped one is recorded again under a fresh key actor, counted and logged.
+    pub(super) async fn merge_copy(
+        &self,
+        copy: &Copy,
+        incoming: StoredObject,
+    ) -> Result<(), String> {
+        let allow_mult = self.bucket_props(&copy.bucket).await.keeps_siblings();
+        let key_actors = self.inner.key_actors.clone();
+        let result = self
+            .update_copy(copy, move |local| {
+                let collisions = local
+                    .as_ref()
+                    .map(|local| colliding_versions(&local.object, &incoming))
+                    .unwrap_or_default();
+                if let Some(local) = &local
+                    && collisions.is_empty()
+                    && local.object.descends(&incoming)
+                {
+                    // Nothing new: skip the write (and its fsync).
+                    return Ok((None, 0));
+                }
+                let coordinator = local.as_ref().and_then(|local| local.coordinator);
+                let mut merged = merge_replica(
+                    local.as_ref().map(|local| &local.object),
+                    &incoming,
+                    allow_mult,
+                );
+                for (ours, theirs) in &collisions {
+                    for version in [ours, theirs] {
+                        if !merged.values().contains(&version) {
+                            merged =
+                                rescue_version(&merged, version.clone(), key_actors.fresh().actor);
+                        }
+                    }
+                }
+                Ok((
+                    Some(LocalRecord {
+                        object: merged,
+                        coordinator,
+                    }),
+                    collisions.len(),
+                ))
+            })
+            .await;
+        match result {
+            Ok(0) => Ok(()),
+            Ok(collisions) => {
+                self.inner
+                    .counters
+                    .dot_collisions
+                    .fetch_add(collisions as u64, Ordering::Relaxed);
+                metrics::counter!("dynkv_dot_collisions_total").increment(collisions as u64);
+                warn!(node = %self.inner.id, partition = copy.partition, collisions, "a replica merge met different versions under one dot; both were kept");
+                Ok(())
+            }
+            Err(LocalWriteError::Refused(error)) => Err(error.message),
+            Err(LocalWriteError::Storage(message)) => Err(message),
+        }
+    }
+
+    /// Reads one replica's copy: locally without the network, otherwise over the transport.
+    pub(super) async fn replica_get(
+        &self,
+        node: &NodeId,
+        copy: Copy,
+        deadline: Instant,
+    ) -> Result<Option<StoredObject>, ReplicaError> {
+        if node == &self.inner.id {
+            return self.read_local(&copy);
+        }
+        let request = PeerRequest::ReplicaGet {
+            partition: copy.partition,
+            bucket: copy.bucket,
+            key: copy.key,
+            hint_for: copy.hint_for,
+        };
+        let timeout = deadline.saturating_duration_since(Instant::now());
+        let result = match self.inner.peers.call(node, request, timeout).await {
+            Ok(PeerResponse::Object(Some(object))) => match object.validate() {
+                Ok(()) => Ok(Some(object)),
+                Err(error) => {
+                    warn!(peer = %node, error = %error, "peer sent an invalid object");
+                    Err(ReplicaError::InvalidObject {
+                        node: node.clone(),
+                        reason: error.to_string(),
+                    })
+                }
+            },
+            Ok(PeerResponse::Object(None)) => Ok(None),
+            Ok(other) => Err(refusal(node, other)),
+            Err(error) => Err(ReplicaError::Unreachable {
+                node: node.clone(),
+                reason: error.to_string(),
+            }),
+        };
+        if let Err(error) = &result {
+            debug!(error = %error, "replica get failed");
+        }
+        result
+    }
+
+    /// This node's own copy, as a replica read.
+    pub(super) fn read_local(&self, copy: &Copy) -> Result<Option<StoredObject>, ReplicaError> {
+        self.read_copy(copy)
+            .map_err(|message| ReplicaError::Refused {
+                node: self.inner.id.clone(),
+                message,
+            })
+    }
+
+    /// Sends an object to one replica (or fallback) to merge.
+    pub(super) async fn replica_put(
+        &self,
+        node: &NodeId,
+        copy: Copy,
+        object: StoredObject,
+        deadline: Instant,
+    ) -> Result<ReplicaAck, ReplicaError> {
+        if node == &self.inner.id {
+            return match self.merge_copy(&copy, object).await {
+                Ok(()) => Ok(ReplicaAck {
+                    durable: self.inner.settings.durable_writes,
+                }),
+                Err(message) => Err(ReplicaError::Refused {
+                    node: node.clone(),
+                    message,
+                }),
+            };
+        }
+        let request = PeerRequest::ReplicaPut {
+            partition: copy.partition,
+            bucket: copy.bucket,
+            key: copy.key,
+            object,
+            hint_for: copy.hint_for,
+        };
+        let timeout = deadline.saturating_duration_since(Instant::now());
+        let result = match self.inner.peers.call(node, request, timeout).await {
+            Ok(PeerResponse::Stored { durable }) => Ok(ReplicaAck { durable }),
+            Ok(other) => Err(refusal(node, other)),
+            Err(error) => Err(ReplicaError::Unreachable {
+                node: node.clone(),
+                reason: error.to_string(),
+            }),
+        };
+        if let Err(error) = &result {
+            debug!(error = %error, "replica put failed");
+        }
+        result
+    }
+}
+
+/// A peer's answer that is not the one asked for.
+fn refusal(node: &NodeId, response: PeerResponse) -> ReplicaError {
+    let message = match response {
+        PeerResponse::Failed { message } => message,
+        other => format!("unexpected answer {other:?}"),
+    };
+    ReplicaError::Refused {
+        node: node.clone(),
+        message,
+    }
+}
