@@ -60,6 +60,14 @@ fn bench_workload_and_compare_report_json_without_errors() {
     assert_eq!(report["ceiling"]["per_operation"]["ping"]["count"], 300);
     assert!(report["fraction_of_ceiling"].is_number());
     assert_eq!(report["settings"]["workload"], "A");
+    // CPU per operation, from the pids in the dev directory: every node was measured.
+    assert_eq!(report["cpu"]["nodes"], 3, "{report}");
+    assert!(
+        report["cpu"]["node_cpu_seconds"]
+            .as_f64()
+            .is_some_and(|seconds| seconds > 0.0),
+        "{report}"
+    );
 
     let out = cluster.path().join("compare.json");
     let svg = cluster.path().join("compare.svg");

@@ -1,5 +1,6 @@
 //! The library part of `dynkv bench`: what a benchmark run is made of, free of any cluster.
 //!
+//! - [`cpu`]: CPU seconds of the nodes and the client per operation.
 //! - [`keys`]: uniform and zipfian key choice from a seed (YCSB's scrambled zipfian).
 //! - [`workload`]: the YCSB-style operation mixes A, B, C, W and a custom read share.
 //! - [`report`]: HDR latency histograms per operation, errors by kind, the text table and the
@@ -10,6 +11,7 @@
 //!
 //! The driver that talks to a cluster lives in the CLI (`src/cli/bench.rs`).
 
+pub mod cpu;
 pub mod keys;
 pub mod report;
 pub mod staleness;

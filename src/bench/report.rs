@@ -235,6 +235,8 @@ pub struct RunReport {
     /// The no-op (ping) phase through the same client path, when it ran.
     pub ceiling: Option<PhaseReport>,
     pub fraction_of_ceiling: Option<f64>,
+    /// CPU the nodes and the client spent during the workload phase, per operation (Linux).
+    pub cpu: Option<super::cpu::CpuReport>,
 }
 
 /// One configuration of `dynkv bench compare`.
@@ -392,6 +394,7 @@ mod tests {
             fraction_of_ceiling: phase.fraction_of(&phase),
             ceiling: Some(phase.clone()),
             result: phase,
+            cpu: Some(crate::bench::cpu::CpuReport::new(3, 30, 10, 100, 100)),
         };
         let json = serde_json::to_value(&report).expect("serializes");
         let read = &json["result"]["per_operation"]["read"];
@@ -401,5 +404,7 @@ mod tests {
         assert_eq!(json["result"]["errors"]["total"], 3);
         assert_eq!(json["settings"]["workload"], "A");
         assert_eq!(json["fraction_of_ceiling"], 1.0);
+        assert_eq!(json["cpu"]["nodes"], 3);
+        assert!(json["cpu"]["total_us_per_op"].as_f64().is_some());
     }
 }

@@ -598,6 +598,64 @@ async fn ceiling(args: &RunArgs, clients: &[Client]) -> Result<Option<PhaseRepor
     Ok(Some(report))
 }
 
+/// The pids of a dev cluster's nodes, from the `nN/pid` files `dynkv dev` writes.
+fn node_pids(dev_dir: &Path) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir(dev_dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| std::fs::read_to_string(entry.path().join("pid")).ok())
+        .filter_map(|text| text.trim().parse().ok())
+        .collect()
+}
+
+/// CPU ticks of the node processes and of this client at one moment (Linux `/proc`).
+struct CpuSample {
+    node_pids: Vec<u32>,
+    node_ticks: u64,
+    client_ticks: u64,
+}
+
+impl CpuSample {
+    fn ticks(pid: &str) -> Option<u64> {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        dynkv::bench::cpu::cpu_ticks_of_stat(&text)
+    }
+
+    /// `None` where `/proc` cannot be read (not Linux): the report then has no CPU figures.
+    fn take(node_pids: &[u32]) -> Option<CpuSample> {
+        let client_ticks = Self::ticks("self")?;
+        let node_pids: Vec<u32> = node_pids
+            .iter()
+            .copied()
+            .filter(|pid| Self::ticks(&pid.to_string()).is_some())
+            .collect();
+        let node_ticks = node_pids
+            .iter()
+            .filter_map(|pid| Self::ticks(&pid.to_string()))
+            .sum();
+        Some(CpuSample {
+            node_pids,
+            node_ticks,
+            client_ticks,
+        })
+    }
+
+    fn report_since(self, operations: u64) -> Option<dynkv::bench::cpu::CpuReport> {
+        let now = CpuSample::take(&self.node_pids)?;
+        // SAFETY: sysconf only reads a system constant.
+        let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+        Some(dynkv::bench::cpu::CpuReport::new(
+            now.node_pids.len(),
+            now.node_ticks.saturating_sub(self.node_ticks),
+            now.client_ticks.saturating_sub(self.client_ticks),
+            ticks_per_second,
+            operations,
+        ))
+    }
+}
+
 fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {
     let text = serde_json::to_string_pretty(value).context("cannot render the JSON report")?;
     std::fs::write(path, text + "\n").with_context(|| format!("cannot write {}", path.display()))
@@ -640,8 +698,18 @@ async fn run_workload(args: RunArgs) -> Result<()> {
     let ceiling = ceiling(&args, &clients).await?;
     let plan = Arc::new(args.plan(Mix::Workload(args.workload), args.r, args.w));
     let name = format!("workload {}", args.workload);
+    let dev_dir = local
+        .as_ref()
+        .map(|cluster| cluster.dir.clone())
+        .or_else(|| args.dev_dir.clone());
+    let node_pids = dev_dir.as_deref().map(node_pids).unwrap_or_default();
+    let cpu_before = CpuSample::take(&node_pids);
     let result = run_phase(&name, &clients, args.workers, plan, args.limit(), args.seed).await?;
+    let cpu = cpu_before.and_then(|before| before.report_since(result.operations));
     print!("{}", result.render());
+    if let Some(cpu) = &cpu {
+        print!("{}", cpu.render());
+    }
     let fraction_of_ceiling = ceiling.as_ref().and_then(|c| result.fraction_of(c));
     if let (Some(ceiling), Some(fraction)) = (&ceiling, fraction_of_ceiling) {
         println!(
@@ -656,6 +724,7 @@ async fn run_workload(args: RunArgs) -> Result<()> {
         result,
         ceiling,
         fraction_of_ceiling,
+        cpu,
     };
     if let Some(path) = &args.json_out {
         write_json(path, &report)?;
