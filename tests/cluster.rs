@@ -330,14 +330,7 @@ fn up_count(members: &serde_json::Value) -> usize {
 #[test]
 fn a_killed_node_is_detected_routed_around_and_handed_its_writes_back() {
     let cluster = DevCluster::start(5, 3);
-    let started = Instant::now();
-    while (1..=5).any(|node| up_count(&admin_json(&cluster, "members", node)) != 5) {
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "5 dev nodes never agreed"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_until_all_five_agree(&cluster);
     let killed_at = Instant::now();
     kill_and_wait_until_down(&cluster, 4);
     println!(
@@ -578,6 +571,18 @@ fn reads_speculate_past_a_frozen_replica() {
     cluster.signal_node(2, "CONT");
 }
 
+/// Waits until each of the 5 dev nodes sees all 5 up.
+fn wait_until_all_five_agree(cluster: &DevCluster) {
+    let started = Instant::now();
+    while (1..=5).any(|node| up_count(&admin_json(cluster, "members", node)) != 5) {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "5 dev nodes never agreed"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// Kills node `down` and waits until every other node of the 5 judges it down.
 fn kill_and_wait_until_down(cluster: &DevCluster, down: u16) {
     cluster.kill_node(down);
@@ -624,14 +629,7 @@ fn wait_until_no_hints(cluster: &DevCluster) {
 fn writes_and_deletes_through_a_fallback_twice_are_never_lost() {
     const KEYS: usize = 150;
     let cluster = DevCluster::start(5, 6);
-    let started = Instant::now();
-    while (1..=5).any(|node| up_count(&admin_json(&cluster, "members", node)) != 5) {
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "5 dev nodes never agreed"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_until_all_five_agree(&cluster);
     let via_n4 = cluster.client_addr(4);
     let write_all = |value: &str| {
         for index in 0..KEYS {

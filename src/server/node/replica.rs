@@ -182,10 +182,7 @@ impl Node {
             },
             Ok(PeerResponse::Object(None)) => Ok(None),
             Ok(other) => Err(refusal(node, other)),
-            Err(error) => Err(ReplicaError::Unreachable {
-                node: node.clone(),
-                reason: error.to_string(),
-            }),
+            Err(error) => Err(unreachable(node, error)),
         };
         if let Err(error) = &result {
             debug!(error = %error, "replica get failed");
@@ -232,15 +229,20 @@ impl Node {
         let result = match self.inner.peers.call(node, request, timeout).await {
             Ok(PeerResponse::Stored { durable }) => Ok(ReplicaAck { durable }),
             Ok(other) => Err(refusal(node, other)),
-            Err(error) => Err(ReplicaError::Unreachable {
-                node: node.clone(),
-                reason: error.to_string(),
-            }),
+            Err(error) => Err(unreachable(node, error)),
         };
         if let Err(error) = &result {
             debug!(error = %error, "replica put failed");
         }
         result
+    }
+}
+
+/// A call that got no answer (timeout, closed connection, unknown peer).
+fn unreachable(node: &NodeId, error: impl std::fmt::Display) -> ReplicaError {
+    ReplicaError::Unreachable {
+        node: node.clone(),
+        reason: error.to_string(),
     }
 }
 
