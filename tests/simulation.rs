@@ -163,10 +163,29 @@ async fn run_client(client: usize, operations: usize, schedule: Schedule) {
             _ => (None, BTreeSet::new()),
         };
         let decoded_context = context.as_deref().map(|bytes| {
-            Context::decode(bytes)
+            Context::decode(bytes, BUCKET, key.as_bytes())
                 .expect("the node's own context decodes")
                 .0
         });
+        if roll < 40 {
+            // Another key's context: refused, whatever the cluster's state (DESIGN §4).
+            let foreign = contexts
+                .iter()
+                .find(|(other, _)| **other != key)
+                .map(|(_, (context, _))| context.clone());
+            if let Some(foreign) = foreign {
+                let value = format!("foreign-c{client}-{sequence}");
+                let response = node
+                    .handle_client(put(&key, &value, Some(foreign), level))
+                    .await;
+                assert!(
+                    matches!(&response, ClientResponse::Error(error) if error.kind == ErrorKind::InvalidRequest),
+                    "seed {}: a put with another key's context was not refused: {response:?}",
+                    schedule.seed
+                );
+                continue;
+            }
+        }
         if roll < 80 {
             let value = format!("c{client}-{sequence}");
             schedule.record(
@@ -835,4 +854,200 @@ async fn a_write_lost_in_a_crash_after_a_peer_read_it_leaves_no_dot_to_reissue()
             "{id} met two versions under one dot: n1 reissued the dot of the write it lost"
         );
     }
+}
+
+/// The context of a found (or deleted) key, as a client would hold it.
+async fn read_context(cluster: &SimCluster, via: &str, key: &str) -> Vec<u8> {
+    match cluster.client(&node(via), get(key, Quorum::All)).await {
+        ClientResponse::Found { context, .. } => context,
+        ClientResponse::NotFound {
+            context: Some(context),
+        } => context.into_vec(),
+        other => panic!("{key} must be readable through {via}: {other:?}"),
+    }
+}
+
+/// A context for `key` with `entries` in place of its clock (what a malicious or buggy
+/// client can send: the format is documented).
+fn crafted(key: &str, entries: Vec<(u64, u64)>) -> Vec<u8> {
+    let vector = dynkv::core::version::VersionVector::from_entries(entries).unwrap();
+    Context(vector).encode(BUCKET, key.as_bytes())
+}
+
+fn is_refused(response: &ClientResponse) -> bool {
+    matches!(response, ClientResponse::Error(_))
+}
+
+/// DESIGN §4: a context never raises a counter beyond what its actor issued. Were n2's
+/// counter raised to 50 by a crafted context, n2's next write (dot 2, coordinated while n2
+/// missed the crafted one) would be covered by that clock and dropped by every merge: an
+/// acknowledged write lost.
+#[tokio::test(start_paused = true)]
+async fn a_context_claiming_unissued_versions_is_refused_and_later_writes_survive() {
+    let cluster = SimCluster::start(3, 11, default_settings()).await;
+    let stored = cluster
+        .client(&node("n1"), put("k", "v1", None, Quorum::All))
+        .await;
+    assert!(
+        matches!(stored, ClientResponse::Stored { .. }),
+        "{stored:?}"
+    );
+    let after_n1 = Context::decode(&read_context(&cluster, "n1", "k").await, BUCKET, b"k")
+        .unwrap()
+        .0;
+    let context = read_context(&cluster, "n1", "k").await;
+    let stored = cluster
+        .client(&node("n2"), put("k", "v2", Some(context), Quorum::All))
+        .await;
+    assert!(
+        matches!(stored, ClientResponse::Stored { .. }),
+        "{stored:?}"
+    );
+    let clock = Context::decode(&read_context(&cluster, "n1", "k").await, BUCKET, b"k")
+        .unwrap()
+        .0;
+    let n2_actor = clock
+        .entries()
+        .iter()
+        .map(|(actor, _)| *actor)
+        .find(|actor| after_n1.get(*actor) == 0)
+        .expect("n2 coordinated under its own actor");
+    // n2 misses the crafted write, which names n2's actor at 50 (n2 issued 1).
+    cluster.network.cut(&node("n1"), &node("n2"));
+    let forged: Vec<(u64, u64)> = clock
+        .entries()
+        .iter()
+        .map(|(actor, counter)| (*actor, if *actor == n2_actor { 50 } else { *counter }))
+        .collect();
+    let response = cluster
+        .client(
+            &node("n1"),
+            put("k", "forged", Some(crafted("k", forged)), Quorum::Quorum),
+        )
+        .await;
+    let forged_refused = is_refused(&response);
+    // n2 coordinates a blind write, dot 2 of its actor, acknowledged by n2 and n3.
+    cluster.network.cut(&node("n2"), &node("n1"));
+    let response = cluster
+        .client(&node("n2"), put("k", "later", None, Quorum::Quorum))
+        .await;
+    assert!(
+        matches!(response, ClientResponse::Stored { .. }),
+        "{response:?}"
+    );
+    cluster.network.heal_all();
+    let ClientResponse::Found { siblings, .. } =
+        cluster.client(&node("n1"), get("k", Quorum::All)).await
+    else {
+        panic!("k must be readable");
+    };
+    assert!(
+        values(&siblings).contains("later"),
+        "the acknowledged write was lost: {:?}",
+        values(&siblings)
+    );
+    assert!(forged_refused, "a forged counter was accepted");
+}
+
+/// A flood of puts with crafted contexts (counters at the maximum, a thousand actors, too
+/// many actors, another key's context, garbage) leaves every key readable and writable.
+#[tokio::test(start_paused = true)]
+async fn a_flood_of_crafted_contexts_leaves_every_key_readable_and_writable() {
+    let cluster = SimCluster::start(3, 12, default_settings()).await;
+    let keys: Vec<String> = (0..8).map(|index| format!("key{index}")).collect();
+    for key in &keys {
+        let stored = cluster
+            .client(&node("n1"), put(key, "original", None, Quorum::All))
+            .await;
+        assert!(
+            matches!(stored, ClientResponse::Stored { .. }),
+            "{stored:?}"
+        );
+    }
+    let max = dynkv::core::version::MAX_COUNTER;
+    let mut accepted = Vec::new();
+    for (index, key) in keys.iter().enumerate() {
+        let honest = Context::decode(
+            &read_context(&cluster, "n2", key).await,
+            BUCKET,
+            key.as_bytes(),
+        )
+        .unwrap()
+        .0;
+        let at_max: Vec<(u64, u64)> = honest
+            .entries()
+            .iter()
+            .map(|(actor, _)| (*actor, max))
+            .collect();
+        let near_max: Vec<(u64, u64)> = honest
+            .entries()
+            .iter()
+            .map(|(actor, _)| (*actor, u64::MAX))
+            .collect();
+        let thousand_actors: Vec<(u64, u64)> = (1..=1000).map(|actor| (actor, 1)).collect();
+        let too_many: Vec<(u64, u64)> = (1..=5000).map(|actor| (actor, 1)).collect();
+        let other_key = &keys[(index + 1) % keys.len()];
+        let mut floods = vec![
+            crafted(key, at_max),
+            crafted(key, thousand_actors),
+            crafted(key, too_many),
+            read_context(&cluster, "n3", other_key).await,
+            b"\x02\xff\xfe garbage".to_vec(),
+        ];
+        if let Ok(vector) = dynkv::core::version::VersionVector::from_entries(near_max) {
+            floods.push(Context(vector).encode(BUCKET, key.as_bytes()));
+        }
+        for (round, context) in floods.into_iter().enumerate() {
+            for via in ["n1", "n2", "n3"] {
+                let response = cluster
+                    .client(
+                        &node(via),
+                        put(
+                            key,
+                            &format!("crafted{round}"),
+                            Some(context.clone()),
+                            Quorum::Quorum,
+                        ),
+                    )
+                    .await;
+                if !is_refused(&response) {
+                    accepted.push(format!("put of {key} round {round} via {via}"));
+                }
+                let response = cluster
+                    .client(
+                        &node(via),
+                        delete(key, Some(context.clone()), Quorum::Quorum),
+                    )
+                    .await;
+                if !is_refused(&response) {
+                    accepted.push(format!("delete of {key} round {round} via {via}"));
+                }
+            }
+        }
+    }
+    for key in &keys {
+        for via in ["n1", "n2", "n3"] {
+            let context = read_context(&cluster, via, key).await;
+            let response = cluster
+                .client(
+                    &node(via),
+                    put(key, &format!("after-{via}"), Some(context), Quorum::All),
+                )
+                .await;
+            assert!(
+                matches!(response, ClientResponse::Stored { .. }),
+                "{key} via {via}: {response:?}"
+            );
+        }
+        let ClientResponse::Found { siblings, .. } =
+            cluster.client(&node("n1"), get(key, Quorum::All)).await
+        else {
+            panic!("{key} must stay readable");
+        };
+        assert_eq!(values(&siblings), BTreeSet::from(["after-n3".to_string()]));
+    }
+    assert!(
+        accepted.is_empty(),
+        "crafted contexts were accepted: {accepted:?}"
+    );
 }

@@ -4,9 +4,13 @@
 //! Record format (version 2): one byte `RECORD_FORMAT_VERSION`, then the MessagePack encoding
 //! of a [`LocalRecord`]: the `DvvSet<Content>` and the key actor this node coordinates the
 //! key under (local to the node, never replicated; see `epoch`). Version 1 records (the
-//! `DvvSet` alone) are still read, as records without a key actor. Context format (version 1): one byte `CONTEXT_FORMAT_VERSION`,
-//! then the MessagePack encoding of the `VersionVector`. Both are versioned so that a later
-//! release can read what an earlier one wrote.
+//! `DvvSet` alone) are still read, as records without a key actor.
+//!
+//! Context format (version 2): one byte `CONTEXT_FORMAT_VERSION`, then the MessagePack
+//! encoding of the digest of the (bucket, key) it was issued for and the `VersionVector`.
+//! A context sent with a write of another key is refused (DESIGN §4); version 1 contexts
+//! (the vector alone, bound to nothing) are refused with a request to read the key again.
+//! Both formats are versioned so that a later release can read what an earlier one wrote.
 
 use crate::core::epoch::KeyActor;
 use crate::core::ids::Actor;
@@ -16,14 +20,16 @@ use serde::{Deserialize, Serialize};
 pub const RECORD_FORMAT_VERSION: u8 = 2;
 /// The first record format: the `DvvSet` alone.
 const RECORD_FORMAT_VERSION_1: u8 = 1;
-pub const CONTEXT_FORMAT_VERSION: u8 = 1;
+pub const CONTEXT_FORMAT_VERSION: u8 = 2;
 
 /// Longest bucket name, in bytes.
 pub const MAX_BUCKET_BYTES: usize = 255;
 /// Longest key, in bytes: below the storage engine's 64 KiB key limit once the bucket
 /// (at most 255 bytes) and its length prefix are added.
 pub const MAX_KEY_BYTES: usize = 65_000;
-/// Most actors a decoded context may name; clocks hold replica ids only, so real ones are small.
+/// Most actors a decoded context may name. A key's clock names the key actors of the nodes
+/// that coordinated it (a few per replica), and a write's context is checked against the
+/// actors the replicas know, so this only bounds what decoding an untrusted context allocates.
 pub const MAX_CONTEXT_ACTORS: usize = 1024;
 
 /// One version of a value, with the metadata a Riak client expects to see per sibling.
@@ -88,9 +94,11 @@ pub enum ObjectError {
     #[error("context is empty")]
     EmptyContext,
     #[error(
-        "context has format version {found}; this build reads version {CONTEXT_FORMAT_VERSION}"
+        "context has format version {found}; this build reads version {CONTEXT_FORMAT_VERSION}: read the key again for a current context"
     )]
     UnsupportedContextVersion { found: u8 },
+    #[error("context was issued for another bucket and key: read this key for its own context")]
+    ContextForAnotherKey,
     #[error("context cannot be decoded: {reason}")]
     UndecodableContext { reason: String },
     #[error("context names {count} actors; at most {MAX_CONTEXT_ACTORS} are allowed")]
@@ -154,45 +162,83 @@ pub fn decode_record(bytes: &[u8]) -> Result<StoredObject, ObjectError> {
 }
 
 /// The causal context a client gets with a read and sends back with a write. Opaque to the
-/// client: it is the join of the version vectors of every sibling the client saw.
+/// client: it is the join of the version vectors of every sibling the client saw, bound to
+/// the key it was read from.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Context(pub VersionVector);
+
+/// A context as encoded: the digest of its key, and its clock.
+#[derive(Serialize, Deserialize)]
+struct ContextWire {
+    key_digest: u64,
+    clock: VersionVector,
+}
+
+/// The first 8 bytes of the BLAKE3 hash of the length-prefixed bucket and the key: enough to
+/// tell a context of another key from this key's (a checksum, not a secret).
+pub fn key_digest(bucket: &[u8], key: &[u8]) -> u64 {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(&(bucket.len() as u64).to_le_bytes());
+    hasher.update(bucket);
+    hasher.update(key);
+    let hash = hasher.finalize();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&hash.as_bytes()[..8]);
+    u64::from_le_bytes(first)
+}
 
 impl Context {
     pub fn of(object: &StoredObject) -> Self {
         Context(object.join())
     }
 
-    pub fn encode(&self) -> Vec<u8> {
+    /// The context as handed to a client that read (or wrote) `bucket`/`key`.
+    pub fn encode(&self, bucket: &[u8], key: &[u8]) -> Vec<u8> {
         let mut bytes = vec![CONTEXT_FORMAT_VERSION];
-        if let Err(error) = rmp_serde::encode::write(&mut bytes, &self.0) {
+        let wire = ContextWire {
+            key_digest: key_digest(bucket, key),
+            clock: self.0.clone(),
+        };
+        if let Err(error) = rmp_serde::encode::write(&mut bytes, &wire) {
             unreachable!("encoding a version vector into memory failed: {error}");
         }
         bytes
     }
 
-    /// Decodes a context that came from a client; it is untrusted.
-    pub fn decode(bytes: &[u8]) -> Result<Self, ObjectError> {
+    /// Decodes a context that came from a client with a write of `bucket`/`key`; it is
+    /// untrusted: it must have been issued for that key, and name at most
+    /// [`MAX_CONTEXT_ACTORS`] actors. (Whether its counters were ever issued is checked
+    /// against the replicas by the coordinator.)
+    pub fn decode(bytes: &[u8], bucket: &[u8], key: &[u8]) -> Result<Self, ObjectError> {
         let (&version, body) = bytes.split_first().ok_or(ObjectError::EmptyContext)?;
         if version != CONTEXT_FORMAT_VERSION {
             return Err(ObjectError::UnsupportedContextVersion { found: version });
         }
-        let entries: Vec<(Actor, u64)> = rmp_serde::from_slice::<VersionVector>(body)
-            .map(|vector| vector.entries().to_vec())
-            .map_err(|error| ObjectError::UndecodableContext {
+        let wire: ContextWire =
+            rmp_serde::from_slice(body).map_err(|error| ObjectError::UndecodableContext {
                 reason: error.to_string(),
             })?;
-        if entries.len() > MAX_CONTEXT_ACTORS {
+        if wire.key_digest != key_digest(bucket, key) {
+            return Err(ObjectError::ContextForAnotherKey);
+        }
+        // Decoding checked the vector (sorted, no duplicates, at most `MAX_ACTORS`).
+        if wire.clock.len() > MAX_CONTEXT_ACTORS {
             return Err(ObjectError::ContextTooLarge {
-                count: entries.len(),
+                count: wire.clock.len(),
             });
         }
-        let vector = VersionVector::from_entries(entries).map_err(|error| {
-            ObjectError::UndecodableContext {
-                reason: error.to_string(),
-            }
-        })?;
-        Ok(Context(vector))
+        Ok(Context(wire.clock))
+    }
+
+    /// The entries of this context that claim more of an actor's history than `known`
+    /// holds: (actor, counter claimed, counter known).
+    pub fn beyond(&self, known: &VersionVector) -> Vec<(Actor, u64, u64)> {
+        self.0
+            .entries()
+            .iter()
+            .filter(|(actor, counter)| *counter > known.get(*actor))
+            .map(|(actor, counter)| (*actor, *counter, known.get(*actor)))
+            .collect()
     }
 }
 
@@ -377,16 +423,50 @@ mod tests {
     }
 
     #[test]
-    fn contexts_round_trip_and_garbage_is_refused() {
+    fn contexts_round_trip_for_their_key_and_garbage_is_refused() {
         let first = coordinate_put(None, None, content("a", 1), 7, true);
         let context = Context::of(&first);
-        assert_eq!(Context::decode(&context.encode()), Ok(context));
-        assert!(Context::decode(b"").is_err());
-        assert!(Context::decode(b"\x01garbage").is_err());
+        let bytes = context.encode(b"b", b"k");
+        assert_eq!(Context::decode(&bytes, b"b", b"k"), Ok(context.clone()));
+        assert_eq!(
+            Context::decode(&bytes, b"b", b"other"),
+            Err(ObjectError::ContextForAnotherKey)
+        );
+        // The bucket and key are told apart, not concatenated.
+        assert_eq!(
+            Context::decode(&context.encode(b"bk", b""), b"b", b"k"),
+            Err(ObjectError::ContextForAnotherKey)
+        );
+        assert!(Context::decode(b"", b"b", b"k").is_err());
+        assert!(Context::decode(b"\x02garbage", b"b", b"k").is_err());
+        let mut version_1 = vec![1];
+        rmp_serde::encode::write(&mut version_1, &context.0).unwrap();
         assert!(matches!(
-            Context::decode(b"\x02"),
-            Err(ObjectError::UnsupportedContextVersion { found: 2 })
+            Context::decode(&version_1, b"b", b"k"),
+            Err(ObjectError::UnsupportedContextVersion { found: 1 })
         ));
+    }
+
+    #[test]
+    fn a_context_with_too_many_actors_is_refused() {
+        let entries: Vec<(Actor, u64)> = (1..=MAX_CONTEXT_ACTORS as u64 + 1)
+            .map(|actor| (actor, 1))
+            .collect();
+        let context = Context(VersionVector::from_entries(entries).unwrap());
+        assert_eq!(
+            Context::decode(&context.encode(b"b", b"k"), b"b", b"k"),
+            Err(ObjectError::ContextTooLarge {
+                count: MAX_CONTEXT_ACTORS + 1
+            })
+        );
+    }
+
+    #[test]
+    fn beyond_names_the_entries_a_copy_does_not_know() {
+        let known = VersionVector::from_entries(vec![(1, 3), (2, 5)]).unwrap();
+        let context = Context(VersionVector::from_entries(vec![(1, 3), (2, 9), (4, 1)]).unwrap());
+        assert_eq!(context.beyond(&known), vec![(2, 9, 5), (4, 1, 0)]);
+        assert!(Context(known.clone()).beyond(&known).is_empty());
     }
 
     #[test]

@@ -9,7 +9,7 @@
 
 use crate::core::epoch::{KeyActor, NodeEpoch};
 use crate::core::hints::{self, HintKey, HintRecord};
-use crate::core::ids::NodeId;
+use crate::core::ids::{Actor, NodeId};
 use crate::core::object::{
     Content, Context, LocalRecord, ObjectError, StoredObject, colliding_versions, coordinate_put,
     decode_local_record, decode_record, encode_local_record, live_siblings, merge_replica,
@@ -155,6 +155,15 @@ impl Copy {
 enum LocalWriteError {
     Refused(ClientError),
     Storage(String),
+    /// The write's context claims more of some actors' histories than this copy holds.
+    UnknownContext(Box<UnknownContext>),
+}
+
+/// What a coordinator's copy does not cover of a write's context: (actor, counter claimed,
+/// counter held) per such actor, and the write's content, handed back for a retry.
+struct UnknownContext {
+    beyond: Vec<(Actor, u64, u64)>,
+    content: Content,
 }
 
 impl From<ObjectError> for LocalWriteError {

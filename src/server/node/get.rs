@@ -97,7 +97,7 @@ impl Node {
                         reconciled = buckets::reconcile_latest(object);
                         &reconciled
                     };
-                    let context = Context::of(object).encode();
+                    let context = Context::of(object).encode(&bucket, &key);
                     let siblings = live_siblings(object);
                     if siblings.is_empty() {
                         ClientResponse::NotFound {

@@ -31,7 +31,12 @@ impl Node {
                 ),
             );
         }
-        let context = match write.context.as_deref().map(Context::decode).transpose() {
+        let context = match write
+            .context
+            .as_deref()
+            .map(|bytes| Context::decode(bytes, &write.bucket, &write.key))
+            .transpose()
+        {
             Ok(context) => context,
             Err(error) => {
                 return ClientResponse::Error(ClientError::invalid(format!(
@@ -87,10 +92,41 @@ impl Node {
             key: write.key.clone(),
             hint_for: coordinator.local().hint_for.clone(),
         };
-        let object = match self
-            .coordinate_local(&local_copy, context, content, props.keeps_siblings())
-            .await
-        {
+        let mut attempt = self
+            .coordinate_local(
+                &local_copy,
+                context.clone(),
+                content,
+                props.keeps_siblings(),
+            )
+            .await;
+        if let Err(LocalWriteError::UnknownContext(unknown)) = attempt {
+            // The client read versions this copy has not seen yet (or claims ones nobody
+            // issued): bring this copy up to date from the other replicas, then try once more.
+            let content = unknown.content;
+            let (answered, asked) = self
+                .catch_up(&local_copy, coordinator.targets(), deadline)
+                .await;
+            attempt = match self
+                .coordinate_local(&local_copy, context, content, props.keeps_siblings())
+                .await
+            {
+                Err(LocalWriteError::UnknownContext(unknown)) => {
+                    let primaries_down = coordinator
+                        .targets()
+                        .iter()
+                        .any(|target| target.hint_for.is_some());
+                    return unknown_context_response(
+                        &unknown.beyond,
+                        answered,
+                        asked,
+                        primaries_down,
+                    );
+                }
+                other => other,
+            };
+        }
+        let object = match attempt {
             Ok(object) => object,
             Err(LocalWriteError::Refused(error)) => return ClientResponse::Error(error),
             Err(LocalWriteError::Storage(message)) => {
@@ -98,6 +134,9 @@ impl Node {
                 return ClientResponse::Error(ClientError::internal(format!(
                     "local write failed: {message}"
                 )));
+            }
+            Err(LocalWriteError::UnknownContext(_)) => {
+                unreachable!("an unknown context is retried once above")
             }
         };
 
@@ -139,7 +178,7 @@ impl Node {
                 };
                 ClientResponse::Stored {
                     siblings,
-                    context: Context::of(&object).encode(),
+                    context: Context::of(&object).encode(&write.bucket, &write.key),
                 }
             }
             QuorumOutcome::Lost(shortfall) => error_response(
@@ -177,6 +216,20 @@ impl Node {
                 (None, true, Some(local)) => Some(Context::of(local)),
                 _ => context,
             };
+            // A context may supersede only versions that were issued: an entry beyond what
+            // this copy holds is either a version the client read elsewhere (the caller
+            // catches this copy up and retries) or forged, and trusting it would let this
+            // write's clock cover dots its actor issues later (DESIGN §4).
+            if let Some(context) = &context {
+                let known = local.as_ref().map(|local| local.join()).unwrap_or_default();
+                let beyond = context.beyond(&known);
+                if !beyond.is_empty() {
+                    return Err(LocalWriteError::UnknownContext(Box::new(UnknownContext {
+                        beyond,
+                        content,
+                    })));
+                }
+            }
             let updated = coordinate_put(
                 local.as_ref(),
                 context.as_ref(),
@@ -211,6 +264,43 @@ impl Node {
             Ok((Some(record), updated))
         })
         .await
+    }
+
+    /// Brings the coordinator's copy up to date before a write whose context it does not
+    /// cover: reads every other target's copy and merges them into its own. Returns how many
+    /// of the other targets answered, and how many were asked.
+    async fn catch_up(&self, copy: &Copy, targets: &[Target], deadline: Instant) -> (usize, usize) {
+        let mut reads = tokio::task::JoinSet::new();
+        for target in targets.iter().filter(|target| target.node != self.inner.id) {
+            let copy = Copy {
+                hint_for: target.hint_for.clone(),
+                ..copy.clone()
+            };
+            let (node, target) = (self.clone(), target.node.clone());
+            reads.spawn(
+                async move { node.replica_get(&target, copy, deadline).await }.in_current_span(),
+            );
+        }
+        let asked = reads.len();
+        let mut answered = 0;
+        let mut merged: Option<StoredObject> = None;
+        while let Some(reply) = reads.join_next().await {
+            let Ok(Ok(object)) = reply else { continue };
+            answered += 1;
+            if let Some(object) = object {
+                merged = Some(match merged {
+                    Some(merged) => merged.sync(&object),
+                    None => object,
+                });
+            }
+        }
+        if let Some(merged) = merged
+            && let Err(error) = self.merge_copy(copy, merged).await
+        {
+            warn!(error = %error, "could not merge the replicas' copies before a write");
+        }
+        debug!(answered, asked, "caught up before a write");
+        (answered, asked)
     }
 
     /// Sends a write to a target of its key to coordinate, trying each in turn.
@@ -261,6 +351,42 @@ impl Node {
         error_response(
             ErrorKind::Timeout(None),
             format!("no replica could coordinate the write: {last_error}"),
+        )
+    }
+}
+
+/// The answer to a write whose context names versions no replica that answered holds.
+fn unknown_context_response(
+    beyond: &[(Actor, u64, u64)],
+    answered: usize,
+    asked: usize,
+    primaries_down: bool,
+) -> ClientResponse {
+    let named: Vec<String> = beyond
+        .iter()
+        .take(3)
+        .map(|(actor, claimed, held)| {
+            format!("actor {actor:016x} at {claimed} where the replicas hold {held}")
+        })
+        .collect();
+    let named = named.join(", ");
+    if answered == asked && !primaries_down {
+        // Every primary answered: nobody issued these versions for this key.
+        ClientResponse::Error(ClientError::invalid(format!(
+            "bad context: it claims versions that no replica of this key holds ({named}); read the key again for a current context"
+        )))
+    } else {
+        error_response(
+            ErrorKind::Timeout(None),
+            format!(
+                "cannot check the context: it claims versions this coordinator does not hold ({named}), and {} of {asked} other replicas did not answer{}; retry, or read the key again",
+                asked - answered,
+                if primaries_down {
+                    " and some primaries are down"
+                } else {
+                    ""
+                }
+            ),
         )
     }
 }

@@ -149,6 +149,9 @@ impl Node {
             }
             Err(LocalWriteError::Refused(error)) => Err(error.message),
             Err(LocalWriteError::Storage(message)) => Err(message),
+            Err(LocalWriteError::UnknownContext(_)) => {
+                Err("a replica merge has no context to check".to_string())
+            }
         }
     }
 
