@@ -41,6 +41,10 @@ pub struct PutOptions {
     /// Let fallbacks stand in for down primaries; `None` means yes (Riak's default).
     #[serde(default)]
     pub sloppy_quorum: Option<bool>,
+    /// A delete without a context first reads the key at this level and deletes what the
+    /// read returned, as Riak does; `None` is the bucket's `r`. Puts ignore it.
+    #[serde(default)]
+    pub r: Option<Quorum>,
 }
 
 /// A value a client writes.

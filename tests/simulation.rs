@@ -1051,3 +1051,46 @@ async fn a_flood_of_crafted_contexts_leaves_every_key_readable_and_writable() {
         "crafted contexts were accepted: {accepted:?}"
     );
 }
+
+/// DESIGN §4: a delete without a context reads first (at its `r`) and deletes what the read
+/// returned, not only what the coordinating replica happens to hold. n1 missed the write;
+/// a context-less delete through n1 must still delete it.
+#[tokio::test(start_paused = true)]
+async fn a_delete_without_a_context_deletes_what_the_cluster_holds() {
+    let cluster = SimCluster::start(3, 13, default_settings()).await;
+    cluster.network.isolate(&node("n1"));
+    let stored = cluster
+        .client(&node("n2"), put("k", "missed-by-n1", None, Quorum::Quorum))
+        .await;
+    assert!(
+        matches!(stored, ClientResponse::Stored { .. }),
+        "{stored:?}"
+    );
+    cluster.network.heal_all();
+    let deleted = cluster
+        .client(&node("n1"), delete("k", None, Quorum::Quorum))
+        .await;
+    assert!(
+        matches!(deleted, ClientResponse::Stored { .. }),
+        "{deleted:?}"
+    );
+    let mut read = get("k", Quorum::All);
+    if let ClientRequest::Get { options, .. } = &mut read {
+        options.ask_all_replicas = Some(true);
+    }
+    for via in ["n1", "n2", "n3"] {
+        let response = cluster.client(&node(via), read.clone()).await;
+        assert!(
+            matches!(response, ClientResponse::NotFound { .. }),
+            "the delete left the value readable through {via}: {response:?}"
+        );
+    }
+    // A context-less delete of a key nobody holds is a no-op that succeeds.
+    let deleted = cluster
+        .client(&node("n3"), delete("never-written", None, Quorum::Quorum))
+        .await;
+    assert!(
+        matches!(deleted, ClientResponse::Stored { .. }),
+        "{deleted:?}"
+    );
+}

@@ -97,6 +97,10 @@ pub struct PutArgs {
 pub struct DeleteArgs {
     bucket: String,
     key: String,
+    /// Without `--context`, the delete first reads the key at this level and deletes what
+    /// the read returned (Riak's `r` of a delete).
+    #[arg(long, default_value = "default")]
+    r: Quorum,
     #[command(flatten)]
     options: WriteOptionArgs,
     #[command(flatten)]
@@ -167,6 +171,7 @@ fn write_options(args: &WriteOptionArgs, return_body: bool) -> PutOptions {
         timeout_ms: args.timeout_ms,
         return_body,
         sloppy_quorum: Some(args.sloppy_quorum),
+        r: None,
     }
 }
 
@@ -291,7 +296,10 @@ pub async fn delete(args: DeleteArgs) -> Result<()> {
             args.bucket.as_bytes(),
             args.key.as_bytes(),
             context.as_deref(),
-            write_options(&args.options, false),
+            PutOptions {
+                r: Some(args.r),
+                ..write_options(&args.options, false)
+            },
         )
         .await
         .map_err(report)?;

@@ -247,8 +247,9 @@ impl Client {
         self.stored(request).await
     }
 
-    /// Deletes a key by writing a tombstone that supersedes what `context` covers (without a
-    /// context, what the coordinating replica has).
+    /// Deletes a key by writing a tombstone that supersedes what `context` covers. Without
+    /// a context, the node first reads the key at `options.r` and deletes what that read
+    /// returned, as Riak does.
     pub async fn delete(
         &self,
         bucket: &[u8],

@@ -67,6 +67,7 @@ pub fn put_options(query: &Query) -> Result<PutOptions, HttpError> {
         timeout_ms: timeout_ms(query)?,
         return_body: flag(query, "returnbody", false)?,
         sloppy_quorum: Some(flag(query, "sloppy_quorum", true)?),
+        r: None,
     })
 }
 
@@ -76,6 +77,7 @@ pub fn delete_options(query: &Query) -> Result<PutOptions, HttpError> {
     if !query.contains_key("w") {
         options.w = quorum(query, "rw")?;
     }
+    options.r = Some(quorum(query, "r")?);
     Ok(options)
 }
 

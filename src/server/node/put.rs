@@ -4,9 +4,17 @@
 use super::*;
 
 impl Node {
-    pub(super) async fn write(&self, write: Write, forwarded: bool) -> ClientResponse {
+    pub(super) async fn write(&self, mut write: Write, forwarded: bool) -> ClientResponse {
         if let Err(error) = validate_bucket_and_key(&write.bucket, &write.key) {
             return ClientResponse::Error(error);
+        }
+        if write.content.is_none() && write.context.is_none() && !forwarded {
+            // A delete without a context deletes what a read at its `r` returns (DESIGN §4),
+            // not just what the coordinator happens to hold.
+            match self.read_before_delete(&write).await {
+                Ok(context) => write.context = Some(context),
+                Err(response) => return response,
+            }
         }
         let settings = &self.inner.settings;
         let props = self.bucket_props(&write.bucket).await;
@@ -210,12 +218,6 @@ impl Node {
             // so no dot is ever issued twice (see `core::epoch`).
             let key_actor = key_actors.choose(local.as_ref().and_then(|local| local.coordinator));
             let local = local.map(|local| local.object);
-            // A delete without a context removes what this replica has seen, as Riak
-            // fetches the vclock first for such a delete.
-            let context = match (&context, content.deleted, &local) {
-                (None, true, Some(local)) => Some(Context::of(local)),
-                _ => context,
-            };
             // A context may supersede only versions that were issued: an entry beyond what
             // this copy holds is either a version the client read elsewhere (the caller
             // catches this copy up and retries) or forged, and trusting it would let this
@@ -264,6 +266,36 @@ impl Node {
             Ok((Some(record), updated))
         })
         .await
+    }
+
+    /// The context of a read of the key a context-less delete names, at the delete's `r`:
+    /// the delete supersedes exactly what the read returned (nothing, when nothing is found).
+    async fn read_before_delete(&self, write: &Write) -> Result<Vec<u8>, ClientResponse> {
+        let options = GetOptions {
+            r: write.options.r.unwrap_or_default(),
+            timeout_ms: write.options.timeout_ms,
+            sloppy_quorum: write.options.sloppy_quorum,
+            ..GetOptions::default()
+        };
+        match self
+            .get(write.bucket.clone(), write.key.clone(), options)
+            .await
+        {
+            ClientResponse::Found { context, .. } => Ok(context),
+            ClientResponse::NotFound {
+                context: Some(context),
+            } => Ok(context.into_vec()),
+            ClientResponse::NotFound { context: None } => {
+                Ok(Context::default().encode(&write.bucket, &write.key))
+            }
+            ClientResponse::Error(error) => Err(ClientResponse::Error(ClientError {
+                kind: error.kind,
+                message: format!("the read before the delete failed: {}", error.message),
+            })),
+            other => Err(ClientResponse::Error(ClientError::internal(format!(
+                "the read before the delete answered {other:?}"
+            )))),
+        }
     }
 
     /// Brings the coordinator's copy up to date before a write whose context it does not
