@@ -14,7 +14,7 @@
 //! gossip_interval_ms = 500             # one gossip round (and heartbeat) per interval
 //! gossip_fanout = 3                    # peers per round
 //! phi_threshold = 8.0                  # down after ~ phi × interval × ln 10 of silence (~9 s)
-//! hint_window_secs = 10800             # hints older than this are dropped (3 h)
+//! hint_window_secs = 10800             # no new hints for a primary silent longer (3 h)
 //! handoff_interval_ms = 1000           # how often hints are offered to returning primaries
 //! read_repair_chance = 0.1             # share of gets that ask every replica (read repair)
 //! speculative_retry_ms = 50            # a get asks the other replicas after this long
@@ -39,6 +39,9 @@
 //! max_siblings = 100
 //! max_object_bytes = 33554432
 //! max_frame_bytes = 67108864
+//!
+//! [hints]
+//! max_bytes = 1073741824               # hint storage bound; past it fallbacks refuse writes
 //!
 //! [storage]
 //! sync_writes = true                   # fsync the journal (group commit) before every ack
@@ -91,6 +94,7 @@ pub struct Config {
     pub tls: TlsConfig,
     pub buckets: BucketConfig,
     pub limits: LimitsConfig,
+    pub hints: HintsConfig,
     pub storage: StorageSettings,
 }
 
@@ -164,6 +168,26 @@ impl Default for LimitsConfig {
     }
 }
 
+/// Hinted handoff. A fallback keeps every hint until its primary has it durably; hints are
+/// never dropped for age. `hint_window_secs` (top level) stops *new* hints for a primary
+/// silent longer than it (Cassandra's `max_hint_window`), and `max_bytes` bounds the disk
+/// the hints of a node take.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HintsConfig {
+    /// Most bytes of hints a node keeps; past it, writes that would need a new or larger hint
+    /// on this node are refused with an error naming this limit.
+    pub max_bytes: u64,
+}
+
+impl Default for HintsConfig {
+    fn default() -> Self {
+        HintsConfig {
+            max_bytes: 1024 * 1024 * 1024,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StorageSettings {
@@ -206,6 +230,7 @@ impl Default for Config {
             tls: TlsConfig::default(),
             buckets: BucketConfig::default(),
             limits: LimitsConfig::default(),
+            hints: HintsConfig::default(),
             storage: StorageSettings::default(),
         }
     }
@@ -306,6 +331,12 @@ impl Config {
         }
         if self.hint_window_secs == 0 {
             return Err(invalid("hint_window_secs", "must be at least 1"));
+        }
+        if self.hints.max_bytes < 1024 * 1024 {
+            return Err(invalid(
+                "hints.max_bytes",
+                "must be at least 1048576 (1 MiB)",
+            ));
         }
         if !(10..=600_000).contains(&self.handoff_interval_ms) {
             return Err(invalid(

@@ -117,8 +117,17 @@ pub struct NodeStatus {
     /// Hints this node holds for down primaries.
     pub hints_held: u64,
     pub hints_delivered: u64,
-    /// Hints dropped because they outlived the hint window.
-    pub hints_expired: u64,
+    /// Bytes of the hints held (keys and values), bounded by `hints.max_bytes`.
+    #[serde(default)]
+    pub hint_bytes: u64,
+    /// Writes for which a down primary got no fallback (so no hint) because it had been
+    /// silent longer than the hint window.
+    #[serde(default)]
+    pub hints_skipped_past_window: u64,
+    /// Replica writes this node refused as a fallback because its hints were at
+    /// `hints.max_bytes`.
+    #[serde(default)]
+    pub hints_refused_full: u64,
     /// Replica merges that met two different versions under one dot (a dot issued twice);
     /// both versions were kept. Zero unless something is wrong (see `core::epoch`).
     #[serde(default)]

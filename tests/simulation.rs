@@ -234,39 +234,50 @@ async fn run_client(client: usize, operations: usize, schedule: Schedule) {
 }
 
 /// Faults for [`SCHEDULE_SECONDS`]: crashes (most longer than failure detection, so
-/// fallbacks coordinate and keep hints, some the same node again and again), isolation,
-/// cut links, loss, delay and duplicated messages. At most one node is down or isolated at a
-/// time. Returns the number of crashes and isolations.
+/// fallbacks coordinate and keep hints, some the same node again and again, some longer than
+/// the hint window), isolation, cut links, loss, delay, duplicated messages and clock jumps
+/// (the whole cluster pauses, as a VM does). Most schedules have at most one node down or
+/// isolated at a time; some allow two or three, so that every primary of some keys is down,
+/// fallbacks coordinate, and their hints hold the only copies. Returns the number of crashes
+/// and isolations.
 async fn run_faults(schedule: Schedule) -> usize {
     let mut rng = StdRng::seed_from_u64(schedule.seed ^ 0xfa17);
     let ids = schedule.cluster.lock().unwrap().ids.clone();
     let start = tokio::time::Instant::now();
     let end = start + Duration::from_secs(SCHEDULE_SECONDS);
-    // The node that is down or isolated, when it comes back, and whether it crashed.
-    let mut outage: Option<(NodeId, tokio::time::Instant, bool)> = None;
+    let most_outages = [1, 1, 2, 3][rng.random_range(0..4)];
+    // The nodes that are down or isolated, when each comes back, and whether it crashed.
+    let mut outages: Vec<(NodeId, tokio::time::Instant, bool)> = Vec::new();
     let mut last_crashed: Option<NodeId> = None;
     let mut faults = 0;
     // A schedule has at least three crashes or isolations, however the dice fall.
     while tokio::time::Instant::now() < end || faults < 3 {
         tokio::time::sleep(Duration::from_millis(rng.random_range(500..3000))).await;
         let now = tokio::time::Instant::now();
-        if let Some((node, until, crashed)) = outage.clone()
-            && now >= until
-        {
+        let (ended, ongoing): (Vec<_>, Vec<_>) =
+            outages.drain(..).partition(|(_, until, _)| now >= *until);
+        outages = ongoing;
+        for (node, _, crashed) in ended {
             let mut cluster = schedule.cluster.lock().unwrap();
             if crashed {
                 cluster.restart(&node);
             } else {
-                cluster.network.heal_all();
+                cluster.network.rejoin(&node);
             }
-            outage = None;
         }
-        match rng.random_range(0..10) {
-            0..=3 if outage.is_none() => {
+        let room = outages.len() < most_outages;
+        let free = |node: &NodeId, outages: &[(NodeId, tokio::time::Instant, bool)]| {
+            outages.iter().all(|(other, ..)| other != node)
+        };
+        match rng.random_range(0..11) {
+            0..=3 if room => {
                 let node = match &last_crashed {
                     Some(node) if rng.random_bool(0.4) => node.clone(),
                     _ => ids[rng.random_range(0..ids.len())].clone(),
                 };
+                if !free(&node, &outages) {
+                    continue;
+                }
                 // Most outages outlast failure detection (~9 s); some are shorter.
                 let seconds = if rng.random_bool(0.75) {
                     rng.random_range(11..25)
@@ -277,7 +288,7 @@ async fn run_faults(schedule: Schedule) -> usize {
                 if let Some(weak) = weak {
                     wait_until_stopped(weak).await;
                 }
-                outage = Some((
+                outages.push((
                     node.clone(),
                     tokio::time::Instant::now() + Duration::from_secs(seconds),
                     true,
@@ -285,11 +296,14 @@ async fn run_faults(schedule: Schedule) -> usize {
                 last_crashed = Some(node);
                 faults += 1;
             }
-            4 if outage.is_none() => {
+            4 if room => {
                 let node = ids[rng.random_range(0..ids.len())].clone();
+                if !free(&node, &outages) {
+                    continue;
+                }
                 schedule.cluster.lock().unwrap().network.isolate(&node);
                 let seconds = rng.random_range(2..15);
-                outage = Some((node, now + Duration::from_secs(seconds), false));
+                outages.push((node, now + Duration::from_secs(seconds), false));
                 faults += 1;
             }
             5 => {
@@ -310,7 +324,12 @@ async fn run_faults(schedule: Schedule) -> usize {
                     .network
                     .set_delay(Duration::ZERO, Duration::from_millis(max_delay));
             }
-            7 if outage.is_none() => schedule.cluster.lock().unwrap().network.heal_all(),
+            7 if outages.is_empty() => schedule.cluster.lock().unwrap().network.heal_all(),
+            8 if rng.random_bool(0.3) => {
+                // A clock jump: every timer, deadline and failure detector sees the time
+                // pass at once (outages and hint windows included).
+                tokio::time::advance(Duration::from_secs(rng.random_range(1..90))).await;
+            }
             _ => {}
         }
     }
@@ -318,8 +337,10 @@ async fn run_faults(schedule: Schedule) -> usize {
     cluster.network.heal_all();
     cluster.network.set_loss(0.0);
     cluster.network.set_duplicate(0.0);
-    if let Some((node, _, true)) = outage {
-        cluster.restart(&node);
+    for (node, _, crashed) in outages {
+        if crashed {
+            cluster.restart(&node);
+        }
     }
     faults
 }
@@ -328,7 +349,11 @@ async fn run_faults(schedule: Schedule) -> usize {
 /// minute, then heal, wait for hints and read repair, and check the history. Returns the
 /// violations found.
 async fn randomized_schedule(seed: u64) -> Vec<String> {
-    let cluster = SimCluster::start_gossiping(5, seed, default_settings()).await;
+    let mut settings = default_settings();
+    // Short enough that some outages outlast it (no new hints for that primary), so hints
+    // created before it passed must still be kept and delivered.
+    settings.hint_window = Duration::from_secs(StdRng::seed_from_u64(seed).random_range(5..40));
+    let cluster = SimCluster::start_gossiping(5, seed, settings).await;
     let schedule = Schedule {
         seed,
         cluster: Arc::new(Mutex::new(cluster)),
@@ -1092,5 +1117,85 @@ async fn a_delete_without_a_context_deletes_what_the_cluster_holds() {
     assert!(
         matches!(deleted, ClientResponse::Stored { .. }),
         "{deleted:?}"
+    );
+}
+
+/// Hints hold acknowledged writes until delivered, whatever their age (DESIGN §6): every
+/// primary of a key is down, two fallbacks acknowledge a w=2 write, the primaries stay down
+/// past the hint window (a clock jump), and the write must reach them when they return.
+/// While they are down past the window, new writes make no new hints.
+#[tokio::test(start_paused = true)]
+async fn hints_older_than_the_hint_window_are_still_delivered() {
+    let mut settings = default_settings();
+    settings.hint_window = Duration::from_secs(30);
+    let mut cluster = SimCluster::start_gossiping(5, 14, settings).await;
+    let primaries = cluster.replicas_of(BUCKET, b"k");
+    let fallback = cluster
+        .ids
+        .iter()
+        .find(|id| !primaries.contains(id))
+        .cloned()
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    for primary in &primaries {
+        if let Some(weak) = cluster.crash(primary) {
+            wait_until_stopped(weak).await;
+        }
+    }
+    // Past failure detection, within the hint window.
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    eprintln!(
+        "{:?}",
+        cluster.client(&fallback, ClientRequest::Members).await
+    );
+    let stored = cluster
+        .client(
+            &fallback,
+            put("k", "held-by-fallbacks", None, Quorum::Count(2)),
+        )
+        .await;
+    assert!(
+        matches!(stored, ClientResponse::Stored { .. }),
+        "{stored:?}"
+    );
+    // The primaries stay down for two hint windows.
+    tokio::time::advance(Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let refused = cluster
+        .client(&fallback, put("k2", "no-new-hints", None, Quorum::Count(2)))
+        .await;
+    let status = cluster.node(&fallback).unwrap().status().unwrap();
+    assert!(
+        status.hints_skipped_past_window > 0,
+        "a write while the primaries were silent past the window made hints: {refused:?}"
+    );
+    for primary in &primaries {
+        cluster.restart(primary);
+    }
+    let mut delivered = false;
+    for _ in 0..60 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let held: u64 = cluster
+            .running_nodes()
+            .iter()
+            .map(|node| node.store().hint_count().unwrap())
+            .sum();
+        if held == 0 {
+            delivered = true;
+            break;
+        }
+    }
+    assert!(delivered, "hints were not handed back");
+    let mut read = get("k", Quorum::All);
+    if let ClientRequest::Get { options, .. } = &mut read {
+        options.sloppy_quorum = Some(false);
+    }
+    let found = cluster.client(&primaries[0], read).await;
+    let ClientResponse::Found { siblings, .. } = found else {
+        panic!("the acknowledged write is gone: {found:?}");
+    };
+    assert_eq!(
+        values(&siblings),
+        BTreeSet::from(["held-by-fallbacks".to_string()])
     );
 }

@@ -80,7 +80,15 @@ pub async fn run(command: AdminCommand) -> Result<()> {
             println!("keys (estimate):   {}", status.keys_estimate);
             println!("hints held:        {}", status.hints_held);
             println!("hints delivered:   {}", status.hints_delivered);
-            println!("hints expired:     {}", status.hints_expired);
+            println!("hint bytes:        {}", status.hint_bytes);
+            println!(
+                "hints skipped:     {} (primary silent past the hint window)",
+                status.hints_skipped_past_window
+            );
+            println!(
+                "hints refused:     {} (hint storage full)",
+                status.hints_refused_full
+            );
             println!("dot collisions:    {}", status.dot_collisions);
         }
     }

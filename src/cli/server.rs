@@ -70,6 +70,9 @@ pub struct ServerArgs {
     /// Most siblings a key may hold [default: 100].
     #[arg(long)]
     max_siblings: Option<u32>,
+    /// Most bytes of hints this node keeps for down primaries [default: 1073741824].
+    #[arg(long)]
+    hints_max_bytes: Option<u64>,
     /// Print the effective config as TOML and exit.
     #[arg(long)]
     print_config: bool,
@@ -120,6 +123,7 @@ pub fn effective_config(args: ServerArgs) -> Result<(Config, bool)> {
     apply!(args.sync_writes => storage.sync_writes);
     apply!(args.max_value_bytes => limits.max_value_bytes);
     apply!(args.max_siblings => limits.max_siblings);
+    apply!(args.hints_max_bytes => hints.max_bytes);
     if !args.members.is_empty() {
         config.members = args.members;
     }

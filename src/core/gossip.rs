@@ -321,6 +321,18 @@ impl Gossip {
             .map_or(f64::INFINITY, |detector| detector.phi(now_ms))
     }
 
+    /// Milliseconds since `node`'s last heartbeat reached this node (`None`: itself, or
+    /// never heard).
+    pub fn silent_ms(&self, node: &NodeId, now_ms: u64) -> Option<u64> {
+        if *node == self.local {
+            return None;
+        }
+        self.detectors
+            .get(node)
+            .and_then(PhiAccrual::last_heartbeat_ms)
+            .map(|last| now_ms.saturating_sub(last))
+    }
+
     /// This node's judgement of `node`: itself is always up; unknown nodes are down.
     pub fn is_up(&self, node: &NodeId, now_ms: u64) -> bool {
         self.phi(node, now_ms) <= self.config.phi_threshold
@@ -330,14 +342,7 @@ impl Gossip {
         self.members
             .values()
             .map(|record| {
-                let silent_ms = if record.node == self.local {
-                    None
-                } else {
-                    self.detectors
-                        .get(&record.node)
-                        .and_then(PhiAccrual::last_heartbeat_ms)
-                        .map(|last| now_ms.saturating_sub(last))
-                };
+                let silent_ms = self.silent_ms(&record.node, now_ms);
                 MemberView {
                     record: record.clone(),
                     up: self.is_up(&record.node, now_ms),

@@ -16,8 +16,8 @@ pub const HINT_FORMAT_VERSION: u8 = 1;
 /// What a fallback keeps for one key of one primary.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HintRecord {
-    /// When the hint was first written, microseconds since the Unix epoch (from the shell);
-    /// a hint older than the hint window is dropped, not delivered.
+    /// When the hint was first written, microseconds since the Unix epoch (from the shell),
+    /// for operators; a hint is kept until delivered, whatever its age.
     pub created_micros: u64,
     pub object: StoredObject,
     /// The key actor this node coordinates writes of this hint copy under (see `epoch`);
@@ -117,11 +117,6 @@ pub fn decode_record(bytes: &[u8]) -> Result<HintRecord, HintError> {
     })
 }
 
-/// Whether a hint written at `created_micros` is past the window at `now_micros`.
-pub fn expired(created_micros: u64, now_micros: u64, window_micros: u64) -> bool {
-    now_micros.saturating_sub(created_micros) > window_micros
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -146,7 +141,7 @@ mod tests {
     }
 
     #[test]
-    fn records_round_trip_and_expire() {
+    fn records_round_trip_and_unknown_versions_are_refused() {
         let record = HintRecord {
             created_micros: 5,
             object: crate::core::version::DvvSet::empty(),
@@ -157,7 +152,5 @@ mod tests {
             decode_record(&[7]),
             Err(HintError::UnsupportedVersion { found: 7 })
         ));
-        assert!(!expired(10, 20, 10));
-        assert!(expired(10, 21, 10));
     }
 }

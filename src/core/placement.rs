@@ -9,8 +9,8 @@ use crate::core::ring::{PartitionId, Ring};
 /// The targets of a request on `partition`, in preference order.
 ///
 /// Primaries are the first `n_val` distinct owners of the ring walk. A primary that `is_up`
-/// rejects is replaced, when `sloppy` is set, by the next node of the walk that is up and not
-/// already a target; without `sloppy`, or when no such node exists, it is still asked (the
+/// rejects is replaced, when `sloppy` is set and `may_stand_in` allows it, by the next node
+/// of the walk that is up and not already a target; otherwise it is still asked (the
 /// detector may be wrong, and a failed reply is counted as one).
 pub fn targets(
     ring: &Ring,
@@ -18,6 +18,7 @@ pub fn targets(
     n_val: usize,
     sloppy: bool,
     is_up: impl Fn(&NodeId) -> bool,
+    mut may_stand_in: impl FnMut(&NodeId) -> bool,
 ) -> Vec<Target> {
     let member_count = ring.members().len();
     let walk: Vec<NodeId> = ring
@@ -33,6 +34,7 @@ pub fn targets(
         .map(|primary| {
             if sloppy
                 && !is_up(primary)
+                && may_stand_in(primary)
                 && let Some(fallback) = fallbacks.next()
             {
                 return Target {
@@ -65,7 +67,7 @@ mod tests {
     fn all_up_gives_the_primaries() {
         let ring = ring(5);
         for partition in 0..64 {
-            let targets = targets(&ring, partition, 3, true, |_| true);
+            let targets = targets(&ring, partition, 3, true, |_| true, |_| true);
             let expected: Vec<NodeId> = ring
                 .preference_list(partition, 3)
                 .into_iter()
@@ -96,7 +98,7 @@ mod tests {
                 .map(|(_, node)| node)
                 .collect();
             let down = walk[1].clone();
-            let sloppy = targets(&ring, partition, 3, true, |node| *node != down);
+            let sloppy = targets(&ring, partition, 3, true, |node| *node != down, |_| true);
             assert_eq!(sloppy.len(), 3);
             assert_eq!(
                 sloppy[1].node, walk[3],
@@ -104,12 +106,25 @@ mod tests {
             );
             assert_eq!(sloppy[1].hint_for.as_ref(), Some(&down));
             assert!(!sloppy[1].primary);
-            let strict = targets(&ring, partition, 3, false, |node| *node != down);
+            let strict = targets(&ring, partition, 3, false, |node| *node != down, |_| true);
             assert_eq!(
                 strict[1].node, down,
                 "without sloppy quorum the primary is still asked"
             );
             assert!(strict[1].primary);
+            let past_window = targets(
+                &ring,
+                partition,
+                3,
+                true,
+                |node| *node != down,
+                |node| *node != down,
+            );
+            assert_eq!(
+                past_window[1].node, down,
+                "a primary down past the hint window gets no fallback: it is still asked"
+            );
+            assert!(past_window[1].primary && past_window[1].hint_for.is_none());
         }
     }
 
@@ -117,7 +132,7 @@ mod tests {
     fn no_fallback_when_every_other_node_is_down() {
         let ring = ring(3);
         let down = NodeId::new("n2").unwrap();
-        let chosen = targets(&ring, 0, 3, true, |node| *node != down);
+        let chosen = targets(&ring, 0, 3, true, |node| *node != down, |_| true);
         assert!(chosen.iter().all(|target| target.primary), "{chosen:?}");
     }
 }

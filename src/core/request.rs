@@ -51,22 +51,29 @@ pub enum PutRoute {
 /// any other node forwards to the targets. A node that is only a *fallback* for the key
 /// forwards to an up primary when there is one: the primary holds the key's history, and
 /// the fallback's hint copy does not become a coordinator's copy (see `epoch`). A write that
-/// was already forwarded is coordinated where it lands, or refused.
-pub fn route_put(targets: &[Target], local: &NodeId, forwarded: bool) -> PutRoute {
+/// was already forwarded is coordinated where it lands, or refused. `is_up` is this node's
+/// failure detector: targets judged up are tried first, and a fallback forwards only to a
+/// primary judged up (a primary down past the hint window stays a target without a fallback).
+pub fn route_put(
+    targets: &[Target],
+    local: &NodeId,
+    forwarded: bool,
+    is_up: impl Fn(&NodeId) -> bool,
+) -> PutRoute {
     let Some(index) = targets.iter().position(|target| target.node == *local) else {
-        return if forwarded {
-            PutRoute::Misrouted
-        } else {
-            PutRoute::Forward {
-                to: (0..targets.len()).collect(),
-            }
-        };
+        if forwarded {
+            return PutRoute::Misrouted;
+        }
+        let (mut to, down): (Vec<usize>, Vec<usize>) =
+            (0..targets.len()).partition(|index| is_up(&targets[*index].node));
+        to.extend(down);
+        return PutRoute::Forward { to };
     };
     if targets[index].hint_for.is_some() && !forwarded {
         let primaries: Vec<usize> = targets
             .iter()
             .enumerate()
-            .filter(|(_, target)| target.primary && target.node != *local)
+            .filter(|(_, target)| target.primary && target.node != *local && is_up(&target.node))
             .map(|(index, _)| index)
             .collect();
         if !primaries.is_empty() {
@@ -356,27 +363,50 @@ mod tests {
             put_target("n3", true, None),
         ];
         assert_eq!(
-            route_put(&targets, &n4, false),
+            route_put(&targets, &n4, false, |_| true),
             PutRoute::Forward { to: vec![1, 2] }
         );
         assert_eq!(
-            route_put(&targets, &n4, true),
+            route_put(&targets, &n4, true, |_| true),
             PutRoute::Coordinate { local: 0 }
         );
         assert_eq!(
-            route_put(&targets, &n9, false),
+            route_put(&targets, &n9, false, |_| true),
             PutRoute::Forward { to: vec![0, 1, 2] }
         );
-        assert_eq!(route_put(&targets, &n9, true), PutRoute::Misrouted);
         assert_eq!(
-            route_put(&targets, &NodeId::new("n2").unwrap(), false),
+            route_put(&targets, &n9, true, |_| true),
+            PutRoute::Misrouted
+        );
+        assert_eq!(
+            route_put(&targets, &NodeId::new("n2").unwrap(), false, |_| true),
             PutRoute::Coordinate { local: 1 }
         );
         // Only fallbacks are up: the fallback coordinates (under a fresh key actor).
         let only_fallbacks = vec![put_target("n4", false, Some("n1"))];
         assert_eq!(
-            route_put(&only_fallbacks, &n4, false),
+            route_put(&only_fallbacks, &n4, false, |_| true),
             PutRoute::Coordinate { local: 0 }
+        );
+        // A primary still listed but judged down (no fallback was left for it, or it is
+        // past the hint window) is not forwarded to; other nodes try it last.
+        let n1_down = vec![
+            put_target("n4", false, Some("n2")),
+            put_target("n1", true, None),
+        ];
+        let up = |node: &NodeId| node.as_str() != "n1";
+        assert_eq!(
+            route_put(&n1_down, &n4, false, up),
+            PutRoute::Coordinate { local: 0 }
+        );
+        assert_eq!(
+            route_put(&n1_down, &n9, false, up),
+            PutRoute::Forward { to: vec![0, 1] }
+        );
+        let n1_first = vec![n1_down[1].clone(), n1_down[0].clone()];
+        assert_eq!(
+            route_put(&n1_first, &n9, false, up),
+            PutRoute::Forward { to: vec![1, 0] }
         );
     }
 

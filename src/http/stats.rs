@@ -304,9 +304,14 @@ pub(crate) async fn riak_stats(State(state): State<AppState>, headers: HeaderMap
             "dynkv_hints_delivered_total".into(),
             json!(status.hints_delivered),
         );
+        fields.insert("dynkv_hint_bytes".into(), json!(status.hint_bytes));
         fields.insert(
-            "dynkv_hints_expired_total".into(),
-            json!(status.hints_expired),
+            "dynkv_hints_skipped_past_window_total".into(),
+            json!(status.hints_skipped_past_window),
+        );
+        fields.insert(
+            "dynkv_hints_refused_full_total".into(),
+            json!(status.hints_refused_full),
         );
         fields.insert("dot_collisions".into(), json!(status.dot_collisions));
         fields.insert("dynkv_members_up".into(), json!(status.members_up));

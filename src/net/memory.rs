@@ -178,6 +178,11 @@ where
         self.inner.state.lock().isolated.insert(node.clone());
     }
 
+    /// Ends the isolation of `node` (cuts stay).
+    pub fn rejoin(&self, node: &NodeId) {
+        self.inner.state.lock().isolated.remove(node);
+    }
+
     /// Removes every cut and isolation. Loss, delay and duplication stay as set.
     pub fn heal_all(&self) {
         let mut state = self.inner.state.lock();

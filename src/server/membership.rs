@@ -20,6 +20,11 @@ pub trait Membership: Send + Sync + 'static {
     /// This node's judgement; a node judged down is routed around, never removed.
     fn is_up(&self, node: &NodeId) -> bool;
     fn view(&self) -> Vec<MemberInfo>;
+    /// How long `node` has been silent, as this node's failure detector sees it (`None`:
+    /// never heard, or membership without a detector).
+    fn silent_for(&self, _node: &NodeId) -> Option<std::time::Duration> {
+        None
+    }
     /// The gossip state, when membership is gossiped.
     fn gossip(&self) -> Option<&GossipMembership> {
         None
@@ -317,6 +322,14 @@ impl Membership for GossipMembership {
     fn is_up(&self, node: &NodeId) -> bool {
         let now_ms = self.now_ms();
         self.state.lock().is_up(node, now_ms)
+    }
+
+    fn silent_for(&self, node: &NodeId) -> Option<std::time::Duration> {
+        let now_ms = self.now_ms();
+        self.state
+            .lock()
+            .silent_ms(node, now_ms)
+            .map(std::time::Duration::from_millis)
     }
 
     fn view(&self) -> Vec<MemberInfo> {

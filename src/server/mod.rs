@@ -80,6 +80,7 @@ pub fn node_settings(config: &Config, validated: &crate::config::Validated) -> N
         speculative_retry: Duration::from_millis(config.speculative_retry_ms),
         handoff_batch: 64,
         rng_seed: None,
+        wall_clock: crate::server::node::WallClock::System,
     }
 }
 
@@ -105,6 +106,7 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         StorageConfig {
             sync_writes: config.storage.sync_writes,
             cache_bytes: config.storage.cache_mib * 1024 * 1024,
+            hints_max_bytes: config.hints.max_bytes,
         },
     )
     .map_err(|error| ServerError::Storage {

@@ -27,7 +27,7 @@ use crate::protocol::{
     ClientError, ClientRequest, ClientResponse, ErrorKind, GetOptions, NewContent, NodeStatus,
     PeerRequest, PeerResponse, PutOptions, validate_bucket_and_key,
 };
-use crate::storage::{HintWrite, Store, UpdateError};
+use crate::storage::{HintWrite, StorageError, Store, UpdateError};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -57,7 +57,8 @@ pub struct NodeSettings {
     pub max_siblings: u32,
     /// The store fsyncs before it acknowledges, so this node's acks count for `dw`.
     pub durable_writes: bool,
-    /// Hints older than this are dropped instead of delivered.
+    /// A primary silent longer than this gets no fallback for new writes (no new hints);
+    /// hints already held are kept until delivered.
     pub hint_window: Duration,
     /// Fraction of gets that ask every replica, not just the ones `r` and `pr` need, so
     /// that read repair reaches the replicas a plain read skips (Cassandra's
@@ -71,6 +72,35 @@ pub struct NodeSettings {
     /// Seed of the node's random draws (which gets ask every replica); `None` draws one from
     /// the OS. Simulation seeds it so that a run replays.
     pub rng_seed: Option<u64>,
+    /// Where timestamps (last-modified, hint creation) come from.
+    pub wall_clock: WallClock,
+}
+
+/// The wall clock a node stamps versions with. Real nodes read the system clock; the
+/// simulator's follows the runtime's paused clock, so a simulated clock jump moves it too and
+/// a seed replays the same timestamps.
+#[derive(Clone, Copy, Debug, Default)]
+pub enum WallClock {
+    #[default]
+    System,
+    /// `start_micros` at the runtime instant `origin`, advancing with the runtime's clock.
+    FollowsRuntime { start_micros: u64, origin: Instant },
+}
+
+impl WallClock {
+    /// Microseconds since the Unix epoch.
+    pub fn now_micros(&self) -> u64 {
+        match self {
+            WallClock::System => SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|elapsed| elapsed.as_micros() as u64)
+                .unwrap_or(0),
+            WallClock::FollowsRuntime {
+                start_micros,
+                origin,
+            } => start_micros + origin.elapsed().as_micros() as u64,
+        }
+    }
 }
 
 pub type PeerTransport = Arc<dyn Transport<PeerRequest, PeerResponse>>;
@@ -78,7 +108,8 @@ pub type PeerTransport = Arc<dyn Transport<PeerRequest, PeerResponse>>;
 #[derive(Default)]
 struct Counters {
     hints_delivered: AtomicU64,
-    hints_expired: AtomicU64,
+    hints_skipped_past_window: AtomicU64,
+    hints_refused_full: AtomicU64,
     /// Replica merges that met two different versions under one dot (see `epoch`).
     dot_collisions: AtomicU64,
 }
@@ -170,13 +201,6 @@ impl From<ObjectError> for LocalWriteError {
     fn from(error: ObjectError) -> Self {
         LocalWriteError::Storage(error.to_string())
     }
-}
-
-fn now_micros() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|elapsed| elapsed.as_micros() as u64)
-        .unwrap_or(0)
 }
 
 fn error_response(kind: ErrorKind, message: impl Into<String>) -> ClientResponse {
@@ -333,7 +357,17 @@ impl Node {
             keys_estimate: self.inner.store.key_count_estimate(),
             hints_held,
             hints_delivered: self.inner.counters.hints_delivered.load(Ordering::Relaxed),
-            hints_expired: self.inner.counters.hints_expired.load(Ordering::Relaxed),
+            hint_bytes: self.inner.store.hint_tally().bytes,
+            hints_skipped_past_window: self
+                .inner
+                .counters
+                .hints_skipped_past_window
+                .load(Ordering::Relaxed),
+            hints_refused_full: self
+                .inner
+                .counters
+                .hints_refused_full
+                .load(Ordering::Relaxed),
             dot_collisions: self.inner.counters.dot_collisions.load(Ordering::Relaxed),
         })
     }
@@ -457,13 +491,58 @@ impl Node {
         n_val: u32,
         sloppy: bool,
     ) -> (PartitionId, Vec<Target>) {
+        self.placement_with(bucket, key, n_val, sloppy, |_| true)
+    }
+
+    /// [`Node::placement`] for a write: a primary silent for longer than the hint window
+    /// gets no fallback, so no new hint is created for it (Cassandra's max_hint_window). It
+    /// is still asked and counts as a failed reply; hints already held are kept.
+    fn write_placement(
+        &self,
+        bucket: &[u8],
+        key: &[u8],
+        n_val: u32,
+        sloppy: bool,
+    ) -> (PartitionId, Vec<Target>) {
+        let membership = &self.inner.membership;
+        let window = self.inner.settings.hint_window;
+        let mut skipped = false;
+        let placed = self.placement_with(bucket, key, n_val, sloppy, |primary| {
+            let within = membership
+                .silent_for(primary)
+                .is_none_or(|silent| silent < window);
+            skipped |= !within;
+            within
+        });
+        if skipped {
+            self.inner
+                .counters
+                .hints_skipped_past_window
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        placed
+    }
+
+    fn placement_with(
+        &self,
+        bucket: &[u8],
+        key: &[u8],
+        n_val: u32,
+        sloppy: bool,
+        may_stand_in: impl FnMut(&NodeId) -> bool,
+    ) -> (PartitionId, Vec<Target>) {
         let ring = self.inner.membership.ring();
         let partition = ring.partition_for_key(bucket, key);
         let n_val = n_val as usize;
         let membership = &self.inner.membership;
-        let targets = placement::targets(&ring, partition, n_val, sloppy, |node| {
-            *node == self.inner.id || membership.is_up(node)
-        });
+        let targets = placement::targets(
+            &ring,
+            partition,
+            n_val,
+            sloppy,
+            |node| *node == self.inner.id || membership.is_up(node),
+            may_stand_in,
+        );
         (partition, targets)
     }
 }

@@ -1,9 +1,12 @@
 //! The hint store: one keyspace, `hints`, where a fallback keeps the objects it received for
-//! a down primary until the primary has acknowledged them. Keys and values are opaque here
-//! (their format is `core::hints`); what this adds is atomic update-or-delete, so a hint is
-//! removed only if it did not change while it was being delivered.
+//! a down primary until the primary has acknowledged them. Values are opaque here (their
+//! format is `core::hints`; keys are read only for their partition); what this adds is
+//! atomic update-or-delete, so a hint is removed only if it did not change while it was being
+//! delivered, and an exact tally of what is held, bounded by `hints_max_bytes`.
 
 use super::{StorageError, Store, UpdateError};
+use crate::core::hints::decode_key;
+use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::sync::atomic::Ordering;
 
@@ -11,6 +14,40 @@ pub(super) const HINTS_KEYSPACE: &str = "hints";
 
 /// One stored hint: its key and its value.
 pub type HintEntry = (Vec<u8>, Vec<u8>);
+
+/// What the hints keyspace holds: counted once at open, then kept exact by the writer.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HintTally {
+    /// Hints held.
+    pub count: u64,
+    /// Bytes of their keys and values.
+    pub bytes: u64,
+    /// Hints held per partition (partitions holding none are absent).
+    pub by_partition: BTreeMap<u32, u64>,
+}
+
+impl HintTally {
+    fn add(&mut self, key: &[u8], value_bytes: usize) {
+        self.count += 1;
+        self.bytes += (key.len() + value_bytes) as u64;
+        if let Ok(hint) = decode_key(key) {
+            *self.by_partition.entry(hint.partition).or_default() += 1;
+        }
+    }
+
+    fn remove(&mut self, key: &[u8], value_bytes: usize) {
+        self.count = self.count.saturating_sub(1);
+        self.bytes = self.bytes.saturating_sub((key.len() + value_bytes) as u64);
+        if let Ok(hint) = decode_key(key)
+            && let Some(held) = self.by_partition.get_mut(&hint.partition)
+        {
+            *held = held.saturating_sub(1);
+            if *held == 0 {
+                self.by_partition.remove(&hint.partition);
+            }
+        }
+    }
+}
 
 /// What a hint update does to the stored hint.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,7 +73,8 @@ impl Store {
     }
 
     /// Atomic read-modify-write (or delete) of one hint; durable when it returns, like
-    /// [`Store::update`] (and run by the same writer).
+    /// [`Store::update`] (and run by the same writer). A write that would grow the hints
+    /// past `hints_max_bytes` fails with [`StorageError::HintsFull`] and changes nothing.
     pub async fn hint_update<T, E>(
         &self,
         hint_key: &[u8],
@@ -49,6 +87,7 @@ impl Store {
         let hints = self.inner.hints.clone();
         let counters = self.inner.counters.clone();
         let hints_held = self.inner.hints_held.clone();
+        let limit = self.inner.hints_max_bytes;
         let hint_key = hint_key.to_vec();
         self.inner
             .submit(move |answer| {
@@ -63,22 +102,39 @@ impl Store {
                     Ok(result) => result,
                     Err(source) => return answer.now(Err(UpdateError::Rejected { source })),
                 };
-                let existed = current.is_some();
-                // The change in the number of hints held, if the write succeeds.
-                let (written, change) = match write {
+                let old_size = current.as_ref().map(|value| value.len());
+                let (written, new_size) = match write {
                     HintWrite::Keep => return answer.when_durable(false, output),
-                    HintWrite::Put(bytes) => (hints.insert(hint_key, bytes), i64::from(!existed)),
-                    HintWrite::Delete => (hints.remove(hint_key), -i64::from(existed)),
+                    HintWrite::Put(bytes) => {
+                        let grows = (bytes.len() + hint_key.len()) as u64;
+                        let shrinks = old_size.map_or(0, |size| (size + hint_key.len()) as u64);
+                        let held = hints_held.lock().bytes;
+                        if grows > shrinks && held.saturating_sub(shrinks) + grows > limit {
+                            let full = StorageError::HintsFull {
+                                held,
+                                needed: grows - shrinks,
+                                limit,
+                            };
+                            return answer.now(Err(UpdateError::from(full)));
+                        }
+                        let size = bytes.len();
+                        (hints.insert(hint_key.clone(), bytes), Some(size))
+                    }
+                    HintWrite::Delete => (hints.remove(hint_key.clone()), None),
                 };
                 if let Err(source) = written {
                     return answer.now(Err(failed("write", source)));
                 }
-                // The writer runs hint updates one at a time, so the count stays exact.
-                match change {
-                    1 => hints_held.fetch_add(1, Ordering::Relaxed),
-                    -1 => hints_held.fetch_sub(1, Ordering::Relaxed),
-                    _ => 0,
-                };
+                // The writer runs hint updates one at a time, so the tally stays exact.
+                {
+                    let mut tally = hints_held.lock();
+                    if let Some(size) = old_size {
+                        tally.remove(&hint_key, size);
+                    }
+                    if let Some(size) = new_size {
+                        tally.add(&hint_key, size);
+                    }
+                }
                 counters.writes.fetch_add(1, Ordering::Relaxed);
                 answer.when_durable(true, output)
             })
@@ -109,16 +165,35 @@ impl Store {
     /// The number of hints held: counted once at open, then kept by the writer, so status
     /// and `/stats` can ask it on every request.
     pub fn hint_count(&self) -> Result<u64, StorageError> {
-        Ok(self.inner.hints_held.load(Ordering::Relaxed))
+        Ok(self.inner.hints_held.lock().count)
+    }
+
+    /// What the hints keyspace holds: count, bytes and hints per partition.
+    pub fn hint_tally(&self) -> HintTally {
+        self.inner.hints_held.lock().clone()
     }
 }
 
-/// Counts the hints in the keyspace (a scan of the keys; once, at open).
-pub(super) fn count_hints(hints: &super::engine::Space) -> Result<u64, StorageError> {
-    hints.count().map_err(|source| StorageError::Hints {
-        operation: "count",
-        source,
-    })
+/// Tallies the hints in the keyspace (a scan in pages; once, at open).
+pub(super) fn tally_hints(hints: &super::engine::Space) -> Result<HintTally, StorageError> {
+    const PAGE: usize = 1024;
+    let mut tally = HintTally::default();
+    let mut start = Bound::Unbounded;
+    loop {
+        let page = hints
+            .range(start, PAGE, |_| true)
+            .map_err(|source| StorageError::Hints {
+                operation: "count",
+                source,
+            })?;
+        for (key, value) in &page {
+            tally.add(key, value.len());
+        }
+        match page.last() {
+            Some((last, _)) if page.len() == PAGE => start = Bound::Excluded(last.clone()),
+            _ => return Ok(tally),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -51,7 +51,7 @@ mod key;
 mod meta;
 
 pub use engine::{EngineError, MemoryDisk};
-pub use hints::{HintEntry, HintWrite};
+pub use hints::{HintEntry, HintTally, HintWrite};
 
 #[cfg(test)]
 mod tests;
@@ -60,7 +60,7 @@ use std::collections::HashMap;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 
 use engine::{Engine, Space};
 use fjall::{Database, PersistMode};
@@ -88,6 +88,9 @@ pub struct StorageConfig {
     pub sync_writes: bool,
     /// Size of fjall's block cache in bytes. Default 64 MiB.
     pub cache_bytes: u64,
+    /// Most bytes (keys and values) the hints keyspace may hold; a hint write that would
+    /// grow it past this is refused ([`StorageError::HintsFull`]). Default 1 GiB.
+    pub hints_max_bytes: u64,
 }
 
 impl Default for StorageConfig {
@@ -95,6 +98,7 @@ impl Default for StorageConfig {
         StorageConfig {
             sync_writes: true,
             cache_bytes: 64 * 1024 * 1024,
+            hints_max_bytes: 1024 * 1024 * 1024,
         }
     }
 }
@@ -204,6 +208,10 @@ pub enum StorageError {
         #[source]
         source: EngineError,
     },
+    #[error(
+        "hint storage is full: {held} bytes of hints are held and this hint needs {needed} more; the limit is {limit} bytes (hints.max_bytes)"
+    )]
+    HintsFull { held: u64, needed: u64, limit: u64 },
     #[error("bucket is {length} bytes long; at most {MAX_BUCKET_BYTES} are allowed")]
     BucketTooLong { length: usize },
     #[error("key is {length} bytes long; at most {MAX_KEY_BYTES} are allowed")]
@@ -272,8 +280,9 @@ struct Inner {
     partitions: RwLock<HashMap<u32, Space>>,
     /// Hinted handoff: objects kept for down primaries (see `hints.rs`).
     hints: Space,
-    /// Hints in `hints`, kept exact by the writer (see [`Store::hint_count`]).
-    hints_held: Arc<AtomicU64>,
+    /// What `hints` holds, kept exact by the writer (see [`Store::hint_tally`]).
+    hints_held: Arc<parking_lot::Mutex<hints::HintTally>>,
+    hints_max_bytes: u64,
     /// Read-modify-writes for the writer task. Unbounded on purpose: every queued job has a
     /// caller awaiting it, so the queue holds at most one job per request in flight (bounded
     /// per connection by `RpcLimits::max_in_flight_per_connection`).
@@ -341,7 +350,7 @@ impl Store {
                     operation: "open",
                     source,
                 })?;
-        let hints_held = hints::count_hints(&hints)?;
+        let hints_held = hints::tally_hints(&hints)?;
         let mut partitions = HashMap::new();
         let names = database
             .keyspace_names()
@@ -389,7 +398,8 @@ impl Store {
                 database,
                 partitions: RwLock::new(partitions),
                 hints,
-                hints_held: Arc::new(AtomicU64::new(hints_held)),
+                hints_held: Arc::new(parking_lot::Mutex::new(hints_held)),
+                hints_max_bytes: config.hints_max_bytes,
                 jobs: jobs_sender,
                 counters,
                 failure,

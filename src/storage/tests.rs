@@ -575,6 +575,84 @@ async fn a_simulated_crash_loses_exactly_what_was_not_persisted() {
     clean.close().await.unwrap();
 }
 
+/// A hint key of `primary` for `partition` (the format of `core::hints`).
+fn hint_key(primary: &str, partition: u32, key: &str) -> Vec<u8> {
+    crate::core::hints::encode_key(&crate::core::hints::HintKey {
+        primary: crate::core::ids::NodeId::new(primary).unwrap(),
+        partition,
+        bucket: b"b".to_vec(),
+        key: key.as_bytes().to_vec(),
+    })
+}
+
+async fn put_hint(store: &Store, key: &[u8], value: &[u8]) -> Result<(), UpdateError<Refused>> {
+    let value = value.to_vec();
+    store
+        .hint_update(key, move |_| Ok::<_, Refused>((HintWrite::Put(value), ())))
+        .await
+}
+
+async fn hint_tally_is_exact_and_the_bound_refuses_growth_only(kind: Engine) {
+    let dir = Disk::new(kind);
+    let config = StorageConfig {
+        hints_max_bytes: 1000,
+        ..StorageConfig::default()
+    };
+    let store = dir.open_with(config.clone());
+    let (a, b, c) = (
+        hint_key("n2", 5, "a"),
+        hint_key("n2", 5, "b"),
+        hint_key("n3", 9, "c"),
+    );
+    put_hint(&store, &a, &[1; 300]).await.unwrap();
+    put_hint(&store, &b, &[2; 300]).await.unwrap();
+    put_hint(&store, &c, &[3; 100]).await.unwrap();
+    let tally = store.hint_tally();
+    assert_eq!(tally.count, 3);
+    assert_eq!(tally.bytes, (a.len() + b.len() + c.len() + 700) as u64);
+    assert_eq!(tally.by_partition, [(5, 2), (9, 1)].into_iter().collect());
+
+    // Growing past the bound is refused with the limit's name, and nothing changes.
+    let refused = put_hint(&store, &c, &[4; 500]).await.unwrap_err();
+    let message = refused.to_string();
+    assert!(
+        matches!(
+            &refused,
+            UpdateError::Storage {
+                source: StorageError::HintsFull { limit: 1000, .. }
+            }
+        ),
+        "{message}"
+    );
+    assert!(message.contains("hints.max_bytes"), "{message}");
+    assert_eq!(store.hint_get(&c).unwrap(), Some(vec![3; 100]));
+    let new_key = hint_key("n3", 9, "d");
+    assert!(put_hint(&store, &new_key, &[5; 400]).await.is_err());
+    assert_eq!(store.hint_tally(), tally, "a refused hint changes nothing");
+    // Shrinking or replacing in place is allowed at the bound; delivery frees room.
+    put_hint(&store, &a, &[6; 200]).await.unwrap();
+    store
+        .hint_update(&b, |_| Ok::<_, Refused>((HintWrite::Delete, ())))
+        .await
+        .unwrap();
+    put_hint(&store, &new_key, &[5; 400]).await.unwrap();
+    let tally = store.hint_tally();
+    assert_eq!(tally.count, 3);
+    assert_eq!(tally.by_partition, [(5, 1), (9, 2)].into_iter().collect());
+    assert_eq!(
+        tally.bytes,
+        (a.len() + c.len() + new_key.len() + 200 + 100 + 400) as u64
+    );
+    store.close().await.unwrap();
+    let reopened = dir.open_with(config);
+    assert_eq!(
+        reopened.hint_tally(),
+        tally,
+        "the tally is recounted at open"
+    );
+    reopened.close().await.unwrap();
+}
+
 on_both_engines!(round_trip_through_update_and_get; flavor = "multi_thread", worker_threads = 2);
 on_both_engines!(update_returning_none_writes_nothing; flavor = "multi_thread", worker_threads = 2);
 on_both_engines!(closure_errors_propagate_and_write_nothing; flavor = "multi_thread", worker_threads = 2);
@@ -586,3 +664,4 @@ on_both_engines!(close_with_other_handles_flushes_and_names_them; flavor = "mult
 on_both_engines!(over_long_buckets_and_keys_are_refused; flavor = "multi_thread", worker_threads = 2);
 on_both_engines!(scan_pagination_returns_every_record_exactly_once; flavor = "multi_thread", worker_threads = 2);
 on_both_engines!(a_panicking_batch_marks_the_store_failed; flavor = "multi_thread", worker_threads = 2);
+on_both_engines!(hint_tally_is_exact_and_the_bound_refuses_growth_only; flavor = "multi_thread", worker_threads = 2);

@@ -14,7 +14,7 @@ use dynkv::core::ring::Ring;
 use dynkv::net::{BoxFuture, MemoryNetwork};
 use dynkv::protocol::{ClientRequest, ClientResponse, PeerRequest, PeerResponse};
 use dynkv::server::membership::{GossipMembership, GossipSetup, Membership, load_members};
-use dynkv::server::node::{Node, NodeSettings, StaticMembership, WeakNode};
+use dynkv::server::node::{Node, NodeSettings, StaticMembership, WallClock, WeakNode};
 use dynkv::server::node_settings;
 use dynkv::storage::{MemoryDisk, StorageConfig, Store};
 use std::collections::BTreeMap;
@@ -36,6 +36,8 @@ pub struct SimCluster {
     /// Each node's simulated disk; it outlives the node's crashes.
     disks: BTreeMap<NodeId, Arc<MemoryDisk>>,
     settings: NodeSettings,
+    /// Each node's bound on hint storage (`hints.max_bytes`).
+    pub hints_max_bytes: u64,
     _root: tempfile::TempDir,
 }
 
@@ -69,9 +71,14 @@ impl SimCluster {
     async fn build(
         node_count: usize,
         seed: u64,
-        settings: NodeSettings,
+        mut settings: NodeSettings,
         gossip: bool,
     ) -> SimCluster {
+        // Timestamps follow the paused clock (a clock jump moves them; a seed replays them).
+        settings.wall_clock = WallClock::FollowsRuntime {
+            start_micros: 1_800_000_000_000_000,
+            origin: tokio::time::Instant::now(),
+        };
         let root = tempfile::tempdir().expect("temporary directory");
         let ids: Vec<NodeId> = (1..=node_count)
             .map(|index| NodeId::new(format!("n{index}")).unwrap())
@@ -89,6 +96,7 @@ impl SimCluster {
             directories: BTreeMap::new(),
             disks: BTreeMap::new(),
             settings,
+            hints_max_bytes: StorageConfig::default().hints_max_bytes,
             _root: root,
         };
         for id in ids {
@@ -109,6 +117,7 @@ impl SimCluster {
             StorageConfig {
                 sync_writes: self.settings.durable_writes,
                 cache_bytes: 8 * 1024 * 1024,
+                hints_max_bytes: self.hints_max_bytes,
             },
         )
         .expect("store opens");

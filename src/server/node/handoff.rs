@@ -5,8 +5,9 @@ use super::*;
 impl Node {
     /// Hinted handoff, one pass: for every member that is up and for which this node holds
     /// hints, sends them in batches (each batch acknowledged before the next) and deletes each
-    /// hint once its primary acknowledged it, unless it changed meanwhile. Hints older than
-    /// the hint window are dropped and counted. Returns the number delivered.
+    /// hint once its primary acknowledged it durably, unless it changed meanwhile. A hint is
+    /// never dropped for its age: it holds acknowledged writes (the hint window limits only
+    /// the creation of hints, see `Node::write_placement`). Returns the number delivered.
     pub async fn hand_off_hints(&self) -> u64 {
         let members = self.inner.membership.ring().members();
         let mut delivered = 0;
@@ -22,7 +23,6 @@ impl Node {
     pub(super) async fn hand_off_to(&self, primary: &NodeId) -> u64 {
         let prefix = hints::primary_prefix(primary);
         let batch = self.inner.settings.handoff_batch.max(1);
-        let window_micros = self.inner.settings.hint_window.as_micros() as u64;
         let mut delivered = 0;
         let mut start_after: Option<Vec<u8>> = None;
         loop {
@@ -54,16 +54,6 @@ impl Node {
                         continue;
                     }
                 };
-                if hints::expired(record.created_micros, now_micros(), window_micros) {
-                    if self.delete_hint_if_unchanged(&hint_key, hint_bytes).await {
-                        self.inner
-                            .counters
-                            .hints_expired
-                            .fetch_add(1, Ordering::Relaxed);
-                        warn!(primary = %primary, "hint outlived the hint window and was dropped");
-                    }
-                    continue;
-                }
                 let node = self.clone();
                 let primary = primary.clone();
                 sends.spawn(async move {

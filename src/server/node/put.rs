@@ -55,8 +55,12 @@ impl Node {
         let timeout = self.timeout_of(write.options.timeout_ms);
         let deadline = Instant::now() + timeout;
         let sloppy = write.options.sloppy_quorum.unwrap_or(true);
-        let (partition, targets) = self.placement(&write.bucket, &write.key, props.n_val, sloppy);
-        let local = match route_put(&targets, &self.inner.id, forwarded) {
+        let (partition, targets) =
+            self.write_placement(&write.bucket, &write.key, props.n_val, sloppy);
+        let membership = &self.inner.membership;
+        let local = match route_put(&targets, &self.inner.id, forwarded, |node| {
+            membership.is_up(node)
+        }) {
             PutRoute::Coordinate { local } => local,
             PutRoute::Forward { to } => {
                 let to: Vec<Target> = to.into_iter().map(|index| targets[index].clone()).collect();
@@ -89,10 +93,10 @@ impl Node {
                 value,
                 content_type,
                 user_metadata,
-                last_modified_micros: now_micros(),
+                last_modified_micros: settings.wall_clock.now_micros(),
                 deleted: false,
             },
-            None => Content::tombstone(now_micros()),
+            None => Content::tombstone(settings.wall_clock.now_micros()),
         };
         let local_copy = Copy {
             partition,

@@ -44,6 +44,7 @@ impl Node {
         + 'static,
     ) -> Result<T, LocalWriteError> {
         let store = &self.inner.store;
+        let clock = self.inner.settings.wall_clock;
         let result = match &copy.hint_for {
             None => {
                 store
@@ -63,7 +64,7 @@ impl Node {
                             .map_err(|error| LocalWriteError::Storage(error.to_string()))?;
                         let created_micros = existing
                             .as_ref()
-                            .map_or_else(now_micros, |record| record.created_micros);
+                            .map_or_else(|| clock.now_micros(), |record| record.created_micros);
                         let local = existing.map(|record| LocalRecord {
                             object: record.object,
                             coordinator: record.coordinator,
@@ -84,7 +85,16 @@ impl Node {
         };
         result.map_err(|error| match error {
             UpdateError::Rejected { source } => source,
-            UpdateError::Storage { source } => LocalWriteError::Storage(source.to_string()),
+            UpdateError::Storage { source } => {
+                if matches!(source, StorageError::HintsFull { .. }) {
+                    self.inner
+                        .counters
+                        .hints_refused_full
+                        .fetch_add(1, Ordering::Relaxed);
+                    warn!(node = %self.inner.id, error = %source, "refused a write as a fallback");
+                }
+                LocalWriteError::Storage(source.to_string())
+            }
         })
     }
 
