@@ -102,6 +102,9 @@ pub struct MemberInfo {
     /// Milliseconds since the node's last heartbeat arrived; `None` for the answering node.
     pub silent_ms: Option<u64>,
     pub generation: u64,
+    /// Hints the member holds for down primaries, as it last gossiped.
+    #[serde(default)]
+    pub hints_held: u64,
 }
 
 /// A node's summary.

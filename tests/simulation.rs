@@ -1158,6 +1158,16 @@ async fn hints_older_than_the_hint_window_are_still_delivered() {
         matches!(stored, ClientResponse::Stored { .. }),
         "{stored:?}"
     );
+    // Each fallback reports its hints in gossip: every live node learns that two are held.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for id in cluster.ids.iter().filter(|id| !primaries.contains(id)) {
+        let ClientResponse::Members(members) = cluster.client(id, ClientRequest::Members).await
+        else {
+            panic!("{id} lists its members");
+        };
+        let gossiped: u64 = members.iter().map(|member| member.hints_held).sum();
+        assert_eq!(gossiped, 2, "{id} sees {members:?}");
+    }
     // The primaries stay down for two hint windows.
     tokio::time::advance(Duration::from_secs(60)).await;
     tokio::time::sleep(Duration::from_secs(2)).await;

@@ -35,8 +35,8 @@ pub async fn run(command: AdminCommand) -> Result<()> {
                 return Ok(());
             }
             println!(
-                "{:<12} {:<22} {:<22} {:<5} {:>8} {:>12} {:>12}",
-                "NODE", "PEER", "CLIENT", "STATUS", "PHI", "LAST HEARD", "GENERATION"
+                "{:<12} {:<22} {:<22} {:<5} {:>8} {:>12} {:>12} {:>8}",
+                "NODE", "PEER", "CLIENT", "STATUS", "PHI", "LAST HEARD", "GENERATION", "HINTS"
             );
             for member in members {
                 let heard = match member.silent_ms {
@@ -44,14 +44,15 @@ pub async fn run(command: AdminCommand) -> Result<()> {
                     Some(ms) => format!("{:.1}s ago", ms as f64 / 1000.0),
                 };
                 println!(
-                    "{:<12} {:<22} {:<22} {:<5} {:>8.2} {:>12} {:>12}",
+                    "{:<12} {:<22} {:<22} {:<5} {:>8.2} {:>12} {:>12} {:>8}",
                     member.node,
                     member.peer_addr,
                     member.client_addr,
                     if member.up { "up" } else { "DOWN" },
                     member.phi.min(9999.0),
                     heard,
-                    member.generation
+                    member.generation,
+                    member.hints_held
                 );
             }
         }

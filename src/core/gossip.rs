@@ -18,6 +18,7 @@
 
 use crate::core::failure::{DEFAULT_WINDOW, PhiAccrual};
 use crate::core::ids::NodeId;
+use crate::core::ring::MAX_PARTITION_COUNT;
 use rand::Rng;
 use rand::seq::IndexedRandom;
 use serde::{Deserialize, Serialize};
@@ -40,6 +41,11 @@ pub struct MemberRecord {
     pub peer_addr: String,
     /// Client address (host:port).
     pub client_addr: String,
+    /// Hints the node holds, per partition (partitions with none are absent), as of its
+    /// last heartbeat: with every member's record, a node can tell that no hint for a
+    /// partition exists anywhere (tombstone reaping needs it).
+    #[serde(default)]
+    pub hints: Vec<(u32, u64)>,
 }
 
 impl MemberRecord {
@@ -52,6 +58,12 @@ impl MemberRecord {
         if self.peer_addr.len() > MAX_ADDRESS_BYTES || self.client_addr.len() > MAX_ADDRESS_BYTES {
             return Err(GossipError::AddressTooLong {
                 node: self.node.clone(),
+            });
+        }
+        if self.hints.len() > MAX_PARTITION_COUNT as usize {
+            return Err(GossipError::TooManyHintEntries {
+                node: self.node.clone(),
+                count: self.hints.len(),
             });
         }
         Ok(())
@@ -72,6 +84,10 @@ pub enum GossipError {
     TooManyEntries { count: usize },
     #[error("gossip record of {node} has an address longer than {MAX_ADDRESS_BYTES} bytes")]
     AddressTooLong { node: NodeId },
+    #[error(
+        "gossip record of {node} lists hints for {count} partitions; a ring has at most {MAX_PARTITION_COUNT}"
+    )]
+    TooManyHintEntries { node: NodeId, count: usize },
 }
 
 /// Checks the size of a gossip message's entry list before it is used.
@@ -321,6 +337,24 @@ impl Gossip {
             .map_or(f64::INFINITY, |detector| detector.phi(now_ms))
     }
 
+    /// Sets the hints this node reports holding, per partition; they travel with its next
+    /// heartbeat.
+    pub fn set_local_hints(&mut self, hints: Vec<(u32, u64)>) {
+        if let Some(record) = self.members.get_mut(&self.local) {
+            record.hints = hints;
+        }
+    }
+
+    /// Hints held for `partition` by every member, as last heard from each.
+    pub fn hints_for_partition(&self, partition: u32) -> u64 {
+        self.members
+            .values()
+            .flat_map(|record| record.hints.iter())
+            .filter(|(held_for, _)| *held_for == partition)
+            .map(|(_, count)| count)
+            .sum()
+    }
+
     /// Milliseconds since `node`'s last heartbeat reached this node (`None`: itself, or
     /// never heard).
     pub fn silent_ms(&self, node: &NodeId, now_ms: u64) -> Option<u64> {
@@ -367,6 +401,7 @@ mod tests {
             version: 0,
             peer_addr: format!("{name}:1"),
             client_addr: format!("{name}:2"),
+            hints: Vec::new(),
         }
     }
 
@@ -425,6 +460,32 @@ mod tests {
                 "{count} nodes: {rounds:?}"
             );
         }
+    }
+
+    #[test]
+    fn hints_per_partition_travel_with_the_record_and_are_bounded() {
+        let mut local = Gossip::new(record("a", 1), GossipConfig::default());
+        local.set_local_hints(vec![(3, 2), (7, 1)]);
+        local.tick();
+        let mut remote = record("b", 1);
+        remote.version = 1;
+        remote.hints = vec![(3, 5)];
+        local.apply(vec![remote.clone()], 0);
+        assert_eq!(local.hints_for_partition(3), 7);
+        assert_eq!(local.hints_for_partition(7), 1);
+        assert_eq!(local.hints_for_partition(9), 0);
+        // A newer heartbeat with no hints clears them.
+        remote.version = 2;
+        remote.hints.clear();
+        local.apply(vec![remote.clone()], 500);
+        assert_eq!(local.hints_for_partition(3), 2);
+        remote.hints = (0..=MAX_PARTITION_COUNT)
+            .map(|partition| (partition, 1))
+            .collect();
+        assert!(matches!(
+            remote.validate(),
+            Err(GossipError::TooManyHintEntries { .. })
+        ));
     }
 
     #[test]

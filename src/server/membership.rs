@@ -65,6 +65,7 @@ impl Membership for StaticMembership {
                 phi: 0.0,
                 silent_ms: None,
                 generation: 0,
+                hints_held: 0,
             })
             .collect()
     }
@@ -314,6 +315,18 @@ impl GossipMembership {
     }
 }
 
+impl GossipMembership {
+    /// Publishes the hints this node holds, per partition, with its next heartbeats.
+    pub fn set_local_hints(&self, hints: Vec<(u32, u64)>) {
+        self.state.lock().set_local_hints(hints);
+    }
+
+    /// Hints held for `partition` anywhere in the cluster, as last gossiped by each member.
+    pub fn hints_for_partition(&self, partition: u32) -> u64 {
+        self.state.lock().hints_for_partition(partition)
+    }
+}
+
 impl Membership for GossipMembership {
     fn ring(&self) -> Arc<Ring> {
         self.ring.read().clone()
@@ -350,6 +363,7 @@ impl Membership for GossipMembership {
                 },
                 silent_ms: view.silent_ms,
                 generation: view.record.generation,
+                hints_held: view.record.hints.iter().map(|(_, count)| count).sum(),
             })
             .collect()
     }

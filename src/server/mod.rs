@@ -145,6 +145,7 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         version: 0,
         peer_addr: config.peer_listen.to_string(),
         client_addr: config.client_listen.to_string(),
+        hints: Vec::new(),
     };
     let mut known: Vec<MemberRecord> = saved
         .into_iter()
@@ -158,6 +159,7 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
                 version: 0,
                 peer_addr: address.to_string(),
                 client_addr: String::new(),
+                hints: Vec::new(),
             });
         }
     }

@@ -135,6 +135,7 @@ impl SimCluster {
                 version: 0,
                 peer_addr: format!("{node}:peer"),
                 client_addr: format!("{node}:client"),
+                hints: Vec::new(),
             };
             let known = self
                 .ids

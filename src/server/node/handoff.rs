@@ -129,6 +129,10 @@ impl Node {
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             ticker.tick().await;
+            if let Some(gossip) = self.inner.membership.gossip() {
+                let tally = self.inner.store.hint_tally();
+                gossip.set_local_hints(tally.by_partition.into_iter().collect());
+            }
             let delivered = self.hand_off_hints().await;
             if delivered > 0 {
                 info!(node = %self.inner.id, delivered, "hints handed off");
