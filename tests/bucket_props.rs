@@ -94,7 +94,7 @@ async fn properties_set_on_one_node_govern_placement_and_merging_everywhere() {
     first.set_bucket_props(BUCKET, Some(props)).await.unwrap();
     for id in cluster.up_nodes() {
         let seen = cluster.node(&id).unwrap().bucket_props(BUCKET).await;
-        assert_eq!(seen, props, "{id} sees the new properties");
+        assert_eq!(seen, Ok(props), "{id} sees the new properties");
     }
     for (index, via) in ["n2", "n3", "n4", "n5"].into_iter().enumerate() {
         let response = cluster
@@ -116,7 +116,7 @@ async fn properties_set_on_one_node_govern_placement_and_merging_everywhere() {
     wait_until_stopped(weak).await;
     cluster.restart(&node("n5"));
     let restarted = cluster.node(&node("n5")).unwrap();
-    assert_eq!(restarted.bucket_props(BUCKET).await, props);
+    assert_eq!(restarted.bucket_props(BUCKET).await, Ok(props));
     let response = cluster
         .client(&node("n5"), blind_put("restarted", "x"))
         .await;
@@ -140,7 +140,7 @@ async fn properties_set_on_one_node_govern_placement_and_merging_everywhere() {
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     for id in cluster.up_nodes() {
         let seen = cluster.node(&id).unwrap().bucket_props(BUCKET).await;
-        assert_eq!(seen, again, "{id} sees the second change");
+        assert_eq!(seen, Ok(again), "{id} sees the second change");
     }
 
     // With every cache dropped, the properties are read back from their replicas.
@@ -149,12 +149,12 @@ async fn properties_set_on_one_node_govern_placement_and_merging_everywhere() {
     }
     for id in cluster.up_nodes() {
         let seen = cluster.node(&id).unwrap().bucket_props(BUCKET).await;
-        assert_eq!(seen, again, "{id} reads the stored properties");
+        assert_eq!(seen, Ok(again), "{id} reads the stored properties");
     }
 
     // Reset: the defaults again; invalid properties are refused.
     first.set_bucket_props(BUCKET, None).await.unwrap();
-    assert_eq!(first.bucket_props(BUCKET).await, defaults);
+    assert_eq!(first.bucket_props(BUCKET).await, Ok(defaults));
     let invalid = BucketProps {
         n_val: 2,
         w: Quorum::Count(3),
@@ -178,4 +178,69 @@ async fn properties_set_on_one_node_govern_placement_and_merging_everywhere() {
         )
         .await;
     assert!(matches!(response, ClientResponse::Error(_)), "{response:?}");
+}
+
+/// A node that cannot read a bucket's properties refuses the request; it never serves it
+/// with the node defaults. Here the defaults say `allow_mult = false` and the bucket says
+/// `true`: a write coordinated under the defaults would reconcile the key's siblings away.
+#[tokio::test(start_paused = true)]
+async fn a_node_that_cannot_read_the_properties_refuses_instead_of_using_defaults() {
+    let mut settings = default_settings();
+    settings.allow_mult = false;
+    let cluster = SimCluster::start(5, 8, settings).await;
+    let props_replicas = cluster.replicas_of(dynkv::server::node::PROPS_BUCKET, BUCKET);
+    // A key with a replica that holds no copy of the properties.
+    let (key, outsider, data_replicas) = (0..100)
+        .map(|index| format!("k{index}"))
+        .find_map(|key| {
+            let replicas = cluster.replicas_of(BUCKET, key.as_bytes());
+            let outsider = replicas
+                .iter()
+                .find(|id| !props_replicas.contains(id))?
+                .clone();
+            Some((key, outsider, replicas))
+        })
+        .expect("some key has a replica outside the properties' replicas");
+    let first = cluster.node(&data_replicas[0]).unwrap();
+    let mult = BucketProps {
+        allow_mult: true,
+        ..first.default_bucket_props()
+    };
+    first.set_bucket_props(BUCKET, Some(mult)).await.unwrap();
+    for (via, value) in data_replicas.iter().zip(["left", "right"]) {
+        let response = cluster.client(via, blind_put(&key, value)).await;
+        assert!(
+            matches!(response, ClientResponse::Stored { .. }),
+            "{response:?}"
+        );
+    }
+    assert_eq!(
+        sibling_count(&cluster.client(&outsider, get_all(&key)).await),
+        2
+    );
+
+    // The outsider forgets the properties and cannot reach their replicas.
+    cluster.node(&outsider).unwrap().clear_bucket_props_cache();
+    for replica in &props_replicas {
+        cluster.network.cut(&outsider, replica);
+    }
+    let response = cluster.client(&outsider, blind_put(&key, "latest")).await;
+    cluster.network.heal_all();
+    let ClientResponse::Found { siblings, .. } = cluster.client(&outsider, get_all(&key)).await
+    else {
+        panic!("{key} must be readable");
+    };
+    let values: Vec<&[u8]> = siblings.iter().map(|content| &content.value[..]).collect();
+    assert!(
+        values.contains(&&b"left"[..]) && values.contains(&&b"right"[..]),
+        "siblings were reconciled away: {values:?}"
+    );
+    match &response {
+        ClientResponse::Error(error) => assert!(
+            error.message.contains("cannot read the properties"),
+            "{}",
+            error.message
+        ),
+        other => panic!("a write was served without its bucket's properties: {other:?}"),
+    }
 }

@@ -60,8 +60,10 @@ pub async fn get_props(State(state): State<AppState>, Path(bucket): Path<String>
     if let Err(error) = check_bucket(&bucket) {
         return error.into_response();
     }
-    let props = state.node.bucket_props(bucket.as_bytes()).await;
-    json_response(StatusCode::OK, &props_json(&bucket, &props))
+    match state.node.bucket_props(bucket.as_bytes()).await {
+        Ok(props) => json_response(StatusCode::OK, &props_json(&bucket, &props)),
+        Err(error) => HttpError::from(error).into_response(),
+    }
 }
 
 /// Applies the properties of a `{"props": {...}}` document to `props`. Properties dynkv does
@@ -138,7 +140,7 @@ async fn set_props_inner(
     }
     let document: Value = serde_json::from_slice(body)
         .map_err(|error| HttpError::bad_request(format!("the body is not valid JSON: {error}")))?;
-    let mut props = state.node.bucket_props(bucket.as_bytes()).await;
+    let mut props = state.node.bucket_props(bucket.as_bytes()).await?;
     apply_props(&mut props, &document)?;
     state
         .node

@@ -245,11 +245,10 @@ impl GossipMembership {
             warn!(error = %error, "cannot encode the member table");
             return;
         }
-        // Written aside and renamed, so a crash leaves the old table or the new one.
-        let temporary = path.with_extension("tmp");
-        let result =
-            std::fs::write(&temporary, &bytes).and_then(|()| std::fs::rename(&temporary, path));
-        if let Err(error) = result {
+        // Written aside, fsynced and renamed (and the directory fsynced), so a crash or power
+        // loss leaves the old table or the new one, never an empty file that stops the node
+        // from starting.
+        if let Err(error) = crate::storage::write_file_durably(path, &bytes) {
             warn!(path = %path.display(), error = %error, "cannot save the member table");
         }
     }

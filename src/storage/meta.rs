@@ -163,15 +163,30 @@ fn draw_actor() -> Result<Actor, StorageError> {
     }
 }
 
-/// Writes through a temporary file, fsyncs it, renames it into place and fsyncs the
-/// directory, so a crash leaves either no metadata file or a complete one.
+/// Writes the metadata file durably (see [`write_file_durably`]).
 fn write_durably(dir: &Path, contents: &str) -> io::Result<()> {
-    let temporary = dir.join(format!("{META_FILE}.tmp"));
+    write_file_durably(&dir.join(META_FILE), contents.as_bytes())
+}
+
+/// Writes `path` through a temporary file beside it, fsyncs that, renames it into place and
+/// fsyncs the directory, so a crash or power loss leaves either the old file or the complete
+/// new one, never an empty or partial file.
+pub fn write_file_durably(path: &Path, contents: &[u8]) -> io::Result<()> {
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
+    let mut temporary_name = file_name.to_os_string();
+    temporary_name.push(".tmp");
+    let temporary = path.with_file_name(temporary_name);
     let mut file = File::create(&temporary)?;
-    file.write_all(contents.as_bytes())?;
+    file.write_all(contents)?;
     file.sync_all()?;
     drop(file);
-    fs::rename(&temporary, dir.join(META_FILE))?;
+    fs::rename(&temporary, path)?;
+    let dir = match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
     File::open(dir)?.sync_all()
 }
 
@@ -282,6 +297,20 @@ fn fnv1a_64(bytes: &[u8]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_durable_write_replaces_the_file_whole_and_leaves_no_temporary() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("members");
+        write_file_durably(&path, b"first").unwrap();
+        write_file_durably(&path, b"second, longer").unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"second, longer");
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("members")]);
+    }
 
     fn meta(actor: Actor) -> Meta {
         Meta {

@@ -49,6 +49,7 @@ mod engine;
 mod hints;
 mod key;
 mod meta;
+pub use meta::write_file_durably;
 
 pub use engine::{EngineError, MemoryDisk};
 pub use hints::{HintEntry, HintTally, HintWrite};

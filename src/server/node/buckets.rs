@@ -8,8 +8,8 @@
 //! node that missed that message serves stale properties. Clients cannot name the reserved
 //! bucket.
 
-use super::{Node, Write};
-use crate::core::object::Content;
+use super::{Copy, Node, Write};
+use crate::core::object::{Content, live_siblings};
 use crate::core::quorum::{BucketDefaults, Quorum};
 use crate::protocol::{
     ClientError, ClientResponse, GetOptions, NewContent, PeerRequest, PutOptions,
@@ -147,41 +147,70 @@ impl Node {
         }
     }
 
-    /// A bucket's properties: cached, else read through a quorum. When the read fails the
-    /// defaults serve this request (and are not cached).
+    /// A bucket's properties: cached, else read from the replicas of its properties. When
+    /// no replica answers, this node's own durable copy serves if it holds one; otherwise the
+    /// request fails with an error. The node defaults never stand in for properties that
+    /// could not be read: with `allow_mult = false` they would reconcile away the siblings of
+    /// an `allow_mult` bucket, and a wrong `n_val` would place the key elsewhere.
     ///
     /// The future is boxed with its type spelled out: a get looks properties up and a
     /// properties lookup is a get, so an inferred future type would be recursive.
     pub fn bucket_props<'a>(
         &'a self,
         bucket: &'a [u8],
-    ) -> Pin<Box<dyn Future<Output = BucketProps> + Send + 'a>> {
+    ) -> Pin<Box<dyn Future<Output = Result<BucketProps, ClientError>> + Send + 'a>> {
         Box::pin(self.bucket_props_inner(bucket))
     }
 
-    async fn bucket_props_inner(&self, bucket: &[u8]) -> BucketProps {
+    async fn bucket_props_inner(&self, bucket: &[u8]) -> Result<BucketProps, ClientError> {
         if bucket == PROPS_BUCKET {
             // Properties themselves are last-write-wins objects with the default placement.
-            return BucketProps {
+            return Ok(BucketProps {
                 allow_mult: false,
                 ..self.default_bucket_props()
-            };
+            });
         }
         if let Some(props) = self.inner.bucket_cache.get(bucket) {
-            return props;
+            return Ok(props);
         }
         match self.read_bucket_props(bucket).await {
             Ok(props) => {
                 self.inner.bucket_cache.put(bucket, props, CACHE_TTL);
-                props
+                Ok(props)
             }
             Err(error) => {
-                warn!(bucket = %String::from_utf8_lossy(bucket), error = %error, "cannot read bucket properties; using the defaults");
-                let props = self.default_bucket_props();
-                self.inner.bucket_cache.put(bucket, props, FAILED_READ_TTL);
-                props
+                let name = String::from_utf8_lossy(bucket);
+                if let Some(props) = self.local_bucket_props(bucket) {
+                    warn!(bucket = %name, error = %error, "cannot read bucket properties from the cluster; serving this node's copy");
+                    self.inner.bucket_cache.put(bucket, props, FAILED_READ_TTL);
+                    return Ok(props);
+                }
+                warn!(bucket = %name, error = %error, "cannot read bucket properties");
+                Err(ClientError {
+                    kind: error.kind,
+                    message: format!(
+                        "cannot read the properties of bucket {name:?} ({}); the request was not served with default properties, retry",
+                        error.message
+                    ),
+                })
             }
         }
+    }
+
+    /// This node's own replica of a bucket's properties, if it holds one.
+    fn local_bucket_props(&self, bucket: &[u8]) -> Option<BucketProps> {
+        let ring = self.inner.membership.ring();
+        let copy = Copy {
+            partition: ring.partition_for_key(PROPS_BUCKET, bucket),
+            bucket: PROPS_BUCKET.to_vec(),
+            key: bucket.to_vec(),
+            hint_for: None,
+        };
+        let object = self.read_copy(&copy).ok()??;
+        let latest = live_siblings(&object)
+            .into_iter()
+            .reduce(|best, next| if next.wins_over(&best) { next } else { best })?;
+        rmp_serde::from_slice(&latest.value).ok()
     }
 
     /// Reads with `r = one`: properties are eventually consistent, as Riak's (gossiped with

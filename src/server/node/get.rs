@@ -22,7 +22,10 @@ impl Node {
         if let Err(error) = validate_bucket_and_key(&bucket, &key) {
             return ClientResponse::Error(error);
         }
-        let props = self.bucket_props(&bucket).await;
+        let props = match self.bucket_props(&bucket).await {
+            Ok(props) => props,
+            Err(error) => return ClientResponse::Error(error),
+        };
         let quorum = match ReadQuorum::resolve(options.r, options.pr, &props.defaults()) {
             Ok(quorum) => quorum,
             Err(error) => return ClientResponse::Error(ClientError::invalid(error.to_string())),

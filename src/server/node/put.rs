@@ -17,7 +17,10 @@ impl Node {
             }
         }
         let settings = &self.inner.settings;
-        let props = self.bucket_props(&write.bucket).await;
+        let props = match self.bucket_props(&write.bucket).await {
+            Ok(props) => props,
+            Err(error) => return ClientResponse::Error(error),
+        };
         let quorum = match WriteQuorum::resolve(
             write.options.w,
             write.options.dw,

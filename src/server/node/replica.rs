@@ -108,7 +108,12 @@ impl Node {
         copy: &Copy,
         incoming: StoredObject,
     ) -> Result<(), String> {
-        let allow_mult = self.bucket_props(&copy.bucket).await.keeps_siblings();
+        // Properties that cannot be read keep every sibling: a later write through a node
+        // that can read them reconciles, and nothing is dropped on a guess.
+        let allow_mult = self
+            .bucket_props(&copy.bucket)
+            .await
+            .map_or(true, |props| props.keeps_siblings());
         let key_actors = self.inner.key_actors.clone();
         let result = self
             .update_copy(copy, move |local| {
