@@ -111,6 +111,12 @@ impl BucketCache {
         (Instant::now() < *expires).then_some(*props)
     }
 
+    /// The last properties read or announced, even past their time to live: a change since
+    /// would have been announced and removed them.
+    fn get_stale(&self, bucket: &[u8]) -> Option<BucketProps> {
+        self.entries.lock().get(bucket).map(|(props, _)| *props)
+    }
+
     fn put(&self, bucket: &[u8], props: BucketProps, ttl: Duration) {
         let mut entries = self.entries.lock();
         if entries.len() >= CACHE_CAPACITY && !entries.contains_key(bucket) {
@@ -148,8 +154,8 @@ impl Node {
     }
 
     /// A bucket's properties: cached, else read from the replicas of its properties. When
-    /// no replica answers, this node's own durable copy serves if it holds one; otherwise the
-    /// request fails with an error. The node defaults never stand in for properties that
+    /// no replica answers, the last properties this node read (or was told of) serve, else
+    /// its own durable replica if it holds one; otherwise the request fails with an error. The node defaults never stand in for properties that
     /// could not be read: with `allow_mult = false` they would reconcile away the siblings of
     /// an `allow_mult` bucket, and a wrong `n_val` would place the key elsewhere.
     ///
@@ -180,6 +186,10 @@ impl Node {
             }
             Err(error) => {
                 let name = String::from_utf8_lossy(bucket);
+                if let Some(props) = self.inner.bucket_cache.get_stale(bucket) {
+                    warn!(bucket = %name, error = %error, "cannot read bucket properties from the cluster; serving the last ones read");
+                    return Ok(props);
+                }
                 if let Some(props) = self.local_bucket_props(bucket) {
                     warn!(bucket = %name, error = %error, "cannot read bucket properties from the cluster; serving this node's copy");
                     self.inner.bucket_cache.put(bucket, props, FAILED_READ_TTL);

@@ -16,6 +16,20 @@ impl Node {
                 Err(response) => return response,
             }
         }
+        // A context is checked before anything else: one of another key is refused at once.
+        let context = match write
+            .context
+            .as_deref()
+            .map(|bytes| Context::decode(bytes, &write.bucket, &write.key))
+            .transpose()
+        {
+            Ok(context) => context,
+            Err(error) => {
+                return ClientResponse::Error(ClientError::invalid(format!(
+                    "bad context: {error}"
+                )));
+            }
+        };
         let settings = &self.inner.settings;
         let props = match self.bucket_props(&write.bucket).await {
             Ok(props) => props,
@@ -42,19 +56,6 @@ impl Node {
                 ),
             );
         }
-        let context = match write
-            .context
-            .as_deref()
-            .map(|bytes| Context::decode(bytes, &write.bucket, &write.key))
-            .transpose()
-        {
-            Ok(context) => context,
-            Err(error) => {
-                return ClientResponse::Error(ClientError::invalid(format!(
-                    "bad context: {error}"
-                )));
-            }
-        };
         let timeout = self.timeout_of(write.options.timeout_ms);
         let deadline = Instant::now() + timeout;
         let sloppy = write.options.sloppy_quorum.unwrap_or(true);
