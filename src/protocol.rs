@@ -228,8 +228,18 @@ pub enum PeerRequest {
         hint_for: Option<NodeId>,
     },
     /// A client put or delete that must be coordinated by a replica of its key; the receiving
-    /// node coordinates it (and does not forward it again).
+    /// node coordinates it (and does not forward it again). Sent by earlier releases; still
+    /// served.
     Coordinate(ClientRequest),
+    /// [`PeerRequest::Coordinate`] with an id the sender drew for this write: the receiver
+    /// remembers it for a while and answers a second copy (a duplicated message, a retry)
+    /// with the first one's outcome instead of coordinating the write twice.
+    CoordinateOnce {
+        /// The node that forwarded the write; with `request_id`, the write's identity.
+        sender: NodeId,
+        request_id: u64,
+        request: ClientRequest,
+    },
     /// Gossip step 1: what the sender knows.
     GossipDigest {
         digests: Vec<Digest>,

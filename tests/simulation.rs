@@ -1209,3 +1209,46 @@ async fn hints_older_than_the_hint_window_are_still_delivered() {
         BTreeSet::from(["held-by-fallbacks".to_string()])
     );
 }
+
+/// A forwarded write that reaches its coordinator twice (a duplicated message) is
+/// coordinated once: the copy gets the first one's outcome, not a second dot (which would
+/// show as a duplicate sibling).
+#[tokio::test(start_paused = true)]
+async fn a_forwarded_write_delivered_twice_is_coordinated_once() {
+    let cluster = SimCluster::start(5, 15, default_settings()).await;
+    let replicas = cluster.replicas_of(BUCKET, b"k");
+    let entry = cluster
+        .ids
+        .iter()
+        .find(|id| !replicas.contains(id))
+        .cloned()
+        .unwrap();
+    cluster.network.set_duplicate(1.0);
+    for round in 0..5 {
+        let context = match cluster.client(&entry, get("k", Quorum::All)).await {
+            ClientResponse::Found { context, .. } => Some(context),
+            _ => None,
+        };
+        let value = format!("v{round}");
+        let stored = cluster
+            .client(&entry, put("k", &value, context, Quorum::All))
+            .await;
+        let ClientResponse::Stored { siblings, .. } = stored else {
+            panic!("{stored:?}");
+        };
+        assert_eq!(siblings.len(), 1, "round {round}: {siblings:?}");
+    }
+    cluster.network.set_duplicate(0.0);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let ClientResponse::Found { siblings, .. } =
+        cluster.client(&entry, get("k", Quorum::All)).await
+    else {
+        panic!("k must be readable");
+    };
+    assert_eq!(
+        siblings.len(),
+        1,
+        "a forwarded write was coordinated twice: {:?}",
+        values(&siblings)
+    );
+}

@@ -144,6 +144,8 @@ struct NodeInner {
     rng: parking_lot::Mutex<rand::rngs::StdRng>,
     counters: Counters,
     bucket_cache: buckets::BucketCache,
+    /// Forwarded writes coordinated recently, by sender and request id.
+    forwarded: put::ForwardedWrites,
 }
 
 /// A node's request handler; cheap to clone.
@@ -242,6 +244,7 @@ impl Node {
                 settings,
                 counters: Counters::default(),
                 bucket_cache: buckets::BucketCache::default(),
+                forwarded: put::ForwardedWrites::default(),
             }),
         }
     }
@@ -439,6 +442,19 @@ impl Node {
             }
             PeerRequest::Coordinate(request) => {
                 PeerResponse::Client(Box::pin(self.client_request(request, true)).await)
+            }
+            PeerRequest::CoordinateOnce {
+                sender,
+                request_id,
+                request,
+            } => {
+                let once = self.inner.forwarded.claim(sender, request_id);
+                let response = once
+                    .get_or_init(
+                        || async move { Box::pin(self.client_request(request, true)).await },
+                    )
+                    .await;
+                PeerResponse::Client(response.clone())
             }
             PeerRequest::GossipDigest { digests } => match self.inner.membership.gossip() {
                 Some(gossip) if crate::core::gossip::check_entry_count(digests.len()).is_ok() => {

@@ -9,6 +9,8 @@
 //!   object nor superseded (its dot known to the final history under the same version);
 //! - **a resurrection**: a version whose dot the context of an acknowledged write covered
 //!   (the client saw it and superseded it) is live again at the end;
+//! - **a write coordinated twice**: one put's value seen under two dots (a duplicate
+//!   sibling: a forwarded write coordinated by two nodes, or twice by one);
 //! - **divergence**: after the faults heal, the primaries of a key hold different versions.
 
 #![allow(dead_code)]
@@ -161,6 +163,16 @@ impl History {
             ));
         }
         for (name, record) in &self.writes {
+            if let Some(value) = &record.value {
+                let dots = self.dots_of_value(&record.key, value);
+                if dots.len() > 1 {
+                    problems.push(format!(
+                        "write {name} of {} was coordinated {} times (dots {dots:?})",
+                        record.key,
+                        dots.len()
+                    ));
+                }
+            }
             if !record.acknowledged {
                 continue;
             }

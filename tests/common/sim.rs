@@ -36,6 +36,8 @@ pub struct SimCluster {
     /// Each node's simulated disk; it outlives the node's crashes.
     disks: BTreeMap<NodeId, Arc<MemoryDisk>>,
     settings: NodeSettings,
+    /// Node starts so far, to give every boot its own random sequence.
+    boots: u64,
     /// Each node's bound on hint storage (`hints.max_bytes`).
     pub hints_max_bytes: u64,
     _root: tempfile::TempDir,
@@ -96,6 +98,7 @@ impl SimCluster {
             directories: BTreeMap::new(),
             disks: BTreeMap::new(),
             settings,
+            boots: 0,
             hints_max_bytes: StorageConfig::default().hints_max_bytes,
             _root: root,
         };
@@ -161,7 +164,14 @@ impl SimCluster {
             (Arc::new(StaticMembership::new(self.ring.clone())), None)
         };
         let mut settings = self.settings.clone();
-        settings.rng_seed = Some(self.seed);
+        // Each boot of each node draws its own sequence (the same for every run of the seed),
+        // as a real node seeds from the OS.
+        self.boots += 1;
+        settings.rng_seed = Some(
+            self.seed
+                .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+                .wrapping_add(self.boots),
+        );
         let node = Node::new(id.clone(), store, membership, transport.clone(), settings);
         if let Some(gossip) = gossip {
             let seed = self

@@ -2,6 +2,8 @@
 //! under its key actor, replication and the quorum.
 
 use super::*;
+use crate::net::TransportError;
+use std::collections::{HashMap, VecDeque};
 
 impl Node {
     pub(super) async fn write(&self, mut write: Write, forwarded: bool) -> ClientResponse {
@@ -343,7 +345,11 @@ impl Node {
         (answered, asked)
     }
 
-    /// Sends a write to a target of its key to coordinate, trying each in turn.
+    /// Sends a write to a target of its key to coordinate. The next target is tried only when
+    /// the request certainly did not reach the previous one (no connection, no address): after
+    /// a timeout or a lost connection the write may have been coordinated, and a second
+    /// coordinator would store it twice (a duplicate sibling), so the client gets the error.
+    /// The request id makes a duplicated message harmless at the coordinator.
     pub(super) async fn forward(
         &self,
         write: Write,
@@ -365,33 +371,91 @@ impl Node {
                 options: write.options,
             },
         };
+        let request_id: u64 = rand::Rng::random(&mut *self.inner.rng.lock());
         let mut last_error = String::from("no replica to forward to");
         for target in targets {
             let timeout = deadline.saturating_duration_since(Instant::now());
             if timeout.is_zero() {
                 break;
             }
-            // Leave later replicas a share of the time if this one does not answer.
-            let attempt = (timeout / 2).max(Duration::from_millis(1));
-            match self
-                .inner
-                .peers
-                .call(
-                    &target.node,
-                    PeerRequest::Coordinate(request.clone()),
-                    attempt,
-                )
-                .await
-            {
+            let call = PeerRequest::CoordinateOnce {
+                sender: self.inner.id.clone(),
+                request_id,
+                request: request.clone(),
+            };
+            match self.inner.peers.call(&target.node, call, timeout).await {
                 Ok(PeerResponse::Client(response)) => return response,
-                Ok(other) => last_error = format!("{} answered {other:?}", target.node),
-                Err(error) => last_error = format!("{}: {error}", target.node),
+                Ok(other) => {
+                    last_error = format!("{} answered {other:?}", target.node);
+                    break;
+                }
+                Err(
+                    error @ (TransportError::Unreachable { .. }
+                    | TransportError::UnknownPeer { .. }),
+                ) => last_error = format!("{}: {error}", target.node),
+                Err(error) => {
+                    return error_response(
+                        ErrorKind::Timeout(None),
+                        format!(
+                            "the write was forwarded to {} to coordinate and its outcome is unknown (it may have been stored): {error}",
+                            target.node
+                        ),
+                    );
+                }
             }
         }
         error_response(
             ErrorKind::Timeout(None),
             format!("no replica could coordinate the write: {last_error}"),
         )
+    }
+}
+
+/// How long a coordinator remembers a forwarded write's id, and how many it remembers.
+const FORWARDED_MEMORY: Duration = Duration::from_secs(120);
+const FORWARDED_CAPACITY: usize = 100_000;
+
+/// The forwarded writes a coordinator saw recently: a second copy of one (a duplicated
+/// message, a retry by its sender) gets the first one's outcome, awaited if still running.
+#[derive(Default)]
+pub(super) struct ForwardedWrites {
+    seen: parking_lot::Mutex<ForwardedTable>,
+}
+
+type Outcome = Arc<tokio::sync::OnceCell<ClientResponse>>;
+
+#[derive(Default)]
+struct ForwardedTable {
+    by_id: HashMap<(NodeId, u64), Outcome>,
+    /// Ids in the order they were first seen, to forget the oldest first.
+    order: VecDeque<(Instant, (NodeId, u64))>,
+}
+
+impl ForwardedWrites {
+    /// The outcome cell of the forwarded write `request_id` (64 random bits drawn by its
+    /// `sender`): a new one the first time, the same one for every copy within
+    /// [`FORWARDED_MEMORY`].
+    pub(super) fn claim(&self, sender: NodeId, request_id: u64) -> Outcome {
+        let now = Instant::now();
+        let mut table = self.seen.lock();
+        while let Some((seen_at, _)) = table.order.front() {
+            if now.duration_since(*seen_at) < FORWARDED_MEMORY
+                && table.order.len() < FORWARDED_CAPACITY
+            {
+                break;
+            }
+            if let Some((_, id)) = table.order.pop_front() {
+                table.by_id.remove(&id);
+            }
+        }
+        let id = (sender, request_id);
+        if let Some(outcome) = table.by_id.get(&id) {
+            return outcome.clone();
+        }
+        let outcome = Outcome::default();
+        table.by_id.insert(id.clone(), outcome.clone());
+        table.order.push_back((now, id));
+        outcome
     }
 }
 
