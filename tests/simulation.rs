@@ -352,8 +352,16 @@ async fn randomized_schedule(seed: u64) -> Vec<String> {
     let mut settings = default_settings();
     // Short enough that some outages outlast it (no new hints for that primary), so hints
     // created before it passed must still be kept and delivered.
-    settings.hint_window = Duration::from_secs(StdRng::seed_from_u64(seed).random_range(5..40));
-    let cluster = SimCluster::start_gossiping(5, seed, settings).await;
+    let mut dice = StdRng::seed_from_u64(seed);
+    settings.hint_window = Duration::from_secs(dice.random_range(5..40));
+    // A quarter of the schedules bound hint storage tightly, so fallbacks refuse writes
+    // (in about a quarter of those).
+    let hints_max_bytes = if dice.random_bool(0.25) {
+        dice.random_range(100..1_000)
+    } else {
+        1 << 30
+    };
+    let cluster = SimCluster::start_gossiping_with(5, seed, settings, hints_max_bytes).await;
     let schedule = Schedule {
         seed,
         cluster: Arc::new(Mutex::new(cluster)),
@@ -1251,4 +1259,69 @@ async fn a_forwarded_write_delivered_twice_is_coordinated_once() {
         "a forwarded write was coordinated twice: {:?}",
         values(&siblings)
     );
+}
+
+/// `hints.max_bytes` bounds what a fallback keeps: past it the fallback refuses, the write
+/// fails with an error that names the limit, and everything acknowledged before is delivered
+/// when the primary returns.
+#[tokio::test(start_paused = true)]
+async fn a_fallback_whose_hints_are_full_refuses_with_the_limit_named() {
+    let mut cluster = SimCluster::start_gossiping_with(5, 16, default_settings(), 4096).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let down = node("n1");
+    if let Some(weak) = cluster.crash(&down) {
+        wait_until_stopped(weak).await;
+    }
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    let via = node("n2");
+    let value = "x".repeat(600);
+    let (mut acknowledged, mut refusal) = (Vec::new(), None);
+    for index in 0..60 {
+        let key = format!("key{index}");
+        if !cluster.replicas_of(BUCKET, key.as_bytes()).contains(&down) {
+            continue;
+        }
+        match cluster
+            .client(&via, put(&key, &value, None, Quorum::All))
+            .await
+        {
+            ClientResponse::Stored { .. } => acknowledged.push(key),
+            ClientResponse::Error(error) => {
+                refusal = Some(error.message);
+                break;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let refusal = refusal.expect("the hint store filled up");
+    assert!(refusal.contains("hints.max_bytes"), "{refusal}");
+    assert!(!acknowledged.is_empty(), "some writes fit before the bound");
+    let refused: u64 = cluster
+        .running_nodes()
+        .iter()
+        .map(|node| node.status().unwrap().hints_refused_full)
+        .sum();
+    assert!(refused > 0);
+    cluster.restart(&down);
+    let mut read = get("", Quorum::All);
+    for key in &acknowledged {
+        let mut delivered = false;
+        for _ in 0..30 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if let ClientRequest::Get {
+                key: wanted,
+                options,
+                ..
+            } = &mut read
+            {
+                *wanted = key.as_bytes().to_vec();
+                options.sloppy_quorum = Some(false);
+            }
+            if let ClientResponse::Found { .. } = cluster.client(&down, read.clone()).await {
+                delivered = true;
+                break;
+            }
+        }
+        assert!(delivered, "{key} was acknowledged and not delivered");
+    }
 }

@@ -57,7 +57,14 @@ pub fn default_settings() -> NodeSettings {
 
 impl SimCluster {
     pub async fn start(node_count: usize, seed: u64, settings: NodeSettings) -> SimCluster {
-        Self::build(node_count, seed, settings, false).await
+        Self::build(
+            node_count,
+            seed,
+            settings,
+            false,
+            StorageConfig::default().hints_max_bytes,
+        )
+        .await
     }
 
     /// A cluster whose nodes find each other by gossip (every node is given every other as a
@@ -67,7 +74,25 @@ impl SimCluster {
         seed: u64,
         settings: NodeSettings,
     ) -> SimCluster {
-        Self::build(node_count, seed, settings, true).await
+        Self::build(
+            node_count,
+            seed,
+            settings,
+            true,
+            StorageConfig::default().hints_max_bytes,
+        )
+        .await
+    }
+
+    /// [`SimCluster::start_gossiping`] with each node's hint storage bounded to
+    /// `hints_max_bytes`.
+    pub async fn start_gossiping_with(
+        node_count: usize,
+        seed: u64,
+        settings: NodeSettings,
+        hints_max_bytes: u64,
+    ) -> SimCluster {
+        Self::build(node_count, seed, settings, true, hints_max_bytes).await
     }
 
     async fn build(
@@ -75,6 +100,7 @@ impl SimCluster {
         seed: u64,
         mut settings: NodeSettings,
         gossip: bool,
+        hints_max_bytes: u64,
     ) -> SimCluster {
         // Timestamps follow the paused clock (a clock jump moves them; a seed replays them).
         settings.wall_clock = WallClock::FollowsRuntime {
@@ -99,7 +125,7 @@ impl SimCluster {
             disks: BTreeMap::new(),
             settings,
             boots: 0,
-            hints_max_bytes: StorageConfig::default().hints_max_bytes,
+            hints_max_bytes,
             _root: root,
         };
         for id in ids {

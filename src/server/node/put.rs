@@ -181,12 +181,25 @@ impl Node {
             );
         }
         drop(acks_sender);
+        // What replicas said when they refused (a full hint store, a bad object), for the
+        // client's error: counts alone do not say why.
+        let mut refusals: Vec<String> = Vec::new();
         while outcome == QuorumOutcome::Pending {
             match tokio::time::timeout_at(deadline, acks.recv()).await {
-                Ok(Some((index, ack))) => outcome = coordinator.on_ack(index, ack),
+                Ok(Some((index, ack))) => {
+                    if let Err(refusal @ ReplicaError::Refused { .. }) = &ack {
+                        refusals.push(refusal.to_string());
+                    }
+                    outcome = coordinator.on_ack(index, ack);
+                }
                 Ok(None) | Err(_) => break,
             }
         }
+        let reasons = if refusals.is_empty() {
+            String::new()
+        } else {
+            format!("; {}", refusals.join("; "))
+        };
         match outcome {
             QuorumOutcome::Won => {
                 let siblings = if write.options.return_body {
@@ -201,11 +214,11 @@ impl Node {
             }
             QuorumOutcome::Lost(shortfall) => error_response(
                 ErrorKind::QuorumUnmet(shortfall.clone()),
-                shortfall.to_string(),
+                format!("{shortfall}{reasons}"),
             ),
             QuorumOutcome::Pending => {
                 let (shortfall, message) = coordinator.timeout(timeout.as_millis());
-                error_response(ErrorKind::Timeout(shortfall), message)
+                error_response(ErrorKind::Timeout(shortfall), format!("{message}{reasons}"))
             }
         }
     }
