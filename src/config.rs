@@ -9,6 +9,7 @@
 //! http_listen = "0.0.0.0:8098"         # Riak-compatible HTTP API, /stats and /metrics
 //! http_tls = false                     # serve HTTPS with the node certificate instead
 //! http_token = "s3cret"                # optional: require `Authorization: Bearer s3cret`
+//! client_token = "s3cret"              # optional: require this token on the QUIC client port
 //! partition_count = 64                 # ring size, fixed at cluster creation
 //! request_timeout_ms = 5000            # default timeout of a get/put/delete
 //! gossip_interval_ms = 500             # one gossip round (and heartbeat) per interval
@@ -70,6 +71,10 @@ pub struct Config {
     /// When set, every HTTP request except `/ping` must carry `Authorization: Bearer <token>`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub http_token: Option<String>,
+    /// When set, every request on the QUIC client port but `ping` must carry this token
+    /// (`dynkv --token`, `DYNKV_TOKEN`, `ClientConfig::token`); without it the port serves
+    /// anyone who holds the cluster CA certificate.
+    pub client_token: Option<String>,
     pub partition_count: u32,
     pub request_timeout_ms: u64,
     pub gossip_interval_ms: u64,
@@ -216,6 +221,7 @@ impl Default for Config {
             http_listen: SocketAddr::from(([127, 0, 0, 1], 8098)),
             http_tls: false,
             http_token: None,
+            client_token: None,
             partition_count: 64,
             request_timeout_ms: 5000,
             gossip_interval_ms: 500,
@@ -369,13 +375,20 @@ impl Config {
                 return Err(invalid(field, "is required (create one with `dynkv cert`)"));
             }
         }
-        if let Some(token) = &self.http_token
-            && (token.is_empty() || !token.bytes().all(|byte| byte.is_ascii_graphic()))
-        {
-            return Err(invalid(
-                "http_token",
-                "must be non-empty printable ASCII without spaces",
-            ));
+        for (field, token) in [
+            ("http_token", &self.http_token),
+            ("client_token", &self.client_token),
+        ] {
+            if let Some(token) = token
+                && (token.is_empty()
+                    || token.len() > 256
+                    || !token.bytes().all(|byte| byte.is_ascii_graphic()))
+            {
+                return Err(invalid(
+                    field,
+                    "must be 1 to 256 printable ASCII characters without spaces",
+                ));
+            }
         }
         let buckets = &self.buckets;
         if !(1..=16).contains(&buckets.n_val) {

@@ -88,6 +88,59 @@ pub enum ClientRequest {
     Members,
     /// This node's summary (`dynkv admin status`).
     Status,
+    /// Another request with the client token: a node with `client_token` set serves only
+    /// these (and `Ping`) on its client port. Unwrapped by the listener, never nested.
+    WithToken {
+        token: String,
+        request: Box<ClientRequest>,
+    },
+}
+
+/// Whether a client's token is the configured one, compared in time independent of where
+/// the first difference is.
+pub fn token_matches(given: &str, expected: &str) -> bool {
+    given.len() == expected.len()
+        && given
+            .bytes()
+            .zip(expected.bytes())
+            .fold(0u8, |difference, (a, b)| difference | (a ^ b))
+            == 0
+}
+
+/// What the client port serves of `request` when the node requires `required` (its
+/// `client_token`): the request itself, or an `Unauthorized` error naming the setting.
+pub fn authorize(
+    request: ClientRequest,
+    required: Option<&str>,
+) -> Result<ClientRequest, ClientError> {
+    let unauthorized = |message: &str| ClientError {
+        kind: ErrorKind::Unauthorized,
+        message: message.to_string(),
+    };
+    match (request, required) {
+        (ClientRequest::WithToken { request, .. }, _)
+            if matches!(*request, ClientRequest::WithToken { .. }) =>
+        {
+            Err(ClientError::invalid(
+                "a token-carrying request must not wrap another",
+            ))
+        }
+        (ClientRequest::WithToken { token, request }, Some(required)) => {
+            if token_matches(&token, required) {
+                Ok(*request)
+            } else {
+                Err(unauthorized(
+                    "the client token is wrong (client_token of the node; --token or DYNKV_TOKEN of the client)",
+                ))
+            }
+        }
+        (ClientRequest::WithToken { request, .. }, None) => Ok(*request),
+        (ClientRequest::Ping, _) => Ok(ClientRequest::Ping),
+        (request, None) => Ok(request),
+        (_, Some(_)) => Err(unauthorized(
+            "this node requires a client token (client_token): give it with --token or DYNKV_TOKEN",
+        )),
+    }
 }
 
 /// One member as the answering node sees it.
@@ -150,6 +203,8 @@ pub enum ErrorKind {
     Timeout(Option<QuorumShortfall>),
     /// A node-local failure (disk, bug) (HTTP 500).
     Internal,
+    /// The node requires a client token and the request had none or a wrong one (HTTP 401).
+    Unauthorized,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
@@ -317,4 +372,52 @@ pub fn validate_bucket_and_key(bucket: &[u8], key: &[u8]) -> Result<(), ClientEr
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod token_tests {
+    use super::*;
+
+    fn wrapped(token: &str, request: ClientRequest) -> ClientRequest {
+        ClientRequest::WithToken {
+            token: token.into(),
+            request: Box::new(request),
+        }
+    }
+
+    #[test]
+    fn the_client_token_is_required_only_when_configured_and_compared_exactly() {
+        // No token configured: plain and wrapped requests are served.
+        assert_eq!(
+            authorize(ClientRequest::Status, None),
+            Ok(ClientRequest::Status)
+        );
+        assert_eq!(
+            authorize(wrapped("any", ClientRequest::Status), None),
+            Ok(ClientRequest::Status)
+        );
+        // Configured: ping is open, the rest needs the token.
+        let required = Some("s3cret");
+        assert_eq!(
+            authorize(ClientRequest::Ping, required),
+            Ok(ClientRequest::Ping)
+        );
+        for refused in [
+            authorize(ClientRequest::Status, required),
+            authorize(wrapped("s3cre", ClientRequest::Status), required),
+            authorize(wrapped("s3cret!", ClientRequest::Status), required),
+            authorize(wrapped("", ClientRequest::Status), required),
+        ] {
+            assert_eq!(refused.unwrap_err().kind, ErrorKind::Unauthorized);
+        }
+        assert_eq!(
+            authorize(wrapped("s3cret", ClientRequest::Status), required),
+            Ok(ClientRequest::Status)
+        );
+        let nested = wrapped("s3cret", wrapped("s3cret", ClientRequest::Status));
+        assert_eq!(
+            authorize(nested, required).unwrap_err().kind,
+            ErrorKind::InvalidRequest
+        );
+    }
 }

@@ -641,7 +641,7 @@ impl Drop for ServerProcess {
 }
 
 #[test]
-fn https_with_a_bearer_token() {
+fn https_with_a_bearer_token_and_a_client_token_on_the_quic_port() {
     let dir = tempfile::tempdir().expect("temporary directory");
     let pki = dir.path().join("pki");
     let pki_text = pki.display().to_string();
@@ -680,7 +680,7 @@ fn https_with_a_bearer_token() {
             &address(0),
         ])
         .args(["--http-listen", &address(200), "--http-tls", "true"])
-        .args(["--http-token", "s3cret"])
+        .args(["--http-token", "s3cret", "--client-token", "quic-t0ken"])
         .arg("--ca-cert")
         .arg(pki.join("ca.pem"))
         .arg("--node-cert")
@@ -750,6 +750,37 @@ fn https_with_a_bearer_token() {
     assert_eq!(reply.status, 204, "{}", reply.text());
     let reply = curl(&["--cacert", &ca, "-H", auth, &url("/buckets/b/keys/k")]);
     assert_eq!((reply.status, reply.text().as_str()), (200, "secret value"));
+
+    // The QUIC client port: ping is open, everything else needs the client token.
+    let cli = |extra: &[&str]| {
+        let mut command = Command::new(binary());
+        command
+            .args(extra)
+            .args(["--node", &address(0), "--ca", &ca])
+            .env_remove("DYNKV_TOKEN");
+        command.output().expect("dynkv runs")
+    };
+    let pinged = cli(&["ping"]);
+    assert!(
+        pinged.status.success(),
+        "{}",
+        String::from_utf8_lossy(&pinged.stderr)
+    );
+    let refused = cli(&["get", "b", "k"]);
+    assert!(!refused.status.success());
+    let message = String::from_utf8_lossy(&refused.stderr);
+    assert!(message.contains("requires a client token"), "{message}");
+    let wrong = cli(&["get", "b", "k", "--token", "nope"]);
+    assert!(!wrong.status.success());
+    let message = String::from_utf8_lossy(&wrong.stderr);
+    assert!(message.contains("client token is wrong"), "{message}");
+    let read = cli(&["get", "b", "k", "--token", "quic-t0ken"]);
+    assert!(
+        read.status.success(),
+        "{}",
+        String::from_utf8_lossy(&read.stderr)
+    );
+    assert!(String::from_utf8_lossy(&read.stdout).contains("secret value"));
     // Plain HTTP to the TLS port gets no HTTP answer.
     let output = Command::new("curl")
         .args([

@@ -74,6 +74,9 @@ struct RunArgs {
     /// Directory of the dev cluster to reach [default: $DYNKV_DEV_DIR or ~/.local/share/dynkv/dev].
     #[arg(long)]
     dev_dir: Option<PathBuf>,
+    /// Client token of nodes that require one (their `client_token`).
+    #[arg(long, env = "DYNKV_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     /// Start a fresh N-node `dynkv dev` cluster in a temporary directory for this run.
     #[arg(long, value_name = "N")]
     local: Option<u16>,
@@ -231,7 +234,9 @@ async fn connect(args: &RunArgs, dev_dir: Option<&Path>) -> Result<(Vec<Client>,
     let mut clients = Vec::new();
     let mut unreachable = Vec::new();
     for node in nodes {
-        match Client::connect(ClientConfig::new(vec![node], ca_pem.clone())).await {
+        let mut config = ClientConfig::new(vec![node], ca_pem.clone());
+        config.token = args.token.clone();
+        match Client::connect(config).await {
             Ok(client) => clients.push(client),
             Err(error) => {
                 eprintln!("dynkv bench: skipping {node}: {error}");

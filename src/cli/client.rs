@@ -28,6 +28,9 @@ pub struct ConnectArgs {
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Client token of nodes that require one (their `client_token`).
+    #[arg(long, env = "DYNKV_TOKEN", hide_env_values = true)]
+    token: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -148,7 +151,9 @@ pub fn cluster_endpoints(
 pub async fn connect(args: &ConnectArgs) -> Result<Client> {
     let (nodes, ca_pem) =
         cluster_endpoints(&args.nodes, args.ca.as_deref(), args.dev_dir.as_deref())?;
-    Client::connect(ClientConfig::new(nodes, ca_pem))
+    let mut config = ClientConfig::new(nodes, ca_pem);
+    config.token = args.token.clone();
+    Client::connect(config)
         .await
         .context("cannot connect to the cluster")
 }

@@ -34,6 +34,10 @@ pub struct ServerArgs {
     /// [default: none; env DYNKV_HTTP_TOKEN].
     #[arg(long, env = "DYNKV_HTTP_TOKEN", hide_env_values = true)]
     http_token: Option<String>,
+    /// Require this token on every request of the QUIC client port except ping
+    /// [default: none; env DYNKV_CLIENT_TOKEN].
+    #[arg(long, env = "DYNKV_CLIENT_TOKEN", hide_env_values = true)]
+    client_token: Option<String>,
     /// A cluster member as ID=PEER_ADDR; repeat for each (this node included).
     #[arg(long = "member", value_parser = parse_member)]
     members: Vec<MemberConfig>,
@@ -111,6 +115,9 @@ pub fn effective_config(args: ServerArgs) -> Result<(Config, bool)> {
     apply!(args.http_tls => http_tls);
     if args.http_token.is_some() {
         config.http_token = args.http_token;
+    }
+    if args.client_token.is_some() {
+        config.client_token = args.client_token;
     }
     apply!(args.partition_count => partition_count);
     apply!(args.request_timeout_ms => request_timeout_ms);

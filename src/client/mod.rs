@@ -35,6 +35,8 @@ pub struct ClientConfig {
     /// Time allowed for one request on the wire; the node's own quorum timeout is shorter
     /// by default, so the node's answer (with its counts) normally arrives first.
     pub request_timeout: Duration,
+    /// The token nodes with `client_token` set require; sent with every request.
+    pub token: Option<String>,
 }
 
 impl ClientConfig {
@@ -43,6 +45,7 @@ impl ClientConfig {
             nodes,
             ca_cert_pem,
             request_timeout: Duration::from_secs(30),
+            token: None,
         }
     }
 }
@@ -170,6 +173,13 @@ impl Client {
     }
 
     async fn call(&self, request: ClientRequest) -> Result<ClientResponse, ClientLibError> {
+        let request = match &self.config.token {
+            Some(token) => ClientRequest::WithToken {
+                token: token.clone(),
+                request: Box::new(request),
+            },
+            None => request,
+        };
         let connected = self.connection().await?;
         match connected
             .rpc

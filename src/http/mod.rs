@@ -62,6 +62,7 @@ impl From<ClientError> for HttpError {
             ErrorKind::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorKind::QuorumUnmet(_) | ErrorKind::Timeout(_) => StatusCode::SERVICE_UNAVAILABLE,
             ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorKind::Unauthorized => StatusCode::UNAUTHORIZED,
         };
         HttpError::new(status, error.message)
     }
@@ -116,14 +117,7 @@ async fn require_token(
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.strip_prefix("Bearer "))
         .unwrap_or("");
-    // Compare in time independent of where the first difference is.
-    let matches = given.len() == token.len()
-        && given
-            .bytes()
-            .zip(token.bytes())
-            .fold(0u8, |difference, (a, b)| difference | (a ^ b))
-            == 0;
-    if matches {
+    if crate::protocol::token_matches(given, &token) {
         next.run(request).await
     } else {
         let mut response = HttpError::new(

@@ -225,10 +225,16 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
     let client_config = tls::client_facing_server_config(&node_identity)
         .map_err(|error| ServerError::Tls(error.to_string()))?;
     let client_node = node.clone();
+    let client_token: Option<Arc<str>> = config.client_token.as_deref().map(Arc::from);
     let client_handler = Arc::new(
         move |request: ClientRequest| -> BoxFuture<'static, ClientResponse> {
             let node = client_node.clone();
+            let token = client_token.clone();
             Box::pin(async move {
+                let request = match crate::protocol::authorize(request, token.as_deref()) {
+                    Ok(request) => request,
+                    Err(error) => return ClientResponse::Error(error),
+                };
                 let started = std::time::Instant::now();
                 let (operation, consistency) = match &request {
                     ClientRequest::Ping => ("ping", String::from("none")),
@@ -238,13 +244,15 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
                     ClientRequest::Get { options, .. } => ("get", options.r.to_string()),
                     ClientRequest::Put { options, .. } => ("put", options.w.to_string()),
                     ClientRequest::Delete { options, .. } => ("delete", options.w.to_string()),
+                    ClientRequest::WithToken { .. } => ("invalid", String::from("none")),
                 };
                 let response = node.handle_client(request).await;
                 let outcome = match &response {
                     ClientResponse::NotFound { .. } => "not_found",
                     ClientResponse::Error(error) => match error.kind {
                         crate::protocol::ErrorKind::InvalidRequest
-                        | crate::protocol::ErrorKind::TooLarge => "client_error",
+                        | crate::protocol::ErrorKind::TooLarge
+                        | crate::protocol::ErrorKind::Unauthorized => "client_error",
                         crate::protocol::ErrorKind::QuorumUnmet(_)
                         | crate::protocol::ErrorKind::Timeout(_) => "unavailable",
                         crate::protocol::ErrorKind::Internal => "error",

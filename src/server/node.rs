@@ -291,6 +291,9 @@ impl Node {
                 node: node.to_string(),
             },
             ClientRequest::Members => ClientResponse::Members(self.inner.membership.view()),
+            ClientRequest::WithToken { .. } => ClientResponse::Error(ClientError::invalid(
+                "a token-carrying request reached the node unwrapped by its listener",
+            )),
             ClientRequest::Status => match self.status() {
                 Ok(status) => ClientResponse::Status(status),
                 Err(error) => ClientResponse::Error(error),
