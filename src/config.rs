@@ -40,6 +40,9 @@
 //! max_siblings = 100
 //! max_object_bytes = 33554432
 //! max_frame_bytes = 67108864
+//! max_client_connections = 1024       # QUIC client port; one more is closed naming the limit
+//! max_peer_connections = 256          # QUIC peer port
+//! http_concurrency = 512              # HTTP requests at once; past it 503
 //!
 //! [hints]
 //! max_bytes = 1073741824               # hint storage bound; past it fallbacks refuse writes
@@ -160,6 +163,13 @@ pub struct LimitsConfig {
     pub max_object_bytes: u64,
     /// Largest frame read from the network, checked before allocating.
     pub max_frame_bytes: u32,
+    /// Connections the QUIC client port keeps at once; one more is closed with a reason
+    /// naming this field.
+    pub max_client_connections: u32,
+    /// Connections the QUIC peer port keeps at once (peers use one each).
+    pub max_peer_connections: u32,
+    /// HTTP requests served at once; past it, 503 naming this field.
+    pub http_concurrency: u32,
 }
 
 impl Default for LimitsConfig {
@@ -169,6 +179,9 @@ impl Default for LimitsConfig {
             max_siblings: 100,
             max_object_bytes: 32 * 1024 * 1024,
             max_frame_bytes: 64 * 1024 * 1024,
+            max_client_connections: 1024,
+            max_peer_connections: 256,
+            http_concurrency: 512,
         }
     }
 }
@@ -388,6 +401,21 @@ impl Config {
                     field,
                     "must be 1 to 256 printable ASCII characters without spaces",
                 ));
+            }
+        }
+        for (field, value) in [
+            (
+                "limits.max_client_connections",
+                self.limits.max_client_connections,
+            ),
+            (
+                "limits.max_peer_connections",
+                self.limits.max_peer_connections,
+            ),
+            ("limits.http_concurrency", self.limits.http_concurrency),
+        ] {
+            if !(1..=1_000_000).contains(&value) {
+                return Err(invalid(field, "must be between 1 and 1000000"));
             }
         }
         let buckets = &self.buckets;

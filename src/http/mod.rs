@@ -150,6 +150,48 @@ pub(crate) fn router(state: AppState, token: Option<Arc<str>>) -> Router {
         .layer(axum::middleware::from_fn_with_state(token, require_token))
 }
 
+/// At most `limit` requests are served at once; one more is answered at once with 503
+/// naming `limits.http_concurrency`, instead of queueing without bound.
+#[derive(Clone)]
+struct Concurrency {
+    permits: Arc<tokio::sync::Semaphore>,
+    limit: usize,
+}
+
+async fn limit_concurrency(
+    axum::extract::State(concurrency): axum::extract::State<Concurrency>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Ok(_permit) = concurrency.permits.clone().try_acquire_owned() else {
+        let mut response = HttpError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "too many requests at once: this node serves at most {} (limits.http_concurrency); retry",
+                concurrency.limit
+            ),
+        )
+        .into_response();
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        return response;
+    };
+    next.run(request).await
+}
+
+/// [`router`] behind the concurrency limit.
+fn limited(router: Router, limit: usize) -> Router {
+    let concurrency = Concurrency {
+        permits: Arc::new(tokio::sync::Semaphore::new(limit)),
+        limit,
+    };
+    router.layer(axum::middleware::from_fn_with_state(
+        concurrency,
+        limit_concurrency,
+    ))
+}
+
 async fn ping() -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "text/plain")], "OK")
 }
@@ -210,6 +252,8 @@ pub struct HttpSettings {
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// Required bearer token, if any.
     pub token: Option<String>,
+    /// Requests served at once (`limits.http_concurrency`).
+    pub concurrency: usize,
 }
 
 /// A running HTTP listener; [`HttpServer::shutdown`] stops it.
@@ -230,7 +274,10 @@ impl HttpServer {
             stats: Arc::new(stats::Stats::new()),
             max_body_bytes: settings.max_body_bytes,
         };
-        let app = router(state, settings.token.map(Arc::from));
+        let app = limited(
+            router(state, settings.token.map(Arc::from)),
+            settings.concurrency.max(1),
+        );
         let (stop, mut stopped) = watch::channel(false);
         let shutdown = async move {
             let _ = stopped.wait_for(|stop| *stop).await;
@@ -269,5 +316,62 @@ impl HttpServer {
         let _ = self.stop.send(true);
         // Keep-alive connections may linger; do not wait for them forever.
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), self.task).await;
+    }
+}
+
+#[cfg(test)]
+mod concurrency_tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Sends a bare GET and returns the whole response (the server closes the connection).
+    async fn send(address: SocketAddr, path: &str) -> String {
+        let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+        let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        response
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn requests_past_the_concurrency_limit_get_503_naming_it() {
+        let entered = Arc::new(tokio::sync::Notify::new());
+        let release = Arc::new(tokio::sync::Notify::new());
+        let (entered_in, release_in) = (entered.clone(), release.clone());
+        let app = limited(
+            Router::new()
+                .route(
+                    "/slow",
+                    axum::routing::get(move || async move {
+                        entered_in.notify_one();
+                        release_in.notified().await;
+                        "done"
+                    }),
+                )
+                .route("/fast", axum::routing::get(|| async { "fast" })),
+            1,
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+
+        let slow = tokio::spawn(async move { send(address, "/slow").await });
+        entered.notified().await;
+        let refused = send(address, "/fast").await;
+        assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+        assert!(refused.contains("limits.http_concurrency"), "{refused}");
+        assert!(
+            refused.to_ascii_lowercase().contains("retry-after: 1"),
+            "{refused}"
+        );
+        release.notify_one();
+        let done = slow.await.unwrap();
+        assert!(
+            done.starts_with("HTTP/1.1 200") && done.ends_with("done"),
+            "{done}"
+        );
+        let served = send(address, "/fast").await;
+        assert!(served.starts_with("HTTP/1.1 200"), "{served}");
     }
 }

@@ -119,6 +119,13 @@ pub struct RpcLimits {
     /// reading that connection's streams until a handler finishes, so QUIC flow control pushes
     /// back on the sender instead of queueing without bound. Default 1024.
     pub max_in_flight_per_connection: usize,
+    /// Connections a server keeps at once (handshakes included). One more is accepted only to
+    /// be closed with [`rpc::CLOSE_TOO_MANY_CONNECTIONS`] and a reason naming the limit
+    /// (`limit_name`); past twice the limit, new ones are refused without a handshake.
+    /// Default 1024.
+    pub max_connections: usize,
+    /// The config field that sets `max_connections`, named in refusals.
+    pub limit_name: &'static str,
 }
 
 impl Default for RpcLimits {
@@ -127,6 +134,8 @@ impl Default for RpcLimits {
             max_frame_bytes: 64 * 1024 * 1024,
             streams_per_connection: 4,
             max_in_flight_per_connection: 1024,
+            max_connections: 1024,
+            limit_name: "max_connections",
         }
     }
 }
@@ -157,6 +166,13 @@ impl RpcLimits {
                 field: "streams_per_connection",
                 value: self.streams_per_connection as u64,
                 allowed: "1 to 64",
+            });
+        }
+        if self.max_connections == 0 {
+            return Err(LimitsError {
+                field: "max_connections",
+                value: 0,
+                allowed: "at least 1",
             });
         }
         if self.max_in_flight_per_connection == 0 {

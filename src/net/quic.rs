@@ -135,20 +135,39 @@ async fn accept_loop<Req, Resp>(
                 None => break,
             },
         };
+        while connections.try_join_next().is_some() {}
         let peer = incoming.remote_address();
+        let open = connections.len();
+        if open >= 2 * limits.max_connections {
+            // Far over the limit: no handshake, no task.
+            debug!(peer = %peer, open, "connection refused without a handshake");
+            incoming.refuse();
+            continue;
+        }
+        let over_limit = open >= limits.max_connections;
         let handler = handler.clone();
         let limits = limits.clone();
         // The handshake runs in its own task so a slow or hostile peer cannot stall accepting.
         connections.spawn(
             async move {
                 match incoming.await {
+                    Ok(connection) if over_limit => {
+                        let reason = format!(
+                            "too many connections: this node keeps at most {} ({})",
+                            limits.max_connections, limits.limit_name
+                        );
+                        warn!(peer = %peer, limit = limits.max_connections, "connection refused: {reason}");
+                        connection.close(
+                            quinn::VarInt::from_u32(rpc::CLOSE_TOO_MANY_CONNECTIONS),
+                            reason.as_bytes(),
+                        );
+                    }
                     Ok(connection) => rpc::serve_connection(connection, handler, limits).await,
                     Err(error) => warn!(peer = %peer, error = %error, "handshake refused"),
                 }
             }
             .in_current_span(),
         );
-        while connections.try_join_next().is_some() {}
     }
     // The endpoint is closed by now, so every connection ends promptly.
     while connections.join_next().await.is_some() {}
@@ -611,6 +630,64 @@ mod tests {
         assert!(
             matches!(result, Err(TransportError::Connection { .. })),
             "{result:?}"
+        );
+        server.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn connections_past_the_limit_are_closed_with_the_limit_named() {
+        init_tracing();
+        let pki = pki();
+        let probe = Arc::new(Probe::default());
+        let server = QuicServer::bind(
+            loopback(),
+            tls::client_facing_server_config(&pki.server).unwrap(),
+            test_handler(probe),
+            RpcLimits {
+                max_connections: 2,
+                limit_name: "limits.max_client_connections",
+                ..test_limits()
+            },
+        )
+        .unwrap();
+        let client = || {
+            let client: QuicPeers<TestRequest, TestResponse> = QuicPeers::new(
+                loopback(),
+                tls::client_config(&pki.ca.cert_pem).unwrap(),
+                test_limits(),
+            )
+            .unwrap();
+            client.set_address(pki.server_id.clone(), server.local_addr());
+            client
+        };
+        let (first, second, third) = (client(), client(), client());
+        assert_echo(&first, &pki.server_id, 1).await;
+        assert_echo(&second, &pki.server_id, 2).await;
+        let refused = third.call(&pki.server_id, &echo(3), TIMEOUT).await;
+        let message = format!("{:?}", refused.unwrap_err());
+        assert!(
+            message.contains("limits.max_client_connections"),
+            "{message}"
+        );
+        // The connections within the limit still work; once one goes, a new one is served.
+        assert_echo(&first, &pki.server_id, 4).await;
+        drop(second);
+        let fourth = client();
+        let mut served = false;
+        for attempt in 0..50 {
+            if fourth
+                .call(&pki.server_id, &echo(5 + attempt), TIMEOUT)
+                .await
+                .is_ok()
+            {
+                served = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(
+            served,
+            "a connection freed by a client that left is not reused"
         );
         server.shutdown().await;
     }

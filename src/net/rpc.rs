@@ -51,6 +51,9 @@ pub const CLOSE_NORMAL: u32 = 0;
 pub const CLOSE_MALFORMED_FRAME: u32 = 1;
 /// Application close code: the server is shutting down.
 pub const CLOSE_SHUTDOWN: u32 = 2;
+/// Application close code: the server holds as many connections as its limit allows; the
+/// close reason names the limit.
+pub const CLOSE_TOO_MANY_CONNECTIONS: u32 = 3;
 
 /// Frames queued per stream before writers wait; enough to keep a stream busy, small enough
 /// that a stalled peer cannot make us buffer much.

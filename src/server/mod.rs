@@ -215,7 +215,11 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         config.peer_listen,
         peer_config,
         peer_handler,
-        limits.clone(),
+        RpcLimits {
+            max_connections: config.limits.max_peer_connections as usize,
+            limit_name: "limits.max_peer_connections",
+            ..limits.clone()
+        },
     )
     .map_err(|error| ServerError::Listen {
         address: config.peer_listen,
@@ -270,13 +274,20 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
             })
         },
     );
-    let client_server =
-        QuicServer::bind(config.client_listen, client_config, client_handler, limits).map_err(
-            |error| ServerError::Listen {
-                address: config.client_listen,
-                reason: error.to_string(),
-            },
-        )?;
+    let client_server = QuicServer::bind(
+        config.client_listen,
+        client_config,
+        client_handler,
+        RpcLimits {
+            max_connections: config.limits.max_client_connections as usize,
+            limit_name: "limits.max_client_connections",
+            ..limits
+        },
+    )
+    .map_err(|error| ServerError::Listen {
+        address: config.client_listen,
+        reason: error.to_string(),
+    })?;
 
     let http_tls = if config.http_tls {
         let mut tls_config = tls::client_facing_server_config(&node_identity)
@@ -291,6 +302,7 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         crate::http::HttpSettings {
             address: config.http_listen,
             max_body_bytes: config.limits.max_value_bytes,
+            concurrency: config.limits.http_concurrency as usize,
             tls: http_tls,
             token: config.http_token.clone(),
         },
