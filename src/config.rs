@@ -43,6 +43,7 @@
 //! max_client_connections = 1024       # QUIC client port; one more is closed naming the limit
 //! max_peer_connections = 256          # QUIC peer port
 //! http_concurrency = 512              # HTTP requests at once; past it 503
+//! max_in_flight_bytes = 268435456     # QUIC request bytes held per listener; then wait
 //!
 //! [hints]
 //! max_bytes = 1073741824               # hint storage bound; past it fallbacks refuse writes
@@ -170,6 +171,10 @@ pub struct LimitsConfig {
     pub max_peer_connections: u32,
     /// HTTP requests served at once; past it, 503 naming this field.
     pub http_concurrency: u32,
+    /// Bytes of QUIC request frames each listener holds at once (from header to answer);
+    /// past it, no more request bodies are read until earlier ones finish. At least
+    /// `max_frame_bytes`.
+    pub max_in_flight_bytes: u64,
 }
 
 impl Default for LimitsConfig {
@@ -182,6 +187,7 @@ impl Default for LimitsConfig {
             max_client_connections: 1024,
             max_peer_connections: 256,
             http_concurrency: 512,
+            max_in_flight_bytes: 256 * 1024 * 1024,
         }
     }
 }
@@ -417,6 +423,12 @@ impl Config {
             if !(1..=1_000_000).contains(&value) {
                 return Err(invalid(field, "must be between 1 and 1000000"));
             }
+        }
+        if self.limits.max_in_flight_bytes < u64::from(self.limits.max_frame_bytes) {
+            return Err(invalid(
+                "limits.max_in_flight_bytes",
+                "must be at least limits.max_frame_bytes",
+            ));
         }
         let buckets = &self.buckets;
         if !(1..=16).contains(&buckets.n_val) {

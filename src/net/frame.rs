@@ -238,6 +238,24 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     reader: &mut R,
     max_frame_bytes: u32,
 ) -> Result<Option<Frame>, FrameError> {
+    Ok(read_frame_within(reader, max_frame_bytes, None)
+        .await?
+        .map(|(frame, _)| frame))
+}
+
+/// Bytes of a frame body one permit of a [`read_frame_within`] budget stands for.
+pub const BUDGET_UNIT_BYTES: u32 = 1024;
+
+/// [`read_frame`] that first takes, from `budget`, one permit per started
+/// [`BUDGET_UNIT_BYTES`] of the body the header announces, and waits for them before reading
+/// the body: a server's frames in flight then stay within the budget, and while it is spent
+/// the sender's stream is not read (QUIC flow control pushes back). The permits come back
+/// with the frame; dropping them returns the bytes to the budget.
+pub async fn read_frame_within<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    max_frame_bytes: u32,
+    budget: Option<&std::sync::Arc<tokio::sync::Semaphore>>,
+) -> Result<Option<(Frame, Option<tokio::sync::OwnedSemaphorePermit>)>, FrameError> {
     let mut header = [0u8; HEADER_BYTES];
     let mut filled = 0;
     while filled < HEADER_BYTES {
@@ -259,6 +277,18 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
         filled += read;
     }
     let header = decode_header(&header, max_frame_bytes)?;
+    let permit = match budget {
+        Some(budget) => Some(
+            budget
+                .clone()
+                .acquire_many_owned(header.body_bytes.div_ceil(BUDGET_UNIT_BYTES))
+                .await
+                .map_err(|_| FrameError::Io {
+                    reason: "the server is shutting down".into(),
+                })?,
+        ),
+        None => None,
+    };
     let expected = u64::from(header.body_bytes);
     let mut body = Vec::with_capacity((header.body_bytes as usize).min(INITIAL_BODY_CAPACITY));
     let received = (&mut *reader)
@@ -274,11 +304,12 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
             received: received as u64,
         });
     }
-    Ok(Some(Frame {
+    let frame = Frame {
         kind: header.kind,
         request_id: header.request_id,
         body: Bytes::from(body),
-    }))
+    };
+    Ok(Some((frame, permit)))
 }
 
 /// Encodes a message body on its own (no header), as MessagePack with named fields.

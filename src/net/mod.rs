@@ -126,6 +126,11 @@ pub struct RpcLimits {
     pub max_connections: usize,
     /// The config field that sets `max_connections`, named in refusals.
     pub limit_name: &'static str,
+    /// Bytes of request frames a server holds at once over all its connections, from the
+    /// moment a frame's header is read until its handler finished. Past it, no more request
+    /// bodies are read (senders wait on QUIC flow control), so memory stays bounded however
+    /// many connections send large requests. At least `max_frame_bytes`. Default 256 MiB.
+    pub max_in_flight_bytes: u64,
 }
 
 impl Default for RpcLimits {
@@ -136,6 +141,7 @@ impl Default for RpcLimits {
             max_in_flight_per_connection: 1024,
             max_connections: 1024,
             limit_name: "max_connections",
+            max_in_flight_bytes: 256 * 1024 * 1024,
         }
     }
 }
@@ -166,6 +172,13 @@ impl RpcLimits {
                 field: "streams_per_connection",
                 value: self.streams_per_connection as u64,
                 allowed: "1 to 64",
+            });
+        }
+        if self.max_in_flight_bytes < u64::from(self.max_frame_bytes) {
+            return Err(LimitsError {
+                field: "max_in_flight_bytes",
+                value: self.max_in_flight_bytes,
+                allowed: "at least max_frame_bytes",
             });
         }
         if self.max_connections == 0 {

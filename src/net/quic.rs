@@ -127,6 +127,15 @@ async fn accept_loop<Req, Resp>(
     Resp: Serialize + Send + 'static,
 {
     let mut connections = JoinSet::new();
+    // Request bytes in flight over every connection of this server (see `read_frame_within`).
+    let budget_units = limits
+        .max_in_flight_bytes
+        .div_ceil(u64::from(crate::net::frame::BUDGET_UNIT_BYTES));
+    let budget = Arc::new(tokio::sync::Semaphore::new(
+        usize::try_from(budget_units)
+            .unwrap_or(usize::MAX)
+            .min(tokio::sync::Semaphore::MAX_PERMITS),
+    ));
     loop {
         let incoming = tokio::select! {
             _ = stopped.changed() => break,
@@ -146,6 +155,7 @@ async fn accept_loop<Req, Resp>(
         }
         let over_limit = open >= limits.max_connections;
         let handler = handler.clone();
+        let budget = budget.clone();
         let limits = limits.clone();
         // The handshake runs in its own task so a slow or hostile peer cannot stall accepting.
         connections.spawn(
@@ -162,7 +172,9 @@ async fn accept_loop<Req, Resp>(
                             reason.as_bytes(),
                         );
                     }
-                    Ok(connection) => rpc::serve_connection(connection, handler, limits).await,
+                    Ok(connection) => {
+                        rpc::serve_connection(connection, handler, limits, budget).await
+                    }
                     Err(error) => warn!(peer = %peer, error = %error, "handshake refused"),
                 }
             }
@@ -689,6 +701,77 @@ mod tests {
             served,
             "a connection freed by a client that left is not reused"
         );
+        server.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn request_bytes_in_flight_stay_within_the_servers_budget() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        init_tracing();
+        let pki = pki();
+        let running = Arc::new(AtomicUsize::new(0));
+        let most = Arc::new(AtomicUsize::new(0));
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let (running_in, most_in, gate_in) = (running.clone(), most.clone(), gate.clone());
+        let handler: Handler<TestRequest, TestResponse> = Arc::new(move |request| {
+            let (running, most, gate) = (running_in.clone(), most_in.clone(), gate_in.clone());
+            Box::pin(async move {
+                let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                most.fetch_max(now, Ordering::SeqCst);
+                let _pass = gate.acquire().await;
+                running.fetch_sub(1, Ordering::SeqCst);
+                match request {
+                    TestRequest::Echo { tag, payload } => TestResponse::Echo { tag, payload },
+                    _ => TestResponse::Slept,
+                }
+            })
+        });
+        // Room for one 600 KB request at a time.
+        let limits = RpcLimits {
+            max_in_flight_bytes: 1024 * 1024,
+            ..test_limits()
+        };
+        let server = QuicServer::bind(
+            loopback(),
+            tls::client_facing_server_config(&pki.server).unwrap(),
+            handler,
+            limits,
+        )
+        .unwrap();
+        let mut calls = tokio::task::JoinSet::new();
+        for tag in 0..3u64 {
+            let client: QuicPeers<TestRequest, TestResponse> = QuicPeers::new(
+                loopback(),
+                tls::client_config(&pki.ca.cert_pem).unwrap(),
+                test_limits(),
+            )
+            .unwrap();
+            client.set_address(pki.server_id.clone(), server.local_addr());
+            let server_id = pki.server_id.clone();
+            calls.spawn(async move {
+                let request = TestRequest::Echo {
+                    tag,
+                    payload: "p".repeat(600 * 1024),
+                };
+                client
+                    .call(&server_id, &request, Duration::from_secs(30))
+                    .await
+            });
+        }
+        while running.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            running.load(Ordering::SeqCst),
+            1,
+            "the other two requests wait unread"
+        );
+        gate.add_permits(3);
+        while let Some(call) = calls.join_next().await {
+            assert!(matches!(call.unwrap(), Ok(TestResponse::Echo { .. })));
+        }
+        assert_eq!(most.load(Ordering::SeqCst), 1);
         server.shutdown().await;
     }
 

@@ -18,6 +18,7 @@
 
 use crate::net::frame::{
     self, Frame, FrameError, FrameKind, decode_body, encode_error_frame, encode_frame, read_frame,
+    read_frame_within,
 };
 use crate::net::{MAX_STREAMS_PER_CONNECTION, RpcLimits, SMALL_FRAME_BYTES};
 use bytes::Bytes;
@@ -434,6 +435,7 @@ pub async fn serve_connection<Req, Resp>(
     connection: quinn::Connection,
     handler: Handler<Req, Resp>,
     limits: RpcLimits,
+    budget: Arc<Semaphore>,
 ) where
     Req: DeserializeOwned + Send + 'static,
     Resp: Serialize + Send + 'static,
@@ -461,6 +463,7 @@ pub async fn serve_connection<Req, Resp>(
                 peer,
                 handler: handler.clone(),
                 in_flight: in_flight.clone(),
+                budget: budget.clone(),
                 max_frame_bytes: limits.max_frame_bytes,
             };
             streams.spawn(
@@ -485,6 +488,8 @@ struct StreamContext<Req, Resp> {
     peer: SocketAddr,
     handler: Handler<Req, Resp>,
     in_flight: Arc<Semaphore>,
+    /// Request bytes in flight over the whole server.
+    budget: Arc<Semaphore>,
     max_frame_bytes: u32,
 }
 
@@ -504,24 +509,27 @@ async fn serve_stream<Req, Resp>(
         let Ok(permit) = context.in_flight.clone().acquire_owned().await else {
             return;
         };
-        let frame = match read_frame(&mut receive, context.max_frame_bytes).await {
-            Ok(Some(frame)) if frame.kind == FrameKind::Request => frame,
-            Ok(Some(frame)) => {
-                let error = FrameError::Decode {
-                    reason: format!("expected a request frame, got {:?}", frame.kind),
-                };
-                return close_malformed(&context, &error);
-            }
-            // The client finished its side of the stream; answers still queued are written.
-            Ok(None) => return,
-            Err(error) if error.is_protocol_violation() => {
-                return close_malformed(&context, &error);
-            }
-            Err(error) => {
-                debug!(error = %error, "request stream ended");
-                return;
-            }
-        };
+        let (frame, bytes) =
+            match read_frame_within(&mut receive, context.max_frame_bytes, Some(&context.budget))
+                .await
+            {
+                Ok(Some((frame, bytes))) if frame.kind == FrameKind::Request => (frame, bytes),
+                Ok(Some((frame, _))) => {
+                    let error = FrameError::Decode {
+                        reason: format!("expected a request frame, got {:?}", frame.kind),
+                    };
+                    return close_malformed(&context, &error);
+                }
+                // The client finished its side of the stream; answers still queued are written.
+                Ok(None) => return,
+                Err(error) if error.is_protocol_violation() => {
+                    return close_malformed(&context, &error);
+                }
+                Err(error) => {
+                    debug!(error = %error, "request stream ended");
+                    return;
+                }
+            };
         let handler = context.handler.clone();
         let outgoing = outgoing.clone();
         let max_frame_bytes = context.max_frame_bytes;
@@ -531,6 +539,7 @@ async fn serve_stream<Req, Resp>(
                 // The stream may be gone (connection closed); the answer has nowhere to go.
                 let _ = outgoing.send(reply).await;
                 drop(permit);
+                drop(bytes);
             }
             .in_current_span(),
         );

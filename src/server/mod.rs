@@ -98,6 +98,7 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
     };
     let limits = RpcLimits {
         max_frame_bytes: config.limits.max_frame_bytes,
+        max_in_flight_bytes: config.limits.max_in_flight_bytes,
         ..RpcLimits::default()
     };
 
