@@ -51,6 +51,7 @@
 //! [storage]
 //! sync_writes = true                   # fsync the journal (group commit) before every ack
 //! cache_mib = 64
+//! min_free_mib = 256                  # below this much free disk, writes are refused (507)
 //! ```
 
 use crate::core::ids::NodeId;
@@ -219,6 +220,10 @@ pub struct StorageSettings {
     pub sync_writes: bool,
     /// Block cache size.
     pub cache_mib: u64,
+    /// Free space the data directory's filesystem must keep: below it, writes are refused
+    /// ("insufficient space", HTTP 507) and reads go on; checked every second, so writes
+    /// resume by themselves when space returns.
+    pub min_free_mib: u64,
 }
 
 impl Default for StorageSettings {
@@ -226,6 +231,7 @@ impl Default for StorageSettings {
         StorageSettings {
             sync_writes: true,
             cache_mib: 64,
+            min_free_mib: 256,
         }
     }
 }

@@ -205,6 +205,9 @@ pub enum ErrorKind {
     Internal,
     /// The node requires a client token and the request had none or a wrong one (HTTP 401).
     Unauthorized,
+    /// The node's disk is nearly full (`storage.min_free_mib`): writes are refused until
+    /// space returns (HTTP 507).
+    InsufficientStorage,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]

@@ -63,6 +63,7 @@ impl From<ClientError> for HttpError {
             ErrorKind::QuorumUnmet(_) | ErrorKind::Timeout(_) => StatusCode::SERVICE_UNAVAILABLE,
             ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             ErrorKind::Unauthorized => StatusCode::UNAUTHORIZED,
+            ErrorKind::InsufficientStorage => StatusCode::INSUFFICIENT_STORAGE,
         };
         HttpError::new(status, error.message)
     }

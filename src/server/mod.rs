@@ -81,6 +81,10 @@ pub fn node_settings(config: &Config, validated: &crate::config::Validated) -> N
         handoff_batch: 64,
         rng_seed: None,
         wall_clock: crate::server::node::WallClock::System,
+        space: Some(Arc::new(crate::storage::SpaceGuard::new(
+            config.data_dir.clone(),
+            config.storage.min_free_mib.saturating_mul(1024 * 1024),
+        ))),
     }
 }
 
@@ -186,16 +190,29 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         address_book,
         members_file_dir: Some(config.data_dir.clone()),
     })?);
+    let settings = node_settings(&config, &validated);
+    let space = settings.space.clone();
     let node = Node::new(
         validated.node_id.clone(),
         store,
         gossip.clone(),
         peers.clone(),
-        node_settings(&config, &validated),
+        settings,
     );
     // Peer selection only needs to differ between nodes and runs.
     let gossip_seed = node.store().actor() ^ wall_seconds;
     let background = vec![
+        tokio::spawn(async move {
+            // Free space is measured every second; writes resume by themselves.
+            let mut ticker = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                ticker.tick().await;
+                if let Some(space) = &space {
+                    let space = space.clone();
+                    let _ = tokio::task::spawn_blocking(move || space.refresh()).await;
+                }
+            }
+        }),
         tokio::spawn(gossip.run(peers, gossip_seed)),
         tokio::spawn(
             node.clone()
@@ -258,6 +275,7 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
                         crate::protocol::ErrorKind::InvalidRequest
                         | crate::protocol::ErrorKind::TooLarge
                         | crate::protocol::ErrorKind::Unauthorized => "client_error",
+                        crate::protocol::ErrorKind::InsufficientStorage => "unavailable",
                         crate::protocol::ErrorKind::QuorumUnmet(_)
                         | crate::protocol::ErrorKind::Timeout(_) => "unavailable",
                         crate::protocol::ErrorKind::Internal => "error",

@@ -74,6 +74,8 @@ pub struct NodeSettings {
     pub rng_seed: Option<u64>,
     /// Where timestamps (last-modified, hint creation) come from.
     pub wall_clock: WallClock,
+    /// Refuses writes while the data directory's disk is nearly full (`None`: never).
+    pub space: Option<Arc<crate::storage::SpaceGuard>>,
 }
 
 /// The wall clock a node stamps versions with. Real nodes read the system clock; the
@@ -197,6 +199,17 @@ enum LocalWriteError {
 struct UnknownContext {
     beyond: Vec<(Actor, u64, u64)>,
     content: Content,
+}
+
+impl Node {
+    /// Why writes are refused now (a nearly full disk), if they are.
+    fn space_refusal(&self) -> Option<String> {
+        self.inner
+            .settings
+            .space
+            .as_ref()
+            .and_then(|space| space.refusal())
+    }
 }
 
 impl From<ObjectError> for LocalWriteError {
@@ -429,6 +442,9 @@ impl Node {
                     return PeerResponse::Failed {
                         message: error.message,
                     };
+                }
+                if let Some(reason) = self.space_refusal() {
+                    return PeerResponse::Failed { message: reason };
                 }
                 let copy = Copy {
                     partition,

@@ -49,7 +49,9 @@ mod engine;
 mod hints;
 mod key;
 mod meta;
+mod space;
 pub use meta::write_file_durably;
+pub use space::{SpaceGuard, available_bytes};
 
 pub use engine::{EngineError, MemoryDisk};
 pub use hints::{HintEntry, HintTally, HintWrite};

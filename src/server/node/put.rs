@@ -10,6 +10,9 @@ impl Node {
         if let Err(error) = validate_bucket_and_key(&write.bucket, &write.key) {
             return ClientResponse::Error(error);
         }
+        if let Some(reason) = self.space_refusal() {
+            return error_response(ErrorKind::InsufficientStorage, reason);
+        }
         if write.content.is_none() && write.context.is_none() && !forwarded {
             // A delete without a context deletes what a read at its `r` returns (DESIGN §4),
             // not just what the coordinator happens to hold.
