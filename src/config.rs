@@ -43,6 +43,7 @@
 //! max_client_connections = 1024       # QUIC client port; one more is closed naming the limit
 //! max_peer_connections = 256          # QUIC peer port
 //! http_concurrency = 512              # HTTP requests at once; past it 503
+//! max_http_connections = 1024         # HTTP connections open at once; past it 503
 //! max_in_flight_bytes = 268435456     # QUIC request bytes held per listener; then wait
 //!
 //! [hints]
@@ -172,6 +173,8 @@ pub struct LimitsConfig {
     pub max_peer_connections: u32,
     /// HTTP requests served at once; past it, 503 naming this field.
     pub http_concurrency: u32,
+    /// HTTP connections kept open at once; one more gets a 503 naming this field.
+    pub max_http_connections: u32,
     /// Bytes of QUIC request frames each listener holds at once (from header to answer);
     /// past it, no more request bodies are read until earlier ones finish. At least
     /// `max_frame_bytes`.
@@ -188,6 +191,7 @@ impl Default for LimitsConfig {
             max_client_connections: 1024,
             max_peer_connections: 256,
             http_concurrency: 512,
+            max_http_connections: 1024,
             max_in_flight_bytes: 256 * 1024 * 1024,
         }
     }
@@ -425,6 +429,10 @@ impl Config {
                 self.limits.max_peer_connections,
             ),
             ("limits.http_concurrency", self.limits.http_concurrency),
+            (
+                "limits.max_http_connections",
+                self.limits.max_http_connections,
+            ),
         ] {
             if !(1..=1_000_000).contains(&value) {
                 return Err(invalid(field, "must be between 1 and 1000000"));

@@ -82,3 +82,122 @@ impl axum::serve::Listener for TlsListener {
         Ok(self.local_addr)
     }
 }
+
+/// A listener that keeps at most `limit` connections open. One more is answered at once with
+/// a 503 naming `limits.max_http_connections` and closed, so idle or slow connections cannot
+/// pile up without bound.
+pub(super) struct LimitedListener<L> {
+    inner: L,
+    permits: Arc<tokio::sync::Semaphore>,
+    limit: usize,
+}
+
+impl<L> LimitedListener<L> {
+    pub(super) fn new(inner: L, limit: usize) -> Self {
+        LimitedListener {
+            inner,
+            permits: Arc::new(tokio::sync::Semaphore::new(limit)),
+            limit,
+        }
+    }
+}
+
+/// A connection that holds one of its listener's permits until it is dropped.
+pub(super) struct Counted<Io> {
+    io: Io,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl<Io: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Counted<Io> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        context: &mut std::task::Context<'_>,
+        buffer: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_read(context, buffer)
+    }
+}
+
+impl<Io: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counted<Io> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        context: &mut std::task::Context<'_>,
+        bytes: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(context, bytes)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        context: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(context)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        context: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(context)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        context: &mut std::task::Context<'_>,
+        buffers: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write_vectored(context, buffers)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
+impl<L> axum::serve::Listener for LimitedListener<L>
+where
+    L: axum::serve::Listener,
+    L::Io: Unpin,
+{
+    type Io = Counted<L::Io>;
+    type Addr = L::Addr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let (mut io, address) = self.inner.accept().await;
+            match self.permits.clone().try_acquire_owned() {
+                Ok(permit) => {
+                    return (
+                        Counted {
+                            io,
+                            _permit: permit,
+                        },
+                        address,
+                    );
+                }
+                Err(_) => {
+                    let body = format!(
+                        "too many connections: this node keeps at most {} (limits.max_http_connections)\n",
+                        self.limit
+                    );
+                    let response = format!(
+                        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    tokio::spawn(async move {
+                        use tokio::io::AsyncWriteExt;
+                        let write = async {
+                            io.write_all(response.as_bytes()).await?;
+                            io.shutdown().await
+                        };
+                        let _ = tokio::time::timeout(Duration::from_secs(2), write).await;
+                    });
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.inner.local_addr()
+    }
+}

@@ -255,6 +255,8 @@ pub struct HttpSettings {
     pub token: Option<String>,
     /// Requests served at once (`limits.http_concurrency`).
     pub concurrency: usize,
+    /// Connections kept open at once (`limits.max_http_connections`).
+    pub max_connections: usize,
 }
 
 /// A running HTTP listener; [`HttpServer::shutdown`] stops it.
@@ -284,8 +286,10 @@ impl HttpServer {
             let _ = stopped.wait_for(|stop| *stop).await;
         };
         let tls = settings.tls.is_some();
+        let max_connections = settings.max_connections.max(1);
         let task = match settings.tls {
             None => tokio::spawn(async move {
+                let listener = listener::LimitedListener::new(listener, max_connections);
                 if let Err(error) = axum::serve(listener, app)
                     .with_graceful_shutdown(shutdown)
                     .await
@@ -294,7 +298,10 @@ impl HttpServer {
                 }
             }),
             Some(config) => {
-                let listener = listener::TlsListener::new(listener, config)?;
+                let listener = listener::LimitedListener::new(
+                    listener::TlsListener::new(listener, config)?,
+                    max_connections,
+                );
                 tokio::spawn(async move {
                     if let Err(error) = axum::serve(listener, app)
                         .with_graceful_shutdown(shutdown)
@@ -323,6 +330,7 @@ impl HttpServer {
 #[cfg(test)]
 mod concurrency_tests {
     use super::*;
+    use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// Sends a bare GET and returns the whole response (the server closes the connection).
@@ -373,6 +381,32 @@ mod concurrency_tests {
             "{done}"
         );
         let served = send(address, "/fast").await;
+        assert!(served.starts_with("HTTP/1.1 200"), "{served}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn connections_past_the_limit_get_503_naming_it() {
+        let app = Router::new().route("/fast", axum::routing::get(|| async { "fast" }));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let limited = listener::LimitedListener::new(listener, 1);
+        tokio::spawn(async move { axum::serve(limited, app).await });
+
+        // One idle connection takes the only slot.
+        let idle = tokio::net::TcpStream::connect(address).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let refused = send(address, "/fast").await;
+        assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+        assert!(refused.contains("limits.max_http_connections"), "{refused}");
+        drop(idle);
+        let mut served = String::new();
+        for _ in 0..50 {
+            served = send(address, "/fast").await;
+            if served.starts_with("HTTP/1.1 200") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         assert!(served.starts_with("HTTP/1.1 200"), "{served}");
     }
 }

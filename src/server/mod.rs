@@ -322,6 +322,7 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
             address: config.http_listen,
             max_body_bytes: config.limits.max_value_bytes,
             concurrency: config.limits.http_concurrency as usize,
+            max_connections: config.limits.max_http_connections as usize,
             tls: http_tls,
             token: config.http_token.clone(),
         },
