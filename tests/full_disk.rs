@@ -4,10 +4,10 @@
 
 mod common;
 
-use common::process::{base_port, binary};
+use common::process::{NodeProcess, base_port, binary, make_pki, server_command};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 struct Mounted(PathBuf);
@@ -15,15 +15,6 @@ struct Mounted(PathBuf);
 impl Drop for Mounted {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
-struct ServerProcess(Child);
-
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 
@@ -55,57 +46,17 @@ fn a_full_disk_refuses_writes_keeps_reads_and_recovers_by_itself() {
     }
     let _mounted = Mounted(disk.clone());
 
-    let pki = root.path().join("pki");
-    let pki_text = pki.display().to_string();
-    for args in [
-        vec!["cert", "ca", "--dir", &pki_text],
-        vec![
-            "cert",
-            "node",
-            "--dir",
-            &pki_text,
-            "--id",
-            "n1",
-            "--host",
-            "127.0.0.1",
-        ],
-    ] {
-        let output = run(&args);
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
+    let pki = make_pki(&root.path().join("pki"), "n1");
     let config = root.path().join("dynkv.toml");
     std::fs::write(&config, "[storage]\nmin_free_mib = 16\ncache_mib = 8\n").unwrap();
     let base = base_port(7);
     let address = |offset: u16| format!("127.0.0.1:{}", base + offset);
-    let child = Command::new(binary())
-        .arg("server")
+    let child = server_command(&pki, &disk.join("data"), base)
         .arg("--config")
         .arg(&config)
-        .args(["--node-id", "n1", "--data-dir"])
-        .arg(disk.join("data"))
-        .args([
-            "--peer-listen",
-            &address(100),
-            "--client-listen",
-            &address(0),
-        ])
-        .args(["--http-listen", &address(200)])
-        .arg("--ca-cert")
-        .arg(pki.join("ca.pem"))
-        .arg("--node-cert")
-        .arg(pki.join("n1.pem"))
-        .arg("--node-key")
-        .arg(pki.join("n1.key"))
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
         .spawn()
         .expect("dynkv server starts");
-    let mut server = ServerProcess(child);
+    let mut server = NodeProcess(child);
     let ca = pki.join("ca.pem").display().to_string();
     let node = address(0);
     let client = |args: &[&str]| {

@@ -4,8 +4,8 @@
 
 mod common;
 
-use common::process::{DevCluster, base_port, binary};
-use std::process::{Child, Command, Stdio};
+use common::process::{DevCluster, NodeProcess, base_port, binary, make_pki, server_command};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// One HTTP exchange as curl saw it.
@@ -630,69 +630,18 @@ fn ping_resources_stats_metrics_and_bad_input() {
     assert_eq!(reply.json()["keys"], serde_json::json!(["k"]));
 }
 
-/// A single `dynkv server` process, killed when dropped.
-struct ServerProcess(Child);
-
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn https_with_a_bearer_token_and_a_client_token_on_the_quic_port() {
     let dir = tempfile::tempdir().expect("temporary directory");
-    let pki = dir.path().join("pki");
-    let pki_text = pki.display().to_string();
-    for args in [
-        vec!["cert", "ca", "--dir", &pki_text],
-        vec![
-            "cert",
-            "node",
-            "--dir",
-            &pki_text,
-            "--id",
-            "n1",
-            "--host",
-            "127.0.0.1",
-        ],
-    ] {
-        let output = Command::new(binary())
-            .args(&args)
-            .output()
-            .expect("dynkv cert runs");
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
+    let pki = make_pki(&dir.path().join("pki"), "n1");
     let base = base_port(3);
     let address = |offset: u16| format!("127.0.0.1:{}", base + offset);
-    let child = Command::new(binary())
-        .args(["server", "--node-id", "n1", "--data-dir"])
-        .arg(dir.path().join("data"))
-        .args([
-            "--peer-listen",
-            &address(100),
-            "--client-listen",
-            &address(0),
-        ])
-        .args(["--http-listen", &address(200), "--http-tls", "true"])
+    let child = server_command(&pki, &dir.path().join("data"), base)
+        .args(["--http-tls", "true"])
         .args(["--http-token", "s3cret", "--client-token", "quic-t0ken"])
-        .arg("--ca-cert")
-        .arg(pki.join("ca.pem"))
-        .arg("--node-cert")
-        .arg(pki.join("n1.pem"))
-        .arg("--node-key")
-        .arg(pki.join("n1.key"))
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
         .spawn()
         .expect("dynkv server starts");
-    let _server = ServerProcess(child);
+    let _server = NodeProcess(child);
     let ca = pki.join("ca.pem").display().to_string();
     let url = |path: &str| format!("https://{}{path}", address(200));
 

@@ -620,13 +620,7 @@ mod tests {
             test_limits(),
         )
         .unwrap();
-        let client: QuicPeers<TestRequest, TestResponse> = QuicPeers::new(
-            loopback(),
-            tls::client_config(&pki.ca.cert_pem).unwrap(),
-            test_limits(),
-        )
-        .unwrap();
-        client.set_address(pki.server_id.clone(), server.local_addr());
+        let client = client_of(&pki, &server);
         assert_echo(&client, &pki.server_id, 1).await;
 
         // The client still authenticates the server: a node of another cluster is refused.
@@ -646,6 +640,19 @@ mod tests {
         server.shutdown().await;
     }
 
+    /// A client of the client-facing `server` (no client certificate), on its own endpoint,
+    /// so each one is a connection of its own.
+    fn client_of(pki: &Pki, server: &QuicServer) -> QuicPeers<TestRequest, TestResponse> {
+        let client = QuicPeers::new(
+            loopback(),
+            tls::client_config(&pki.ca.cert_pem).unwrap(),
+            test_limits(),
+        )
+        .unwrap();
+        client.set_address(pki.server_id.clone(), server.local_addr());
+        client
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn connections_past_the_limit_are_closed_with_the_limit_named() {
         init_tracing();
@@ -662,16 +669,7 @@ mod tests {
             },
         )
         .unwrap();
-        let client = || {
-            let client: QuicPeers<TestRequest, TestResponse> = QuicPeers::new(
-                loopback(),
-                tls::client_config(&pki.ca.cert_pem).unwrap(),
-                test_limits(),
-            )
-            .unwrap();
-            client.set_address(pki.server_id.clone(), server.local_addr());
-            client
-        };
+        let client = || client_of(&pki, &server);
         let (first, second, third) = (client(), client(), client());
         assert_echo(&first, &pki.server_id, 1).await;
         assert_echo(&second, &pki.server_id, 2).await;
@@ -740,13 +738,7 @@ mod tests {
         .unwrap();
         let mut calls = tokio::task::JoinSet::new();
         for tag in 0..3u64 {
-            let client: QuicPeers<TestRequest, TestResponse> = QuicPeers::new(
-                loopback(),
-                tls::client_config(&pki.ca.cert_pem).unwrap(),
-                test_limits(),
-            )
-            .unwrap();
-            client.set_address(pki.server_id.clone(), server.local_addr());
+            let client = client_of(&pki, &server);
             let server_id = pki.server_id.clone();
             calls.spawn(async move {
                 let request = TestRequest::Echo {

@@ -72,6 +72,64 @@ pub fn node_log_tails(dir: &Path, lines: usize) -> String {
     report
 }
 
+/// A cluster CA and a certificate for node `node_id` on 127.0.0.1, made with `dynkv cert` in
+/// `dir`; returns `dir`.
+pub fn make_pki(dir: &Path, node_id: &str) -> PathBuf {
+    let text = dir.display().to_string();
+    for args in [
+        vec!["cert", "ca", "--dir", &text],
+        vec![
+            "cert",
+            "node",
+            "--dir",
+            &text,
+            "--id",
+            node_id,
+            "--host",
+            "127.0.0.1",
+        ],
+    ] {
+        let output = Command::new(binary())
+            .args(&args)
+            .output()
+            .expect("dynkv cert runs");
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    dir.to_path_buf()
+}
+
+/// `dynkv server` for node n1 with its certificates from `pki` (see [`make_pki`]), its data in
+/// `data_dir`, its client port at `base`, peer port at `base + 100` and HTTP at `base + 200`,
+/// logging warnings to stderr; the caller adds its own flags and spawns it.
+pub fn server_command(pki: &Path, data_dir: &Path, base: u16) -> Command {
+    let address = |offset: u16| format!("127.0.0.1:{}", base + offset);
+    let mut command = Command::new(binary());
+    command
+        .args(["server", "--node-id", "n1", "--data-dir"])
+        .arg(data_dir)
+        .args([
+            "--client-listen",
+            &address(0),
+            "--peer-listen",
+            &address(100),
+        ])
+        .args(["--http-listen", &address(200)])
+        .arg("--ca-cert")
+        .arg(pki.join("ca.pem"))
+        .arg("--node-cert")
+        .arg(pki.join("n1.pem"))
+        .arg("--node-key")
+        .arg(pki.join("n1.key"))
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    command
+}
+
 /// A `dynkv server` process started by a test; killed and reaped on drop.
 pub struct NodeProcess(pub Child);
 
