@@ -81,10 +81,8 @@ pub fn node_settings(config: &Config, validated: &crate::config::Validated) -> N
         handoff_batch: 64,
         rng_seed: None,
         wall_clock: crate::server::node::WallClock::System,
-        space: Some(Arc::new(crate::storage::SpaceGuard::new(
-            config.data_dir.clone(),
-            config.storage.min_free_mib.saturating_mul(1024 * 1024),
-        ))),
+        // Measured by the running server (see `start`), which owns the data directory.
+        space: None,
     }
 }
 
@@ -190,7 +188,11 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         address_book,
         members_file_dir: Some(config.data_dir.clone()),
     })?);
-    let settings = node_settings(&config, &validated);
+    let mut settings = node_settings(&config, &validated);
+    settings.space = Some(Arc::new(crate::storage::SpaceGuard::new(
+        config.data_dir.clone(),
+        config.storage.min_free_mib.saturating_mul(1024 * 1024),
+    )));
     let space = settings.space.clone();
     let node = Node::new(
         validated.node_id.clone(),

@@ -195,9 +195,11 @@ enum LocalWriteError {
 }
 
 /// What a coordinator's copy does not cover of a write's context: (actor, counter claimed,
-/// counter held) per such actor, and the write's content, handed back for a retry.
+/// counter held) per such actor, and the write's context and content, handed back for a
+/// retry (so the common path moves them instead of keeping copies).
 struct UnknownContext {
     beyond: Vec<(Actor, u64, u64)>,
+    context: Option<Context>,
     content: Content,
 }
 

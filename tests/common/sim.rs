@@ -52,8 +52,6 @@ pub fn default_settings() -> NodeSettings {
     };
     let mut settings = node_settings(&config, &validated);
     settings.request_timeout = Duration::from_millis(500);
-    // Simulated disks do not fill up.
-    settings.space = None;
     settings
 }
 

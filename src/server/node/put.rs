@@ -114,17 +114,14 @@ impl Node {
             hint_for: coordinator.local().hint_for.clone(),
         };
         let mut attempt = self
-            .coordinate_local(
-                &local_copy,
-                context.clone(),
-                content,
-                props.keeps_siblings(),
-            )
+            .coordinate_local(&local_copy, context, content, props.keeps_siblings())
             .await;
         if let Err(LocalWriteError::UnknownContext(unknown)) = attempt {
             // The client read versions this copy has not seen yet (or claims ones nobody
             // issued): bring this copy up to date from the other replicas, then try once more.
-            let content = unknown.content;
+            let UnknownContext {
+                context, content, ..
+            } = *unknown;
             let (answered, asked) = self
                 .catch_up(&local_copy, coordinator.targets(), deadline)
                 .await;
@@ -248,15 +245,16 @@ impl Node {
             // this copy holds is either a version the client read elsewhere (the caller
             // catches this copy up and retries) or forged, and trusting it would let this
             // write's clock cover dots its actor issues later (DESIGN §4).
-            if let Some(context) = &context {
+            let beyond = context.as_ref().map_or_else(Vec::new, |context| {
                 let known = local.as_ref().map(|local| local.join()).unwrap_or_default();
-                let beyond = context.beyond(&known);
-                if !beyond.is_empty() {
-                    return Err(LocalWriteError::UnknownContext(Box::new(UnknownContext {
-                        beyond,
-                        content,
-                    })));
-                }
+                context.beyond(&known)
+            });
+            if !beyond.is_empty() {
+                return Err(LocalWriteError::UnknownContext(Box::new(UnknownContext {
+                    beyond,
+                    context,
+                    content,
+                })));
             }
             let updated = coordinate_put(
                 local.as_ref(),
