@@ -38,7 +38,8 @@
 //! [limits]
 //! max_value_bytes = 8388608
 //! max_siblings = 100
-//! max_object_bytes = 33554432
+//! max_object_bytes = 33554432       # a client write whose key would grow past it: refused
+//! max_merged_object_bytes = 50331648 # a replica merge or a read past it: refused (see below)
 //! max_frame_bytes = 67108864
 //! max_client_connections = 1024       # QUIC client port; one more is closed naming the limit
 //! max_peer_connections = 256          # QUIC peer port
@@ -162,8 +163,15 @@ pub struct LimitsConfig {
     pub max_value_bytes: u64,
     /// Most siblings a key may hold; a write beyond it is refused until a client resolves them.
     pub max_siblings: u32,
-    /// Largest object (all siblings together) a key may hold.
+    /// Largest object (all siblings together) a client write may leave at its coordinator.
     pub max_object_bytes: u64,
+    /// Largest object any copy of a key may hold, and any read may return, once copies
+    /// written through different coordinators meet (concurrent writes each within
+    /// `max_object_bytes` can add up). A replica merge past it is refused, so every copy
+    /// stays within it and fits a frame: a read whose merged answer would exceed it is
+    /// refused, naming it, and a read at `r=1` returns one copy, whose context resolves it.
+    /// Between `max_object_bytes` and `max_frame_bytes` − 1 MiB.
+    pub max_merged_object_bytes: u64,
     /// Largest frame read from the network, checked before allocating.
     pub max_frame_bytes: u32,
     /// Connections the QUIC client port keeps at once; one more is closed with a reason
@@ -187,6 +195,7 @@ impl Default for LimitsConfig {
             max_value_bytes: 8 * 1024 * 1024,
             max_siblings: 100,
             max_object_bytes: 32 * 1024 * 1024,
+            max_merged_object_bytes: 48 * 1024 * 1024,
             max_frame_bytes: 64 * 1024 * 1024,
             max_client_connections: 1024,
             max_peer_connections: 256,
@@ -484,10 +493,16 @@ impl Config {
                 "must be between 1 and limits.max_object_bytes",
             ));
         }
-        if limits.max_object_bytes + 1024 * 1024 > u64::from(limits.max_frame_bytes) {
+        if limits.max_merged_object_bytes < limits.max_object_bytes {
+            return Err(invalid(
+                "limits.max_merged_object_bytes",
+                "must be at least limits.max_object_bytes",
+            ));
+        }
+        if limits.max_merged_object_bytes + 1024 * 1024 > u64::from(limits.max_frame_bytes) {
             return Err(invalid(
                 "limits.max_frame_bytes",
-                "must exceed limits.max_object_bytes by at least 1 MiB, so a full object fits a frame",
+                "must exceed limits.max_merged_object_bytes by at least 1 MiB, so a full object fits a frame",
             ));
         }
         if limits.max_siblings == 0 {

@@ -9,7 +9,7 @@ mod common;
 use common::checker::{History, WriteRecord, describe, dump};
 use common::sim::{SimCluster, default_settings, node_copies, replica_copy, wait_until_stopped};
 use dynkv::core::ids::NodeId;
-use dynkv::core::object::{Context, StoredObject, live_siblings};
+use dynkv::core::object::{Context, StoredObject, live_siblings, object_size_bytes};
 use dynkv::core::quorum::Quorum;
 use dynkv::protocol::{
     ClientRequest, ClientResponse, ErrorKind, GetOptions, NewContent, PutOptions,
@@ -1324,4 +1324,99 @@ async fn a_fallback_whose_hints_are_full_refuses_with_the_limit_named() {
         }
         assert!(delivered, "{key} was acknowledged and not delivered");
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn copies_from_several_coordinators_never_merge_past_the_cap_and_stay_resolvable() {
+    let mut settings = default_settings();
+    settings.max_value_bytes = 700;
+    settings.max_object_bytes = 1000;
+    settings.max_merged_object_bytes = 1500;
+    let cluster = SimCluster::start(3, 17, settings).await;
+    let nodes = [node("n1"), node("n2"), node("n3")];
+    // Three writers, each cut off from the others, each write within max_object_bytes;
+    // together they are past max_merged_object_bytes.
+    for id in &nodes {
+        cluster.network.isolate(id);
+    }
+    let written: Vec<String> = ["a", "b", "c"].iter().map(|v| v.repeat(600)).collect();
+    for (id, value) in nodes.iter().zip(&written) {
+        let response = cluster.client(id, put_w1("k", value, None)).await;
+        assert!(
+            matches!(response, ClientResponse::Stored { .. }),
+            "{response:?}"
+        );
+    }
+    cluster.network.heal_all();
+    let response = cluster.client(&nodes[0], get("k", Quorum::All)).await;
+    let ClientResponse::Error(error) = response else {
+        panic!("a read merging past the cap must be refused, got {response:?}");
+    };
+    assert_eq!(error.kind, ErrorKind::TooLarge);
+    assert!(
+        error.message.contains("limits.max_merged_object_bytes"),
+        "{}",
+        error.message
+    );
+    // Read repair tried to push the merged object; no copy grew past the cap.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for id in &nodes {
+        let copy = cluster.replica(id, BUCKET, b"k").await.expect("a copy");
+        assert!(
+            object_size_bytes(&copy) <= 1500,
+            "{id} holds {} bytes",
+            object_size_bytes(&copy)
+        );
+    }
+    // Each copy is readable at r=1, and its context resolves what it holds.
+    let mut seen = BTreeSet::new();
+    for id in &nodes {
+        let ClientResponse::Found { siblings, context } =
+            cluster.client(id, get("k", Quorum::One)).await
+        else {
+            panic!("one copy must be readable at r=1");
+        };
+        seen.extend(values(&siblings));
+        let response = cluster
+            .client(id, put_w1("k", &format!("resolved by {id}"), Some(context)))
+            .await;
+        assert!(
+            matches!(response, ClientResponse::Stored { .. }),
+            "{response:?}"
+        );
+    }
+    assert!(
+        written.iter().all(|value| seen.contains(value)),
+        "every acknowledged write was readable before it was resolved"
+    );
+    let ClientResponse::Found { siblings, context } =
+        cluster.client(&nodes[0], get("k", Quorum::All)).await
+    else {
+        panic!("the resolved key must be readable at r=all");
+    };
+    assert!(
+        values(&siblings)
+            .iter()
+            .all(|value| value.starts_with("resolved")),
+        "{:?}",
+        values(&siblings)
+    );
+    cluster
+        .client(&nodes[1], put("k", "final", Some(context), Quorum::All))
+        .await;
+    let ClientResponse::Found { siblings, .. } =
+        cluster.client(&nodes[2], get("k", Quorum::All)).await
+    else {
+        panic!("the final value must be readable");
+    };
+    assert_eq!(values(&siblings), BTreeSet::from(["final".to_string()]));
+}
+
+/// A put acknowledged by one replica (`w` and `dw` of one).
+fn put_w1(key: &str, value: &str, context: Option<Vec<u8>>) -> ClientRequest {
+    let mut request = put(key, value, context, Quorum::One);
+    if let ClientRequest::Put { options, .. } = &mut request {
+        options.dw = Quorum::One;
+    }
+    request
 }

@@ -73,6 +73,7 @@ pub fn node_settings(config: &Config, validated: &crate::config::Validated) -> N
         request_timeout: Duration::from_millis(config.request_timeout_ms),
         max_value_bytes: config.limits.max_value_bytes,
         max_object_bytes: config.limits.max_object_bytes,
+        max_merged_object_bytes: config.limits.max_merged_object_bytes,
         max_siblings: config.limits.max_siblings,
         durable_writes: config.storage.sync_writes,
         hint_window: Duration::from_secs(config.hint_window_secs),

@@ -54,6 +54,8 @@ pub struct NodeSettings {
     pub request_timeout: Duration,
     pub max_value_bytes: u64,
     pub max_object_bytes: u64,
+    /// Largest object a replica merge may store or a read return (`limits.max_merged_object_bytes`).
+    pub max_merged_object_bytes: u64,
     pub max_siblings: u32,
     /// The store fsyncs before it acknowledges, so this node's acks count for `dw`.
     pub durable_writes: bool,

@@ -100,9 +100,21 @@ impl Node {
                         reconciled = buckets::reconcile_latest(object);
                         &reconciled
                     };
+                    let size = object_size_bytes(object) as u64;
+                    let limit = self.inner.settings.max_merged_object_bytes;
                     let context = Context::of(object).encode(&bucket, &key);
                     let siblings = live_siblings(object);
-                    if siblings.is_empty() {
+                    if size > limit {
+                        // Each copy fits the limit (replica merges past it are refused), so
+                        // one copy, read at r=1, is always answerable and its context
+                        // resolves what it holds.
+                        error_response(
+                            ErrorKind::TooLarge,
+                            format!(
+                                "the replicas' copies merge to {size} bytes, past the limit of {limit} bytes (limits.max_merged_object_bytes): read with r=1 to get one copy and write back with its context to resolve its siblings"
+                            ),
+                        )
+                    } else if siblings.is_empty() {
                         ClientResponse::NotFound {
                             context: Some(serde_bytes::ByteBuf::from(context)),
                         }

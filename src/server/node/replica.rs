@@ -115,6 +115,7 @@ impl Node {
             .await
             .map_or(true, |props| props.keeps_siblings());
         let key_actors = self.inner.key_actors.clone();
+        let max_merged_object_bytes = self.inner.settings.max_merged_object_bytes;
         let result = self
             .update_copy(copy, move |local| {
                 let collisions = local
@@ -141,6 +142,18 @@ impl Node {
                                 rescue_version(&merged, version.clone(), key_actors.fresh().actor);
                         }
                     }
+                }
+                // Copies written through different coordinators can each be within
+                // `max_object_bytes` and together exceed what a frame carries; this copy stays
+                // as it is (nothing acknowledged here is dropped) and the sender hears why.
+                let size = object_size_bytes(&merged) as u64;
+                if size > max_merged_object_bytes {
+                    return Err(LocalWriteError::Refused(ClientError {
+                        kind: ErrorKind::TooLarge,
+                        message: format!(
+                            "merging would make the object {size} bytes; the limit is {max_merged_object_bytes} bytes (limits.max_merged_object_bytes): read the key with r=1 and write back with its context to resolve its siblings"
+                        ),
+                    }));
                 }
                 Ok((
                     Some(LocalRecord {
