@@ -1420,3 +1420,51 @@ fn put_w1(key: &str, value: &str, context: Option<Vec<u8>>) -> ClientRequest {
     }
     request
 }
+
+#[tokio::test(start_paused = true)]
+async fn key_listing_streams_bounded_pages_and_covers_a_partition_whose_first_owner_is_cut_off() {
+    let cluster = SimCluster::start(3, 23, default_settings()).await;
+    let n1 = node("n1");
+    // Enough keys that partitions take more than one page (128 keys) each.
+    let written: BTreeSet<String> = (0..9_000).map(|index| format!("key-{index:05}")).collect();
+    let writer = cluster.node(&n1).expect("n1 runs");
+    let keys: Vec<String> = written.iter().cloned().collect();
+    let mut writers = tokio::task::JoinSet::new();
+    for chunk in keys.chunks(200) {
+        let (writer, chunk) = (writer.clone(), chunk.to_vec());
+        // Concurrent writers share each group commit, which keeps the test quick.
+        writers.spawn(async move {
+            for key in chunk {
+                let response = writer
+                    .handle_client(put(&key, "v", None, Quorum::All))
+                    .await;
+                assert!(
+                    matches!(response, ClientResponse::Stored { .. }),
+                    "{response:?}"
+                );
+            }
+        });
+    }
+    writers.join_all().await;
+    cluster.network.cut(&n1, &node("n3"));
+    let (sink, mut batches) = tokio::sync::mpsc::channel(1);
+    let lister = cluster.node(&n1).expect("n1 runs");
+    let scan = tokio::spawn(async move {
+        lister
+            .coverage_scan(Some(BUCKET.to_vec()), None, sink)
+            .await
+    });
+    let mut listed = Vec::new();
+    let mut largest_batch = 0;
+    while let Some(batch) = batches.recv().await {
+        largest_batch = largest_batch.max(batch.len());
+        listed.extend(batch.into_iter().map(|key| String::from_utf8(key).unwrap()));
+    }
+    scan.await
+        .unwrap()
+        .expect("every partition has a reachable replica");
+    assert!(largest_batch <= 128, "a batch of {largest_batch} names");
+    let listed_set: BTreeSet<String> = listed.iter().cloned().collect();
+    assert_eq!(listed.len(), listed_set.len(), "no key is listed twice");
+    assert_eq!(listed_set, written);
+}

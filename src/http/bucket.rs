@@ -160,12 +160,16 @@ pub async fn reset_props(State(state): State<AppState>, Path(bucket): Path<Strin
     }
 }
 
-/// A response body fed by a channel, for `keys=stream`.
-struct ChannelBody(mpsc::Receiver<Bytes>);
+/// Bytes of names a `keys=true` listing buffers to answer whole (sorted, with a status that
+/// reflects the scan); past it, the listing is streamed.
+const WHOLE_LISTING_BYTES: usize = 1024 * 1024;
+
+/// A response body fed by a channel, for streamed listings; an error breaks the body off.
+struct ChannelBody(mpsc::Receiver<std::io::Result<Bytes>>);
 
 impl http_body::Body for ChannelBody {
     type Data = Bytes;
-    type Error = std::convert::Infallible;
+    type Error = std::io::Error;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
@@ -173,7 +177,7 @@ impl http_body::Body for ChannelBody {
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
         self.0
             .poll_recv(cx)
-            .map(|chunk| chunk.map(|bytes| Ok(http_body::Frame::data(bytes))))
+            .map(|chunk| chunk.map(|result| result.map(http_body::Frame::data)))
     }
 }
 
@@ -201,30 +205,89 @@ async fn coverage(
     };
     match mode {
         Some("true") => {
-            let (sender, mut receiver) = mpsc::channel(64);
+            let (sender, mut receiver) = mpsc::channel(16);
             let node = state.node.clone();
-            let scan =
+            let mut scan =
                 tokio::spawn(async move { node.coverage_scan(bucket, timeout_ms, sender).await });
+            // A listing that fits a small buffer is answered whole, sorted, with a status that
+            // says whether the scan covered every partition. A larger one is streamed as one
+            // JSON document, so no listing holds every name in memory.
             let mut names = Vec::new();
-            while let Some(batch) = receiver.recv().await {
-                names.extend(batch);
-            }
-            match scan.await {
-                Ok(Ok(())) => {}
-                Ok(Err(error)) => return Err(error.into()),
-                Err(error) => {
-                    return Err(HttpError::new(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        format!("the scan failed: {error}"),
-                    ));
+            let mut buffered_bytes = 0;
+            while buffered_bytes < WHOLE_LISTING_BYTES {
+                match receiver.recv().await {
+                    Some(batch) => {
+                        buffered_bytes += batch.iter().map(|name| name.len() + 8).sum::<usize>();
+                        names.extend(batch);
+                    }
+                    None => {
+                        return match (&mut scan).await {
+                            Ok(Ok(())) => {
+                                names.sort();
+                                Ok(json_response(StatusCode::OK, &names_json(field, &names)))
+                            }
+                            Ok(Err(error)) => Err(error.into()),
+                            Err(error) => Err(HttpError::new(
+                                StatusCode::INTERNAL_SERVER_ERROR,
+                                format!("the scan failed: {error}"),
+                            )),
+                        };
+                    }
                 }
             }
-            names.sort();
-            Ok(json_response(StatusCode::OK, &names_json(field, &names)))
+            let (chunks, body) = mpsc::channel::<std::io::Result<Bytes>>(16);
+            tokio::spawn(async move {
+                let mut opened = false;
+                let mut first = true;
+                let mut send_names = async |names: &[Vec<u8>]| {
+                    let mut chunk = String::new();
+                    if !opened {
+                        chunk.push_str(&format!("{{\"{field}\":["));
+                        opened = true;
+                    }
+                    for name in names {
+                        if !first {
+                            chunk.push(',');
+                        }
+                        first = false;
+                        chunk.push_str(&Value::from(String::from_utf8_lossy(name)).to_string());
+                    }
+                    chunks.send(Ok(Bytes::from(chunk))).await.is_ok()
+                };
+                if !send_names(&names).await {
+                    return;
+                }
+                drop(names);
+                while let Some(batch) = receiver.recv().await {
+                    if !send_names(&batch).await {
+                        return;
+                    }
+                }
+                let ending = match scan.await {
+                    Ok(Ok(())) => Ok(Bytes::from_static(b"]}")),
+                    // The status is sent: an incomplete scan breaks the body off, so that no
+                    // client takes a partial listing for a whole one.
+                    Ok(Err(error)) => {
+                        warn!(error = %error, "listing is incomplete; breaking the response off");
+                        Err(std::io::Error::other(error.message))
+                    }
+                    Err(error) => {
+                        warn!(error = %error, "listing failed; breaking the response off");
+                        Err(std::io::Error::other(error.to_string()))
+                    }
+                };
+                let _ = chunks.send(ending).await;
+            });
+            Ok((
+                StatusCode::OK,
+                [(header::CONTENT_TYPE, "application/json")],
+                Body::new(ChannelBody(body)),
+            )
+                .into_response())
         }
         Some("stream") => {
             let (sender, mut receiver) = mpsc::channel::<Vec<Vec<u8>>>(16);
-            let (chunks, body) = mpsc::channel::<Bytes>(16);
+            let (chunks, body) = mpsc::channel::<std::io::Result<Bytes>>(16);
             let node = state.node.clone();
             tokio::spawn(async move {
                 let scan =
@@ -233,21 +296,24 @@ async fn coverage(
                     );
                 while let Some(batch) = receiver.recv().await {
                     let chunk = names_json(field, &batch).to_string();
-                    if chunks.send(Bytes::from(chunk)).await.is_err() {
+                    if chunks.send(Ok(Bytes::from(chunk))).await.is_err() {
                         return;
                     }
                 }
-                // A stream cannot change its status once started: an incomplete scan ends it
-                // early, with the reason in the log.
-                match scan.await {
-                    Ok(Ok(())) => {
-                        let _ = chunks
-                            .send(Bytes::from(names_json(field, &[]).to_string()))
-                            .await;
+                // A stream cannot change its status once started: an incomplete scan breaks
+                // the body off, with the reason in the log.
+                let ending = match scan.await {
+                    Ok(Ok(())) => Ok(Bytes::from(names_json(field, &[]).to_string())),
+                    Ok(Err(error)) => {
+                        warn!(error = %error, "streamed listing is incomplete");
+                        Err(std::io::Error::other(error.message))
                     }
-                    Ok(Err(error)) => warn!(error = %error, "streamed listing is incomplete"),
-                    Err(error) => warn!(error = %error, "streamed listing failed"),
-                }
+                    Err(error) => {
+                        warn!(error = %error, "streamed listing failed");
+                        Err(std::io::Error::other(error.to_string()))
+                    }
+                };
+                let _ = chunks.send(ending).await;
             });
             Ok((
                 StatusCode::OK,

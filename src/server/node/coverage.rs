@@ -19,6 +19,9 @@ use tracing::debug;
 
 /// Records (or buckets) per page of a scan, so that no answer outgrows a frame.
 const PAGE_LIMIT: u32 = 128;
+/// Partitions a coverage scan reads at once: with pages of [`PAGE_LIMIT`] and a channel of the
+/// same depth, a scan holds a few thousand names at most, however many keys the bucket has.
+const SCAN_PARALLELISM: usize = 8;
 
 type Entry = (Vec<u8>, Vec<u8>);
 
@@ -120,52 +123,107 @@ impl Node {
         }
     }
 
-    /// Every entry of one partition from one node, page by page.
-    async fn scan_from(
+    /// One page of one partition from one node.
+    async fn page_from(
         &self,
         node: &crate::core::ids::NodeId,
         partition: PartitionId,
         bucket: Option<&[u8]>,
+        start_after: Option<Entry>,
         deadline: Instant,
-    ) -> Result<Vec<Entry>, String> {
-        let mut all = Vec::new();
-        let mut start_after: Option<Entry> = None;
-        loop {
-            let (entries, next) = if node == &self.inner.id {
-                self.list_local(partition, bucket, start_after.take(), PAGE_LIMIT)?
-            } else {
-                let request = PeerRequest::ListKeys {
-                    partition,
-                    bucket: bucket.map(|bucket| ByteBuf::from(bucket.to_vec())),
-                    start_after: start_after
-                        .take()
-                        .map(|(bucket, key)| (ByteBuf::from(bucket), ByteBuf::from(key))),
-                    limit: PAGE_LIMIT,
-                };
-                let timeout = deadline.saturating_duration_since(Instant::now());
-                match self.inner.peers.call(node, request, timeout).await {
-                    Ok(PeerResponse::Keys { entries, next }) => (
-                        entries
-                            .into_iter()
-                            .map(|(bucket, key)| (bucket.into_vec(), key.into_vec()))
-                            .collect(),
-                        next.map(|(bucket, key)| (bucket.into_vec(), key.into_vec())),
-                    ),
-                    Ok(other) => return Err(format!("{node} answered {other:?}")),
-                    Err(error) => return Err(format!("{node}: {error}")),
+    ) -> Result<(Vec<Entry>, Option<Entry>), String> {
+        if node == &self.inner.id {
+            return self.list_local(partition, bucket, start_after, PAGE_LIMIT);
+        }
+        let request = PeerRequest::ListKeys {
+            partition,
+            bucket: bucket.map(|bucket| ByteBuf::from(bucket.to_vec())),
+            start_after: start_after
+                .map(|(bucket, key)| (ByteBuf::from(bucket), ByteBuf::from(key))),
+            limit: PAGE_LIMIT,
+        };
+        let timeout = deadline.saturating_duration_since(Instant::now());
+        match self.inner.peers.call(node, request, timeout).await {
+            Ok(PeerResponse::Keys { entries, next }) => {
+                if entries.len() > PAGE_LIMIT as usize {
+                    return Err(format!(
+                        "{node} answered {} entries for a page of {PAGE_LIMIT}",
+                        entries.len()
+                    ));
                 }
-            };
-            all.extend(entries);
-            match next {
-                Some(next) => start_after = Some(next),
-                None => return Ok(all),
+                Ok((
+                    entries
+                        .into_iter()
+                        .map(|(bucket, key)| (bucket.into_vec(), key.into_vec()))
+                        .collect(),
+                    next.map(|(bucket, key)| (bucket.into_vec(), key.into_vec())),
+                ))
             }
+            Ok(other) => Err(format!("{node} answered {other:?}")),
+            Err(error) => Err(format!("{node}: {error}")),
         }
     }
 
+    /// Scans one partition page by page, sending each page on `pages` as it arrives (the
+    /// channel's bound holds the scan back while the consumer is slow). A node that fails is
+    /// replaced by the next candidate, which resumes after the last entry sent: every node
+    /// keeps a partition in the same key order, so nothing is sent twice.
+    async fn scan_partition(
+        &self,
+        partition: PartitionId,
+        candidates: &[crate::core::ids::NodeId],
+        bucket: Option<&[u8]>,
+        deadline: Instant,
+        pages: &mpsc::Sender<Vec<Entry>>,
+    ) -> Result<(), String> {
+        let mut last_error = String::from("no node to ask");
+        let mut start_after: Option<Entry> = None;
+        for (index, candidate) in candidates.iter().enumerate() {
+            // Leave later nodes half of the time if this one does not answer.
+            let attempt_deadline = if index + 1 < candidates.len() {
+                let now = Instant::now();
+                now + deadline.saturating_duration_since(now) / 2
+            } else {
+                deadline
+            };
+            loop {
+                match self
+                    .page_from(
+                        candidate,
+                        partition,
+                        bucket,
+                        start_after.clone(),
+                        attempt_deadline,
+                    )
+                    .await
+                {
+                    Ok((entries, next)) => {
+                        if !entries.is_empty() && pages.send(entries).await.is_err() {
+                            // The consumer went away.
+                            return Ok(());
+                        }
+                        match next {
+                            Some(next) => start_after = Some(next),
+                            None => return Ok(()),
+                        }
+                    }
+                    Err(error) => {
+                        debug!(partition, node = %candidate, error = %error, "coverage scan failed; trying the next node");
+                        last_error = error;
+                        break;
+                    }
+                }
+            }
+        }
+        Err(format!("partition {partition}: {last_error}"))
+    }
+
     /// Lists the live keys of `bucket` (or, with `None`, the bucket names) across the cluster.
-    /// Each partition's new names are sent on `sink` as soon as that partition is scanned
-    /// (for `keys=stream`); the answer is an error when some partition had no node answer.
+    /// Names are sent on `sink` a page at a time as partitions are scanned, with at most
+    /// [`SCAN_PARALLELISM`] partitions in flight, so the scan holds a bounded number of pages
+    /// whatever the bucket's size. Keys are not deduplicated (each lives in one partition);
+    /// bucket names are, which holds one entry per bucket. The answer is an error when some
+    /// partition had no node answer.
     pub async fn coverage_scan(
         &self,
         bucket: Option<Vec<u8>>,
@@ -175,8 +233,13 @@ impl Node {
         let deadline = Instant::now() + self.timeout_of(timeout_ms);
         let ring = self.inner.membership.ring();
         let member_count = ring.members().len();
+        let (pages_sender, mut pages) = mpsc::channel::<Vec<Entry>>(SCAN_PARALLELISM);
+        let mut remaining = 0..ring.partition_count();
         let mut scans = JoinSet::new();
-        for partition in 0..ring.partition_count() {
+        let mut spawn_next = |scans: &mut JoinSet<Result<(), String>>| {
+            let Some(partition) = remaining.next() else {
+                return;
+            };
             let candidates: Vec<_> = ring
                 .preference_list(partition, member_count)
                 .into_iter()
@@ -184,53 +247,50 @@ impl Node {
                 .collect();
             let node = self.clone();
             let bucket = bucket.clone();
+            let pages = pages_sender.clone();
             scans.spawn(async move {
-                let mut last_error = String::from("no node to ask");
-                for (index, candidate) in candidates.iter().enumerate() {
-                    // Leave later nodes half of the time if this one does not answer.
-                    let attempt_deadline = if index + 1 < candidates.len() {
-                        let now = Instant::now();
-                        now + deadline.saturating_duration_since(now) / 2
-                    } else {
-                        deadline
-                    };
-                    match node
-                        .scan_from(candidate, partition, bucket.as_deref(), attempt_deadline)
-                        .await
-                    {
-                        Ok(entries) => return Ok(entries),
-                        Err(error) => {
-                            debug!(partition, node = %candidate, error = %error, "coverage scan failed; trying the next node");
-                            last_error = error;
-                        }
-                    }
-                }
-                Err(format!("partition {partition}: {last_error}"))
+                node.scan_partition(partition, &candidates, bucket.as_deref(), deadline, &pages)
+                    .await
             });
+        };
+        for _ in 0..SCAN_PARALLELISM {
+            spawn_next(&mut scans);
         }
-        let mut seen = HashSet::new();
+        let mut buckets_seen = HashSet::new();
         let mut failure = None;
-        while let Some(joined) = scans.join_next().await {
-            match joined {
-                Ok(Ok(entries)) => {
-                    let fresh: Vec<Vec<u8>> = entries
-                        .into_iter()
-                        .map(
-                            |(entry_bucket, key)| if bucket.is_some() { key } else { entry_bucket },
-                        )
-                        .filter(|name| seen.insert(name.clone()))
-                        .collect();
-                    if !fresh.is_empty() && sink.send(fresh).await.is_err() {
+        loop {
+            tokio::select! {
+                page = pages.recv() => {
+                    let Some(page) = page else { break };
+                    let names: Vec<Vec<u8>> = match &bucket {
+                        Some(_) => page.into_iter().map(|(_, key)| key).collect(),
+                        None => page
+                            .into_iter()
+                            .map(|(bucket, _)| bucket)
+                            .filter(|name| buckets_seen.insert(name.clone()))
+                            .collect(),
+                    };
+                    if !names.is_empty() && sink.send(names).await.is_err() {
                         // The HTTP client went away.
                         scans.abort_all();
                         return Ok(());
                     }
                 }
-                Ok(Err(error)) => {
-                    failure.get_or_insert(error);
-                }
-                Err(error) => {
-                    failure.get_or_insert(error.to_string());
+                Some(joined) = scans.join_next() => {
+                    match joined {
+                        Ok(Ok(())) => {}
+                        Ok(Err(error)) => {
+                            failure.get_or_insert(error);
+                        }
+                        Err(error) => {
+                            failure.get_or_insert(error.to_string());
+                        }
+                    }
+                    spawn_next(&mut scans);
+                    if scans.is_empty() {
+                        // Every scan is done; what they sent is already queued.
+                        pages.close();
+                    }
                 }
             }
         }
