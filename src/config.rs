@@ -46,6 +46,8 @@
 //! http_concurrency = 512              # HTTP requests at once; past it 503
 //! max_http_connections = 1024         # HTTP connections open at once; past it 503
 //! max_in_flight_bytes = 268435456     # QUIC request bytes held per listener; then wait
+//! max_requests_per_connection = 1024  # QUIC requests run at once per connection; then wait
+//! max_in_flight_requests = 4096       # QUIC requests run at once per listener; then wait
 //!
 //! [hints]
 //! max_bytes = 1073741824               # hint storage bound; past it fallbacks refuse writes
@@ -187,6 +189,12 @@ pub struct LimitsConfig {
     /// past it, no more request bodies are read until earlier ones finish. At least
     /// `max_frame_bytes`.
     pub max_in_flight_bytes: u64,
+    /// QUIC requests run at once for one connection; past it, that connection's requests are
+    /// not read until earlier ones finish (QUIC flow control holds the sender).
+    pub max_requests_per_connection: u32,
+    /// QUIC requests run at once over all connections of one listener; past it, no request
+    /// is read until one finishes.
+    pub max_in_flight_requests: u32,
 }
 
 impl Default for LimitsConfig {
@@ -202,6 +210,8 @@ impl Default for LimitsConfig {
             http_concurrency: 512,
             max_http_connections: 1024,
             max_in_flight_bytes: 256 * 1024 * 1024,
+            max_requests_per_connection: 1024,
+            max_in_flight_requests: 4096,
         }
     }
 }
@@ -438,6 +448,14 @@ impl Config {
                 self.limits.max_peer_connections,
             ),
             ("limits.http_concurrency", self.limits.http_concurrency),
+            (
+                "limits.max_requests_per_connection",
+                self.limits.max_requests_per_connection,
+            ),
+            (
+                "limits.max_in_flight_requests",
+                self.limits.max_in_flight_requests,
+            ),
             (
                 "limits.max_http_connections",
                 self.limits.max_http_connections,

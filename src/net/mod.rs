@@ -119,6 +119,9 @@ pub struct RpcLimits {
     /// reading that connection's streams until a handler finishes, so QUIC flow control pushes
     /// back on the sender instead of queueing without bound. Default 1024.
     pub max_in_flight_per_connection: usize,
+    /// Requests a server runs at once over all its connections; past it, no connection's
+    /// streams are read until a handler finishes. Default 4096.
+    pub max_in_flight_requests: usize,
     /// Connections a server keeps at once (handshakes included). One more is accepted only to
     /// be closed with [`rpc::CLOSE_TOO_MANY_CONNECTIONS`] and a reason naming the limit
     /// (`limit_name`); past twice the limit, new ones are refused without a handshake.
@@ -139,6 +142,7 @@ impl Default for RpcLimits {
             max_frame_bytes: 64 * 1024 * 1024,
             streams_per_connection: 4,
             max_in_flight_per_connection: 1024,
+            max_in_flight_requests: 4096,
             max_connections: 1024,
             limit_name: "max_connections",
             max_in_flight_bytes: 256 * 1024 * 1024,
@@ -191,6 +195,13 @@ impl RpcLimits {
         if self.max_in_flight_per_connection == 0 {
             return Err(LimitsError {
                 field: "max_in_flight_per_connection",
+                value: 0,
+                allowed: "at least 1",
+            });
+        }
+        if self.max_in_flight_requests == 0 {
+            return Err(LimitsError {
+                field: "max_in_flight_requests",
                 value: 0,
                 allowed: "at least 1",
             });

@@ -127,15 +127,8 @@ async fn accept_loop<Req, Resp>(
     Resp: Serialize + Send + 'static,
 {
     let mut connections = JoinSet::new();
-    // Request bytes in flight over every connection of this server (see `read_frame_within`).
-    let budget_units = limits
-        .max_in_flight_bytes
-        .div_ceil(u64::from(crate::net::frame::BUDGET_UNIT_BYTES));
-    let budget = Arc::new(tokio::sync::Semaphore::new(
-        usize::try_from(budget_units)
-            .unwrap_or(usize::MAX)
-            .min(tokio::sync::Semaphore::MAX_PERMITS),
-    ));
+    // Request bytes and requests in flight over every connection of this server.
+    let budget = rpc::ServerBudget::new(&limits);
     loop {
         let incoming = tokio::select! {
             _ = stopped.changed() => break,

@@ -435,7 +435,7 @@ pub async fn serve_connection<Req, Resp>(
     connection: quinn::Connection,
     handler: Handler<Req, Resp>,
     limits: RpcLimits,
-    budget: Arc<Semaphore>,
+    budget: ServerBudget,
 ) where
     Req: DeserializeOwned + Send + 'static,
     Resp: Serialize + Send + 'static,
@@ -483,13 +483,40 @@ pub async fn serve_connection<Req, Resp>(
     .await
 }
 
+/// What a server's connections share: permits for the request bytes
+/// ([`RpcLimits::max_in_flight_bytes`], in units of [`crate::net::frame::BUDGET_UNIT_BYTES`])
+/// and the requests ([`RpcLimits::max_in_flight_requests`]) in flight over all of them.
+#[derive(Clone)]
+pub struct ServerBudget {
+    pub bytes: Arc<Semaphore>,
+    pub requests: Arc<Semaphore>,
+}
+
+impl ServerBudget {
+    pub fn new(limits: &RpcLimits) -> Self {
+        let byte_units = limits
+            .max_in_flight_bytes
+            .div_ceil(u64::from(crate::net::frame::BUDGET_UNIT_BYTES));
+        let permits = |count: u64| {
+            usize::try_from(count)
+                .unwrap_or(usize::MAX)
+                .min(Semaphore::MAX_PERMITS)
+        };
+        ServerBudget {
+            bytes: Arc::new(Semaphore::new(permits(byte_units))),
+            requests: Arc::new(Semaphore::new(permits(
+                limits.max_in_flight_requests as u64,
+            ))),
+        }
+    }
+}
+
 struct StreamContext<Req, Resp> {
     connection: quinn::Connection,
     peer: SocketAddr,
     handler: Handler<Req, Resp>,
     in_flight: Arc<Semaphore>,
-    /// Request bytes in flight over the whole server.
-    budget: Arc<Semaphore>,
+    budget: ServerBudget,
     max_frame_bytes: u32,
 }
 
@@ -509,8 +536,15 @@ async fn serve_stream<Req, Resp>(
         let Ok(permit) = context.in_flight.clone().acquire_owned().await else {
             return;
         };
+        let Ok(server_permit) = context.budget.requests.clone().acquire_owned().await else {
+            return;
+        };
         let (frame, bytes) =
-            match read_frame_within(&mut receive, context.max_frame_bytes, Some(&context.budget))
+            match read_frame_within(
+                &mut receive,
+                context.max_frame_bytes,
+                Some(&context.budget.bytes),
+            )
                 .await
             {
                 Ok(Some((frame, bytes))) if frame.kind == FrameKind::Request => (frame, bytes),
@@ -539,6 +573,7 @@ async fn serve_stream<Req, Resp>(
                 // The stream may be gone (connection closed); the answer has nowhere to go.
                 let _ = outgoing.send(reply).await;
                 drop(permit);
+                drop(server_permit);
                 drop(bytes);
             }
             .in_current_span(),

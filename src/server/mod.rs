@@ -102,6 +102,8 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
     let limits = RpcLimits {
         max_frame_bytes: config.limits.max_frame_bytes,
         max_in_flight_bytes: config.limits.max_in_flight_bytes,
+        max_in_flight_per_connection: config.limits.max_requests_per_connection as usize,
+        max_in_flight_requests: config.limits.max_in_flight_requests as usize,
         ..RpcLimits::default()
     };
 
