@@ -56,6 +56,7 @@
 //! sync_writes = true                   # fsync the journal (group commit) before every ack
 //! cache_mib = 64
 //! min_free_mib = 256                  # below this much free disk, writes are refused (507)
+//! write_buffer_mib = 256              # memtables over all partitions (each gets its share)
 //! ```
 
 use crate::core::ids::NodeId;
@@ -247,6 +248,11 @@ pub struct StorageSettings {
     /// ("insufficient space", HTTP 507) and reads go on; checked every second, so writes
     /// resume by themselves when space returns.
     pub min_free_mib: u64,
+    /// Memory for writes not yet flushed to disk, over all partitions: each partition's
+    /// memtable is flushed once it holds its share (this divided by `partition_count`, at
+    /// least 1 MiB). A memtable being flushed is still in memory while the next fills, so
+    /// memtables take up to twice this.
+    pub write_buffer_mib: u64,
 }
 
 impl Default for StorageSettings {
@@ -255,6 +261,7 @@ impl Default for StorageSettings {
             sync_writes: true,
             cache_mib: 64,
             min_free_mib: 256,
+            write_buffer_mib: 256,
         }
     }
 }
@@ -319,6 +326,12 @@ pub struct Validated {
 }
 
 impl Config {
+    /// Each partition's memtable size: its share of `storage.write_buffer_mib`, at least 1 MiB.
+    pub fn memtable_bytes(&self) -> u64 {
+        (self.storage.write_buffer_mib * 1024 * 1024 / u64::from(self.partition_count.max(1)))
+            .max(1024 * 1024)
+    }
+
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
@@ -522,6 +535,9 @@ impl Config {
                 "limits.max_frame_bytes",
                 "must exceed limits.max_merged_object_bytes by at least 1 MiB, so a full object fits a frame",
             ));
+        }
+        if self.storage.write_buffer_mib == 0 {
+            return Err(invalid("storage.write_buffer_mib", "must be at least 1"));
         }
         if limits.max_siblings == 0 {
             return Err(invalid("limits.max_siblings", "must be at least 1"));

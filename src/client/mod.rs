@@ -89,12 +89,30 @@ struct Connected {
     rpc: RpcClient<ClientRequest, ClientResponse>,
 }
 
+/// Why a connection failed, in words a user can act on. A node far past its connection limit
+/// refuses new connections before the handshake, so no reason can travel with the refusal.
+fn describe_connection_error(error: &quinn::ConnectionError) -> String {
+    match error {
+        quinn::ConnectionError::ConnectionClosed(close)
+            if close.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED =>
+        {
+            "the node refused the connection: it is far past its connection limit \
+             (limits.max_client_connections)"
+                .to_string()
+        }
+        other => other.to_string(),
+    }
+}
+
 /// A connection to a cluster; cheap to clone and safe to share between tasks.
 #[derive(Clone)]
 pub struct Client {
     config: Arc<ClientConfig>,
     endpoint: quinn::Endpoint,
     current: Arc<Mutex<Option<Arc<Connected>>>>,
+    /// Held while connecting, so that concurrent requests of a client without a connection
+    /// wait for one attempt instead of each opening a connection of its own.
+    connecting: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Client {
@@ -118,6 +136,7 @@ impl Client {
             config: Arc::new(config),
             endpoint,
             current: Arc::new(Mutex::new(None)),
+            connecting: Arc::new(tokio::sync::Mutex::new(())),
         };
         client.connection().await?;
         Ok(client)
@@ -135,6 +154,11 @@ impl Client {
         if let Some(connected) = self.current.lock().clone() {
             return Ok(connected);
         }
+        let _connecting = self.connecting.lock().await;
+        // Another request may have connected while this one waited.
+        if let Some(connected) = self.current.lock().clone() {
+            return Ok(connected);
+        }
         let mut last = String::new();
         for address in &self.config.nodes {
             // Nodes' certificates name their IP addresses, so the address is the server name.
@@ -144,7 +168,9 @@ impl Client {
                     .endpoint
                     .connect(*address, &server_name)
                     .map_err(|error| error.to_string())?;
-                connecting.await.map_err(|error| error.to_string())
+                connecting
+                    .await
+                    .map_err(|error| describe_connection_error(&error))
             };
             match tokio::time::timeout(Duration::from_secs(5), attempt).await {
                 Ok(Ok(connection)) => {

@@ -539,31 +539,30 @@ async fn serve_stream<Req, Resp>(
         let Ok(server_permit) = context.budget.requests.clone().acquire_owned().await else {
             return;
         };
-        let (frame, bytes) =
-            match read_frame_within(
-                &mut receive,
-                context.max_frame_bytes,
-                Some(&context.budget.bytes),
-            )
-                .await
-            {
-                Ok(Some((frame, bytes))) if frame.kind == FrameKind::Request => (frame, bytes),
-                Ok(Some((frame, _))) => {
-                    let error = FrameError::Decode {
-                        reason: format!("expected a request frame, got {:?}", frame.kind),
-                    };
-                    return close_malformed(&context, &error);
-                }
-                // The client finished its side of the stream; answers still queued are written.
-                Ok(None) => return,
-                Err(error) if error.is_protocol_violation() => {
-                    return close_malformed(&context, &error);
-                }
-                Err(error) => {
-                    debug!(error = %error, "request stream ended");
-                    return;
-                }
-            };
+        let (frame, bytes) = match read_frame_within(
+            &mut receive,
+            context.max_frame_bytes,
+            Some(&context.budget.bytes),
+        )
+        .await
+        {
+            Ok(Some((frame, bytes))) if frame.kind == FrameKind::Request => (frame, bytes),
+            Ok(Some((frame, _))) => {
+                let error = FrameError::Decode {
+                    reason: format!("expected a request frame, got {:?}", frame.kind),
+                };
+                return close_malformed(&context, &error);
+            }
+            // The client finished its side of the stream; answers still queued are written.
+            Ok(None) => return,
+            Err(error) if error.is_protocol_violation() => {
+                return close_malformed(&context, &error);
+            }
+            Err(error) => {
+                debug!(error = %error, "request stream ended");
+                return;
+            }
+        };
         let handler = context.handler.clone();
         let outgoing = outgoing.clone();
         let max_frame_bytes = context.max_frame_bytes;

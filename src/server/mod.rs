@@ -113,6 +113,7 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
             sync_writes: config.storage.sync_writes,
             cache_bytes: config.storage.cache_mib * 1024 * 1024,
             hints_max_bytes: config.hints.max_bytes,
+            memtable_bytes: config.memtable_bytes(),
         },
     )
     .map_err(|error| ServerError::Storage {

@@ -31,7 +31,8 @@ pub(super) type Pair = (Vec<u8>, Vec<u8>);
 
 /// A whole database: fjall's, or an in-memory disk's.
 pub(super) enum Engine {
-    Fjall(fjall::Database),
+    /// A fjall database and the memtable size each keyspace opened in it gets.
+    Fjall(fjall::Database, u64),
     Memory(MemoryHandle),
 }
 
@@ -45,9 +46,11 @@ pub(super) enum Space {
 impl Engine {
     pub(super) fn keyspace(&self, name: &str) -> Result<Space, EngineError> {
         match self {
-            Engine::Fjall(database) => Ok(Space::Fjall(
-                database.keyspace(name, KeyspaceCreateOptions::default)?,
-            )),
+            Engine::Fjall(database, memtable_bytes) => {
+                Ok(Space::Fjall(database.keyspace(name, || {
+                    KeyspaceCreateOptions::default().max_memtable_size(*memtable_bytes)
+                })?))
+            }
             Engine::Memory(disk) => {
                 disk.with(|state| {
                     state.volatile.entry(name.to_string()).or_default();
@@ -62,7 +65,7 @@ impl Engine {
 
     pub(super) fn keyspace_names(&self) -> Result<Vec<String>, EngineError> {
         match self {
-            Engine::Fjall(database) => Ok(database
+            Engine::Fjall(database, _) => Ok(database
                 .list_keyspace_names()
                 .iter()
                 .map(|name| name.to_string())
@@ -73,7 +76,7 @@ impl Engine {
 
     pub(super) fn delete_keyspace(&self, space: Space) -> Result<(), EngineError> {
         match (self, space) {
-            (Engine::Fjall(database), Space::Fjall(keyspace)) => {
+            (Engine::Fjall(database, _), Space::Fjall(keyspace)) => {
                 Ok(database.delete_keyspace(keyspace)?)
             }
             (Engine::Memory(disk), Space::Memory { name, .. }) => disk.with(|state| {
@@ -86,7 +89,7 @@ impl Engine {
     /// Makes every write so far durable (fjall: fsync of the journal).
     pub(super) fn persist(&self, mode: PersistMode) -> Result<(), EngineError> {
         match self {
-            Engine::Fjall(database) => Ok(database.persist(mode)?),
+            Engine::Fjall(database, _) => Ok(database.persist(mode)?),
             Engine::Memory(disk) => {
                 disk.wait_while_persists_are_held()?;
                 disk.with(|state| state.durable = state.volatile.clone())

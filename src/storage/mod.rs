@@ -94,6 +94,11 @@ pub struct StorageConfig {
     /// Most bytes (keys and values) the hints keyspace may hold; a hint write that would
     /// grow it past this is refused ([`StorageError::HintsFull`]). Default 1 GiB.
     pub hints_max_bytes: u64,
+    /// Most bytes one keyspace (partition) keeps in its memtable before flushing it to disk.
+    /// Every keyspace has one, and one more while it is flushed, so the memtables of a node
+    /// take up to twice this times its keyspaces: fjall's journal bound does not flush them
+    /// soon enough to bound memory (seen in `tests/flood.rs`). Default 64 MiB.
+    pub memtable_bytes: u64,
 }
 
 impl Default for StorageConfig {
@@ -102,6 +107,7 @@ impl Default for StorageConfig {
             sync_writes: true,
             cache_bytes: 64 * 1024 * 1024,
             hints_max_bytes: 1024 * 1024 * 1024,
+            memtable_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -320,7 +326,13 @@ impl Store {
                 path: database_dir,
                 source,
             })?;
-        Store::open_engine(Engine::Fjall(database), location, epoch, config)
+        let memtable_bytes = config.memtable_bytes;
+        Store::open_engine(
+            Engine::Fjall(database, memtable_bytes),
+            location,
+            epoch,
+            config,
+        )
     }
 
     /// Opens a store on a simulated disk (see `engine.rs`): for deterministic simulation

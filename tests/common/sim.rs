@@ -147,6 +147,7 @@ impl SimCluster {
                 sync_writes: self.settings.durable_writes,
                 cache_bytes: 8 * 1024 * 1024,
                 hints_max_bytes: self.hints_max_bytes,
+                ..StorageConfig::default()
             },
         )
         .expect("store opens");

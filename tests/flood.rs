@@ -1,0 +1,366 @@
+//! A flood against one real node, over QUIC and HTTP at once: more connections than the
+//! limits allow and large concurrent writes. The node must refuse what is past each limit with
+//! an error naming it, stay up, answer a normal request meanwhile, and keep its resident memory
+//! (read from `/proc`) under a bound computed from the limits in force.
+
+mod common;
+
+use common::process::{NodeProcess, base_port, make_pki, server_command};
+use dynkv::client::{Client, ClientConfig};
+use dynkv::protocol::{GetOptions, NewContent, PutOptions};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const MIB: u64 = 1024 * 1024;
+
+/// The limits in force: small, so that a test on a laptop crosses every one of them.
+struct Limits {
+    max_value_bytes: u64,
+    max_frame_bytes: u64,
+    max_in_flight_bytes: u64,
+    max_client_connections: u64,
+    max_http_connections: u64,
+    http_concurrency: u64,
+    max_requests_per_connection: u64,
+    max_in_flight_requests: u64,
+    cache_mib: u64,
+    write_buffer_mib: u64,
+}
+
+const LIMITS: Limits = Limits {
+    max_value_bytes: 2 * MIB,
+    max_frame_bytes: 16 * MIB,
+    max_in_flight_bytes: 32 * MIB,
+    max_client_connections: 16,
+    max_http_connections: 16,
+    http_concurrency: 4,
+    max_requests_per_connection: 8,
+    max_in_flight_requests: 32,
+    cache_mib: 16,
+    write_buffer_mib: 64,
+};
+
+impl Limits {
+    fn toml(&self) -> String {
+        format!(
+            "[limits]\nmax_value_bytes = {}\nmax_object_bytes = {}\nmax_merged_object_bytes = {}\n\
+             max_frame_bytes = {}\nmax_in_flight_bytes = {}\nmax_client_connections = {}\n\
+             max_http_connections = {}\nhttp_concurrency = {}\nmax_requests_per_connection = {}\n\
+             max_in_flight_requests = {}\n[storage]\ncache_mib = {}\n\
+             write_buffer_mib = {}\n",
+            self.max_value_bytes,
+            4 * self.max_value_bytes,
+            6 * self.max_value_bytes,
+            self.max_frame_bytes,
+            self.max_in_flight_bytes,
+            self.max_client_connections,
+            self.max_http_connections,
+            self.http_concurrency,
+            self.max_requests_per_connection,
+            self.max_in_flight_requests,
+            self.cache_mib,
+            self.write_buffer_mib,
+        )
+    }
+
+    /// What the flood may add to the node's resident memory. Every request body the node holds
+    /// is within the QUIC byte budget or an HTTP request slot; each may exist three times at
+    /// once (the frame or body as read, the decoded value, the encoded record in the storage
+    /// batch). Each connection costs its TLS and QUIC state and buffers (1 MiB each,
+    /// generously). The store adds its block cache and its memtables: the write buffer, and as
+    /// much again while memtables are flushed.
+    fn memory_bound_bytes(&self) -> u64 {
+        let request_bytes = self.max_in_flight_bytes + self.http_concurrency * self.max_value_bytes;
+        let connections = (self.max_client_connections + self.max_http_connections) * MIB;
+        let store = (self.cache_mib + 2 * self.write_buffer_mib) * MIB;
+        3 * request_bytes + connections + store
+    }
+}
+
+fn resident_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|line| line.starts_with(field))
+        .and_then(|line| line.split_whitespace().nth(1))
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(0)
+}
+
+fn content(value: Vec<u8>) -> NewContent {
+    NewContent {
+        value,
+        content_type: "application/octet-stream".into(),
+        user_metadata: Vec::new(),
+    }
+}
+
+async fn client(address: SocketAddr, ca: &str) -> Client {
+    let mut config = ClientConfig::new(vec![address], ca.to_string());
+    config.request_timeout = Duration::from_secs(60);
+    Client::connect(config).await.expect("client endpoint")
+}
+
+/// Sends one HTTP/1.1 request on a fresh connection and returns the whole response.
+async fn http(address: SocketAddr, method: &str, path: &str, body: &[u8]) -> String {
+    let Ok(mut stream) = TcpStream::connect(address).await else {
+        return String::from("connection refused");
+    };
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: flood\r\nConnection: close\r\n\
+         Content-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    let mut response = Vec::new();
+    // A refusal may come before the body is sent, and the server may close then: read the
+    // answer either way.
+    if stream.write_all(head.as_bytes()).await.is_ok() {
+        let _ = stream.write_all(body).await;
+    }
+    let _ = stream.read_to_end(&mut response).await;
+    String::from_utf8_lossy(&response).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_is_refused_by_the_named_limits_while_the_node_serves_and_stays_bounded() {
+    let root = tempfile::tempdir().expect("temporary directory");
+    let pki = make_pki(&root.path().join("pki"), "n1");
+    let config = root.path().join("dynkv.toml");
+    std::fs::write(&config, LIMITS.toml()).unwrap();
+    let base = base_port(8);
+    let quic: SocketAddr = format!("127.0.0.1:{base}").parse().unwrap();
+    let web: SocketAddr = format!("127.0.0.1:{}", base + 200).parse().unwrap();
+    let child = server_command(&pki, &root.path().join("data"), base)
+        .arg("--config")
+        .arg(&config)
+        .spawn()
+        .expect("dynkv server starts");
+    let mut server = NodeProcess(child);
+    let pid = server.0.id();
+    let ca = std::fs::read_to_string(pki.join("ca.pem")).unwrap();
+
+    // A normal client, connected before the flood.
+    let normal = client(quic, &ca).await;
+    let mut answered = false;
+    for _ in 0..300 {
+        if normal.ping().await.is_ok() {
+            answered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(answered, "the node never answered");
+    for index in 0..20 {
+        normal
+            .put(
+                b"normal",
+                format!("k{index}").as_bytes(),
+                None,
+                content(vec![b'n'; 1000]),
+                PutOptions::default(),
+            )
+            .await
+            .expect("a normal write before the flood");
+    }
+    let baseline_kib = resident_kib(pid, "VmRSS:");
+
+    // Sample the resident size while the flood runs.
+    let flooding = Arc::new(AtomicBool::new(true));
+    let peak_sampled_kib = Arc::new(AtomicU64::new(baseline_kib));
+    let sampler = {
+        let (flooding, peak) = (flooding.clone(), peak_sampled_kib.clone());
+        tokio::spawn(async move {
+            while flooding.load(Ordering::Relaxed) {
+                peak.fetch_max(resident_kib(pid, "VmRSS:"), Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+
+    // QUIC: more connections than allowed, each sending large writes as fast as it may.
+    let value_bytes = LIMITS.max_value_bytes as usize - 64 * 1024;
+    let mut quic_flood = tokio::task::JoinSet::new();
+    for connection in 0..(LIMITS.max_client_connections + 8) {
+        let ca = ca.clone();
+        quic_flood.spawn(async move {
+            let flooder = Arc::new(client(quic, &ca).await);
+            let mut writes = tokio::task::JoinSet::new();
+            for request in 0..(2 * LIMITS.max_requests_per_connection) {
+                let flooder = flooder.clone();
+                writes.spawn(async move {
+                    let key = format!("c{connection}-r{request}");
+                    flooder
+                        .put(
+                            b"flood",
+                            key.as_bytes(),
+                            None,
+                            content(vec![b'q'; value_bytes]),
+                            PutOptions::default(),
+                        )
+                        .await
+                        .map(|_| ())
+                });
+            }
+            writes.join_all().await
+        });
+    }
+
+    // HTTP: hold every connection slot, then ask once more.
+    let mut held = Vec::new();
+    for _ in 0..LIMITS.max_http_connections {
+        held.push(TcpStream::connect(web).await.expect("an HTTP connection"));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let refused = http(web, "GET", "/ping", b"").await;
+    assert!(
+        refused.starts_with("HTTP/1.1 503") && refused.contains("limits.max_http_connections"),
+        "one connection past the limit: {refused}"
+    );
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // HTTP: slow uploads take every request slot; one more request is refused.
+    let mut slow = Vec::new();
+    for index in 0..LIMITS.http_concurrency {
+        let mut stream = TcpStream::connect(web).await.expect("an HTTP connection");
+        let head = format!(
+            "PUT /buckets/flood/keys/slow{index} HTTP/1.1\r\nHost: flood\r\nConnection: close\r\n\
+             Content-Type: application/octet-stream\r\nContent-Length: {value_bytes}\r\n\r\n"
+        );
+        stream.write_all(head.as_bytes()).await.unwrap();
+        stream
+            .write_all(&vec![b'h'; value_bytes / 2])
+            .await
+            .unwrap();
+        slow.push(stream);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let refused = http(web, "GET", "/ping", b"").await;
+    assert!(
+        refused.starts_with("HTTP/1.1 503") && refused.contains("limits.http_concurrency"),
+        "one request past the concurrency limit: {refused}"
+    );
+    let mut slow_answers = tokio::task::JoinSet::new();
+    for mut stream in slow {
+        slow_answers.spawn(async move {
+            stream
+                .write_all(&vec![b'h'; value_bytes - value_bytes / 2])
+                .await
+                .unwrap();
+            let mut response = Vec::new();
+            let _ = stream.read_to_end(&mut response).await;
+            String::from_utf8_lossy(&response).into_owned()
+        });
+    }
+    for answer in slow_answers.join_all().await {
+        assert!(
+            answer.starts_with("HTTP/1.1 204"),
+            "a slow upload: {answer}"
+        );
+    }
+    // And a burst of large uploads, more than the slots.
+    let mut http_flood = tokio::task::JoinSet::new();
+    for index in 0..(4 * LIMITS.http_concurrency) {
+        http_flood.spawn(async move {
+            http(
+                web,
+                "PUT",
+                &format!("/buckets/flood/keys/h{index}"),
+                &vec![b'h'; value_bytes],
+            )
+            .await
+        });
+    }
+
+    // The normal client is served while all of that runs.
+    let during = normal
+        .get(b"normal", b"k7", GetOptions::default())
+        .await
+        .expect("a normal read during the flood");
+    assert_eq!(during.siblings.len(), 1);
+    normal
+        .put(
+            b"normal",
+            b"during",
+            None,
+            content(b"served".to_vec()),
+            PutOptions::default(),
+        )
+        .await
+        .expect("a normal write during the flood");
+
+    let mut quic_stored = 0;
+    let mut quic_refused_connection = 0;
+    let mut quic_other = Vec::new();
+    for outcome in quic_flood.join_all().await.into_iter().flatten() {
+        match outcome {
+            Ok(()) => quic_stored += 1,
+            Err(error) => {
+                let message = error.to_string();
+                if message.contains("limits.max_client_connections") {
+                    quic_refused_connection += 1;
+                } else {
+                    quic_other.push(message);
+                }
+            }
+        }
+    }
+    let mut http_stored = 0;
+    let mut http_refused = 0;
+    for answer in http_flood.join_all().await {
+        if answer.starts_with("HTTP/1.1 204") {
+            http_stored += 1;
+        } else {
+            assert!(
+                answer.starts_with("HTTP/1.1 503")
+                    && (answer.contains("limits.http_concurrency")
+                        || answer.contains("limits.max_http_connections")),
+                "an upload past the limits is refused naming one: {answer}"
+            );
+            http_refused += 1;
+        }
+    }
+    flooding.store(false, Ordering::Relaxed);
+    sampler.await.unwrap();
+    let peak_kib = resident_kib(pid, "VmHWM:").max(peak_sampled_kib.load(Ordering::Relaxed));
+
+    assert!(
+        server.0.try_wait().unwrap().is_none(),
+        "the node died under the flood"
+    );
+    assert!(
+        quic_other.is_empty(),
+        "QUIC writes failed for reasons other than the connection limit: {quic_other:?}"
+    );
+    assert!(
+        quic_refused_connection > 0,
+        "no QUIC connection was refused naming limits.max_client_connections"
+    );
+    assert!(quic_stored > 0, "no flood write was stored");
+    // Every write the node acknowledged reads back whole.
+    let after = normal
+        .get(b"normal", b"during", GetOptions::default())
+        .await
+        .expect("the write made during the flood reads back");
+    assert_eq!(after.siblings[0].value, b"served");
+    let big = normal
+        .get(b"flood", b"slow0", GetOptions::default())
+        .await
+        .expect("a slow upload reads back");
+    assert_eq!(big.siblings[0].value.len(), value_bytes);
+
+    let bound_kib = baseline_kib + LIMITS.memory_bound_bytes() / 1024;
+    eprintln!(
+        "flood: QUIC {quic_stored} writes stored, {quic_refused_connection} refused by \
+         limits.max_client_connections (on connections past it); HTTP {http_stored} uploads stored, {http_refused} refused; \
+         resident memory {baseline_kib} KiB before, peak {peak_kib} KiB, bound {bound_kib} KiB"
+    );
+    assert!(
+        peak_kib <= bound_kib,
+        "peak resident memory {peak_kib} KiB is over the bound {bound_kib} KiB computed from the limits"
+    );
+}
