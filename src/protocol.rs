@@ -5,6 +5,7 @@
 //! Every field that arrives from the network is checked with `validate` before use; the
 //! frame layer has already bounded the message's total size.
 
+use crate::core::cluster::ClusterState;
 use crate::core::gossip::{Digest, MemberRecord};
 use crate::core::ids::NodeId;
 use crate::core::object::{Content, MAX_BUCKET_BYTES, MAX_KEY_BYTES, StoredObject};
@@ -158,6 +159,10 @@ pub struct MemberInfo {
     /// Hints the member holds for down primaries, as it last gossiped.
     #[serde(default)]
     pub hints_held: u64,
+    /// Its state in the answering node's ring: `joining` (known, owns nothing), `valid`,
+    /// `leaving`, `exiting` or `down`.
+    #[serde(default)]
+    pub state: String,
 }
 
 /// A node's summary.
@@ -166,6 +171,9 @@ pub struct NodeStatus {
     pub node: String,
     pub partition_count: u32,
     pub partitions_owned: u32,
+    /// The version of the ring this node routes by (0: provisional, still joining).
+    #[serde(default)]
+    pub ring_version: u64,
     pub members_up: u32,
     pub members_down: u32,
     /// Approximate number of records stored (overwrites count until compaction).
@@ -301,10 +309,16 @@ pub enum PeerRequest {
     /// Gossip step 1: what the sender knows.
     GossipDigest {
         digests: Vec<Digest>,
+        /// The sender's ring version, so the receiver answers with its ring when it is newer.
+        #[serde(default)]
+        ring_version: u64,
     },
-    /// Gossip step 3: the records the receiver asked for.
+    /// Gossip step 3: the records the receiver asked for, and the sender's ring when the
+    /// receiver's was older.
     GossipPush {
         records: Vec<MemberRecord>,
+        #[serde(default)]
+        ring: Option<Box<ClusterState>>,
     },
     /// One page of a coverage scan (list buckets, list keys): the live keys of `partition`
     /// this node holds after `start_after`, of `bucket` only when given, or with `bucket`
@@ -338,6 +352,12 @@ pub enum PeerResponse {
     GossipReply {
         records: Vec<MemberRecord>,
         requests: Vec<NodeId>,
+        /// The receiver's ring, when it is newer than the sender's.
+        #[serde(default)]
+        ring: Option<Box<ClusterState>>,
+        /// The receiver's ring version, so the sender pushes its ring when it is newer.
+        #[serde(default)]
+        ring_version: u64,
     },
     /// The replica could not do what was asked.
     Failed {

@@ -262,3 +262,72 @@ async fn hints_survive_a_crash_of_the_node_that_holds_them() {
         );
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_node_that_appears_in_gossip_joins_owning_nothing_and_every_key_stays_readable() {
+    let mut cluster = SimCluster::start_gossiping(3, 31, default_settings()).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let keys: Vec<String> = (0..300).map(|index| format!("key{index}")).collect();
+    for key in &keys {
+        let response = cluster
+            .client(&node("n1"), put(key, "v", Quorum::All, Quorum::Default))
+            .await;
+        assert!(
+            matches!(response, ClientResponse::Stored { .. }),
+            "{response:?}"
+        );
+    }
+    let before = cluster.cluster_state(&node("n1")).expect("n1 gossips");
+    assert_eq!(before.version(), 1, "the bootstrap ring is version 1");
+
+    let joiner = node("n4");
+    cluster.add_node(&joiner);
+    let everyone = [node("n1"), node("n2"), node("n3"), joiner.clone()];
+    let converged = until(Duration::from_secs(30), || {
+        everyone.iter().all(|observer| {
+            cluster
+                .node(observer)
+                .is_some_and(|n| n.membership().view().len() == 4)
+                && cluster
+                    .cluster_state(observer)
+                    .is_some_and(|state| *state == *before)
+        })
+    })
+    .await;
+    assert!(
+        converged.is_some(),
+        "every node, the joiner too, knows 4 members and holds ring version 1"
+    );
+    for observer in &everyone {
+        let state = cluster.cluster_state(observer).unwrap();
+        assert!(state.ring().partitions_owned_by(&joiner).is_empty());
+        let view = cluster.node(observer).unwrap().membership().view();
+        for member in view {
+            let expected = if member.node == "n4" {
+                "joining"
+            } else {
+                "valid"
+            };
+            assert_eq!(member.state, expected, "{observer} sees {}", member.node);
+        }
+    }
+    // Reads through the joiner at r=1 find every key: ownership did not move.
+    let mut missing = 0;
+    for key in &keys {
+        let read = ClientRequest::Get {
+            bucket: BUCKET.to_vec(),
+            key: key.as_bytes().to_vec(),
+            options: GetOptions {
+                r: Quorum::One,
+                ..GetOptions::default()
+            },
+        };
+        if !matches!(
+            cluster.client(&joiner, read).await,
+            ClientResponse::Found { .. }
+        ) {
+            missing += 1;
+        }
+    }
+    assert_eq!(missing, 0, "keys missed at r=1 through the joiner");
+}

@@ -35,8 +35,16 @@ pub async fn run(command: AdminCommand) -> Result<()> {
                 return Ok(());
             }
             println!(
-                "{:<12} {:<22} {:<22} {:<5} {:>8} {:>12} {:>12} {:>8}",
-                "NODE", "PEER", "CLIENT", "STATUS", "PHI", "LAST HEARD", "GENERATION", "HINTS"
+                "{:<12} {:<22} {:<22} {:<8} {:<5} {:>8} {:>12} {:>12} {:>8}",
+                "NODE",
+                "PEER",
+                "CLIENT",
+                "STATE",
+                "STATUS",
+                "PHI",
+                "LAST HEARD",
+                "GENERATION",
+                "HINTS"
             );
             for member in members {
                 let heard = match member.silent_ms {
@@ -44,10 +52,11 @@ pub async fn run(command: AdminCommand) -> Result<()> {
                     Some(ms) => format!("{:.1}s ago", ms as f64 / 1000.0),
                 };
                 println!(
-                    "{:<12} {:<22} {:<22} {:<5} {:>8.2} {:>12} {:>12} {:>8}",
+                    "{:<12} {:<22} {:<22} {:<8} {:<5} {:>8.2} {:>12} {:>12} {:>8}",
                     member.node,
                     member.peer_addr,
                     member.client_addr,
+                    member.state,
                     if member.up { "up" } else { "DOWN" },
                     member.phi.min(9999.0),
                     heard,
@@ -74,6 +83,7 @@ pub async fn run(command: AdminCommand) -> Result<()> {
                 "partitions owned:  {} of {}",
                 status.partitions_owned, status.partition_count
             );
+            println!("ring version:      {}", status.ring_version);
             println!(
                 "members:           {} up, {} down",
                 status.members_up, status.members_down

@@ -4,6 +4,7 @@
 //! - [`ids`]: node ids and actor ids.
 //! - [`epoch`]: key actors and node incarnations, so that no dot is ever issued twice.
 //! - [`ring`]: partitions, the claim, preference lists.
+//! - [`cluster`]: the versioned ring and member states that gossip carries.
 //! - [`version`]: dotted version vector sets (siblings and causality).
 //! - [`object`]: what a key stores, its record and context formats, put and merge rules.
 //! - [`quorum`]: consistency levels and quorum trackers.
@@ -12,6 +13,7 @@
 //! - [`gossip`], [`failure`]: scuttlebutt membership and phi accrual failure detection.
 //! - [`hints`]: hinted handoff record formats.
 
+pub mod cluster;
 pub mod epoch;
 pub mod failure;
 pub mod gossip;

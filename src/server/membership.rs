@@ -1,6 +1,7 @@
 //! Where a node learns the ring and who is up: the [`Membership`] seam, with a static
 //! implementation (a fixed member list, for tests) and the gossip one that `dynkv server` runs.
 
+use crate::core::cluster::{ClusterState, ClusterStateError};
 use crate::core::gossip::{Digest, Gossip, GossipConfig, MemberRecord, MembershipChange};
 use crate::core::ids::NodeId;
 use crate::core::ring::{Ring, RingError};
@@ -66,6 +67,7 @@ impl Membership for StaticMembership {
                 silent_ms: None,
                 generation: 0,
                 hints_held: 0,
+                state: "valid".into(),
             })
             .collect()
     }
@@ -77,13 +79,18 @@ pub type AddressBook = Box<dyn Fn(&MemberRecord) + Send + Sync>;
 
 const MEMBERS_FILE: &str = "members";
 const MEMBERS_FORMAT_VERSION: u8 = 1;
+/// The cluster state (versioned ring) this node last adopted, saved so a restart keeps it.
+const RING_FILE: &str = "ring";
+const RING_FORMAT_VERSION: u8 = 1;
 
 /// What [`GossipMembership::new`] starts from.
 pub struct GossipSetup {
     /// This node's own record, its generation already chosen.
     pub local: MemberRecord,
     pub config: GossipConfig,
-    /// Members contacted while this node knows few others.
+    /// Members contacted while this node knows few others: the `--member` list. When it
+    /// names this node (or is empty), a data directory without a saved ring starts ring
+    /// version 1 of these members; otherwise this node is joining an existing cluster.
     pub seeds: Vec<NodeId>,
     /// Members from the config (seeds) and from the saved table.
     pub known: Vec<MemberRecord>,
@@ -97,21 +104,25 @@ pub struct GossipSetup {
 /// Membership by gossip over the peer transport (see `core::gossip`).
 pub struct GossipMembership {
     state: Mutex<Gossip>,
-    ring: RwLock<Arc<Ring>>,
-    partition_count: u32,
-    n_val: usize,
+    /// The adopted cluster state and its ring (kept apart so requests clone an `Arc` only).
+    current: RwLock<(Arc<ClusterState>, Arc<Ring>)>,
     seeds: Vec<NodeId>,
     epoch: tokio::time::Instant,
     address_book: AddressBook,
     /// The member table is saved here on every membership change, so a restarted node
     /// knows the cluster without its seeds.
     members_file: Option<PathBuf>,
+    ring_file: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum MembershipError {
     #[error(transparent)]
     Ring(#[from] RingError),
+    #[error(transparent)]
+    Cluster(#[from] ClusterStateError),
+    #[error("ring file {path} is unreadable: {reason}")]
+    RingFile { path: PathBuf, reason: String },
     #[error("member file {path} is unreadable: {reason}")]
     MembersFile { path: PathBuf, reason: String },
 }
@@ -148,6 +159,31 @@ pub fn load_members(data_dir: &std::path::Path) -> Result<Vec<MemberRecord>, Mem
     Ok(records)
 }
 
+/// Reads the cluster state saved by an earlier run; none when the directory is new.
+pub fn load_ring(data_dir: &std::path::Path) -> Result<Option<ClusterState>, MembershipError> {
+    let path = data_dir.join(RING_FILE);
+    let unreadable = |reason: String| MembershipError::RingFile {
+        path: path.clone(),
+        reason,
+    };
+    let bytes = match std::fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(error) => return Err(unreadable(error.to_string())),
+    };
+    let (&version, body) = bytes
+        .split_first()
+        .ok_or_else(|| unreadable("empty".into()))?;
+    if version != RING_FORMAT_VERSION {
+        return Err(unreadable(format!(
+            "format version {version}, expected {RING_FORMAT_VERSION}"
+        )));
+    }
+    rmp_serde::from_slice(body)
+        .map(Some)
+        .map_err(|error| unreadable(error.to_string()))
+}
+
 impl GossipMembership {
     pub fn new(setup: GossipSetup) -> Result<Self, MembershipError> {
         let GossipSetup {
@@ -165,17 +201,91 @@ impl GossipMembership {
             address_book(record);
         }
         gossip.remember(known, 0);
-        let ring = Ring::new(partition_count, &gossip.member_ids(), n_val)?;
-        Ok(GossipMembership {
+        let saved = match &members_file_dir {
+            Some(dir) => load_ring(dir)?,
+            None => None,
+        };
+        let local = gossip.local().clone();
+        let cluster = match saved {
+            Some(saved) => saved,
+            None if seeds.is_empty() || seeds.contains(&local) => {
+                // A new cluster: the members named at creation form ring version 1.
+                let mut members = seeds.clone();
+                if !members.contains(&local) {
+                    members.push(local.clone());
+                }
+                ClusterState::bootstrap(partition_count, &members, n_val)?
+            }
+            // Started to join: route by the seeds until gossip brings the real ring; this node
+            // owns nothing until a committed change gives it partitions.
+            None => ClusterState::provisional(partition_count, &seeds, n_val)?,
+        };
+        let ring = Arc::new(cluster.ring().clone());
+        let membership = GossipMembership {
             state: Mutex::new(gossip),
-            ring: RwLock::new(Arc::new(ring)),
-            partition_count,
-            n_val,
+            current: RwLock::new((Arc::new(cluster), ring)),
             seeds,
             epoch: tokio::time::Instant::now(),
             address_book,
-            members_file: members_file_dir.map(|dir| dir.join(MEMBERS_FILE)),
-        })
+            members_file: members_file_dir.as_ref().map(|dir| dir.join(MEMBERS_FILE)),
+            ring_file: members_file_dir.map(|dir| dir.join(RING_FILE)),
+        };
+        membership.save_ring(&membership.cluster_state());
+        Ok(membership)
+    }
+
+    /// The cluster state (versioned ring and member states) this node holds.
+    pub fn cluster_state(&self) -> Arc<ClusterState> {
+        self.current.read().0.clone()
+    }
+
+    /// Takes `offered` if it supersedes the state held (same cluster, higher version, or any
+    /// committed state while this node's is provisional); returns whether it did.
+    pub fn offer_cluster_state(&self, offered: ClusterState) -> bool {
+        {
+            let mut current = self.current.write();
+            if !current.0.is_superseded_by(&offered) {
+                if offered.is_committed()
+                    && current.0.is_committed()
+                    && offered.cluster() != current.0.cluster()
+                {
+                    debug!(
+                        ours = current.0.cluster(),
+                        theirs = offered.cluster(),
+                        "ignored the ring of another cluster"
+                    );
+                }
+                return false;
+            }
+            info!(
+                from = current.0.version(),
+                to = offered.version(),
+                cluster = offered.cluster(),
+                "adopted a newer ring"
+            );
+            let ring = Arc::new(offered.ring().clone());
+            *current = (Arc::new(offered), ring);
+        }
+        self.save_ring(&self.cluster_state());
+        true
+    }
+
+    /// Saves a committed cluster state (a provisional one is not worth keeping).
+    fn save_ring(&self, state: &ClusterState) {
+        let Some(path) = &self.ring_file else {
+            return;
+        };
+        if !state.is_committed() {
+            return;
+        }
+        let mut bytes = vec![RING_FORMAT_VERSION];
+        if let Err(error) = rmp_serde::encode::write_named(&mut bytes, state) {
+            warn!(error = %error, "cannot encode the ring");
+            return;
+        }
+        if let Err(error) = crate::storage::write_file_durably(path, &bytes) {
+            warn!(path = %path.display(), error = %error, "cannot save the ring");
+        }
     }
 
     fn now_ms(&self) -> u64 {
@@ -195,24 +305,21 @@ impl GossipMembership {
         self.state.lock().records_for(nodes)
     }
 
-    /// Merges records from a peer; rebuilds the ring when the member set grew.
+    /// Merges records from a peer. A new member changes no ownership: it is joining until a
+    /// committed ring gives it partitions.
     pub fn apply(&self, records: Vec<MemberRecord>) {
         let now_ms = self.now_ms();
-        let (changes, members, table) = {
+        let (changes, table) = {
             let mut state = self.state.lock();
             let changes = state.apply(records, now_ms);
-            (changes, state.member_ids(), state.records())
+            (changes, state.records())
         };
         if changes.is_empty() {
             return;
         }
-        let mut grew = false;
         for change in &changes {
             match change {
-                MembershipChange::Joined(node) => {
-                    info!(member = %node, "member joined");
-                    grew = true;
-                }
+                MembershipChange::Joined(node) => info!(member = %node, "member appeared"),
                 MembershipChange::Restarted(node) => info!(member = %node, "member restarted"),
                 MembershipChange::AddressChanged(node) => {
                     info!(member = %node, "member address changed")
@@ -225,12 +332,6 @@ impl GossipMembership {
             };
             if let Some(record) = table.iter().find(|record| &record.node == node) {
                 (self.address_book)(record);
-            }
-        }
-        if grew {
-            match Ring::new(self.partition_count, &members, self.n_val) {
-                Ok(ring) => *self.ring.write() = Arc::new(ring),
-                Err(error) => warn!(error = %error, "cannot build the ring for the new member set"),
             }
         }
         self.save(&table);
@@ -274,6 +375,7 @@ impl GossipMembership {
                     state.digests(),
                 )
             };
+            let ring_version = self.cluster_state().version();
             for peer in peers {
                 let membership = self.clone();
                 let transport = transport.clone();
@@ -283,10 +385,22 @@ impl GossipMembership {
                     async move {
                         let timeout = interval * 2;
                         let reply = transport
-                            .call(&peer, PeerRequest::GossipDigest { digests }, timeout)
+                            .call(
+                                &peer,
+                                PeerRequest::GossipDigest {
+                                    digests,
+                                    ring_version,
+                                },
+                                timeout,
+                            )
                             .await;
                         match reply {
-                            Ok(PeerResponse::GossipReply { records, requests }) => {
+                            Ok(PeerResponse::GossipReply {
+                                records,
+                                requests,
+                                ring,
+                                ring_version: their_version,
+                            }) => {
                                 if crate::core::gossip::check_entry_count(
                                     records.len().max(requests.len()),
                                 )
@@ -296,10 +410,24 @@ impl GossipMembership {
                                     return;
                                 }
                                 membership.apply(records);
-                                if !requests.is_empty() {
+                                if let Some(ring) = ring {
+                                    membership.offer_cluster_state(*ring);
+                                }
+                                let ours = membership.cluster_state();
+                                let push_ring = (ours.is_committed()
+                                    && their_version < ours.version())
+                                .then(|| Box::new((*ours).clone()));
+                                if !requests.is_empty() || push_ring.is_some() {
                                     let records = membership.records_for(&requests);
                                     let _ = transport
-                                        .call(&peer, PeerRequest::GossipPush { records }, timeout)
+                                        .call(
+                                            &peer,
+                                            PeerRequest::GossipPush {
+                                                records,
+                                                ring: push_ring,
+                                            },
+                                            timeout,
+                                        )
                                         .await;
                                 }
                             }
@@ -328,7 +456,7 @@ impl GossipMembership {
 
 impl Membership for GossipMembership {
     fn ring(&self) -> Arc<Ring> {
-        self.ring.read().clone()
+        self.current.read().1.clone()
     }
 
     fn is_up(&self, node: &NodeId) -> bool {
@@ -346,6 +474,7 @@ impl Membership for GossipMembership {
 
     fn view(&self) -> Vec<MemberInfo> {
         let now_ms = self.now_ms();
+        let cluster = self.cluster_state();
         self.state
             .lock()
             .view(now_ms)
@@ -363,6 +492,10 @@ impl Membership for GossipMembership {
                 silent_ms: view.silent_ms,
                 generation: view.record.generation,
                 hints_held: view.record.hints.iter().map(|(_, count)| count).sum(),
+                state: cluster
+                    .state_of(&view.record.node)
+                    .map_or("joining", |state| state.as_str())
+                    .to_string(),
             })
             .collect()
     }

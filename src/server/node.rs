@@ -375,6 +375,7 @@ impl Node {
             node: self.inner.id.to_string(),
             partition_count: ring.partition_count(),
             partitions_owned: ring.partitions_owned_by(&self.inner.id).len() as u32,
+            ring_version: ring.version(),
             members_up: up,
             members_down: members.len() as u32 - up,
             keys_estimate: self.inner.store.key_count_estimate(),
@@ -479,10 +480,21 @@ impl Node {
                     .await;
                 PeerResponse::Client(response.clone())
             }
-            PeerRequest::GossipDigest { digests } => match self.inner.membership.gossip() {
+            PeerRequest::GossipDigest {
+                digests,
+                ring_version,
+            } => match self.inner.membership.gossip() {
                 Some(gossip) if crate::core::gossip::check_entry_count(digests.len()).is_ok() => {
                     let (records, requests) = gossip.answer(&digests);
-                    PeerResponse::GossipReply { records, requests }
+                    let ours = gossip.cluster_state();
+                    let ring = (ours.is_committed() && ring_version < ours.version())
+                        .then(|| Box::new((*ours).clone()));
+                    PeerResponse::GossipReply {
+                        records,
+                        requests,
+                        ring,
+                        ring_version: ours.version(),
+                    }
                 }
                 Some(_) => PeerResponse::Failed {
                     message: "too many gossip digests".into(),
@@ -491,9 +503,12 @@ impl Node {
                     message: "this node does not gossip".into(),
                 },
             },
-            PeerRequest::GossipPush { records } => match self.inner.membership.gossip() {
+            PeerRequest::GossipPush { records, ring } => match self.inner.membership.gossip() {
                 Some(gossip) if crate::core::gossip::check_entry_count(records.len()).is_ok() => {
                     gossip.apply(records);
+                    if let Some(ring) = ring {
+                        gossip.offer_cluster_state(*ring);
+                    }
                     PeerResponse::Pong
                 }
                 _ => PeerResponse::Failed {

@@ -38,6 +38,9 @@ pub struct SimCluster {
     settings: NodeSettings,
     /// Node starts so far, to give every boot its own random sequence.
     boots: u64,
+    /// Nodes added after the cluster was created: their seeds are the others, not themselves,
+    /// so they join the existing ring instead of creating one.
+    joiners: std::collections::BTreeSet<NodeId>,
     /// Each node's bound on hint storage (`hints.max_bytes`).
     pub hints_max_bytes: u64,
     _root: tempfile::TempDir,
@@ -125,6 +128,7 @@ impl SimCluster {
             disks: BTreeMap::new(),
             settings,
             boots: 0,
+            joiners: Default::default(),
             hints_max_bytes,
             _root: root,
         };
@@ -173,11 +177,24 @@ impl SimCluster {
                 .filter(|other| *other != id)
                 .map(|other| record(other, 0))
                 .collect();
+            let seeds = if self.joiners.contains(id) {
+                self.ids
+                    .iter()
+                    .filter(|other| *other != id)
+                    .cloned()
+                    .collect()
+            } else {
+                self.ids
+                    .iter()
+                    .filter(|other| !self.joiners.contains(*other))
+                    .cloned()
+                    .collect()
+            };
             let gossip = Arc::new(
                 GossipMembership::new(GossipSetup {
                     local: record(id, generation),
                     config: GossipConfig::default(),
-                    seeds: self.ids.clone(),
+                    seeds,
                     known,
                     partition_count: 64,
                     n_val: self.settings.bucket_defaults.n_val as usize,
@@ -252,6 +269,27 @@ impl SimCluster {
     /// A handle on a running node, to send it client requests without holding the cluster.
     pub fn node(&self, id: &NodeId) -> Option<Node> {
         self.nodes.get(id).cloned()
+    }
+
+    /// Starts a new node that joins the running (gossiping) cluster, as `dynkv server` with
+    /// the existing members as seeds does.
+    pub fn add_node(&mut self, id: &NodeId) {
+        assert!(self.gossip, "only a gossiping cluster can grow");
+        let directory = self._root.path().join(id.as_str());
+        std::fs::create_dir_all(&directory).expect("node directory");
+        self.directories.insert(id.clone(), directory);
+        self.disks.insert(id.clone(), MemoryDisk::new());
+        self.joiners.insert(id.clone());
+        self.ids.push(id.clone());
+        self.boot(id);
+    }
+
+    /// The cluster state (versioned ring) a running gossiping node holds.
+    pub fn cluster_state(&self, id: &NodeId) -> Option<Arc<dynkv::core::cluster::ClusterState>> {
+        let node = self.nodes.get(id)?;
+        node.membership()
+            .gossip()
+            .map(|gossip| gossip.cluster_state())
     }
 
     /// Restarts a crashed node from its data directory.
