@@ -137,6 +137,8 @@ struct Claim {
     incremental_moves: usize,
     /// Whether the fresh striped claim replaced the incremental one.
     used_striped_fallback: bool,
+    /// Whether swaps beyond the incremental claim's moves removed its crowding.
+    used_swap_repair: bool,
 }
 
 impl Ring {
@@ -188,7 +190,21 @@ impl Ring {
         // The fallback policy: keep the incremental claim when it is spaced and moves no more
         // than it must; otherwise take the rotated stripes if they are spaced and the
         // incremental claim is not, or if both are spaced and the stripes move less.
-        let incremental = incremental_owners(&current, members.len(), spacing);
+        let mut used_swap_repair = false;
+        let incremental = incremental_owners(&current, members.len(), spacing).map(|owners| {
+            // Where the incremental claim leaves crowding, swaps of two partitions' owners
+            // (which keep the balance) can often remove it for a few more moves than the
+            // minimum, far fewer than the stripes take. A repair that cannot remove all of it
+            // (spacing may be impossible) is not worth its moves.
+            let mut repaired = owners.clone();
+            repair_by_swaps(&current, &mut repaired, spacing);
+            if count_violations(&repaired, spacing) == 0 {
+                used_swap_repair = repaired != owners;
+                repaired
+            } else {
+                owners
+            }
+        });
         let incremental_violations = incremental
             .as_ref()
             .map_or(usize::MAX, |owners| count_violations(owners, spacing));
@@ -225,11 +241,22 @@ impl Ring {
             incremental_violations,
             incremental_moves,
             used_striped_fallback,
+            used_swap_repair: used_swap_repair && !used_striped_fallback,
         })
     }
 
     pub fn version(&self) -> u64 {
         self.version
+    }
+
+    /// The same owners under another version (the cluster state sets it).
+    pub fn with_version(self, version: u64) -> Ring {
+        Ring { version, ..self }
+    }
+
+    /// The owner of every partition, in partition order.
+    pub fn owners(&self) -> &[NodeId] {
+        &self.owners
     }
 
     pub fn partition_count(&self) -> u32 {
@@ -375,6 +402,103 @@ fn sorted_members(
         });
     }
     Ok(sorted)
+}
+
+/// Whether the window of `window` cyclically consecutive partitions starting at `start` names
+/// some owner twice.
+fn window_crowded(owners: &[usize], start: usize, window: usize) -> bool {
+    let partition_count = owners.len();
+    (0..window).any(|offset| {
+        let owner = owners[(start + offset) % partition_count];
+        (offset + 1..window).any(|later| owners[(start + later) % partition_count] == owner)
+    })
+}
+
+/// Crowded windows among those containing partition `a` or `b`.
+fn crowded_windows_around(owners: &[usize], a: usize, b: usize, window: usize) -> usize {
+    let partition_count = owners.len();
+    let mut starts: Vec<usize> = (0..window)
+        .flat_map(|back| {
+            [
+                (a + partition_count - back) % partition_count,
+                (b + partition_count - back) % partition_count,
+            ]
+        })
+        .collect();
+    starts.sort_unstable();
+    starts.dedup();
+    starts
+        .into_iter()
+        .filter(|&start| window_crowded(owners, start, window))
+        .count()
+}
+
+/// Most crowded windows [`repair_by_swaps`] takes on (and most swaps it makes).
+const MAX_REPAIRED_WINDOWS: usize = 64;
+
+/// Removes crowded windows by swapping the owners of two partitions at a time, each step the
+/// swap that removes the most crowding and, among those, moves the fewest partitions away
+/// from `current`; stops when no swap helps. Deterministic: ties go to the lowest indices.
+fn repair_by_swaps(current: &[Option<usize>], owners: &mut [usize], window: usize) {
+    let partition_count = owners.len();
+    if window <= 1 || partition_count < window {
+        return;
+    }
+    // Worth trying only where spacing is possible (the cases the module doc lists) and the
+    // crowding is local: each step costs O(crowded × Q × window²), and wide crowding is what
+    // the stripes are for.
+    let member_count = owners.iter().max().map_or(0, |&highest| highest + 1);
+    let spacing_possible = member_count >= 2 * window - 1
+        || partition_count.is_multiple_of(member_count)
+        || partition_count % member_count >= window;
+    if !spacing_possible || count_violations(owners, window) > MAX_REPAIRED_WINDOWS {
+        return;
+    }
+    for _ in 0..MAX_REPAIRED_WINDOWS {
+        if count_violations(owners, window) == 0 {
+            return;
+        }
+        // One side of a useful swap lies in a crowded window.
+        let crowded: BTreeSet<usize> = (0..partition_count)
+            .filter(|&start| window_crowded(owners, start, window))
+            .flat_map(|start| (0..window).map(move |offset| (start + offset) % partition_count))
+            .collect();
+        let mut best: Option<(isize, isize, usize, usize)> = None;
+        for &a in &crowded {
+            for b in 0..partition_count {
+                if owners[a] == owners[b] {
+                    continue;
+                }
+                let moved = |owners: &[usize]| {
+                    [a, b]
+                        .iter()
+                        .filter(|&&p| current[p] != Some(owners[p]))
+                        .count() as isize
+                };
+                let crowded_before = crowded_windows_around(owners, a, b, window) as isize;
+                let moved_before = moved(owners);
+                owners.swap(a, b);
+                let crowded_after = crowded_windows_around(owners, a, b, window) as isize;
+                let moved_after = moved(owners);
+                owners.swap(a, b);
+                let gain = crowded_before - crowded_after;
+                let cost = moved_after - moved_before;
+                let (low, high) = (a.min(b), a.max(b));
+                if gain > 0
+                    && best.is_none_or(|(best_gain, best_cost, best_low, best_high)| {
+                        (gain, -cost, Reverse((low, high)))
+                            > (best_gain, -best_cost, Reverse((best_low, best_high)))
+                    })
+                {
+                    best = Some((gain, cost, low, high));
+                }
+            }
+        }
+        match best {
+            Some((_, _, a, b)) => owners.swap(a, b),
+            None => return,
+        }
+    }
 }
 
 /// Partitions whose owner differs between `current` and `next`.
@@ -1005,11 +1129,11 @@ mod tests {
     /// Grow 1 → 16 members one at a time at Q = 64, n_val = 3, then shrink back to 1.
     ///
     /// Measured moves (* = striped fallback):
-    /// grow  1→2: 32, 3: 21, 4: 32*, 5: 12, 6: 10, 7: 9, 8: 8, 9: 7, 10: 6, 11: 5, 12: 5,
+    /// grow  1→2: 32, 3: 21, 4: 26+, 5: 12, 6: 10, 7: 9, 8: 8, 9: 7, 10: 6, 11: 5, 12: 5,
     ///       13: 4, 14: 4, 15: 4, 16: 4;
     /// shrink 16→15: 4, 14: 4, 13: 4, 12: 5, 11: 5, 10: 5, 9: 6, 8: 7, 7: 8, 6: 9, 5: 10,
-    ///       4: 34*, 3: 16, 2: 27*, 1: 32.
-    /// Every incremental step moves exactly the fewest partitions a balanced claim can.
+    ///       4: 49*, 3: 16, 2: 27+, 1: 32 (* striped, + repaired by swaps).
+    /// Every other incremental step moves exactly the fewest partitions a balanced claim can.
     #[test]
     fn growth_and_shrink_one_node_at_a_time() {
         let n_val = 3;
@@ -1026,6 +1150,15 @@ mod tests {
             let moved_count = moved(&ring, &claim.ring);
             if claim.used_striped_fallback {
                 fallbacks.push((previous_count, member_count));
+            } else if claim.used_swap_repair {
+                // Swaps that removed crowding cost moves beyond the minimum, fewer than the
+                // stripes (which would move about twice the minimum here).
+                assert_eq!(claim.ring.spacing_violations(n_val.min(member_count)), 0);
+                let fewest = fewest_moves(&ring, members);
+                assert!(
+                    moved_count < 2 * fewest,
+                    "{previous_count}→{member_count}: {moved_count} moved, {fewest} at least"
+                );
             } else {
                 // A join to a balanced ring takes at most the new member's share; a departure
                 // moves the departed member's partitions, at most ceil(Q/S_old) <= ceil(Q/S_new).
@@ -1038,8 +1171,9 @@ mod tests {
             moves.push(moved_count);
             ring = claim.ring;
         }
-        assert_eq!(&moves[..4], &[32, 21, 32, 12], "1→2→3→4→5");
-        assert_eq!(fallbacks, vec![(3, 4), (5, 4), (3, 2)]);
+        println!("moves {moves:?}, fallbacks {fallbacks:?}");
+        assert_eq!(&moves[..4], &[32, 21, 26, 12], "1→2→3→4→5");
+        assert_eq!(fallbacks, vec![(5, 4)]);
         assert!(fallbacks.iter().all(|&(_, after)| after < 2 * n_val - 1));
     }
 
@@ -1252,5 +1386,76 @@ mod tests {
         // a b c a: only the wrap window (a, a) of 2 repeats.
         assert_eq!(count_violations(&[0, 1, 2, 0], 2), 1);
         assert_eq!(count_violations(&[0, 1, 2, 0], 3), 2);
+    }
+}
+
+#[cfg(test)]
+mod movement_table {
+    use super::*;
+
+    fn nodes(count: usize) -> Vec<NodeId> {
+        (0..count)
+            .map(|index| NodeId::new(format!("node{index:02}")).unwrap())
+            .collect()
+    }
+
+    /// Partitions moved by every join S→S+1 and every leave S+1→S, S = 3..15, at Q = 64 and
+    /// Q = 256, against the ideal (the joiner's share Q/(S+1); the leaver's partitions).
+    #[test]
+    fn claim_movement_against_the_ideal() {
+        let n_val = 3;
+        let all = nodes(16);
+        let mut report = String::from("  Q  change   moved ideal ratio  spaced\n");
+        let mut worst: f64 = 0.0;
+        let mut ratios = Vec::new();
+        for partition_count in [64u32, 256] {
+            let mut ring = Ring::new(partition_count, &all[..3], n_val).unwrap();
+            for size in 3..=15usize {
+                let grown = ring.rebalance(&all[..=size], n_val).unwrap();
+                let moved = ring.transfers_to(&grown).len();
+                let ideal = f64::from(partition_count) / (size + 1) as f64;
+                let ratio = moved as f64 / ideal;
+                report.push_str(&format!(
+                    "{partition_count:>4} join {size:>2}→{:<2} {moved:>4} {ideal:>6.1} {ratio:>5.2} {}\n",
+                    size + 1,
+                    grown.spacing_violations(n_val) == 0
+                ));
+                if size + 1 >= 2 * n_val - 1 || (partition_count as usize).is_multiple_of(size + 1)
+                {
+                    assert_eq!(grown.spacing_violations(n_val), 0, "{size}→{}", size + 1);
+                }
+                worst = worst.max(ratio);
+                ratios.push(ratio);
+                // A leave from the grown ring, of a member in the middle.
+                let leaver = &all[size / 2];
+                let remaining: Vec<NodeId> = all[..=size]
+                    .iter()
+                    .filter(|m| *m != leaver)
+                    .cloned()
+                    .collect();
+                let shrunk = grown.rebalance(&remaining, n_val).unwrap();
+                let moved = grown.transfers_to(&shrunk).len();
+                let ideal = grown.partitions_owned_by(leaver).len() as f64;
+                let ratio = moved as f64 / ideal;
+                report.push_str(&format!(
+                    "{partition_count:>4} leave {:>2}→{size:<2} {moved:>4} {ideal:>6.1} {ratio:>5.2} {}\n",
+                    size + 1,
+                    shrunk.spacing_violations(n_val) == 0
+                ));
+                if size >= 2 * n_val - 1 || (partition_count as usize).is_multiple_of(size) {
+                    assert_eq!(shrunk.spacing_violations(n_val), 0, "{}→{size}", size + 1);
+                }
+                worst = worst.max(ratio);
+                ratios.push(ratio);
+                ring = grown;
+            }
+        }
+        let mean = ratios.iter().sum::<f64>() / ratios.len() as f64;
+        println!("{report}mean ratio {mean:.3}, worst {worst:.3}");
+        assert!(mean <= 1.25, "mean moved/ideal {mean:.3} is over 1.25");
+        assert!(
+            worst <= 1.5,
+            "a change moved {worst:.3}× its ideal, over 1.5"
+        );
     }
 }
