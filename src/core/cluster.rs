@@ -3,6 +3,16 @@
 //! list: a node that appears in gossip is *joining* and owns nothing until a committed change
 //! gives it partitions, and every node converges to the highest version it hears of.
 //!
+//! # Changes (Riak's staged `cluster` commands)
+//! [`ClusterState::stage`] records a join, leave, remove or replace; [`ClusterState::plan`]
+//! shows what committing them would move (through the claim, so few partitions move);
+//! [`ClusterState::commit`] takes that plan only if the state has not changed since, and turns
+//! each move into a pending [`Transfer`] while the old owner keeps the partition;
+//! [`ClusterState::transfer_done`] flips one partition to its new owner, one version per
+//! partition. Every step is a new version made by one member, the claimant
+//! ([`ClusterState::claimant`]), so changes are serialized. The streaming of a partition's
+//! keys (handoff) that must complete before `transfer_done` lives in the IO shell.
+//!
 //! # Versions
 //! - Version 1 is the bootstrap ring: the members named when the cluster was created, claimed
 //!   by [`Ring::new`]. Every node created with the same member list computes the same one.
@@ -19,7 +29,7 @@
 
 use crate::core::gossip::MAX_MEMBERS;
 use crate::core::ids::NodeId;
-use crate::core::ring::{Ring, RingError};
+use crate::core::ring::{PartitionId, Ring, RingError};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -60,6 +70,13 @@ pub struct ClusterState {
     cluster: String,
     ring: Ring,
     members: BTreeMap<NodeId, MemberState>,
+    /// Changes staged for the next commit, by the node they concern.
+    #[serde(default)]
+    staged: BTreeMap<NodeId, StagedChange>,
+    /// Partitions changing owner after a commit, until each transfer is done and its
+    /// partition flips to its new owner.
+    #[serde(default)]
+    transfers: Vec<Transfer>,
 }
 
 #[derive(Deserialize)]
@@ -67,6 +84,77 @@ struct UncheckedClusterState {
     cluster: String,
     ring: Ring,
     members: BTreeMap<NodeId, MemberState>,
+    #[serde(default)]
+    staged: BTreeMap<NodeId, StagedChange>,
+    #[serde(default)]
+    transfers: Vec<Transfer>,
+}
+
+/// A ring change an operator staged (`dynkv admin cluster join|leave|remove|replace`).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum StagedChange {
+    /// The node enters the claim.
+    Join,
+    /// The node hands its partitions to the others, then exits.
+    Leave,
+    /// The node is gone for good: its partitions are rebuilt from the other replicas.
+    Remove,
+    /// The node's partitions go, one for one, to `by` (a joining node).
+    Replace { by: NodeId },
+}
+
+/// One partition moving to a new owner.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Transfer {
+    pub partition: PartitionId,
+    pub from: NodeId,
+    pub to: NodeId,
+}
+
+/// What committing the staged changes would do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Plan {
+    /// The version the plan was computed on: a commit of it fails once the state moved on.
+    pub base_version: u64,
+    /// Every partition that changes owner.
+    pub transfers: Vec<Transfer>,
+    /// Partitions owned before and after, per node.
+    pub ownership: BTreeMap<NodeId, (usize, usize)>,
+    /// The owners after the change, in partition order.
+    next_owners: Vec<NodeId>,
+}
+
+/// Why a ring change cannot be staged or committed; each names what the operator can do.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ChangeError {
+    #[error("{node} is already a member ({state}); only a new node can join")]
+    AlreadyMember { node: NodeId, state: &'static str },
+    #[error("{node} is not a valid member ({state}), so it cannot {action}")]
+    NotValid {
+        node: NodeId,
+        state: &'static str,
+        action: &'static str,
+    },
+    #[error("{node} is not a member of this cluster")]
+    Unknown { node: NodeId },
+    #[error("{node} cannot replace {old}: a replacement must be a new node")]
+    BadReplacement { old: NodeId, node: NodeId },
+    #[error("no changes are staged")]
+    NothingStaged,
+    #[error("the staged changes would leave no member to own the partitions")]
+    NoMembersLeft,
+    #[error(
+        "{count} transfers of the last commit are still pending; wait for them (admin transfers)"
+    )]
+    TransfersPending { count: usize },
+    #[error(
+        "the plan changed: it was made on ring version {planned}, and the ring is now version {current}; run plan again"
+    )]
+    PlanChanged { planned: u64, current: u64 },
+    #[error("this node's ring is provisional; it has not joined a cluster yet")]
+    Provisional,
+    #[error(transparent)]
+    Ring(#[from] RingError),
 }
 
 impl TryFrom<UncheckedClusterState> for ClusterState {
@@ -76,6 +164,8 @@ impl TryFrom<UncheckedClusterState> for ClusterState {
             cluster: unchecked.cluster,
             ring: unchecked.ring,
             members: unchecked.members,
+            staged: unchecked.staged,
+            transfers: unchecked.transfers,
         };
         state.validate()?;
         Ok(state)
@@ -92,6 +182,10 @@ pub enum ClusterStateError {
         "partition {partition} is owned by {owner}, which is not a member that may own partitions"
     )]
     OwnerNotMember { partition: u32, owner: NodeId },
+    #[error("the state lists {count} staged changes or transfers; at most {limit} are allowed")]
+    TooManyEntries { count: usize, limit: usize },
+    #[error("a transfer of partition {partition} is invalid: {reason}")]
+    BadTransfer { partition: u32, reason: String },
 }
 
 impl ClusterState {
@@ -139,6 +233,8 @@ impl ClusterState {
             cluster,
             ring,
             members,
+            staged: BTreeMap::new(),
+            transfers: Vec::new(),
         };
         state.validate()?;
         Ok(state)
@@ -194,6 +290,249 @@ impl ClusterState {
         }
     }
 
+    pub fn staged(&self) -> &BTreeMap<NodeId, StagedChange> {
+        &self.staged
+    }
+
+    pub fn transfers(&self) -> &[Transfer] {
+        &self.transfers
+    }
+
+    /// The member that makes every ring change, so that changes are serialized: the lowest
+    /// valid (or leaving) member that `is_up` says is up. Nodes that judge liveness alike
+    /// agree; when they do not, two claimants may each make a version, and the tie rule of
+    /// [`ClusterState::is_superseded_by`] keeps one (the other change is made again).
+    pub fn claimant(&self, is_up: impl Fn(&NodeId) -> bool) -> Option<&NodeId> {
+        self.members
+            .iter()
+            .filter(|(_, state)| matches!(state, MemberState::Valid | MemberState::Leaving))
+            .map(|(node, _)| node)
+            .find(|node| is_up(node))
+    }
+
+    /// This state with one more version and `change` made to it.
+    fn next_version(&self, change: impl FnOnce(&mut ClusterState)) -> Result<Self, ChangeError> {
+        if !self.is_committed() {
+            return Err(ChangeError::Provisional);
+        }
+        let version = self
+            .version()
+            .checked_add(1)
+            .ok_or(RingError::VersionExhausted {
+                version: self.version(),
+            })?;
+        let mut next = self.clone();
+        next.ring = next.ring.with_version(version);
+        change(&mut next);
+        Ok(next)
+    }
+
+    fn state_name(&self, node: &NodeId) -> &'static str {
+        self.state_of(node)
+            .map_or("not a member", MemberState::as_str)
+    }
+
+    /// Stages `change` for `node` (replacing what was staged for it before).
+    pub fn stage(&self, node: &NodeId, change: StagedChange) -> Result<Self, ChangeError> {
+        let state = self.state_of(node);
+        match &change {
+            StagedChange::Join => {
+                if let Some(state) = state.filter(|state| *state != MemberState::Joining) {
+                    return Err(ChangeError::AlreadyMember {
+                        node: node.clone(),
+                        state: state.as_str(),
+                    });
+                }
+            }
+            StagedChange::Leave | StagedChange::Remove | StagedChange::Replace { .. } => {
+                if state != Some(MemberState::Valid) {
+                    return Err(ChangeError::NotValid {
+                        node: node.clone(),
+                        state: self.state_name(node),
+                        action: match change {
+                            StagedChange::Leave => "leave",
+                            StagedChange::Remove => "be removed",
+                            _ => "be replaced",
+                        },
+                    });
+                }
+                if let StagedChange::Replace { by } = &change
+                    && (by == node
+                        || !matches!(self.state_of(by), None | Some(MemberState::Joining)))
+                {
+                    return Err(ChangeError::BadReplacement {
+                        old: node.clone(),
+                        node: by.clone(),
+                    });
+                }
+            }
+        }
+        self.next_version(|next| {
+            if change == StagedChange::Join {
+                next.members.insert(node.clone(), MemberState::Joining);
+            }
+            if let StagedChange::Replace { by } = &change {
+                next.members.insert(by.clone(), MemberState::Joining);
+            }
+            next.staged.insert(node.clone(), change);
+        })
+    }
+
+    /// Drops every staged change (joining nodes stay known, owning nothing).
+    pub fn clear(&self) -> Result<Self, ChangeError> {
+        if self.staged.is_empty() {
+            return Err(ChangeError::NothingStaged);
+        }
+        self.next_version(|next| next.staged.clear())
+    }
+
+    /// What committing the staged changes would move. Joins and leaves go through the claim
+    /// (balanced, spaced, few moves); a replacement takes its old node's partitions one for
+    /// one.
+    pub fn plan(&self, n_val: usize) -> Result<Plan, ChangeError> {
+        if !self.is_committed() {
+            return Err(ChangeError::Provisional);
+        }
+        if self.staged.is_empty() {
+            return Err(ChangeError::NothingStaged);
+        }
+        if !self.transfers.is_empty() {
+            return Err(ChangeError::TransfersPending {
+                count: self.transfers.len(),
+            });
+        }
+        let mut substitutes: BTreeMap<&NodeId, &NodeId> = BTreeMap::new();
+        let mut members: Vec<NodeId> = Vec::new();
+        for (node, state) in &self.members {
+            let staying = match self.staged.get(node) {
+                Some(StagedChange::Join) => true,
+                Some(StagedChange::Leave | StagedChange::Remove) => false,
+                Some(StagedChange::Replace { by }) => {
+                    substitutes.insert(node, by);
+                    false
+                }
+                None => *state == MemberState::Valid,
+            };
+            if staying {
+                members.push(node.clone());
+            }
+        }
+        // Substitute first, so that a replacement moves nothing beyond the old node's share.
+        let substituted: Vec<NodeId> = self
+            .ring
+            .owners()
+            .iter()
+            .map(|owner| (*substitutes.get(owner).unwrap_or(&owner)).clone())
+            .collect();
+        members.extend(substitutes.values().map(|by| (*by).clone()));
+        members.sort();
+        members.dedup();
+        if members.is_empty() {
+            return Err(ChangeError::NoMembersLeft);
+        }
+        let substituted_ring = Ring::from_owners(self.version(), substituted)?;
+        let next = if substituted_ring.members() == members {
+            substituted_ring
+        } else {
+            substituted_ring.rebalance(&members, n_val)?
+        };
+        let transfers: Vec<Transfer> = self
+            .ring
+            .transfers_to(&next)
+            .into_iter()
+            .map(|(partition, from, to)| Transfer {
+                partition,
+                from,
+                to,
+            })
+            .collect();
+        let mut ownership: BTreeMap<NodeId, (usize, usize)> = BTreeMap::new();
+        for owner in self.ring.owners() {
+            ownership.entry(owner.clone()).or_default().0 += 1;
+        }
+        for owner in next.owners() {
+            ownership.entry(owner.clone()).or_default().1 += 1;
+        }
+        for member in &members {
+            ownership.entry(member.clone()).or_default();
+        }
+        Ok(Plan {
+            base_version: self.version(),
+            transfers,
+            ownership,
+            next_owners: next.owners().to_vec(),
+        })
+    }
+
+    /// Commits `plan` (made by [`ClusterState::plan`] on this very version): joiners become
+    /// valid, leavers leaving, removed nodes down, and every moving partition gets a pending
+    /// transfer; ownership flips partition by partition as transfers complete
+    /// ([`ClusterState::transfer_done`]).
+    pub fn commit(&self, plan: &Plan) -> Result<Self, ChangeError> {
+        if plan.base_version != self.version() {
+            return Err(ChangeError::PlanChanged {
+                planned: plan.base_version,
+                current: self.version(),
+            });
+        }
+        if !self.transfers.is_empty() {
+            return Err(ChangeError::TransfersPending {
+                count: self.transfers.len(),
+            });
+        }
+        self.next_version(|next| {
+            for (node, change) in std::mem::take(&mut next.staged) {
+                match change {
+                    StagedChange::Join => {
+                        next.members.insert(node, MemberState::Valid);
+                    }
+                    StagedChange::Leave => {
+                        next.members.insert(node, MemberState::Leaving);
+                    }
+                    StagedChange::Remove => {
+                        next.members.insert(node, MemberState::Down);
+                    }
+                    StagedChange::Replace { by } => {
+                        next.members.insert(by, MemberState::Valid);
+                        next.members.insert(node, MemberState::Leaving);
+                    }
+                }
+            }
+            next.transfers = plan.transfers.clone();
+            next.settle_leavers();
+        })
+    }
+
+    /// Records that `partition`'s transfer is complete (the new owner has everything,
+    /// durably): the partition flips to its new owner in the returned version.
+    pub fn transfer_done(&self, partition: PartitionId, to: &NodeId) -> Option<Self> {
+        let index = self
+            .transfers
+            .iter()
+            .position(|transfer| transfer.partition == partition && &transfer.to == to)?;
+        self.next_version(|next| {
+            let transfer = next.transfers.remove(index);
+            let mut owners = next.ring.owners().to_vec();
+            owners[transfer.partition as usize] = transfer.to;
+            // One owner changes, so the partition count (all `from_owners` checks) holds.
+            if let Ok(ring) = Ring::from_owners(next.ring.version(), owners) {
+                next.ring = ring;
+            }
+            next.settle_leavers();
+        })
+        .ok()
+    }
+
+    /// Leaving members that own nothing more are exiting.
+    fn settle_leavers(&mut self) {
+        let owners: std::collections::BTreeSet<&NodeId> = self.ring.owners().iter().collect();
+        for (node, state) in self.members.iter_mut() {
+            if *state == MemberState::Leaving && !owners.contains(node) {
+                *state = MemberState::Exiting;
+            }
+        }
+    }
+
     pub fn validate(&self) -> Result<(), ClusterStateError> {
         self.ring.validate()?;
         if self.members.len() > MAX_MEMBERS {
@@ -201,11 +540,46 @@ impl ClusterState {
                 count: self.members.len(),
             });
         }
+        if self.staged.len() > MAX_MEMBERS {
+            return Err(ClusterStateError::TooManyEntries {
+                count: self.staged.len(),
+                limit: MAX_MEMBERS,
+            });
+        }
+        let partition_count = self.ring.partition_count();
+        if self.transfers.len() > partition_count as usize {
+            return Err(ClusterStateError::TooManyEntries {
+                count: self.transfers.len(),
+                limit: partition_count as usize,
+            });
+        }
+        for transfer in &self.transfers {
+            let reason = if transfer.partition >= partition_count {
+                Some("outside the ring".to_string())
+            } else if self.ring.owner(transfer.partition) != &transfer.from {
+                Some(format!("{} does not own it", transfer.from))
+            } else if !self.members.contains_key(&transfer.to) {
+                Some(format!("{} is not a member", transfer.to))
+            } else {
+                None
+            };
+            if let Some(reason) = reason {
+                return Err(ClusterStateError::BadTransfer {
+                    partition: transfer.partition,
+                    reason,
+                });
+            }
+        }
         for (partition, owner) in self.ring.owners().iter().enumerate() {
-            let may_own = matches!(
-                self.members.get(owner),
-                Some(MemberState::Valid | MemberState::Leaving)
-            );
+            // A removed (down) node keeps its partitions until their transfers flip them.
+            let may_own = match self.members.get(owner) {
+                Some(MemberState::Valid | MemberState::Leaving) => true,
+                Some(MemberState::Down) => self
+                    .transfers
+                    .iter()
+                    .any(|transfer| transfer.partition as usize == partition),
+                _ => false,
+            };
             if !may_own {
                 return Err(ClusterStateError::OwnerNotMember {
                     partition: partition as u32,
@@ -220,6 +594,151 @@ impl ClusterState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn node(name: &str) -> NodeId {
+        NodeId::new(name).unwrap()
+    }
+
+    fn three() -> ClusterState {
+        ClusterState::bootstrap(64, &nodes(&["n1", "n2", "n3"]), 3).unwrap()
+    }
+
+    /// Completes every pending transfer, checking each flips one partition in one version.
+    fn complete_all(mut state: ClusterState) -> ClusterState {
+        while let Some(transfer) = state.transfers().first().cloned() {
+            let next = state
+                .transfer_done(transfer.partition, &transfer.to)
+                .unwrap();
+            assert_eq!(next.version(), state.version() + 1);
+            assert_eq!(next.ring().owner(transfer.partition), &transfer.to);
+            assert_eq!(next.transfers().len(), state.transfers().len() - 1);
+            state = next;
+        }
+        state
+    }
+
+    #[test]
+    fn a_staged_join_plans_the_new_nodes_share_and_commits_it_transfer_by_transfer() {
+        let state = three();
+        let staged = state.stage(&node("n4"), StagedChange::Join).unwrap();
+        assert_eq!(staged.version(), 2);
+        assert_eq!(staged.state_of(&node("n4")), Some(MemberState::Joining));
+        assert!(staged.ring().partitions_owned_by(&node("n4")).is_empty());
+        let plan = staged.plan(3).unwrap();
+        assert_eq!(plan.transfers.len(), 16);
+        assert!(plan.transfers.iter().all(|t| t.to == node("n4")));
+        assert_eq!(plan.ownership[&node("n4")], (0, 16));
+        let committed = staged.commit(&plan).unwrap();
+        assert_eq!(committed.state_of(&node("n4")), Some(MemberState::Valid));
+        assert_eq!(committed.transfers().len(), 16);
+        // Ownership has not moved yet: reads keep the old owners until each transfer is done.
+        assert_eq!(committed.ring().owners(), state.ring().owners());
+        assert_eq!(
+            committed
+                .stage(&node("n5"), StagedChange::Join)
+                .unwrap()
+                .plan(3),
+            Err(ChangeError::TransfersPending { count: 16 })
+        );
+        let done = complete_all(committed);
+        assert_eq!(done.ring().partitions_owned_by(&node("n4")).len(), 16);
+        assert_eq!(done.ring().spacing_violations(3), 0);
+        let bytes = rmp_serde::to_vec_named(&done).unwrap();
+        assert_eq!(rmp_serde::from_slice::<ClusterState>(&bytes).unwrap(), done);
+    }
+
+    #[test]
+    fn a_commit_of_a_stale_plan_is_refused() {
+        let staged = three().stage(&node("n4"), StagedChange::Join).unwrap();
+        let plan = staged.plan(3).unwrap();
+        let restaged = staged.stage(&node("n5"), StagedChange::Join).unwrap();
+        assert_eq!(
+            restaged.commit(&plan),
+            Err(ChangeError::PlanChanged {
+                planned: 2,
+                current: 3
+            })
+        );
+        let cleared = restaged.clear().unwrap();
+        assert!(cleared.staged().is_empty());
+        assert_eq!(cleared.plan(3), Err(ChangeError::NothingStaged));
+    }
+
+    #[test]
+    fn leave_remove_and_replace_move_exactly_what_they_must() {
+        let four = complete_all({
+            let staged = three().stage(&node("n4"), StagedChange::Join).unwrap();
+            staged.commit(&staged.plan(3).unwrap()).unwrap()
+        });
+        // Leave: only the leaver's partitions move; it exits once they have.
+        let owned = four.ring().partitions_owned_by(&node("n2")).len();
+        let staged = four.stage(&node("n2"), StagedChange::Leave).unwrap();
+        let plan = staged.plan(3).unwrap();
+        assert!(plan.transfers.len() >= owned);
+        assert!(
+            plan.transfers.len() * 2 <= owned * 3,
+            "{} moves",
+            plan.transfers.len()
+        );
+        let leaving = staged.commit(&plan).unwrap();
+        assert_eq!(leaving.state_of(&node("n2")), Some(MemberState::Leaving));
+        let left = complete_all(leaving);
+        assert_eq!(left.state_of(&node("n2")), Some(MemberState::Exiting));
+        assert!(left.ring().partitions_owned_by(&node("n2")).is_empty());
+
+        // Remove: the node is down at once and keeps its partitions only until they flip.
+        let staged = four.stage(&node("n3"), StagedChange::Remove).unwrap();
+        let removed = staged.commit(&staged.plan(3).unwrap()).unwrap();
+        assert_eq!(removed.state_of(&node("n3")), Some(MemberState::Down));
+        removed.validate().unwrap();
+        let removed = complete_all(removed);
+        assert!(removed.ring().partitions_owned_by(&node("n3")).is_empty());
+
+        // Replace: the old node's partitions, one for one, and nothing else.
+        let owned = four.ring().partitions_owned_by(&node("n1"));
+        let staged = four
+            .stage(&node("n1"), StagedChange::Replace { by: node("n9") })
+            .unwrap();
+        let plan = staged.plan(3).unwrap();
+        let moved: Vec<PartitionId> = plan.transfers.iter().map(|t| t.partition).collect();
+        assert_eq!(moved, owned);
+        assert!(plan.transfers.iter().all(|t| t.to == node("n9")));
+    }
+
+    #[test]
+    fn changes_that_make_no_sense_are_refused_with_the_reason() {
+        let state = three();
+        assert!(matches!(
+            state.stage(&node("n1"), StagedChange::Join),
+            Err(ChangeError::AlreadyMember { .. })
+        ));
+        let error = state.stage(&node("n7"), StagedChange::Leave).unwrap_err();
+        assert!(error.to_string().contains("not a valid member"), "{error}");
+        assert!(matches!(
+            state.stage(&node("n1"), StagedChange::Replace { by: node("n2") }),
+            Err(ChangeError::BadReplacement { .. })
+        ));
+        let provisional = ClusterState::provisional(64, &nodes(&["n1"]), 3).unwrap();
+        assert_eq!(
+            provisional.stage(&node("n4"), StagedChange::Join),
+            Err(ChangeError::Provisional)
+        );
+        let all_gone = ["n1", "n2", "n3"]
+            .iter()
+            .try_fold(state, |state, name| {
+                state.stage(&node(name), StagedChange::Leave)
+            })
+            .unwrap();
+        assert_eq!(all_gone.plan(3), Err(ChangeError::NoMembersLeft));
+    }
+
+    #[test]
+    fn the_claimant_is_the_lowest_member_seen_up() {
+        let state = three();
+        assert_eq!(state.claimant(|_| true), Some(&node("n1")));
+        assert_eq!(state.claimant(|n| n != &node("n1")), Some(&node("n2")));
+        assert_eq!(state.claimant(|_| false), None);
+    }
 
     fn nodes(names: &[&str]) -> Vec<NodeId> {
         names

@@ -249,6 +249,13 @@ impl Ring {
         self.version
     }
 
+    /// A ring of the given owners (one per partition) and version.
+    pub fn from_owners(version: u64, owners: Vec<NodeId>) -> Result<Ring, RingError> {
+        let ring = Ring { version, owners };
+        ring.validate()?;
+        Ok(ring)
+    }
+
     /// The same owners under another version (the cluster state sets it).
     pub fn with_version(self, version: u64) -> Ring {
         Ring { version, ..self }
