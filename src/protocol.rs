@@ -89,6 +89,9 @@ pub enum ClientRequest {
     Members,
     /// This node's summary (`dynkv admin status`).
     Status,
+    /// The ring this node holds: version, owners, member states, staged changes and pending
+    /// transfers (`dynkv admin ring`).
+    Ring,
     /// Another request with the client token: a node with `client_token` set serves only
     /// these (and `Ping`) on its client port. Unwrapped by the listener, never nested.
     WithToken {
@@ -265,7 +268,32 @@ pub enum ClientResponse {
     },
     Members(Vec<MemberInfo>),
     Status(NodeStatus),
+    Ring(RingInfo),
     Error(ClientError),
+}
+
+/// A ring as `dynkv admin ring` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RingInfo {
+    /// The cluster's id (empty while this node's ring is provisional).
+    pub cluster: String,
+    /// 0 while provisional (the node has not joined yet).
+    pub version: u64,
+    /// The owner of each partition, in partition order.
+    pub owners: Vec<String>,
+    /// Every member named by the ring, with its state and the partitions it owns.
+    pub members: Vec<RingMember>,
+    /// Changes staged for the next commit: (node, change).
+    pub staged: Vec<(String, String)>,
+    /// Partitions changing owner: (partition, from, to).
+    pub transfers: Vec<(u32, String, String)>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RingMember {
+    pub node: String,
+    pub state: String,
+    pub partitions: u32,
 }
 
 /// Node-to-node requests.

@@ -485,12 +485,64 @@ fn three_servers_started_by_hand_with_one_seed_each_agree_on_members() {
         }
         std::thread::sleep(Duration::from_millis(100));
     };
+    // n1 named itself, so it created the cluster (ring version 1, all its own); n2 and n3
+    // named only n1, so they joined it: they hold its ring, own nothing, and show as joining
+    // until a committed change gives them partitions.
+    let admin = |what: &str, index: u16| {
+        let output = Command::new(binary)
+            .args([
+                "admin",
+                what,
+                "--json",
+                "--node",
+                &format!("127.0.0.1:{}", base + index - 1),
+            ])
+            .arg("--ca")
+            .arg(pki.join("ca.pem"))
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{}", stderr(&output));
+        json(&output)
+    };
+    let mut rings = Vec::new();
+    if agreed.is_some() {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            rings = (1..=3u16).map(|index| admin("ring", index)).collect();
+            if rings.iter().all(|ring| ring["version"] == 1) || Instant::now() > deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    let states: Vec<serde_json::Value> = if agreed.is_some() {
+        (1..=3u16).map(|index| admin("members", index)).collect()
+    } else {
+        Vec::new()
+    };
     for child in &mut children {
         let _ = child.kill();
         let _ = child.wait();
     }
     let agreed = agreed.expect("three servers did not agree on the member list within 30 s");
     println!("three hand-started servers agreed on 3 members after {agreed:?}");
+    for ring in &rings {
+        assert_eq!(ring["version"], 1, "{ring}");
+        assert_eq!(ring["cluster"], rings[0]["cluster"]);
+        let owners = ring["owners"].as_array().unwrap();
+        assert_eq!(owners.len(), 64);
+        assert!(owners.iter().all(|owner| owner == "n1"), "{ring}");
+    }
+    for members in &states {
+        for member in members.as_array().unwrap() {
+            let expected = if member["node"] == "n1" {
+                "valid"
+            } else {
+                "joining"
+            };
+            assert_eq!(member["state"], expected, "{member}");
+        }
+    }
 }
 
 /// A get asks only the replicas its `r` needs; when one of them is frozen (no error, just

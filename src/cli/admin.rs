@@ -17,6 +17,48 @@ pub enum AdminCommand {
         #[command(flatten)]
         connect: ConnectArgs,
     },
+    /// The ring this node holds: version, ownership per node, member states, staged
+    /// changes, pending transfers, and a picture of which node owns each partition.
+    Ring {
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+}
+
+/// The ring as text: a legend of one letter per member, then one letter per partition
+/// (64 to a line); a partition with a pending transfer shows its new owner's letter in
+/// lower case.
+fn ring_picture(ring: &dynkv::protocol::RingInfo) -> String {
+    const LETTERS: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ";
+    let letter = |node: &str| {
+        ring.members
+            .iter()
+            .position(|member| member.node == node)
+            .and_then(|index| LETTERS.get(index))
+            .map_or('?', |&byte| byte as char)
+    };
+    let mut picture = String::new();
+    for (index, member) in ring.members.iter().enumerate().take(LETTERS.len()) {
+        picture.push_str(&format!("  {}={}", LETTERS[index] as char, member.node));
+    }
+    picture.push('\n');
+    for (partition, owner) in ring.owners.iter().enumerate() {
+        if partition % 64 == 0 {
+            picture.push_str(&format!("  {partition:>4} "));
+        }
+        let moving = ring
+            .transfers
+            .iter()
+            .find(|(moving, _, _)| *moving as usize == partition);
+        picture.push(match moving {
+            Some((_, _, to)) => letter(to).to_ascii_lowercase(),
+            None => letter(owner),
+        });
+        if partition % 64 == 63 {
+            picture.push('\n');
+        }
+    }
+    picture
 }
 
 pub async fn run(command: AdminCommand) -> Result<()> {
@@ -64,6 +106,44 @@ pub async fn run(command: AdminCommand) -> Result<()> {
                     member.hints_held
                 );
             }
+        }
+        AdminCommand::Ring { connect: args } => {
+            let client = connect(&args).await?;
+            let ClientResponse::Ring(ring) =
+                client.request(ClientRequest::Ring).await.map_err(report)?
+            else {
+                bail!("the node answered something other than a ring");
+            };
+            if args.json {
+                println!("{}", serde_json::to_string(&ring)?);
+                return Ok(());
+            }
+            if ring.version == 0 {
+                println!("ring version:  0 (provisional: this node has not joined a cluster yet)");
+            } else {
+                println!("ring version:  {} (cluster {})", ring.version, ring.cluster);
+            }
+            println!("partitions:    {}", ring.owners.len());
+            println!("{:<12} {:<9} {:>10}", "NODE", "STATE", "PARTITIONS");
+            for member in &ring.members {
+                println!(
+                    "{:<12} {:<9} {:>10}",
+                    member.node, member.state, member.partitions
+                );
+            }
+            if ring.staged.is_empty() {
+                println!("staged:        none");
+            } else {
+                for (node, change) in &ring.staged {
+                    println!("staged:        {node}: {change}");
+                }
+            }
+            if ring.transfers.is_empty() {
+                println!("transfers:     none");
+            } else {
+                println!("transfers:     {} pending", ring.transfers.len());
+            }
+            print!("{}", ring_picture(&ring));
         }
         AdminCommand::Status { connect: args } => {
             let client = connect(&args).await?;

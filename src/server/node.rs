@@ -311,6 +311,7 @@ impl Node {
             ClientRequest::WithToken { .. } => ClientResponse::Error(ClientError::invalid(
                 "a token-carrying request reached the node unwrapped by its listener",
             )),
+            ClientRequest::Ring => ClientResponse::Ring(self.ring_info()),
             ClientRequest::Status => match self.status() {
                 Ok(status) => ClientResponse::Status(status),
                 Err(error) => ClientResponse::Error(error),
@@ -362,6 +363,75 @@ impl Node {
     }
 
     /// This node's summary: ring share, members up and down, keys, hints.
+    /// The ring this node routes by, as `admin ring` shows it.
+    fn ring_info(&self) -> crate::protocol::RingInfo {
+        use crate::core::cluster::StagedChange;
+        let ring = self.inner.membership.ring();
+        let state = self
+            .inner
+            .membership
+            .gossip()
+            .map(|gossip| gossip.cluster_state());
+        let owned = |node: &NodeId| ring.partitions_owned_by(node).len() as u32;
+        let members = match &state {
+            Some(state) => state
+                .members()
+                .iter()
+                .map(|(node, member_state)| crate::protocol::RingMember {
+                    node: node.to_string(),
+                    state: member_state.as_str().to_string(),
+                    partitions: owned(node),
+                })
+                .collect(),
+            None => ring
+                .members()
+                .iter()
+                .map(|node| crate::protocol::RingMember {
+                    node: node.to_string(),
+                    state: "valid".to_string(),
+                    partitions: owned(node),
+                })
+                .collect(),
+        };
+        crate::protocol::RingInfo {
+            cluster: state
+                .as_ref()
+                .map(|state| state.cluster().to_string())
+                .unwrap_or_default(),
+            version: ring.version(),
+            owners: ring.owners().iter().map(ToString::to_string).collect(),
+            members,
+            staged: state
+                .as_ref()
+                .map(|state| {
+                    state
+                        .staged()
+                        .iter()
+                        .map(|(node, change)| {
+                            let change = match change {
+                                StagedChange::Join => "join".to_string(),
+                                StagedChange::Leave => "leave".to_string(),
+                                StagedChange::Remove => "remove".to_string(),
+                                StagedChange::Replace { by } => format!("replace by {by}"),
+                            };
+                            (node.to_string(), change)
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+            transfers: state
+                .as_ref()
+                .map(|state| {
+                    state
+                        .transfers()
+                        .iter()
+                        .map(|t| (t.partition, t.from.to_string(), t.to.to_string()))
+                        .collect()
+                })
+                .unwrap_or_default(),
+        }
+    }
+
     pub fn status(&self) -> Result<NodeStatus, ClientError> {
         let ring = self.inner.membership.ring();
         let members = self.inner.membership.view();
