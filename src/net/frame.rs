@@ -251,6 +251,10 @@ pub const BUDGET_UNIT_BYTES: u32 = 1024;
 /// the body: a server's frames in flight then stay within the budget, and while it is spent
 /// the sender's stream is not read (QUIC flow control pushes back). The permits come back
 /// with the frame; dropping them returns the bytes to the budget.
+///
+/// A body of at most [`crate::net::SMALL_FRAME_BYTES`] takes no permit: small requests
+/// (reads, pings, small writes) are not held up behind large ones that spent the budget, and
+/// the requests in flight bound what they hold (`max_in_flight_requests` × 16 KiB).
 pub async fn read_frame_within<R: AsyncRead + Unpin>(
     reader: &mut R,
     max_frame_bytes: u32,
@@ -278,6 +282,7 @@ pub async fn read_frame_within<R: AsyncRead + Unpin>(
     }
     let header = decode_header(&header, max_frame_bytes)?;
     let permit = match budget {
+        Some(_) if header.body_bytes as usize <= crate::net::SMALL_FRAME_BYTES => None,
         Some(budget) => Some(
             budget
                 .clone()

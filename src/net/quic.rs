@@ -707,6 +707,15 @@ mod tests {
         let handler: Handler<TestRequest, TestResponse> = Arc::new(move |request| {
             let (running, most, gate) = (running_in.clone(), most_in.clone(), gate_in.clone());
             Box::pin(async move {
+                if let TestRequest::Echo { tag, payload } = &request
+                    && payload.len() < 1024
+                {
+                    // Small requests are answered at once.
+                    return TestResponse::Echo {
+                        tag: *tag,
+                        payload: payload.clone(),
+                    };
+                }
                 let now = running.fetch_add(1, Ordering::SeqCst) + 1;
                 most.fetch_max(now, Ordering::SeqCst);
                 let _pass = gate.acquire().await;
@@ -751,6 +760,21 @@ mod tests {
             running.load(Ordering::SeqCst),
             1,
             "the other two requests wait unread"
+        );
+        // A small request is not held up behind the spent budget.
+        let small = client_of(&pki, &server)
+            .call(
+                &pki.server_id,
+                &TestRequest::Echo {
+                    tag: 99,
+                    payload: "small".into(),
+                },
+                Duration::from_secs(5),
+            )
+            .await;
+        assert!(
+            matches!(small, Ok(TestResponse::Echo { tag: 99, .. })),
+            "{small:?}"
         );
         gate.add_permits(3);
         while let Some(call) = calls.join_next().await {
