@@ -71,11 +71,15 @@ impl Limits {
     /// is within the QUIC byte budget or an HTTP request slot; each may exist three times at
     /// once (the frame or body as read, the decoded value, the encoded record in the storage
     /// batch). Each connection costs its TLS and QUIC state and buffers (1 MiB each,
-    /// generously). The store adds its block cache and its memtables: the write buffer, and as
+    /// generously), and a QUIC one its flow-control window of unread data. The store adds its block cache and its memtables: the write buffer, and as
     /// much again while memtables are flushed.
     fn memory_bound_bytes(&self) -> u64 {
         let request_bytes = self.max_in_flight_bytes + self.http_concurrency * self.max_value_bytes;
-        let connections = (self.max_client_connections + self.max_http_connections) * MIB;
+        // A QUIC connection also buffers what its sender sent and the node has not read yet,
+        // up to its flow-control window.
+        let quic_window = u64::from(dynkv::net::tls::CONNECTION_RECEIVE_WINDOW_BYTES);
+        let connections = (self.max_client_connections + self.max_http_connections) * MIB
+            + self.max_client_connections * quic_window;
         let store = (self.cache_mib + 2 * self.write_buffer_mib) * MIB;
         3 * request_bytes + connections + store
     }

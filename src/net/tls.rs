@@ -336,6 +336,9 @@ pub fn client_config(ca_cert_pem: &str) -> Result<rustls::ClientConfig, TlsError
     Ok(config)
 }
 
+/// Unread bytes a connection may hold (QUIC's connection-level flow-control window).
+pub const CONNECTION_RECEIVE_WINDOW_BYTES: u32 = 4 * 1024 * 1024;
+
 /// QUIC transport parameters shared by both sides: keep-alive, idle timeout, and room for
 /// every stream of the RPC pool (plus headroom for a peer configured with a larger pool).
 pub fn transport_config() -> quinn::TransportConfig {
@@ -345,6 +348,10 @@ pub fn transport_config() -> quinn::TransportConfig {
     transport.max_idle_timeout(quinn::IdleTimeout::try_from(IDLE_TIMEOUT).ok());
     transport
         .max_concurrent_bidi_streams(quinn::VarInt::from_u32(MAX_STREAMS_PER_CONNECTION as u32));
+    // Data a peer may send that this side has not read yet, over all streams of the
+    // connection (quinn's default is unlimited, with 1.25 MB per stream and up to 64 streams):
+    // with it, a node buffers at most this per connection, whatever the sender does.
+    transport.receive_window(quinn::VarInt::from_u32(CONNECTION_RECEIVE_WINDOW_BYTES));
     // The protocol never uses unidirectional streams; refusing them closes a door.
     transport.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
     transport
