@@ -249,6 +249,7 @@ async fn run_faults(schedule: Schedule) -> usize {
     // The nodes that are down or isolated, when each comes back, and whether it crashed.
     let mut outages: Vec<(NodeId, tokio::time::Instant, bool)> = Vec::new();
     let mut last_crashed: Option<NodeId> = None;
+    let mut joined = false;
     let mut faults = 0;
     // A schedule has at least three crashes or isolations, however the dice fall.
     while tokio::time::Instant::now() < end || faults < 3 {
@@ -325,6 +326,16 @@ async fn run_faults(schedule: Schedule) -> usize {
                     .set_delay(Duration::ZERO, Duration::from_millis(max_delay));
             }
             7 if outages.is_empty() => schedule.cluster.lock().unwrap().network.heal_all(),
+            9 if !joined && rng.random_bool(0.5) => {
+                // A node started to join the running cluster: it learns the ring by gossip,
+                // owns nothing, and takes client requests like any other from now on.
+                schedule
+                    .cluster
+                    .lock()
+                    .unwrap()
+                    .add_node(&NodeId::new("n6").unwrap());
+                joined = true;
+            }
             8 if rng.random_bool(0.3) => {
                 // A clock jump: every timer, deadline and failure detector sees the time
                 // pass at once (outages and hint windows included).

@@ -181,6 +181,36 @@ impl http_body::Body for ChannelBody {
     }
 }
 
+/// A 200 whose JSON body comes from `body` as the scan goes.
+fn streamed_response(body: mpsc::Receiver<std::io::Result<Bytes>>) -> Response {
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        Body::new(ChannelBody(body)),
+    )
+        .into_response()
+}
+
+/// The last chunk of a streamed listing: `complete` when the scan covered every partition.
+/// The status is already sent, so an incomplete scan breaks the body off instead, and no
+/// client takes a partial listing for a whole one (the reason goes to the log).
+fn streamed_ending(
+    scan: Result<Result<(), crate::protocol::ClientError>, tokio::task::JoinError>,
+    complete: Bytes,
+) -> std::io::Result<Bytes> {
+    match scan {
+        Ok(Ok(())) => Ok(complete),
+        Ok(Err(error)) => {
+            warn!(error = %error, "listing is incomplete; breaking the response off");
+            Err(std::io::Error::other(error.message))
+        }
+        Err(error) => {
+            warn!(error = %error, "listing failed; breaking the response off");
+            Err(std::io::Error::other(error.to_string()))
+        }
+    }
+}
+
 fn names_json(field: &str, names: &[Vec<u8>]) -> Value {
     let names: Vec<String> = names
         .iter()
@@ -263,27 +293,10 @@ async fn coverage(
                         return;
                     }
                 }
-                let ending = match scan.await {
-                    Ok(Ok(())) => Ok(Bytes::from_static(b"]}")),
-                    // The status is sent: an incomplete scan breaks the body off, so that no
-                    // client takes a partial listing for a whole one.
-                    Ok(Err(error)) => {
-                        warn!(error = %error, "listing is incomplete; breaking the response off");
-                        Err(std::io::Error::other(error.message))
-                    }
-                    Err(error) => {
-                        warn!(error = %error, "listing failed; breaking the response off");
-                        Err(std::io::Error::other(error.to_string()))
-                    }
-                };
+                let ending = streamed_ending(scan.await, Bytes::from_static(b"]}"));
                 let _ = chunks.send(ending).await;
             });
-            Ok((
-                StatusCode::OK,
-                [(header::CONTENT_TYPE, "application/json")],
-                Body::new(ChannelBody(body)),
-            )
-                .into_response())
+            Ok(streamed_response(body))
         }
         Some("stream") => {
             let (sender, mut receiver) = mpsc::channel::<Vec<Vec<u8>>>(16);
@@ -300,27 +313,11 @@ async fn coverage(
                         return;
                     }
                 }
-                // A stream cannot change its status once started: an incomplete scan breaks
-                // the body off, with the reason in the log.
-                let ending = match scan.await {
-                    Ok(Ok(())) => Ok(Bytes::from(names_json(field, &[]).to_string())),
-                    Ok(Err(error)) => {
-                        warn!(error = %error, "streamed listing is incomplete");
-                        Err(std::io::Error::other(error.message))
-                    }
-                    Err(error) => {
-                        warn!(error = %error, "streamed listing failed");
-                        Err(std::io::Error::other(error.to_string()))
-                    }
-                };
+                let ending =
+                    streamed_ending(scan.await, Bytes::from(names_json(field, &[]).to_string()));
                 let _ = chunks.send(ending).await;
             });
-            Ok((
-                StatusCode::OK,
-                [(header::CONTENT_TYPE, "application/json")],
-                Body::new(ChannelBody(body)),
-            )
-                .into_response())
+            Ok(streamed_response(body))
         }
         _ => Err(HttpError::bad_request(format!(
             "{field}=true or {field}=stream is required"
