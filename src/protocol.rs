@@ -92,6 +92,9 @@ pub enum ClientRequest {
     /// The ring this node holds: version, owners, member states, staged changes and pending
     /// transfers (`dynkv admin ring`).
     Ring,
+    /// A staged ring change, or the plan of those staged (`dynkv admin cluster ...`); made
+    /// by the claimant, wherever it arrives.
+    Cluster(ClusterRequest),
     /// Another request with the client token: a node with `client_token` set serves only
     /// these (and `Ping`) on its client port. Unwrapped by the listener, never nested.
     WithToken {
@@ -269,7 +272,39 @@ pub enum ClientResponse {
     Members(Vec<MemberInfo>),
     Status(NodeStatus),
     Ring(RingInfo),
+    Plan(PlanInfo),
     Error(ClientError),
+}
+
+/// `dynkv admin cluster ...`: Riak's staged cluster commands.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClusterRequest {
+    /// Stage the join of `node` (`None`: the node this request is sent to, started with
+    /// `--member` seeds of the cluster it joins).
+    Join { node: Option<String> },
+    /// Stage the leave of `node` (`None`: the node this request is sent to).
+    Leave { node: Option<String> },
+    /// Stage the removal of a node that is gone for good.
+    Remove { node: String },
+    /// Stage the replacement of `old` by the joining node `new`.
+    Replace { old: String, new: String },
+    /// What committing the staged changes would move.
+    Plan,
+    /// Drop every staged change.
+    Clear,
+}
+
+/// A plan as `dynkv admin cluster plan` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanInfo {
+    /// The ring version the plan was made on.
+    pub ring_version: u64,
+    /// The staged changes: (node, change).
+    pub staged: Vec<(String, String)>,
+    /// Every partition that would move: (partition, from, to).
+    pub transfers: Vec<(u32, String, String)>,
+    /// Partitions owned before and after, per node.
+    pub ownership: Vec<(String, u32, u32)>,
 }
 
 /// A ring as `dynkv admin ring` shows it.
@@ -328,6 +363,11 @@ pub enum PeerRequest {
     /// [`PeerRequest::Coordinate`] with an id the sender drew for this write: the receiver
     /// remembers it for a while and answers a second copy (a duplicated message, a retry)
     /// with the first one's outcome instead of coordinating the write twice.
+    /// A staged ring change for the claimant; `hops` counts forwards so none loops.
+    Cluster {
+        request: ClusterRequest,
+        hops: u8,
+    },
     CoordinateOnce {
         /// The node that forwarded the write; with `request_id`, the write's identity.
         sender: NodeId,

@@ -512,6 +512,24 @@ fn three_servers_started_by_hand_with_one_seed_each_agree_on_members() {
     } else {
         Vec::new()
     };
+    // Staged through the joining n2 (it forwards to the claimant, n1), planned through n3.
+    let cluster_cli = |args: &[&str], index: u16| {
+        let output = Command::new(binary)
+            .args(["admin", "cluster"])
+            .args(args)
+            .args([
+                "--json",
+                "--node",
+                &format!("127.0.0.1:{}", base + index - 1),
+            ])
+            .arg("--ca")
+            .arg(pki.join("ca.pem"))
+            .output()
+            .unwrap();
+        (output.status.success(), stdout(&output), stderr(&output))
+    };
+    let joined = cluster_cli(&["join"], 2);
+    let planned = cluster_cli(&["plan"], 3);
     for child in &mut children {
         let _ = child.kill();
         let _ = child.wait();
@@ -525,6 +543,10 @@ fn three_servers_started_by_hand_with_one_seed_each_agree_on_members() {
         assert_eq!(owners.len(), 64);
         assert!(owners.iter().all(|owner| owner == "n1"), "{ring}");
     }
+    assert!(joined.0, "cluster join: {}", joined.2);
+    assert!(planned.0, "cluster plan: {}", planned.2);
+    let plan: serde_json::Value = serde_json::from_str(&planned.1).unwrap();
+    assert_eq!(plan["transfers"].as_array().unwrap().len(), 32, "{plan}");
     for members in &states {
         for member in members.as_array().unwrap() {
             let expected = if member["node"] == "n1" {

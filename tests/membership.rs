@@ -331,3 +331,84 @@ async fn a_node_that_appears_in_gossip_joins_owning_nothing_and_every_key_stays_
     }
     assert_eq!(missing, 0, "keys missed at r=1 through the joiner");
 }
+
+#[tokio::test(start_paused = true)]
+async fn ring_changes_are_staged_through_the_claimant_from_any_node_and_planned() {
+    use dynkv::protocol::ClusterRequest;
+    let mut cluster = SimCluster::start_gossiping(3, 37, default_settings()).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let joiner = node("n4");
+    cluster.add_node(&joiner);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let cluster_request = |request| ClientRequest::Cluster(request);
+
+    // Staged through the joiner itself (it forwards to a member, which forwards to n1).
+    let response = cluster
+        .client(
+            &joiner,
+            cluster_request(ClusterRequest::Join { node: None }),
+        )
+        .await;
+    let ClientResponse::Ring(ring) = response else {
+        panic!("join: {response:?}");
+    };
+    assert_eq!(ring.staged, vec![("n4".to_string(), "join".to_string())]);
+    let staged_everywhere = until(Duration::from_secs(30), || {
+        ["n1", "n2", "n3", "n4"].iter().all(|name| {
+            cluster
+                .cluster_state(&node(name))
+                .is_some_and(|state| state.version() == 2 && state.staged().len() == 1)
+        })
+    })
+    .await;
+    assert!(
+        staged_everywhere.is_some(),
+        "gossip spreads the staged join"
+    );
+
+    let response = cluster
+        .client(&node("n2"), cluster_request(ClusterRequest::Plan))
+        .await;
+    let ClientResponse::Plan(plan) = response else {
+        panic!("plan: {response:?}");
+    };
+    assert_eq!(plan.ring_version, 2);
+    assert_eq!(plan.transfers.len(), 16, "n4 takes its share, Q/4");
+    assert!(plan.transfers.iter().all(|(_, _, to)| to == "n4"));
+    assert!(plan.ownership.contains(&("n4".to_string(), 0, 16)));
+    // Nothing moved: the plan is only a plan.
+    assert!(
+        cluster
+            .cluster_state(&node("n1"))
+            .unwrap()
+            .ring()
+            .partitions_owned_by(&joiner)
+            .is_empty()
+    );
+
+    let response = cluster
+        .client(
+            &node("n3"),
+            cluster_request(ClusterRequest::Remove {
+                node: "n9".to_string(),
+            }),
+        )
+        .await;
+    let ClientResponse::Error(error) = response else {
+        panic!("removing a stranger must be refused: {response:?}");
+    };
+    assert!(
+        error.message.contains("n9 is not a valid member"),
+        "{}",
+        error.message
+    );
+
+    let response = cluster
+        .client(&node("n3"), cluster_request(ClusterRequest::Clear))
+        .await;
+    let ClientResponse::Ring(ring) = response else {
+        panic!("clear: {response:?}");
+    };
+    assert!(ring.staged.is_empty());
+    assert_eq!(ring.version, 3);
+}

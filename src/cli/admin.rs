@@ -23,6 +23,92 @@ pub enum AdminCommand {
         #[command(flatten)]
         connect: ConnectArgs,
     },
+    /// Staged ring changes, as Riak's `cluster` commands: stage, look at the plan, clear.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ClusterCommand {
+    /// Stage the join of the node given with --node (started with --member seeds of the
+    /// cluster); it owns nothing until a committed plan gives it partitions.
+    Join {
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// Stage the leave of NODE (default: the node given with --node).
+    Leave {
+        node: Option<String>,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// Stage the removal of NODE, gone for good: its partitions are rebuilt from the others.
+    Remove {
+        node: String,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// Stage the replacement of OLD by NEW (a joining node), which takes OLD's partitions.
+    Replace {
+        old: String,
+        new: String,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// Every partition the staged changes would move, from and to, and the ownership after.
+    Plan {
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// Drop every staged change.
+    Clear {
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+}
+
+fn print_ring(ring: &dynkv::protocol::RingInfo) {
+    if ring.version == 0 {
+        println!("ring version:  0 (provisional: this node has not joined a cluster yet)");
+    } else {
+        println!("ring version:  {} (cluster {})", ring.version, ring.cluster);
+    }
+    println!("partitions:    {}", ring.owners.len());
+    println!("{:<12} {:<9} {:>10}", "NODE", "STATE", "PARTITIONS");
+    for member in &ring.members {
+        println!(
+            "{:<12} {:<9} {:>10}",
+            member.node, member.state, member.partitions
+        );
+    }
+    if ring.staged.is_empty() {
+        println!("staged:        none");
+    } else {
+        for (node, change) in &ring.staged {
+            println!("staged:        {node}: {change}");
+        }
+    }
+    if ring.transfers.is_empty() {
+        println!("transfers:     none");
+    } else {
+        println!("transfers:     {} pending", ring.transfers.len());
+    }
+    print!("{}", ring_picture(ring));
+}
+
+fn print_plan(plan: &dynkv::protocol::PlanInfo) {
+    println!("plan on ring version {}", plan.ring_version);
+    for (node, change) in &plan.staged {
+        println!("  {change:<16} {node}");
+    }
+    println!("{} partitions move:", plan.transfers.len());
+    for (partition, from, to) in &plan.transfers {
+        println!("  {partition:>5}  {from} -> {to}");
+    }
+    println!("{:<12} {:>7} {:>7}", "NODE", "BEFORE", "AFTER");
+    for (node, before, after) in &plan.ownership {
+        println!("{node:<12} {before:>7} {after:>7}");
+    }
 }
 
 /// The ring as text: a legend of one letter per member, then one letter per partition
@@ -118,32 +204,40 @@ pub async fn run(command: AdminCommand) -> Result<()> {
                 println!("{}", serde_json::to_string(&ring)?);
                 return Ok(());
             }
-            if ring.version == 0 {
-                println!("ring version:  0 (provisional: this node has not joined a cluster yet)");
-            } else {
-                println!("ring version:  {} (cluster {})", ring.version, ring.cluster);
-            }
-            println!("partitions:    {}", ring.owners.len());
-            println!("{:<12} {:<9} {:>10}", "NODE", "STATE", "PARTITIONS");
-            for member in &ring.members {
-                println!(
-                    "{:<12} {:<9} {:>10}",
-                    member.node, member.state, member.partitions
-                );
-            }
-            if ring.staged.is_empty() {
-                println!("staged:        none");
-            } else {
-                for (node, change) in &ring.staged {
-                    println!("staged:        {node}: {change}");
+            print_ring(&ring);
+        }
+        AdminCommand::Cluster(command) => {
+            use dynkv::protocol::ClusterRequest;
+            let (request, args) = match command {
+                ClusterCommand::Join { connect } => (ClusterRequest::Join { node: None }, connect),
+                ClusterCommand::Leave { node, connect } => {
+                    (ClusterRequest::Leave { node }, connect)
                 }
+                ClusterCommand::Remove { node, connect } => {
+                    (ClusterRequest::Remove { node }, connect)
+                }
+                ClusterCommand::Replace { old, new, connect } => {
+                    (ClusterRequest::Replace { old, new }, connect)
+                }
+                ClusterCommand::Plan { connect } => (ClusterRequest::Plan, connect),
+                ClusterCommand::Clear { connect } => (ClusterRequest::Clear, connect),
+            };
+            let client = connect(&args).await?;
+            let response = client
+                .request(ClientRequest::Cluster(request))
+                .await
+                .map_err(report)?;
+            match response {
+                ClientResponse::Ring(ring) if args.json => {
+                    println!("{}", serde_json::to_string(&ring)?)
+                }
+                ClientResponse::Ring(ring) => print_ring(&ring),
+                ClientResponse::Plan(plan) if args.json => {
+                    println!("{}", serde_json::to_string(&plan)?)
+                }
+                ClientResponse::Plan(plan) => print_plan(&plan),
+                other => bail!("the node answered something unexpected: {other:?}"),
             }
-            if ring.transfers.is_empty() {
-                println!("transfers:     none");
-            } else {
-                println!("transfers:     {} pending", ring.transfers.len());
-            }
-            print!("{}", ring_picture(&ring));
         }
         AdminCommand::Status { connect: args } => {
             let client = connect(&args).await?;

@@ -266,9 +266,10 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
                 let started = std::time::Instant::now();
                 let (operation, consistency) = match &request {
                     ClientRequest::Ping => ("ping", String::from("none")),
-                    ClientRequest::Members | ClientRequest::Status | ClientRequest::Ring => {
-                        ("admin", String::from("none"))
-                    }
+                    ClientRequest::Members
+                    | ClientRequest::Status
+                    | ClientRequest::Ring
+                    | ClientRequest::Cluster(_) => ("admin", String::from("none")),
                     ClientRequest::Get { options, .. } => ("get", options.r.to_string()),
                     ClientRequest::Put { options, .. } => ("put", options.w.to_string()),
                     ClientRequest::Delete { options, .. } => ("delete", options.w.to_string()),

@@ -38,6 +38,7 @@ use tracing::{Instrument, debug, debug_span, info, warn};
 pub use super::membership::{Membership, StaticMembership};
 
 mod buckets;
+mod cluster;
 mod coverage;
 mod get;
 mod handoff;
@@ -312,6 +313,7 @@ impl Node {
                 "a token-carrying request reached the node unwrapped by its listener",
             )),
             ClientRequest::Ring => ClientResponse::Ring(self.ring_info()),
+            ClientRequest::Cluster(request) => self.cluster_change(request, 0).await,
             ClientRequest::Status => match self.status() {
                 Ok(status) => ClientResponse::Status(status),
                 Err(error) => ClientResponse::Error(error),
@@ -365,7 +367,6 @@ impl Node {
     /// This node's summary: ring share, members up and down, keys, hints.
     /// The ring this node routes by, as `admin ring` shows it.
     fn ring_info(&self) -> crate::protocol::RingInfo {
-        use crate::core::cluster::StagedChange;
         let ring = self.inner.membership.ring();
         let state = self
             .inner
@@ -403,21 +404,7 @@ impl Node {
             members,
             staged: state
                 .as_ref()
-                .map(|state| {
-                    state
-                        .staged()
-                        .iter()
-                        .map(|(node, change)| {
-                            let change = match change {
-                                StagedChange::Join => "join".to_string(),
-                                StagedChange::Leave => "leave".to_string(),
-                                StagedChange::Remove => "remove".to_string(),
-                                StagedChange::Replace { by } => format!("replace by {by}"),
-                            };
-                            (node.to_string(), change)
-                        })
-                        .collect()
-                })
+                .map(|state| cluster::describe_staged(state))
                 .unwrap_or_default(),
             transfers: state
                 .as_ref()
@@ -536,6 +523,9 @@ impl Node {
             }
             PeerRequest::Coordinate(request) => {
                 PeerResponse::Client(Box::pin(self.client_request(request, true)).await)
+            }
+            PeerRequest::Cluster { request, hops } => {
+                PeerResponse::Client(Box::pin(self.cluster_change(request, hops)).await)
             }
             PeerRequest::CoordinateOnce {
                 sender,
