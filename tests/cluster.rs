@@ -460,11 +460,12 @@ fn three_servers_started_by_hand_with_one_seed_each_agree_on_members() {
             .unwrap();
         children.push(child);
     }
-    let admin_output = |what: &str, index: u16| {
+    // `dynkv admin ARGS --json` against node `index`.
+    let admin_output = |args: &[&str], index: u16| {
         Command::new(binary)
+            .arg("admin")
+            .args(args)
             .args([
-                "admin",
-                what,
                 "--json",
                 "--node",
                 &format!("127.0.0.1:{}", base + index - 1),
@@ -477,7 +478,7 @@ fn three_servers_started_by_hand_with_one_seed_each_agree_on_members() {
     let started = Instant::now();
     let agreed = loop {
         let all_three = (1..=3u16).all(|index| {
-            let output = admin_output("members", index);
+            let output = admin_output(&["members"], index);
             output.status.success() && up_count(&json(&output)) == 3
         });
         if all_three {
@@ -492,7 +493,7 @@ fn three_servers_started_by_hand_with_one_seed_each_agree_on_members() {
     // named only n1, so they joined it: they hold its ring, own nothing, and show as joining
     // until a committed change gives them partitions.
     let admin = |what: &str, index: u16| {
-        let output = admin_output(what, index);
+        let output = admin_output(&[what], index);
         assert!(output.status.success(), "{}", stderr(&output));
         json(&output)
     };
@@ -514,18 +515,7 @@ fn three_servers_started_by_hand_with_one_seed_each_agree_on_members() {
     };
     // Staged through the joining n2 (it forwards to the claimant, n1), planned through n3.
     let cluster_cli = |args: &[&str], index: u16| {
-        let output = Command::new(binary)
-            .args(["admin", "cluster"])
-            .args(args)
-            .args([
-                "--json",
-                "--node",
-                &format!("127.0.0.1:{}", base + index - 1),
-            ])
-            .arg("--ca")
-            .arg(pki.join("ca.pem"))
-            .output()
-            .unwrap();
+        let output = admin_output(&[&["cluster"], args].concat(), index);
         (output.status.success(), stdout(&output), stderr(&output))
     };
     let joined = cluster_cli(&["join"], 2);
