@@ -305,6 +305,12 @@ pub struct PlanInfo {
     pub transfers: Vec<(u32, String, String)>,
     /// Partitions owned before and after, per node.
     pub ownership: Vec<(String, u32, u32)>,
+    /// Records and bytes each moving partition holds on its current owner, as that owner
+    /// estimates them (fjall counts overwrites until compaction, and bytes on disk,
+    /// compressed): (partition, records, bytes). A partition whose owner did not answer is
+    /// missing.
+    #[serde(default)]
+    pub sizes: Vec<(u32, u64, u64)>,
 }
 
 /// A ring as `dynkv admin ring` shows it.
@@ -363,6 +369,10 @@ pub enum PeerRequest {
     /// [`PeerRequest::Coordinate`] with an id the sender drew for this write: the receiver
     /// remembers it for a while and answers a second copy (a duplicated message, a retry)
     /// with the first one's outcome instead of coordinating the write twice.
+    /// Approximate records and bytes the receiver holds under each partition, for a plan.
+    PartitionSizes {
+        partitions: Vec<PartitionId>,
+    },
     /// A staged ring change for the claimant; `hops` counts forwards so none loops.
     Cluster {
         request: ClusterRequest,
@@ -416,6 +426,8 @@ pub enum PeerResponse {
         durable: bool,
     },
     Client(ClientResponse),
+    /// Answer to [`PeerRequest::PartitionSizes`]: (partition, records, bytes).
+    PartitionSizes(Vec<(PartitionId, u64, u64)>),
     /// Gossip step 2: records newer than the digest, and the nodes to send back.
     GossipReply {
         records: Vec<MemberRecord>,

@@ -337,6 +337,18 @@ async fn ring_changes_are_staged_through_the_claimant_from_any_node_and_planned(
     use dynkv::protocol::ClusterRequest;
     let mut cluster = SimCluster::start_gossiping(3, 37, default_settings()).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
+    for index in 0..200 {
+        let response = cluster
+            .client(
+                &node("n1"),
+                put(&format!("key{index}"), "v", Quorum::All, Quorum::Default),
+            )
+            .await;
+        assert!(
+            matches!(response, ClientResponse::Stored { .. }),
+            "{response:?}"
+        );
+    }
     let joiner = node("n4");
     cluster.add_node(&joiner);
     tokio::time::sleep(Duration::from_secs(5)).await;
@@ -376,6 +388,13 @@ async fn ring_changes_are_staged_through_the_claimant_from_any_node_and_planned(
     assert_eq!(plan.transfers.len(), 16, "n4 takes its share, Q/4");
     assert!(plan.transfers.iter().all(|(_, _, to)| to == "n4"));
     assert!(plan.ownership.contains(&("n4".to_string(), 0, 16)));
+    // Every moving partition's size came from its owner; together they hold about a quarter
+    // of the 200 keys (each owner holds the keys of its partitions).
+    assert_eq!(plan.sizes.len(), 16);
+    let records: u64 = plan.sizes.iter().map(|(_, records, _)| records).sum();
+    let bytes: u64 = plan.sizes.iter().map(|(_, _, bytes)| bytes).sum();
+    assert!((20..=100).contains(&records), "{records} records");
+    assert!(bytes > records * 10, "{bytes} bytes");
     // Nothing moved: the plan is only a plan.
     assert!(
         cluster

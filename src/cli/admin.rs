@@ -102,9 +102,25 @@ fn print_plan(plan: &dynkv::protocol::PlanInfo) {
         println!("  {change:<16} {node}");
     }
     println!("{} partitions move:", plan.transfers.len());
+    let mut total = (0u64, 0u64);
     for (partition, from, to) in &plan.transfers {
-        println!("  {partition:>5}  {from} -> {to}");
+        match plan.sizes.iter().find(|(sized, ..)| sized == partition) {
+            Some((_, records, bytes)) => {
+                total = (total.0 + records, total.1 + bytes);
+                println!(
+                    "  {partition:>5}  {from} -> {to}  ~{records} records, ~{bytes} bytes on disk"
+                );
+            }
+            None => {
+                println!("  {partition:>5}  {from} -> {to}  (size unknown: {from} did not answer)")
+            }
+        }
     }
+    println!(
+        "estimated: ~{} records, ~{} bytes on the current owners' disks \
+         (compressed; writes not yet flushed from memory are not counted)",
+        total.0, total.1
+    );
     println!("{:<12} {:>7} {:>7}", "NODE", "BEFORE", "AFTER");
     for (node, before, after) in &plan.ownership {
         println!("{node:<12} {before:>7} {after:>7}");

@@ -524,6 +524,26 @@ impl Node {
             PeerRequest::Coordinate(request) => {
                 PeerResponse::Client(Box::pin(self.client_request(request, true)).await)
             }
+            PeerRequest::PartitionSizes { partitions } => {
+                let partition_count = self.inner.membership.ring().partition_count();
+                if partitions.len() > partition_count as usize {
+                    return PeerResponse::Failed {
+                        message: format!(
+                            "asked for {} partitions; the ring has {partition_count}",
+                            partitions.len()
+                        ),
+                    };
+                }
+                PeerResponse::PartitionSizes(
+                    partitions
+                        .into_iter()
+                        .map(|partition| {
+                            let (records, bytes) = self.inner.store.partition_estimate(partition);
+                            (partition, records, bytes)
+                        })
+                        .collect(),
+                )
+            }
             PeerRequest::Cluster { request, hops } => {
                 PeerResponse::Client(Box::pin(self.cluster_change(request, hops)).await)
             }

@@ -192,6 +192,24 @@ impl Space {
         }
     }
 
+    /// Approximate bytes the keyspace takes on disk (fjall: its segments, compressed; the
+    /// memtable is not counted); the simulated disk counts its keys and values.
+    pub(super) fn approximate_bytes(&self) -> u64 {
+        match self {
+            Space::Fjall(keyspace) => keyspace.disk_space(),
+            Space::Memory { disk, name } => disk
+                .with(|state| {
+                    state.volatile.get(name).map_or(0, |pairs| {
+                        pairs
+                            .iter()
+                            .map(|(key, value)| (key.len() + value.len()) as u64)
+                            .sum()
+                    })
+                })
+                .unwrap_or(0),
+        }
+    }
+
     /// Approximate number of pairs (fjall counts overwrites until compaction).
     pub(super) fn approximate_len(&self) -> u64 {
         match self {

@@ -573,6 +573,18 @@ impl Store {
             .sum()
     }
 
+    /// Approximate records and bytes this node holds under `partition` (0 and 0 when it
+    /// holds nothing there), for plans of ring changes.
+    pub fn partition_estimate(&self, partition: u32) -> (u64, u64) {
+        self.inner
+            .partitions
+            .read()
+            .get(&partition)
+            .map_or((0, 0), |keyspace| {
+                (keyspace.approximate_len(), keyspace.approximate_bytes())
+            })
+    }
+
     /// Counts of writes and fsyncs since open.
     pub fn stats(&self) -> StorageStats {
         StorageStats {

@@ -23,7 +23,7 @@ impl Node {
             .cloned();
         let claimant = match claimant {
             Some(claimant) if state.is_committed() && claimant == self.inner.id => {
-                return self.make_cluster_change(&state, request);
+                return self.make_cluster_change(&state, request).await;
             }
             Some(claimant) => claimant,
             None => {
@@ -69,7 +69,11 @@ impl Node {
     }
 
     /// The claimant's side: the next state, adopted here and gossiped from here.
-    fn make_cluster_change(&self, state: &ClusterState, request: ClusterRequest) -> ClientResponse {
+    async fn make_cluster_change(
+        &self,
+        state: &ClusterState,
+        request: ClusterRequest,
+    ) -> ClientResponse {
         let n_val = self.inner.settings.bucket_defaults.n_val as usize;
         let parse = |name: &str| {
             NodeId::new(name)
@@ -79,6 +83,7 @@ impl Node {
             ClusterRequest::Plan => {
                 return match state.plan(n_val) {
                     Ok(plan) => ClientResponse::Plan(PlanInfo {
+                        sizes: self.partition_sizes(&plan.transfers).await,
                         ring_version: plan.base_version,
                         staged: describe_staged(state),
                         transfers: plan
@@ -131,6 +136,53 @@ impl Node {
             }
             Err(error) => ClientResponse::Error(ClientError::invalid(error.to_string())),
         }
+    }
+}
+
+impl Node {
+    /// Records and bytes of each moving partition on its current owner, asked of every owner
+    /// at once; an owner that does not answer in time leaves its partitions out.
+    async fn partition_sizes(
+        &self,
+        transfers: &[crate::core::cluster::Transfer],
+    ) -> Vec<(u32, u64, u64)> {
+        let mut by_owner: std::collections::BTreeMap<NodeId, Vec<PartitionId>> =
+            std::collections::BTreeMap::new();
+        for transfer in transfers {
+            by_owner
+                .entry(transfer.from.clone())
+                .or_default()
+                .push(transfer.partition);
+        }
+        let mut asks = tokio::task::JoinSet::new();
+        for (owner, partitions) in by_owner {
+            if owner == self.inner.id {
+                let local = partitions
+                    .iter()
+                    .map(|&partition| {
+                        let (records, bytes) = self.inner.store.partition_estimate(partition);
+                        (partition, records, bytes)
+                    })
+                    .collect::<Vec<_>>();
+                asks.spawn(async move { local });
+                continue;
+            }
+            let node = self.clone();
+            asks.spawn(async move {
+                let request = PeerRequest::PartitionSizes { partitions };
+                let timeout = node.inner.settings.request_timeout;
+                match node.inner.peers.call(&owner, request, timeout).await {
+                    Ok(PeerResponse::PartitionSizes(sizes)) => sizes,
+                    Ok(_) | Err(_) => {
+                        debug!(owner = %owner, "no partition sizes for the plan");
+                        Vec::new()
+                    }
+                }
+            });
+        }
+        let mut sizes: Vec<(u32, u64, u64)> = asks.join_all().await.into_iter().flatten().collect();
+        sizes.sort_unstable();
+        sizes
     }
 }
 
