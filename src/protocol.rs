@@ -169,6 +169,9 @@ pub struct MemberInfo {
     /// `leaving`, `exiting` or `down`.
     #[serde(default)]
     pub state: String,
+    /// The ring version the member holds, as it last gossiped.
+    #[serde(default)]
+    pub ring_version: u64,
 }
 
 /// A node's summary.

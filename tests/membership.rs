@@ -377,6 +377,22 @@ async fn ring_changes_are_staged_through_the_claimant_from_any_node_and_planned(
         staged_everywhere.is_some(),
         "gossip spreads the staged join"
     );
+    // Every member gossips the ring version it holds, so each sees all at version 2.
+    let versions_seen = until(Duration::from_secs(30), || {
+        ["n1", "n2", "n3", "n4"].iter().all(|name| {
+            cluster.node(&node(name)).is_some_and(|n| {
+                n.membership()
+                    .view()
+                    .iter()
+                    .all(|member| member.ring_version == 2)
+            })
+        })
+    })
+    .await;
+    assert!(
+        versions_seen.is_some(),
+        "members gossip their ring versions"
+    );
 
     let response = cluster
         .client(&node("n2"), cluster_request(ClusterRequest::Plan))

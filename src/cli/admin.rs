@@ -179,7 +179,7 @@ pub async fn run(command: AdminCommand) -> Result<()> {
                 return Ok(());
             }
             println!(
-                "{:<12} {:<22} {:<22} {:<8} {:<5} {:>8} {:>12} {:>12} {:>8}",
+                "{:<12} {:<22} {:<22} {:<8} {:<5} {:>8} {:>12} {:>12} {:>8} {:>6}",
                 "NODE",
                 "PEER",
                 "CLIENT",
@@ -188,7 +188,8 @@ pub async fn run(command: AdminCommand) -> Result<()> {
                 "PHI",
                 "LAST HEARD",
                 "GENERATION",
-                "HINTS"
+                "HINTS",
+                "RING"
             );
             for member in members {
                 let heard = match member.silent_ms {
@@ -196,7 +197,7 @@ pub async fn run(command: AdminCommand) -> Result<()> {
                     Some(ms) => format!("{:.1}s ago", ms as f64 / 1000.0),
                 };
                 println!(
-                    "{:<12} {:<22} {:<22} {:<8} {:<5} {:>8.2} {:>12} {:>12} {:>8}",
+                    "{:<12} {:<22} {:<22} {:<8} {:<5} {:>8.2} {:>12} {:>12} {:>8} {:>6}",
                     member.node,
                     member.peer_addr,
                     member.client_addr,
@@ -205,7 +206,8 @@ pub async fn run(command: AdminCommand) -> Result<()> {
                     member.phi.min(9999.0),
                     heard,
                     member.generation,
-                    member.hints_held
+                    member.hints_held,
+                    member.ring_version
                 );
             }
         }

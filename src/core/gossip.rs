@@ -46,6 +46,10 @@ pub struct MemberRecord {
     /// partition exists anywhere (tombstone reaping needs it).
     #[serde(default)]
     pub hints: Vec<(u32, u64)>,
+    /// The ring version the node holds, as of its last heartbeat: a ring change is committed
+    /// only once every member up holds the same.
+    #[serde(default)]
+    pub ring_version: u64,
 }
 
 impl MemberRecord {
@@ -345,6 +349,13 @@ impl Gossip {
         }
     }
 
+    /// Publishes the ring version this node holds with its next heartbeats.
+    pub fn set_local_ring_version(&mut self, ring_version: u64) {
+        if let Some(record) = self.members.get_mut(&self.local) {
+            record.ring_version = ring_version;
+        }
+    }
+
     /// Hints held for `partition` by every member, as last heard from each.
     pub fn hints_for_partition(&self, partition: u32) -> u64 {
         self.members
@@ -402,6 +413,7 @@ mod tests {
             peer_addr: format!("{name}:1"),
             client_addr: format!("{name}:2"),
             hints: Vec::new(),
+            ring_version: 0,
         }
     }
 

@@ -68,6 +68,7 @@ impl Membership for StaticMembership {
                 generation: 0,
                 hints_held: 0,
                 state: "valid".into(),
+                ring_version: self.ring.version(),
             })
             .collect()
     }
@@ -221,6 +222,7 @@ impl GossipMembership {
             None => ClusterState::provisional(partition_count, &seeds, n_val)?,
         };
         let ring = Arc::new(cluster.ring().clone());
+        gossip.set_local_ring_version(cluster.version());
         let membership = GossipMembership {
             state: Mutex::new(gossip),
             current: RwLock::new((Arc::new(cluster), ring)),
@@ -266,6 +268,9 @@ impl GossipMembership {
             let ring = Arc::new(offered.ring().clone());
             *current = (Arc::new(offered), ring);
         }
+        // After the ring lock is released: no path holds both locks.
+        let version = self.cluster_state().version();
+        self.state.lock().set_local_ring_version(version);
         self.save_ring(&self.cluster_state());
         true
     }
@@ -492,6 +497,7 @@ impl Membership for GossipMembership {
                 silent_ms: view.silent_ms,
                 generation: view.record.generation,
                 hints_held: view.record.hints.iter().map(|(_, count)| count).sum(),
+                ring_version: view.record.ring_version,
                 state: cluster
                     .state_of(&view.record.node)
                     .map_or("joining", |state| state.as_str())

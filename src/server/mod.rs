@@ -153,6 +153,7 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         peer_addr: config.peer_listen.to_string(),
         client_addr: config.client_listen.to_string(),
         hints: Vec::new(),
+        ring_version: 0,
     };
     let mut known: Vec<MemberRecord> = saved
         .into_iter()
@@ -167,6 +168,7 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
                 peer_addr: address.to_string(),
                 client_addr: String::new(),
                 hints: Vec::new(),
+                ring_version: 0,
             });
         }
     }

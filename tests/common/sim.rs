@@ -170,6 +170,7 @@ impl SimCluster {
                 peer_addr: format!("{node}:peer"),
                 client_addr: format!("{node}:client"),
                 hints: Vec::new(),
+                ring_version: 0,
             };
             let known = self
                 .ids
