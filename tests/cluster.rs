@@ -520,6 +520,12 @@ fn three_servers_started_by_hand_with_one_seed_each_agree_on_members() {
     };
     let joined = cluster_cli(&["join"], 2);
     let planned = cluster_cli(&["plan"], 3);
+    let transfers = Command::new(binary)
+        .args(["admin", "transfers", "--node", &format!("127.0.0.1:{base}")])
+        .arg("--ca")
+        .arg(pki.join("ca.pem"))
+        .output()
+        .unwrap();
     for child in &mut children {
         let _ = child.kill();
         let _ = child.wait();
@@ -533,6 +539,12 @@ fn three_servers_started_by_hand_with_one_seed_each_agree_on_members() {
         assert_eq!(owners.len(), 64);
         assert!(owners.iter().all(|owner| owner == "n1"), "{ring}");
     }
+    assert_eq!(
+        stdout(&transfers),
+        "no transfers\n",
+        "{}",
+        stderr(&transfers)
+    );
     assert!(joined.0, "cluster join: {}", joined.2);
     assert!(planned.0, "cluster plan: {}", planned.2);
     let plan: serde_json::Value = serde_json::from_str(&planned.1).unwrap();

@@ -23,6 +23,15 @@ pub enum AdminCommand {
         #[command(flatten)]
         connect: ConnectArgs,
     },
+    /// Partition transfers of committed ring changes, cluster-wide (from this node's ring):
+    /// each pending one, or exactly `no transfers`.
+    Transfers {
+        /// Print again every second until none remain, then exit.
+        #[arg(long)]
+        watch: bool,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
     /// Staged ring changes, as Riak's `cluster` commands: stage, look at the plan, clear.
     #[command(subcommand)]
     Cluster(ClusterCommand),
@@ -223,6 +232,38 @@ pub async fn run(command: AdminCommand) -> Result<()> {
                 return Ok(());
             }
             print_ring(&ring);
+        }
+        AdminCommand::Transfers {
+            watch,
+            connect: args,
+        } => {
+            let client = connect(&args).await?;
+            loop {
+                let ClientResponse::Ring(ring) =
+                    client.request(ClientRequest::Ring).await.map_err(report)?
+                else {
+                    bail!("the node answered something other than a ring");
+                };
+                if args.json {
+                    println!("{}", serde_json::to_string(&ring.transfers)?);
+                } else if ring.transfers.is_empty() {
+                    println!("no transfers");
+                } else {
+                    println!(
+                        "{} transfers pending (ring version {})",
+                        ring.transfers.len(),
+                        ring.version
+                    );
+                    println!("{:>9}  {:<12} {:<12}", "PARTITION", "FROM", "TO");
+                    for (partition, from, to) in &ring.transfers {
+                        println!("{partition:>9}  {from:<12} {to:<12}");
+                    }
+                }
+                if !watch || ring.transfers.is_empty() {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
         }
         AdminCommand::Cluster(command) => {
             use dynkv::protocol::ClusterRequest;
