@@ -772,3 +772,48 @@ fn writes_and_deletes_through_a_fallback_twice_are_never_lost() {
         resurrected.len()
     );
 }
+
+/// `dynkv dev add` starts a fourth node that joins the running cluster: it owns nothing, so
+/// reads through it at `r=one` find every key written before, and the plan it prints moves
+/// the new node's share (Q/4 of 64) to it.
+#[test]
+fn a_node_added_to_a_dev_cluster_joins_owning_nothing_and_its_join_is_planned() {
+    let cluster = DevCluster::start(3, 7);
+    let keys: Vec<String> = (0..300).map(|index| format!("key{index}")).collect();
+    for key in &keys {
+        let output = cluster.cli(&["put", "join", key, "v", "--w", "all"]);
+        assert!(output.status.success(), "{}", stderr(&output));
+    }
+    let added = std::process::Command::new(common::process::binary())
+        .args(["dev", "add", "--dir"])
+        .arg(cluster.path())
+        .output()
+        .unwrap();
+    assert!(added.status.success(), "dev add: {}", stderr(&added));
+    assert!(
+        stdout(&added).contains("16 partitions would move to n4"),
+        "{}",
+        stdout(&added)
+    );
+    let plan = cluster.cli(&["admin", "cluster", "plan", "--json"]);
+    assert!(plan.status.success(), "{}", stderr(&plan));
+    let plan = json(&plan);
+    let transfers = plan["transfers"].as_array().unwrap();
+    assert_eq!(transfers.len(), 16, "{plan}");
+    assert!(transfers.iter().all(|transfer| transfer[2] == "n4"));
+
+    let via_n4 = cluster.client_addr(4);
+    let missing: Vec<&String> = keys
+        .iter()
+        .filter(|key| {
+            !cluster
+                .cli(&["get", "join", key, "--r", "one", "--node", &via_n4])
+                .status
+                .success()
+        })
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "missed at r=one through n4: {missing:?}"
+    );
+}

@@ -21,7 +21,10 @@ use tokio::process::{Child, Command};
 use tracing::{info, warn};
 
 #[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct DevArgs {
+    #[command(subcommand)]
+    action: Option<DevAction>,
     /// Number of nodes.
     #[arg(long, default_value_t = 3)]
     nodes: u16,
@@ -44,6 +47,18 @@ pub struct DevArgs {
     /// Delete the directory first: a new CA, new data.
     #[arg(long)]
     fresh: bool,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum DevAction {
+    /// Add a node to the running dev cluster: its certificate, config and data directory,
+    /// started by the running `dynkv dev` (which stops it on Ctrl-C), its join staged and the
+    /// plan printed. It owns nothing until the plan is committed.
+    Add {
+        /// Directory of the running dev cluster [default: $DYNKV_DEV_DIR or ~/.local/share/dynkv/dev].
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
 }
 
 /// What `dynkv dev` tells clients about its cluster (`cluster.toml`).
@@ -249,6 +264,9 @@ fn signal(child: &Child, signal: i32) {
 }
 
 pub async fn run(args: DevArgs) -> Result<()> {
+    if let Some(DevAction::Add { dir }) = args.action {
+        return add(&dir.unwrap_or_else(default_dev_dir)).await;
+    }
     if args.nodes == 0 {
         bail!("--nodes must be at least 1");
     }
@@ -313,12 +331,29 @@ pub async fn run(args: DevArgs) -> Result<()> {
     println!("Logs:            {dir_text}/nN/node.log     Stop the cluster: Ctrl-C");
     info!(nodes = cluster.nodes.len(), "dev cluster running");
 
-    // Report nodes that exit (a kill from the walkthrough) without stopping the others.
+    // Report nodes that exit (a kill from the walkthrough) without stopping the others, and
+    // start the nodes `dynkv dev add` writes into cluster.toml.
+    let mut cluster = cluster;
     let mut reported = vec![false; children.len()];
     loop {
         tokio::select! {
             _ = super::server::wait_for_shutdown_signal() => break,
             _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                if let Ok(latest) = DevCluster::load(Path::new(&dir_text))
+                    && latest.nodes.len() > cluster.nodes.len()
+                {
+                    for node in &latest.nodes[cluster.nodes.len()..] {
+                        match spawn_node(node) {
+                            Ok(child) => {
+                                info!(node = %node.id, "added node started");
+                                children.push(child);
+                                reported.push(false);
+                            }
+                            Err(error) => warn!(node = %node.id, error = %error, "cannot start the added node"),
+                        }
+                    }
+                    cluster = latest;
+                }
                 for ((node, child), reported) in cluster.nodes.iter().zip(children.iter_mut()).zip(reported.iter_mut()) {
                     if !*reported && let Ok(Some(status)) = child.try_wait() {
                         warn!(node = %node.id, %status, "node exited; restart it with `dynkv server --config {}`", node.config.display());
@@ -340,6 +375,143 @@ pub async fn run(args: DevArgs) -> Result<()> {
             signal(child, libc::SIGKILL);
             let _ = child.wait().await;
         }
+    }
+    Ok(())
+}
+
+/// `dynkv dev add`: one more node on the next ports of the same pattern, with the existing
+/// nodes as its seeds (so it joins rather than creating a cluster). The running `dynkv dev`
+/// starts it; this waits until it answers, stages its join and prints the plan.
+async fn add(dir: &Path) -> Result<()> {
+    use dynkv::protocol::{ClientRequest, ClientResponse, ClusterRequest};
+    dynkv::net::tls::install_crypto_provider();
+    let mut cluster = DevCluster::load(dir).with_context(|| {
+        format!(
+            "no dev cluster in {}; start one with `dynkv dev`",
+            dir.display()
+        )
+    })?;
+    let first = cluster
+        .nodes
+        .first()
+        .context("the dev cluster has no nodes")?;
+    let index = u16::try_from(cluster.nodes.len()).context("too many nodes")?;
+    let base = first.client_addr.port();
+    let address = |offset: u16| -> Result<SocketAddr> {
+        let port = base
+            .checked_add(offset + index)
+            .context("no free port in the dev cluster's pattern")?;
+        Ok(SocketAddr::from(([127, 0, 0, 1], port)))
+    };
+    let id = NodeId::new(format!("n{}", index + 1))?;
+    let template = Config::load(&first.config)
+        .with_context(|| format!("cannot read {}", first.config.display()))?;
+    let pki = cluster
+        .ca_cert
+        .parent()
+        .context("the CA certificate has no directory")?
+        .to_path_buf();
+    let ca = read_pair(&pki, "ca")?;
+    let certificate = tls::issue_node_certificate(&ca, &id, &["127.0.0.1".to_string()])?;
+    write_pair(&pki, id.as_str(), &certificate)?;
+    let node_dir = cluster
+        .ca_cert
+        .parent()
+        .and_then(Path::parent)
+        .context("the dev directory is unknown")?
+        .join(id.as_str());
+    std::fs::create_dir_all(&node_dir)?;
+    let config = Config {
+        node_id: id.to_string(),
+        data_dir: node_dir.join("data"),
+        peer_listen: address(100)?,
+        client_listen: address(0)?,
+        http_listen: address(200)?,
+        worker_threads: dev_worker_threads(usize::from(index) + 1),
+        // Seeds only: a node not in its own member list joins the existing ring.
+        members: cluster
+            .nodes
+            .iter()
+            .map(|node| MemberConfig {
+                id: node.id.clone(),
+                peer_addr: node.peer_addr,
+            })
+            .collect(),
+        tls: TlsConfig {
+            ca_cert: pki.join("ca.pem"),
+            node_cert: pki.join(format!("{id}.pem")),
+            node_key: pki.join(format!("{id}.key")),
+        },
+        ..template
+    };
+    config.validate()?;
+    let config_path = node_dir.join("dynkv.toml");
+    std::fs::write(&config_path, config.to_toml())
+        .with_context(|| format!("cannot write {}", config_path.display()))?;
+    cluster.nodes.push(DevNode {
+        id: id.to_string(),
+        client_addr: config.client_listen,
+        peer_addr: config.peer_listen,
+        http_addr: Some(config.http_listen),
+        config: config_path,
+    });
+    let text = toml::to_string(&cluster).context("cannot render cluster.toml")?;
+    std::fs::write(dir.join("cluster.toml"), text)?;
+    println!(
+        "{id}: client {}  peer {}  http http://{}",
+        config.client_listen, config.peer_listen, config.http_listen
+    );
+
+    let ca_pem = std::fs::read_to_string(&cluster.ca_cert)?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let client = loop {
+        let mut client_config = ClientConfig::new(vec![config.client_listen], ca_pem.clone());
+        client_config.request_timeout = Duration::from_secs(5);
+        if let Ok(client) = Client::connect(client_config).await
+            && client.ping().await.is_ok()
+        {
+            break client;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{id} did not answer within 30 s: is `dynkv dev` running in {}? (see {})",
+                dir.display(),
+                node_dir.join("node.log").display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    println!("{id} is up; staging its join");
+    // Until gossip brought it the ring, the new node cannot find the claimant.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match client
+            .request(ClientRequest::Cluster(ClusterRequest::Join { node: None }))
+            .await
+        {
+            Ok(ClientResponse::Ring(_)) => break,
+            Ok(other) => bail!("the join was answered with {other:?}"),
+            Err(error) if Instant::now() > deadline => bail!("cannot stage the join: {error}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+        }
+    }
+    match client
+        .request(ClientRequest::Cluster(ClusterRequest::Plan))
+        .await
+    {
+        Ok(ClientResponse::Plan(plan)) => {
+            println!(
+                "plan on ring version {}: {} partitions would move to {id}",
+                plan.ring_version,
+                plan.transfers
+                    .iter()
+                    .filter(|(_, _, to)| *to == id.as_str())
+                    .count()
+            );
+            println!("see it whole with `dynkv admin cluster plan`");
+        }
+        Ok(other) => bail!("the plan was answered with {other:?}"),
+        Err(error) => bail!("cannot make the plan: {error}"),
     }
     Ok(())
 }
