@@ -816,4 +816,24 @@ fn a_node_added_to_a_dev_cluster_joins_owning_nothing_and_its_join_is_planned() 
         missing.is_empty(),
         "missed at r=one through n4: {missing:?}"
     );
+
+    // A leave staged with `dev leave` joins the staged join in the plan.
+    let left = std::process::Command::new(common::process::binary())
+        .args(["dev", "leave", "n2", "--dir"])
+        .arg(cluster.path())
+        .output()
+        .unwrap();
+    assert!(left.status.success(), "dev leave: {}", stderr(&left));
+    let ring = json(&cluster.cli(&["admin", "ring", "--json"]));
+    let staged: Vec<String> = ring["staged"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|entry| format!("{} {}", entry[0], entry[1]))
+        .collect();
+    assert_eq!(
+        staged,
+        vec!["\"n2\" \"leave\"", "\"n4\" \"join\""],
+        "{ring}"
+    );
 }

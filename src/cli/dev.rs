@@ -59,6 +59,13 @@ enum DevAction {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// Stage the leave of NODE from the running dev cluster and print the plan.
+    Leave {
+        node: String,
+        /// Directory of the running dev cluster [default: $DYNKV_DEV_DIR or ~/.local/share/dynkv/dev].
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
 }
 
 /// What `dynkv dev` tells clients about its cluster (`cluster.toml`).
@@ -264,8 +271,12 @@ fn signal(child: &Child, signal: i32) {
 }
 
 pub async fn run(args: DevArgs) -> Result<()> {
-    if let Some(DevAction::Add { dir }) = args.action {
-        return add(&dir.unwrap_or_else(default_dev_dir)).await;
+    match args.action {
+        Some(DevAction::Add { dir }) => return add(&dir.unwrap_or_else(default_dev_dir)).await,
+        Some(DevAction::Leave { node, dir }) => {
+            return leave(&dir.unwrap_or_else(default_dev_dir), node).await;
+        }
+        None => {}
     }
     if args.nodes == 0 {
         bail!("--nodes must be at least 1");
@@ -510,6 +521,45 @@ async fn add(dir: &Path) -> Result<()> {
             );
             println!("see it whole with `dynkv admin cluster plan`");
         }
+        Ok(other) => bail!("the plan was answered with {other:?}"),
+        Err(error) => bail!("cannot make the plan: {error}"),
+    }
+    Ok(())
+}
+
+/// `dynkv dev leave NODE`: stages the leave through any node of the dev cluster and prints
+/// what the plan would move.
+async fn leave(dir: &Path, node: String) -> Result<()> {
+    use dynkv::protocol::{ClientRequest, ClientResponse, ClusterRequest};
+    dynkv::net::tls::install_crypto_provider();
+    let cluster = DevCluster::load(dir).with_context(|| {
+        format!(
+            "no dev cluster in {}; start one with `dynkv dev`",
+            dir.display()
+        )
+    })?;
+    let ca_pem = std::fs::read_to_string(&cluster.ca_cert)?;
+    let addresses = cluster.nodes.iter().map(|node| node.client_addr).collect();
+    let client = Client::connect(ClientConfig::new(addresses, ca_pem))
+        .await
+        .context("no node of the dev cluster answers")?;
+    let request = ClusterRequest::Leave {
+        node: Some(node.clone()),
+    };
+    match client.request(ClientRequest::Cluster(request)).await {
+        Ok(ClientResponse::Ring(_)) => println!("{node}: leave staged"),
+        Ok(other) => bail!("the leave was answered with {other:?}"),
+        Err(error) => bail!("cannot stage the leave: {error}"),
+    }
+    match client
+        .request(ClientRequest::Cluster(ClusterRequest::Plan))
+        .await
+    {
+        Ok(ClientResponse::Plan(plan)) => println!(
+            "plan on ring version {}: {} partitions would move; see it whole with `dynkv admin cluster plan`",
+            plan.ring_version,
+            plan.transfers.len()
+        ),
         Ok(other) => bail!("the plan was answered with {other:?}"),
         Err(error) => bail!("cannot make the plan: {error}"),
     }
