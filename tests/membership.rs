@@ -447,3 +447,43 @@ async fn ring_changes_are_staged_through_the_claimant_from_any_node_and_planned(
     assert!(ring.staged.is_empty());
     assert_eq!(ring.version, 3);
 }
+
+#[tokio::test]
+async fn a_saved_ring_of_another_partition_count_is_refused_with_the_reason() {
+    use dynkv::core::gossip::{GossipConfig, MemberRecord};
+    use dynkv::server::membership::{GossipMembership, GossipSetup};
+    let dir = tempfile::tempdir().unwrap();
+    let setup = |partition_count| GossipSetup {
+        local: MemberRecord {
+            node: node("n1"),
+            generation: 1,
+            version: 0,
+            peer_addr: "127.0.0.1:1".into(),
+            client_addr: "127.0.0.1:2".into(),
+            hints: Vec::new(),
+            ring_version: 0,
+        },
+        config: GossipConfig::default(),
+        seeds: vec![node("n1")],
+        known: Vec::new(),
+        partition_count,
+        n_val: 3,
+        address_book: Box::new(|_| {}),
+        members_file_dir: Some(dir.path().to_path_buf()),
+    };
+    let first = GossipMembership::new(setup(64)).expect("a new cluster of one");
+    assert_eq!(first.cluster_state().version(), 1);
+    drop(first);
+    let again = GossipMembership::new(setup(64)).expect("the saved ring is read back");
+    assert_eq!(again.cluster_state().ring().partition_count(), 64);
+    drop(again);
+    let Err(error) = GossipMembership::new(setup(128)) else {
+        panic!("a ring of 64 partitions must not start with partition_count 128");
+    };
+    assert!(
+        error
+            .to_string()
+            .contains("fixed when a cluster is created"),
+        "{error}"
+    );
+}

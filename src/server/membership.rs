@@ -208,6 +208,19 @@ impl GossipMembership {
         };
         let local = gossip.local().clone();
         let cluster = match saved {
+            Some(saved) if saved.ring().partition_count() != partition_count => {
+                return Err(MembershipError::RingFile {
+                    path: members_file_dir
+                        .as_ref()
+                        .map(|dir| dir.join(RING_FILE))
+                        .unwrap_or_default(),
+                    reason: format!(
+                        "the saved ring has {} partitions but partition_count is {partition_count}; \
+                         the partition count is fixed when a cluster is created",
+                        saved.ring().partition_count()
+                    ),
+                });
+            }
             Some(saved) => saved,
             None if seeds.is_empty() || seeds.contains(&local) => {
                 // A new cluster: the members named at creation form ring version 1.
