@@ -185,26 +185,21 @@ impl RpcLimits {
                 allowed: "at least max_frame_bytes",
             });
         }
-        if self.max_connections == 0 {
-            return Err(LimitsError {
-                field: "max_connections",
-                value: 0,
-                allowed: "at least 1",
-            });
-        }
-        if self.max_in_flight_per_connection == 0 {
-            return Err(LimitsError {
-                field: "max_in_flight_per_connection",
-                value: 0,
-                allowed: "at least 1",
-            });
-        }
-        if self.max_in_flight_requests == 0 {
-            return Err(LimitsError {
-                field: "max_in_flight_requests",
-                value: 0,
-                allowed: "at least 1",
-            });
+        for (field, value) in [
+            ("max_connections", self.max_connections),
+            (
+                "max_in_flight_per_connection",
+                self.max_in_flight_per_connection,
+            ),
+            ("max_in_flight_requests", self.max_in_flight_requests),
+        ] {
+            if value == 0 {
+                return Err(LimitsError {
+                    field,
+                    value: 0,
+                    allowed: "at least 1",
+                });
+            }
         }
         Ok(())
     }
