@@ -17,6 +17,8 @@
 //! phi_threshold = 8.0                  # down after ~ phi × interval × ln 10 of silence (~9 s)
 //! hint_window_secs = 10800             # no new hints for a primary silent longer (3 h)
 //! handoff_interval_ms = 1000           # how often hints are offered to returning primaries
+//! transfer_limit = 2                   # ring-change handoffs this node sends at once
+//! transfer_max_bytes_per_sec = 0       # bound on each handoff's rate; 0 = unbounded
 //! read_repair_chance = 0.1             # share of gets that ask every replica (read repair)
 //! speculative_retry_ms = 50            # a get asks the other replicas after this long
 //! worker_threads = 0                   # async runtime threads; 0 = one per CPU core
@@ -92,6 +94,11 @@ pub struct Config {
     pub phi_threshold: f64,
     pub hint_window_secs: u64,
     pub handoff_interval_ms: u64,
+    /// Handoffs of a committed ring change this node sends at once (Riak's
+    /// `transfer_limit`); `dynkv admin transfer-limit N` changes it while running. 0 pauses.
+    pub transfer_limit: u32,
+    /// Bytes per second each handoff this node sends may use; 0 means unbounded.
+    pub transfer_max_bytes_per_sec: u64,
     /// A get asks only the replicas its `r` and `pr` need; this share of gets asks every
     /// replica instead, so that read repair also reaches the replicas plain reads skip.
     /// Between 0 and 1.
@@ -284,6 +291,8 @@ impl Default for Config {
             phi_threshold: 8.0,
             hint_window_secs: 3 * 60 * 60,
             handoff_interval_ms: 1000,
+            transfer_limit: 2,
+            transfer_max_bytes_per_sec: 0,
             read_repair_chance: 0.1,
             speculative_retry_ms: 50,
             worker_threads: 0,
@@ -309,6 +318,9 @@ pub enum ConfigError {
     #[error("config field `{field}` is invalid: {reason}")]
     Invalid { field: String, reason: String },
 }
+
+/// The most handoffs one node may send at once (`transfer_limit`).
+pub const MAX_TRANSFER_LIMIT: u32 = 64;
 
 fn invalid(field: &str, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
@@ -409,6 +421,12 @@ impl Config {
             return Err(invalid(
                 "handoff_interval_ms",
                 "must be between 10 and 600000",
+            ));
+        }
+        if self.transfer_limit > MAX_TRANSFER_LIMIT {
+            return Err(invalid(
+                "transfer_limit",
+                format!("must be at most {MAX_TRANSFER_LIMIT}"),
             ));
         }
         if !(self.read_repair_chance.is_finite() && (0.0..=1.0).contains(&self.read_repair_chance))

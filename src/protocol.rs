@@ -7,6 +7,7 @@
 
 use crate::core::cluster::ClusterState;
 use crate::core::gossip::{Digest, MemberRecord};
+use crate::core::handoff::Handoff;
 use crate::core::ids::NodeId;
 use crate::core::object::{Content, MAX_BUCKET_BYTES, MAX_KEY_BYTES, StoredObject};
 use crate::core::quorum::{Quorum, QuorumShortfall};
@@ -92,6 +93,9 @@ pub enum ClientRequest {
     /// The ring this node holds: version, owners, member states, staged changes and pending
     /// transfers (`dynkv admin ring`).
     Ring,
+    /// Every handoff of the pending ring change, cluster-wide, with its sender's progress
+    /// (`dynkv admin transfers`).
+    Transfers,
     /// A staged ring change, or the plan of those staged (`dynkv admin cluster ...`); made
     /// by the claimant, wherever it arrives.
     Cluster(ClusterRequest),
@@ -276,6 +280,11 @@ pub enum ClientResponse {
     Status(NodeStatus),
     Ring(RingInfo),
     Plan(PlanInfo),
+    /// The pending handoffs of ring version `ring_version` (none: nothing is moving).
+    Transfers {
+        ring_version: u64,
+        transfers: Vec<TransferInfo>,
+    },
     Error(ClientError),
 }
 
@@ -295,6 +304,12 @@ pub enum ClusterRequest {
     Plan,
     /// Drop every staged change.
     Clear,
+    /// Take the last plan shown (or the one made on `ring_version`): fails if the ring moved
+    /// on since, if a member is down or does not hold the current ring yet, or if transfers
+    /// are pending.
+    Commit { ring_version: Option<u64> },
+    /// Change `transfer_limit` on every member now (until its restart).
+    TransferLimit { limit: u32 },
 }
 
 /// A plan as `dynkv admin cluster plan` shows it.
@@ -329,8 +344,29 @@ pub struct RingInfo {
     pub members: Vec<RingMember>,
     /// Changes staged for the next commit: (node, change).
     pub staged: Vec<(String, String)>,
-    /// Partitions changing owner: (partition, from, to).
+    /// Handoffs still to do before the pending ring flips (key partition, from, to).
     pub transfers: Vec<(u32, String, String)>,
+    /// The owners once the pending change flips (empty when nothing is pending).
+    #[serde(default)]
+    pub pending_owners: Vec<String>,
+}
+
+/// One handoff as `dynkv admin transfers` shows it, with its sender's progress.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransferInfo {
+    /// The key partition whose keys move.
+    pub partition: u32,
+    pub from: String,
+    pub to: String,
+    /// "active" (streaming now), "queued" (waiting for a slot of `transfer_limit`, or for
+    /// its sender to be reachable) or "retrying" (the last attempt failed; it resumes).
+    pub state: String,
+    pub keys_sent: u64,
+    pub bytes_sent: u64,
+    /// The sender's estimate of the partition's records.
+    pub keys_estimated: u64,
+    /// Since this attempt started.
+    pub elapsed_ms: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -369,18 +405,35 @@ pub enum PeerRequest {
     /// node coordinates it (and does not forward it again). Sent by earlier releases; still
     /// served.
     Coordinate(ClientRequest),
-    /// [`PeerRequest::Coordinate`] with an id the sender drew for this write: the receiver
-    /// remembers it for a while and answers a second copy (a duplicated message, a retry)
-    /// with the first one's outcome instead of coordinating the write twice.
     /// Approximate records and bytes the receiver holds under each partition, for a plan.
     PartitionSizes {
         partitions: Vec<PartitionId>,
+    },
+    /// Handoff: merge these records (full version sets) of a key partition into the
+    /// receiver's copies, for the pending ring; answered `Stored` once all are durable.
+    Handoff {
+        partition: PartitionId,
+        records: Vec<HandoffRecord>,
+    },
+    /// To the claimant: the sender finished `handoff` (its receiver acknowledged every
+    /// record durably).
+    HandoffDone {
+        handoff: Handoff,
+    },
+    /// The sender's handoffs in progress, for `admin transfers`.
+    TransferProgress,
+    /// Set this node's `transfer_limit` until it restarts.
+    SetTransferLimit {
+        limit: u32,
     },
     /// A staged ring change for the claimant; `hops` counts forwards so none loops.
     Cluster {
         request: ClusterRequest,
         hops: u8,
     },
+    /// [`PeerRequest::Coordinate`] with an id the sender drew for this write: the receiver
+    /// remembers it for a while and answers a second copy (a duplicated message, a retry)
+    /// with the first one's outcome instead of coordinating the write twice.
     CoordinateOnce {
         /// The node that forwarded the write; with `request_id`, the write's identity.
         sender: NodeId,
@@ -446,12 +499,24 @@ pub enum PeerResponse {
     Failed {
         message: String,
     },
+    /// Answer to [`PeerRequest::TransferProgress`].
+    TransferProgress(Vec<TransferInfo>),
     /// A page of [`PeerRequest::ListKeys`]; `next` is where the following page starts, `None`
     /// at the end of the partition.
     Keys {
         entries: Vec<(serde_bytes::ByteBuf, serde_bytes::ByteBuf)>,
         next: Option<(serde_bytes::ByteBuf, serde_bytes::ByteBuf)>,
     },
+}
+
+/// One key's object in a [`PeerRequest::Handoff`] batch.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandoffRecord {
+    #[serde(with = "serde_bytes")]
+    pub bucket: Vec<u8>,
+    #[serde(with = "serde_bytes")]
+    pub key: Vec<u8>,
+    pub object: StoredObject,
 }
 
 /// Checks a bucket and key read from the network or the command line.

@@ -487,3 +487,172 @@ async fn a_saved_ring_of_another_partition_count_is_refused_with_the_reason() {
         "{error}"
     );
 }
+
+fn get_one(key: &str) -> ClientRequest {
+    ClientRequest::Get {
+        bucket: BUCKET.to_vec(),
+        key: key.as_bytes().to_vec(),
+        options: GetOptions {
+            r: Quorum::One,
+            ..GetOptions::default()
+        },
+    }
+}
+
+/// The join of the issue, end to end in simulation: keys written before the commit and
+/// while its handoffs run are all found at r=one through the new node once the ring has
+/// flipped, and every node then holds exactly the keys it replicates.
+#[tokio::test(start_paused = true)]
+async fn a_committed_join_hands_off_every_key_before_the_ring_flips() {
+    use dynkv::protocol::ClusterRequest;
+    let mut cluster = SimCluster::start_gossiping(3, 41, default_settings()).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut keys: Vec<String> = Vec::new();
+    for index in 0..300 {
+        let key = format!("before{index}");
+        let response = cluster
+            .client(&node("n1"), put(&key, "v", Quorum::Quorum, Quorum::Default))
+            .await;
+        assert!(
+            matches!(response, ClientResponse::Stored { .. }),
+            "{response:?}"
+        );
+        keys.push(key);
+    }
+    let joiner = node("n4");
+    cluster.add_node(&joiner);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let response = cluster
+        .client(
+            &joiner,
+            ClientRequest::Cluster(ClusterRequest::Join { node: None }),
+        )
+        .await;
+    assert!(matches!(response, ClientResponse::Ring(_)), "{response:?}");
+    // A commit before any plan was shown is refused with what to do.
+    let response = cluster
+        .client(
+            &node("n2"),
+            ClientRequest::Cluster(ClusterRequest::Commit { ring_version: None }),
+        )
+        .await;
+    let ClientResponse::Error(error) = response else {
+        panic!("commit without a plan: {response:?}");
+    };
+    assert!(error.message.contains("plan"), "{}", error.message);
+    let converged = until(Duration::from_secs(30), || {
+        cluster.node(&node("n1")).is_some_and(|n| {
+            n.membership()
+                .view()
+                .iter()
+                .all(|member| member.ring_version == 2)
+        })
+    })
+    .await;
+    assert!(converged.is_some());
+    let response = cluster
+        .client(&node("n2"), ClientRequest::Cluster(ClusterRequest::Plan))
+        .await;
+    assert!(matches!(response, ClientResponse::Plan(_)), "{response:?}");
+    let response = cluster
+        .client(
+            &node("n3"),
+            ClientRequest::Cluster(ClusterRequest::Commit { ring_version: None }),
+        )
+        .await;
+    let ClientResponse::Ring(ring) = response else {
+        panic!("commit: {response:?}");
+    };
+    assert_eq!(ring.version, 3);
+    assert!(!ring.transfers.is_empty(), "handoffs are pending");
+    assert!(ring.transfers.iter().all(|(_, _, to)| to == "n4"));
+    assert_eq!(
+        ring.pending_owners.iter().filter(|o| *o == "n4").count(),
+        16
+    );
+    // Writes go on while the handoffs run; each must survive the flip.
+    let mut during = 0;
+    let flipped = loop {
+        let key = format!("during{during}");
+        let response = cluster
+            .client(&node("n2"), put(&key, "v", Quorum::Quorum, Quorum::Default))
+            .await;
+        assert!(
+            matches!(response, ClientResponse::Stored { .. }),
+            "{key}: {response:?}"
+        );
+        keys.push(key);
+        during += 1;
+        let state = cluster.cluster_state(&node("n1")).unwrap();
+        if state.pending().is_none() {
+            break state;
+        }
+        assert!(during < 2000, "the ring never flipped");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(during > 1, "some writes ran during the handoffs");
+    assert_eq!(flipped.ring().partitions_owned_by(&joiner).len(), 16);
+    let everywhere = until(Duration::from_secs(30), || {
+        ["n1", "n2", "n3", "n4"].iter().all(|name| {
+            cluster
+                .cluster_state(&node(name))
+                .is_some_and(|state| state.version() == flipped.version())
+        })
+    })
+    .await;
+    assert!(everywhere.is_some(), "every node adopts the flipped ring");
+    for via in [&joiner, &node("n1")] {
+        let mut missing = Vec::new();
+        for key in &keys {
+            if !matches!(
+                cluster.client(via, get_one(key)).await,
+                ClientResponse::Found { .. }
+            ) {
+                missing.push(key.clone());
+            }
+        }
+        assert!(
+            missing.is_empty(),
+            "{} of {} keys missed at r=one through {via}: {:?}",
+            missing.len(),
+            keys.len(),
+            &missing[..missing.len().min(10)]
+        );
+    }
+    // Once every node holds the new ring, the copies nobody replicates any more go.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let ring = flipped.ring().clone();
+    let mut strays = 0;
+    let mut held = 0;
+    for key in &keys {
+        let partition = ring.partition_for_key(BUCKET, key.as_bytes());
+        let replicas: Vec<NodeId> = ring
+            .preference_list(partition, 3)
+            .into_iter()
+            .map(|(_, node)| node)
+            .collect();
+        for name in ["n1", "n2", "n3", "n4"] {
+            let id = node(name);
+            let store = cluster.node(&id).unwrap().store().clone();
+            let stored = store
+                .get(partition, BUCKET, key.as_bytes())
+                .unwrap()
+                .is_some();
+            if stored && !replicas.contains(&id) {
+                strays += 1;
+            }
+            if stored && replicas.contains(&id) {
+                held += 1;
+            }
+        }
+    }
+    assert_eq!(
+        strays, 0,
+        "copies left on nodes that no longer replicate them"
+    );
+    assert!(
+        held >= keys.len() * 2,
+        "{held} replica copies of {} keys",
+        keys.len()
+    );
+}

@@ -23,12 +23,19 @@ pub enum AdminCommand {
         #[command(flatten)]
         connect: ConnectArgs,
     },
-    /// Partition transfers of committed ring changes, cluster-wide (from this node's ring):
-    /// each pending one, or exactly `no transfers`.
+    /// Handoffs of the committed ring change, cluster-wide: each active and queued one
+    /// (key partition, from, to, keys and bytes sent, rate, ETA), or exactly `no transfers`.
     Transfers {
-        /// Print again every second until none remain, then exit.
+        /// Show progress bars, redrawn every second, and exit once none remain.
         #[arg(long)]
         watch: bool,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// Set how many handoffs each node sends at once (`transfer_limit`), on every member,
+    /// until they restart; 0 pauses transfers.
+    TransferLimit {
+        limit: u32,
         #[command(flatten)]
         connect: ConnectArgs,
     },
@@ -74,6 +81,98 @@ pub enum ClusterCommand {
         #[command(flatten)]
         connect: ConnectArgs,
     },
+    /// Take the plan last shown by `plan`: joiners become owners and leavers hand over, as
+    /// handoffs complete (`admin transfers`). Fails if the plan changed, a member is down or
+    /// has not caught up with the ring, or a change is still moving data.
+    Commit {
+        /// Commit the plan made on this ring version instead of the last one shown.
+        #[arg(long)]
+        ring_version: Option<u64>,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+}
+
+/// `admin transfers`: one line per handoff; with `bars`, a progress bar each.
+fn print_transfers(ring_version: u64, transfers: &[dynkv::protocol::TransferInfo], bars: bool) {
+    let active = transfers.iter().filter(|t| t.state == "active").count();
+    let keys: u64 = transfers.iter().map(|t| t.keys_sent).sum();
+    let bytes: u64 = transfers.iter().map(|t| t.bytes_sent).sum();
+    println!(
+        "{} transfers pending for ring version {ring_version}: {active} active; {keys} keys, {} sent by the active ones",
+        transfers.len(),
+        human_bytes(bytes)
+    );
+    println!(
+        "{:>9}  {:<10} {:<10} {:<8} {:>9} {:>10} {:>11} {:>7}",
+        "PARTITION", "FROM", "TO", "STATE", "KEYS", "BYTES", "RATE", "ETA"
+    );
+    for transfer in transfers {
+        let seconds = transfer.elapsed_ms as f64 / 1000.0;
+        let rate = if seconds > 0.0 {
+            transfer.bytes_sent as f64 / seconds
+        } else {
+            0.0
+        };
+        let key_rate = if seconds > 0.0 {
+            transfer.keys_sent as f64 / seconds
+        } else {
+            0.0
+        };
+        let eta = if transfer.state == "active"
+            && key_rate > 0.0
+            && transfer.keys_estimated > transfer.keys_sent
+        {
+            format!(
+                "{:.0}s",
+                (transfer.keys_estimated - transfer.keys_sent) as f64 / key_rate
+            )
+        } else {
+            "-".to_string()
+        };
+        println!(
+            "{:>9}  {:<10} {:<10} {:<8} {:>9} {:>10} {:>9}/s {:>7}",
+            transfer.partition,
+            transfer.from,
+            transfer.to,
+            transfer.state,
+            transfer.keys_sent,
+            human_bytes(transfer.bytes_sent),
+            human_bytes(rate as u64),
+            eta
+        );
+        if bars && transfer.state == "active" {
+            // The record estimate counts overwrites until compaction, so the bar may end
+            // short of full when the handoff completes.
+            let share = if transfer.keys_estimated == 0 {
+                0.0
+            } else {
+                (transfer.keys_sent as f64 / transfer.keys_estimated as f64).min(1.0)
+            };
+            let filled = (share * 40.0).round() as usize;
+            println!(
+                "           [{}{}] {:>3.0}%",
+                "#".repeat(filled),
+                ".".repeat(40 - filled),
+                share * 100.0
+            );
+        }
+    }
+}
+
+fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
 }
 
 fn print_ring(ring: &dynkv::protocol::RingInfo) {
@@ -238,31 +337,48 @@ pub async fn run(command: AdminCommand) -> Result<()> {
             connect: args,
         } => {
             let client = connect(&args).await?;
+            let mut first = true;
             loop {
-                let ClientResponse::Ring(ring) =
-                    client.request(ClientRequest::Ring).await.map_err(report)?
+                let ClientResponse::Transfers {
+                    ring_version,
+                    transfers,
+                } = client
+                    .request(ClientRequest::Transfers)
+                    .await
+                    .map_err(report)?
                 else {
-                    bail!("the node answered something other than a ring");
+                    bail!("the node answered something other than transfers");
                 };
                 if args.json {
-                    println!("{}", serde_json::to_string(&ring.transfers)?);
-                } else if ring.transfers.is_empty() {
+                    println!("{}", serde_json::to_string(&transfers)?);
+                } else if transfers.is_empty() {
                     println!("no transfers");
                 } else {
-                    println!(
-                        "{} transfers pending (ring version {})",
-                        ring.transfers.len(),
-                        ring.version
-                    );
-                    println!("{:>9}  {:<12} {:<12}", "PARTITION", "FROM", "TO");
-                    for (partition, from, to) in &ring.transfers {
-                        println!("{partition:>9}  {from:<12} {to:<12}");
+                    if watch && !first {
+                        // Redraw in place: clear the screen and go home.
+                        print!("\x1b[2J\x1b[H");
                     }
+                    print_transfers(ring_version, &transfers, watch);
                 }
-                if !watch || ring.transfers.is_empty() {
+                first = false;
+                if !watch || transfers.is_empty() {
                     break;
                 }
                 tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+        }
+        AdminCommand::TransferLimit {
+            limit,
+            connect: args,
+        } => {
+            let client = connect(&args).await?;
+            let request =
+                ClientRequest::Cluster(dynkv::protocol::ClusterRequest::TransferLimit { limit });
+            match client.request(request).await.map_err(report)? {
+                ClientResponse::Ring(_) => {
+                    println!("transfer limit set to {limit} on every member")
+                }
+                other => bail!("the node answered something unexpected: {other:?}"),
             }
         }
         AdminCommand::Cluster(command) => {
@@ -280,6 +396,10 @@ pub async fn run(command: AdminCommand) -> Result<()> {
                 }
                 ClusterCommand::Plan { connect } => (ClusterRequest::Plan, connect),
                 ClusterCommand::Clear { connect } => (ClusterRequest::Clear, connect),
+                ClusterCommand::Commit {
+                    ring_version,
+                    connect,
+                } => (ClusterRequest::Commit { ring_version }, connect),
             };
             let client = connect(&args).await?;
             let response = client

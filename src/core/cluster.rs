@@ -6,12 +6,14 @@
 //! # Changes (Riak's staged `cluster` commands)
 //! [`ClusterState::stage`] records a join, leave, remove or replace; [`ClusterState::plan`]
 //! shows what committing them would move (through the claim, so few partitions move);
-//! [`ClusterState::commit`] takes that plan only if the state has not changed since, and turns
-//! each move into a pending [`Transfer`] while the old owner keeps the partition;
-//! [`ClusterState::transfer_done`] flips one partition to its new owner, one version per
-//! partition. Every step is a new version made by one member, the claimant
-//! ([`ClusterState::claimant`]), so changes are serialized. The streaming of a partition's
-//! keys (handoff) that must complete before `transfer_done` lives in the IO shell.
+//! [`ClusterState::commit`] takes that plan only if the state has not changed since: the new
+//! ownership becomes the *pending* ring, and every key partition whose replica list changes
+//! gets its [`Handoff`]s (see `core::handoff`). While a change is pending, reads use the
+//! current ring and writes reach a quorum of both. [`ClusterState::handoff_done`] records one
+//! handoff; once none remain, [`ClusterState::flip`] makes the pending ring current in one
+//! version. Every step is a new version made by one member, the claimant
+//! ([`ClusterState::claimant`]), so changes are serialized. The streaming of keys lives in
+//! the IO shell.
 //!
 //! # Versions
 //! - Version 1 is the bootstrap ring: the members named when the cluster was created, claimed
@@ -28,6 +30,7 @@
 //!   the same one.
 
 use crate::core::gossip::MAX_MEMBERS;
+use crate::core::handoff::{Handoff, handoffs_between};
 use crate::core::ids::NodeId;
 use crate::core::ring::{PartitionId, Ring, RingError};
 use serde::{Deserialize, Serialize};
@@ -73,10 +76,12 @@ pub struct ClusterState {
     /// Changes staged for the next commit, by the node they concern.
     #[serde(default)]
     staged: BTreeMap<NodeId, StagedChange>,
-    /// Partitions changing owner after a commit, until each transfer is done and its
-    /// partition flips to its new owner.
+    /// The committed ownership that takes effect once every handoff is done.
     #[serde(default)]
-    transfers: Vec<Transfer>,
+    pending: Option<Ring>,
+    /// Key partitions' data still to move for the pending ring.
+    #[serde(default)]
+    handoffs: Vec<Handoff>,
 }
 
 #[derive(Deserialize)]
@@ -87,7 +92,9 @@ struct UncheckedClusterState {
     #[serde(default)]
     staged: BTreeMap<NodeId, StagedChange>,
     #[serde(default)]
-    transfers: Vec<Transfer>,
+    pending: Option<Ring>,
+    #[serde(default)]
+    handoffs: Vec<Handoff>,
 }
 
 /// A ring change an operator staged (`dynkv admin cluster join|leave|remove|replace`).
@@ -103,7 +110,7 @@ pub enum StagedChange {
     Replace { by: NodeId },
 }
 
-/// One partition moving to a new owner.
+/// One partition moving to a new owner (in a [`Plan`]).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Transfer {
     pub partition: PartitionId,
@@ -165,7 +172,8 @@ impl TryFrom<UncheckedClusterState> for ClusterState {
             ring: unchecked.ring,
             members: unchecked.members,
             staged: unchecked.staged,
-            transfers: unchecked.transfers,
+            pending: unchecked.pending,
+            handoffs: unchecked.handoffs,
         };
         state.validate()?;
         Ok(state)
@@ -234,7 +242,8 @@ impl ClusterState {
             ring,
             members,
             staged: BTreeMap::new(),
-            transfers: Vec::new(),
+            pending: None,
+            handoffs: Vec::new(),
         };
         state.validate()?;
         Ok(state)
@@ -294,8 +303,14 @@ impl ClusterState {
         &self.staged
     }
 
-    pub fn transfers(&self) -> &[Transfer] {
-        &self.transfers
+    /// The committed ring that takes effect once its handoffs are done.
+    pub fn pending(&self) -> Option<&Ring> {
+        self.pending.as_ref()
+    }
+
+    /// Handoffs still to do for the pending ring.
+    pub fn handoffs(&self) -> &[Handoff] {
+        &self.handoffs
     }
 
     /// The member that makes every ring change, so that changes are serialized: the lowest
@@ -396,11 +411,7 @@ impl ClusterState {
         if self.staged.is_empty() {
             return Err(ChangeError::NothingStaged);
         }
-        if !self.transfers.is_empty() {
-            return Err(ChangeError::TransfersPending {
-                count: self.transfers.len(),
-            });
-        }
+        self.check_nothing_pending()?;
         let mut substitutes: BTreeMap<&NodeId, &NodeId> = BTreeMap::new();
         let mut members: Vec<NodeId> = Vec::new();
         for (node, state) in &self.members {
@@ -464,10 +475,18 @@ impl ClusterState {
         })
     }
 
+    fn check_nothing_pending(&self) -> Result<(), ChangeError> {
+        match &self.pending {
+            Some(_) => Err(ChangeError::TransfersPending {
+                count: self.handoffs.len(),
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// Commits `plan` (made by [`ClusterState::plan`] on this very version): joiners become
-    /// valid, leavers leaving, removed nodes down, and every moving partition gets a pending
-    /// transfer; ownership flips partition by partition as transfers complete
-    /// ([`ClusterState::transfer_done`]).
+    /// valid, leavers leaving, removed nodes down, and the plan's ownership becomes the
+    /// pending ring with the handoffs it needs. A plan that moves no data takes effect at once.
     pub fn commit(&self, plan: &Plan) -> Result<Self, ChangeError> {
         if plan.base_version != self.version() {
             return Err(ChangeError::PlanChanged {
@@ -475,11 +494,13 @@ impl ClusterState {
                 current: self.version(),
             });
         }
-        if !self.transfers.is_empty() {
-            return Err(ChangeError::TransfersPending {
-                count: self.transfers.len(),
-            });
-        }
+        self.check_nothing_pending()?;
+        let next_ring = Ring::from_owners(self.version(), plan.next_owners.clone())?;
+        let removed = |node: &NodeId| {
+            self.staged.get(node) == Some(&StagedChange::Remove)
+                || self.state_of(node) == Some(MemberState::Down)
+        };
+        let handoffs = handoffs_between(&self.ring, &next_ring, removed);
         self.next_version(|next| {
             for (node, change) in std::mem::take(&mut next.staged) {
                 match change {
@@ -498,25 +519,39 @@ impl ClusterState {
                     }
                 }
             }
-            next.transfers = plan.transfers.clone();
-            next.settle_leavers();
+            let version = next.version();
+            if handoffs.is_empty() {
+                next.ring = next_ring.with_version(version);
+                next.settle_leavers();
+            } else {
+                next.pending = Some(next_ring.with_version(version));
+                next.handoffs = handoffs;
+            }
         })
     }
 
-    /// Records that `partition`'s transfer is complete (the new owner has everything,
-    /// durably): the partition flips to its new owner in the returned version.
-    pub fn transfer_done(&self, partition: PartitionId, to: &NodeId) -> Option<Self> {
+    /// Records that `handoff` is complete (its receiver holds everything it was sent,
+    /// durably); `None` when it is not pending (already recorded, or of another change).
+    pub fn handoff_done(&self, handoff: &Handoff) -> Option<Self> {
         let index = self
-            .transfers
+            .handoffs
             .iter()
-            .position(|transfer| transfer.partition == partition && &transfer.to == to)?;
+            .position(|pending| pending == handoff)?;
         self.next_version(|next| {
-            let transfer = next.transfers.remove(index);
-            let mut owners = next.ring.owners().to_vec();
-            owners[transfer.partition as usize] = transfer.to;
-            // One owner changes, so the partition count (all `from_owners` checks) holds.
-            if let Ok(ring) = Ring::from_owners(next.ring.version(), owners) {
-                next.ring = ring;
+            next.handoffs.remove(index);
+        })
+        .ok()
+    }
+
+    /// Makes the pending ring current, once no handoff remains: one version, so every node
+    /// switches at once. Leaving members that own nothing more are exiting.
+    pub fn flip(&self) -> Option<Self> {
+        if self.pending.is_none() || !self.handoffs.is_empty() {
+            return None;
+        }
+        self.next_version(|next| {
+            if let Some(pending) = next.pending.take() {
+                next.ring = pending.with_version(next.version());
             }
             next.settle_leavers();
         })
@@ -547,37 +582,54 @@ impl ClusterState {
             });
         }
         let partition_count = self.ring.partition_count();
-        if self.transfers.len() > partition_count as usize {
+        let limit = partition_count as usize * MAX_MEMBERS;
+        if self.handoffs.len() > limit {
             return Err(ClusterStateError::TooManyEntries {
-                count: self.transfers.len(),
-                limit: partition_count as usize,
+                count: self.handoffs.len(),
+                limit,
             });
         }
-        for transfer in &self.transfers {
-            let reason = if transfer.partition >= partition_count {
+        for handoff in &self.handoffs {
+            let reason = if self.pending.is_none() {
+                Some("no change is pending".to_string())
+            } else if handoff.partition >= partition_count {
                 Some("outside the ring".to_string())
-            } else if self.ring.owner(transfer.partition) != &transfer.from {
-                Some(format!("{} does not own it", transfer.from))
-            } else if !self.members.contains_key(&transfer.to) {
-                Some(format!("{} is not a member", transfer.to))
+            } else if !self.members.contains_key(&handoff.from) {
+                Some(format!("{} is not a member", handoff.from))
+            } else if !self.members.contains_key(&handoff.to) {
+                Some(format!("{} is not a member", handoff.to))
             } else {
                 None
             };
             if let Some(reason) = reason {
                 return Err(ClusterStateError::BadTransfer {
-                    partition: transfer.partition,
+                    partition: handoff.partition,
                     reason,
                 });
             }
         }
+        if let Some(pending) = &self.pending {
+            pending.validate()?;
+            if pending.partition_count() != partition_count {
+                return Err(ClusterStateError::BadTransfer {
+                    partition: 0,
+                    reason: "the pending ring has another partition count".into(),
+                });
+            }
+            for (partition, owner) in pending.owners().iter().enumerate() {
+                if self.members.get(owner) != Some(&MemberState::Valid) {
+                    return Err(ClusterStateError::OwnerNotMember {
+                        partition: partition as u32,
+                        owner: owner.clone(),
+                    });
+                }
+            }
+        }
         for (partition, owner) in self.ring.owners().iter().enumerate() {
-            // A removed (down) node keeps its partitions until their transfers flip them.
+            // A removed (down) node keeps its partitions until the pending ring flips.
             let may_own = match self.members.get(owner) {
                 Some(MemberState::Valid | MemberState::Leaving) => true,
-                Some(MemberState::Down) => self
-                    .transfers
-                    .iter()
-                    .any(|transfer| transfer.partition as usize == partition),
+                Some(MemberState::Down) => self.pending.is_some(),
                 _ => false,
             };
             if !may_own {
@@ -603,22 +655,34 @@ mod tests {
         ClusterState::bootstrap(64, &nodes(&["n1", "n2", "n3"]), 3).unwrap()
     }
 
-    /// Completes every pending transfer, checking each flips one partition in one version.
+    /// Completes every pending handoff, each in one version, then flips the ring.
     fn complete_all(mut state: ClusterState) -> ClusterState {
-        while let Some(transfer) = state.transfers().first().cloned() {
-            let next = state
-                .transfer_done(transfer.partition, &transfer.to)
-                .unwrap();
+        let pending = state.pending().cloned();
+        while let Some(handoff) = state.handoffs().first().cloned() {
+            assert_eq!(state.flip(), None, "no flip while a handoff is pending");
+            let next = state.handoff_done(&handoff).unwrap();
             assert_eq!(next.version(), state.version() + 1);
-            assert_eq!(next.ring().owner(transfer.partition), &transfer.to);
-            assert_eq!(next.transfers().len(), state.transfers().len() - 1);
+            assert_eq!(next.handoffs().len(), state.handoffs().len() - 1);
+            assert_eq!(
+                next.ring().owners(),
+                state.ring().owners(),
+                "ownership waits for the flip"
+            );
+            assert_eq!(next.handoff_done(&handoff), None, "recorded once");
             state = next;
         }
-        state
+        let flipped = state.flip().unwrap();
+        assert_eq!(flipped.version(), state.version() + 1);
+        assert_eq!(
+            Some(flipped.ring().owners()),
+            pending.as_ref().map(Ring::owners)
+        );
+        assert_eq!(flipped.pending(), None);
+        flipped
     }
 
     #[test]
-    fn a_staged_join_plans_the_new_nodes_share_and_commits_it_transfer_by_transfer() {
+    fn a_staged_join_plans_the_new_nodes_share_and_flips_once_its_handoffs_are_done() {
         let state = three();
         let staged = state.stage(&node("n4"), StagedChange::Join).unwrap();
         assert_eq!(staged.version(), 2);
@@ -630,15 +694,19 @@ mod tests {
         assert_eq!(plan.ownership[&node("n4")], (0, 16));
         let committed = staged.commit(&plan).unwrap();
         assert_eq!(committed.state_of(&node("n4")), Some(MemberState::Valid));
-        assert_eq!(committed.transfers().len(), 16);
-        // Ownership has not moved yet: reads keep the old owners until each transfer is done.
+        assert!(!committed.handoffs().is_empty());
+        assert!(committed.handoffs().iter().all(|h| h.to == node("n4")));
+        // Ownership has not moved yet: reads keep the old owners until the flip.
         assert_eq!(committed.ring().owners(), state.ring().owners());
+        assert_eq!(committed.pending().unwrap().owners(), &plan.next_owners[..]);
         assert_eq!(
             committed
                 .stage(&node("n5"), StagedChange::Join)
                 .unwrap()
                 .plan(3),
-            Err(ChangeError::TransfersPending { count: 16 })
+            Err(ChangeError::TransfersPending {
+                count: committed.handoffs().len()
+            })
         );
         let done = complete_all(committed);
         assert_eq!(done.ring().partitions_owned_by(&node("n4")).len(), 16);

@@ -17,6 +17,7 @@ pub mod cluster;
 pub mod epoch;
 pub mod failure;
 pub mod gossip;
+pub mod handoff;
 pub mod hints;
 pub mod ids;
 pub mod object;

@@ -52,9 +52,61 @@ pub fn targets(
         .collect()
 }
 
+/// The targets of a write while a ring change is pending: the current ring's, then those of
+/// the pending ring not already listed (a node with the same role is asked once), and the
+/// two replica sets as indexes into the list, for [`crate::core::request::PutCoordinator`].
+pub fn spanning_targets(
+    current: Vec<Target>,
+    pending: Vec<Target>,
+) -> (Vec<Target>, Vec<Vec<usize>>) {
+    let mut targets = current;
+    let current_set: Vec<usize> = (0..targets.len()).collect();
+    let mut pending_set = Vec::with_capacity(pending.len());
+    for target in pending {
+        let index = match targets
+            .iter()
+            .position(|listed| listed.node == target.node && listed.hint_for == target.hint_for)
+        {
+            Some(index) => {
+                // The same copy: a primary in either ring is a primary of this write.
+                targets[index].primary |= target.primary;
+                index
+            }
+            None => {
+                targets.push(target);
+                targets.len() - 1
+            }
+        };
+        pending_set.push(index);
+    }
+    (targets, vec![current_set, pending_set])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pending_ring_adds_its_new_replicas_and_a_second_set() {
+        let three = ring(3);
+        let members: Vec<NodeId> = (1..=4)
+            .map(|index| NodeId::new(format!("n{index}")).unwrap())
+            .collect();
+        let four = three.rebalance(&members, 3).unwrap();
+        let joiner = NodeId::new("n4").unwrap();
+        for partition in 0..64 {
+            let current = targets(&three, partition, 3, true, |_| true, |_| true);
+            let pending = targets(&four, partition, 3, true, |_| true, |_| true);
+            let (all, sets) = spanning_targets(current.clone(), pending.clone());
+            assert_eq!(&all[..3], &current[..]);
+            assert_eq!(sets[0], vec![0, 1, 2]);
+            let named: Vec<&NodeId> = sets[1].iter().map(|index| &all[*index].node).collect();
+            let expected: Vec<&NodeId> = pending.iter().map(|target| &target.node).collect();
+            assert_eq!(named, expected);
+            let gains = pending.iter().any(|target| target.node == joiner);
+            assert_eq!(all.len(), if gains { 4 } else { 3 }, "{all:?}");
+        }
+    }
 
     fn ring(count: usize) -> Ring {
         let members: Vec<NodeId> = (1..=count)

@@ -85,11 +85,16 @@ pub fn route_put(
 
 /// A put in progress at its coordinator: the levels capped to the targets found, the local
 /// write and each replica's acknowledgement in, the outcome out.
+///
+/// While a ring change is pending a put has two replica sets, the current ring's and the
+/// pending ring's (DESIGN §6), and must meet its levels in each: then the write is on a quorum
+/// of whichever ring reads use, before and after the flip.
 #[derive(Debug)]
 pub struct PutCoordinator {
     targets: Vec<Target>,
     local: usize,
-    tracker: WriteTracker,
+    /// Each replica set: the indexes of its targets and its acknowledgements.
+    sets: Vec<(Vec<usize>, WriteTracker)>,
 }
 
 impl PutCoordinator {
@@ -101,26 +106,42 @@ impl PutCoordinator {
         targets: Vec<Target>,
         local: usize,
     ) -> Result<Self, QuorumShortfall> {
-        let asked = targets.len() as u32;
-        let primaries = targets.iter().filter(|target| target.primary).count() as u32;
-        let quorum = WriteQuorum {
-            w: quorum.w.min(asked),
-            dw: quorum.dw.min(asked),
-            pw: quorum.pw.min(asked),
-            ..quorum
-        };
-        if quorum.pw > primaries {
-            return Err(QuorumShortfall {
-                requirement: "pw".into(),
-                answered: primaries,
-                required: quorum.pw,
-                asked,
-            });
+        let all = (0..targets.len()).collect();
+        Self::with_sets(quorum, targets, local, vec![all])
+    }
+
+    /// A put that must meet `quorum` in each of `sets` (indexes into `targets`; every target
+    /// in at least one set).
+    pub fn with_sets(
+        quorum: WriteQuorum,
+        targets: Vec<Target>,
+        local: usize,
+        sets: Vec<Vec<usize>>,
+    ) -> Result<Self, QuorumShortfall> {
+        let mut trackers = Vec::with_capacity(sets.len());
+        for set in sets {
+            let asked = set.len() as u32;
+            let primaries = set.iter().filter(|index| targets[**index].primary).count() as u32;
+            let capped = WriteQuorum {
+                w: quorum.w.min(asked),
+                dw: quorum.dw.min(asked),
+                pw: quorum.pw.min(asked),
+                ..quorum
+            };
+            if capped.pw > primaries {
+                return Err(QuorumShortfall {
+                    requirement: "pw".into(),
+                    answered: primaries,
+                    required: capped.pw,
+                    asked,
+                });
+            }
+            trackers.push((set, WriteTracker::new(capped, asked, primaries)));
         }
         Ok(PutCoordinator {
-            tracker: WriteTracker::new(quorum, asked, primaries),
             targets,
             local,
+            sets: trackers,
         })
     }
 
@@ -140,29 +161,49 @@ impl PutCoordinator {
             .collect()
     }
 
+    fn record(&mut self, index: usize, acked: bool, durable: bool) -> QuorumOutcome {
+        let primary = self.targets.get(index).is_some_and(|target| target.primary);
+        for (set, tracker) in &mut self.sets {
+            if set.contains(&index) {
+                tracker.record(primary, acked, durable);
+            }
+        }
+        self.outcome()
+    }
+
     /// The coordinator's own copy is stored (durably, if `durable`).
     pub fn on_local_write(&mut self, durable: bool) -> QuorumOutcome {
-        let primary = self.targets[self.local].primary;
-        self.tracker.record(primary, true, durable)
+        self.record(self.local, true, durable)
     }
 
     /// One replica answered (or failed, or timed out).
     pub fn on_ack(&mut self, index: usize, ack: Result<ReplicaAck, ReplicaError>) -> QuorumOutcome {
-        let primary = self.targets.get(index).is_some_and(|target| target.primary);
         match ack {
-            Ok(ReplicaAck { durable }) => self.tracker.record(primary, true, durable),
-            Err(_) => self.tracker.record(primary, false, false),
+            Ok(ReplicaAck { durable }) => self.record(index, true, durable),
+            Err(_) => self.record(index, false, false),
         }
     }
 
+    /// Won once every set is won; lost as soon as one is.
     pub fn outcome(&self) -> QuorumOutcome {
-        self.tracker.outcome()
+        let mut outcome = QuorumOutcome::Won;
+        for (_, tracker) in &self.sets {
+            match tracker.outcome() {
+                lost @ QuorumOutcome::Lost(_) => return lost,
+                QuorumOutcome::Pending => outcome = QuorumOutcome::Pending,
+                QuorumOutcome::Won => {}
+            }
+        }
+        outcome
     }
 
     /// What a put that ran out of time answers: "timed out after T ms: 2 of 3 replicas
     /// acknowledged, 3 required (w)", with the first unmet requirement.
     pub fn timeout(&self, timeout_ms: u128) -> (Option<QuorumShortfall>, String) {
-        let shortfall = self.tracker.timeout_shortfall();
+        let shortfall = self
+            .sets
+            .iter()
+            .find_map(|(_, tracker)| tracker.timeout_shortfall());
         let message = match &shortfall {
             Some(shortfall) => format!("timed out after {timeout_ms} ms: {shortfall}"),
             None => format!("timed out after {timeout_ms} ms"),

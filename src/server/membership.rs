@@ -18,6 +18,11 @@ use tracing::{Instrument, debug, info, info_span, warn};
 /// Where the node learns the current ring and which members are up.
 pub trait Membership: Send + Sync + 'static {
     fn ring(&self) -> Arc<Ring>;
+    /// The committed ring that takes effect once its handoffs are done, while a ring change
+    /// is pending: writes reach a quorum of it too.
+    fn pending_ring(&self) -> Option<Arc<Ring>> {
+        None
+    }
     /// This node's judgement; a node judged down is routed around, never removed.
     fn is_up(&self, node: &NodeId) -> bool;
     fn view(&self) -> Vec<MemberInfo>;
@@ -102,11 +107,15 @@ pub struct GossipSetup {
     pub members_file_dir: Option<PathBuf>,
 }
 
+/// A cluster state with its ring and pending ring, each shared.
+type Routing = (Arc<ClusterState>, Arc<Ring>, Option<Arc<Ring>>);
+
 /// Membership by gossip over the peer transport (see `core::gossip`).
 pub struct GossipMembership {
     state: Mutex<Gossip>,
-    /// The adopted cluster state and its ring (kept apart so requests clone an `Arc` only).
-    current: RwLock<(Arc<ClusterState>, Arc<Ring>)>,
+    /// The adopted cluster state, its ring and its pending ring (kept apart so requests clone
+    /// an `Arc` only).
+    current: RwLock<Routing>,
     seeds: Vec<NodeId>,
     epoch: tokio::time::Instant,
     address_book: AddressBook,
@@ -235,10 +244,11 @@ impl GossipMembership {
             None => ClusterState::provisional(partition_count, &seeds, n_val)?,
         };
         let ring = Arc::new(cluster.ring().clone());
+        let pending = cluster.pending().cloned().map(Arc::new);
         gossip.set_local_ring_version(cluster.version());
         let membership = GossipMembership {
             state: Mutex::new(gossip),
-            current: RwLock::new((Arc::new(cluster), ring)),
+            current: RwLock::new((Arc::new(cluster), ring, pending)),
             seeds,
             epoch: tokio::time::Instant::now(),
             address_book,
@@ -279,7 +289,8 @@ impl GossipMembership {
                 "adopted a newer ring"
             );
             let ring = Arc::new(offered.ring().clone());
-            *current = (Arc::new(offered), ring);
+            let pending = offered.pending().cloned().map(Arc::new);
+            *current = (Arc::new(offered), ring, pending);
         }
         // After the ring lock is released: no path holds both locks.
         let version = self.cluster_state().version();
@@ -475,6 +486,10 @@ impl GossipMembership {
 impl Membership for GossipMembership {
     fn ring(&self) -> Arc<Ring> {
         self.current.read().1.clone()
+    }
+
+    fn pending_ring(&self) -> Option<Arc<Ring>> {
+        self.current.read().2.clone()
     }
 
     fn is_up(&self, node: &NodeId) -> bool {

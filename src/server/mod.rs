@@ -65,6 +65,10 @@ impl RunningServer {
     }
 }
 
+/// How often a node looks for handoffs to send, ring flips to make (as claimant) and copies
+/// it no longer needs.
+const TRANSFER_CHECK_INTERVAL: Duration = Duration::from_millis(500);
+
 /// Node settings from a validated config.
 pub fn node_settings(config: &Config, validated: &crate::config::Validated) -> NodeSettings {
     NodeSettings {
@@ -80,6 +84,8 @@ pub fn node_settings(config: &Config, validated: &crate::config::Validated) -> N
         read_repair_chance: config.read_repair_chance,
         speculative_retry: Duration::from_millis(config.speculative_retry_ms),
         handoff_batch: 64,
+        transfer_limit: config.transfer_limit,
+        transfer_max_bytes_per_sec: config.transfer_max_bytes_per_sec,
         rng_seed: None,
         wall_clock: crate::server::node::WallClock::System,
         // Measured by the running server (see `start`), which owns the data directory.
@@ -226,6 +232,7 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
             node.clone()
                 .run_handoff(Duration::from_millis(config.handoff_interval_ms)),
         ),
+        tokio::spawn(node.clone().run_transfers(TRANSFER_CHECK_INTERVAL)),
     ];
 
     let peer_config = tls::peer_server_config(&ca_pem, &node_identity)
@@ -271,6 +278,7 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
                     ClientRequest::Members
                     | ClientRequest::Status
                     | ClientRequest::Ring
+                    | ClientRequest::Transfers
                     | ClientRequest::Cluster(_) => ("admin", String::from("none")),
                     ClientRequest::Get { options, .. } => ("get", options.r.to_string()),
                     ClientRequest::Put { options, .. } => ("put", options.w.to_string()),

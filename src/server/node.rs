@@ -44,6 +44,7 @@ mod get;
 mod handoff;
 mod put;
 mod replica;
+mod transfer;
 pub use buckets::{BucketProps, PROPS_BUCKET};
 use put::Write;
 
@@ -72,6 +73,11 @@ pub struct NodeSettings {
     pub speculative_retry: Duration,
     /// Hints sent to a returning primary per batch (each batch is acknowledged before the next).
     pub handoff_batch: usize,
+    /// Ring-change handoffs sent at once (`transfer_limit`; changed at runtime by
+    /// `admin transfer-limit`).
+    pub transfer_limit: u32,
+    /// Bytes per second each handoff may send; 0 is unbounded.
+    pub transfer_max_bytes_per_sec: u64,
     /// Seed of the node's random draws (which gets ask every replica); `None` draws one from
     /// the OS. Simulation seeds it so that a run replays.
     pub rng_seed: Option<u64>,
@@ -151,6 +157,8 @@ struct NodeInner {
     bucket_cache: buckets::BucketCache,
     /// Forwarded writes coordinated recently, by sender and request id.
     forwarded: put::ForwardedWrites,
+    /// Ring-change handoffs this node sends, and its cleanup after a flip.
+    transfers: transfer::Transfers,
 }
 
 /// A node's request handler; cheap to clone.
@@ -255,6 +263,7 @@ impl Node {
             inner: Arc::new(NodeInner {
                 id,
                 rng: parking_lot::Mutex::new(rng),
+                transfers: transfer::Transfers::new(settings.transfer_limit),
                 key_actors,
                 store,
                 membership,
@@ -313,6 +322,7 @@ impl Node {
                 "a token-carrying request reached the node unwrapped by its listener",
             )),
             ClientRequest::Ring => ClientResponse::Ring(self.ring_info()),
+            ClientRequest::Transfers => self.transfers_cluster_wide().await,
             ClientRequest::Cluster(request) => self.cluster_change(request, 0).await,
             ClientRequest::Status => match self.status() {
                 Ok(status) => ClientResponse::Status(status),
@@ -410,11 +420,16 @@ impl Node {
                 .as_ref()
                 .map(|state| {
                     state
-                        .transfers()
+                        .handoffs()
                         .iter()
                         .map(|t| (t.partition, t.from.to_string(), t.to.to_string()))
                         .collect()
                 })
+                .unwrap_or_default(),
+            pending_owners: state
+                .as_ref()
+                .and_then(|state| state.pending())
+                .map(|pending| pending.owners().iter().map(ToString::to_string).collect())
                 .unwrap_or_default(),
         }
     }
@@ -456,7 +471,8 @@ impl Node {
     /// Serves one request from a peer node.
     pub async fn handle_peer(&self, request: PeerRequest) -> PeerResponse {
         if let PeerRequest::ReplicaGet { partition, .. }
-        | PeerRequest::ReplicaPut { partition, .. } = &request
+        | PeerRequest::ReplicaPut { partition, .. }
+        | PeerRequest::Handoff { partition, .. } = &request
         {
             let partition_count = self.inner.membership.ring().partition_count();
             if *partition >= partition_count {
@@ -601,6 +617,20 @@ impl Node {
                 start_after,
                 limit,
             } => self.serve_list_keys(partition, bucket, start_after, limit),
+            PeerRequest::Handoff { partition, records } => {
+                self.receive_handoff(partition, records).await
+            }
+            PeerRequest::HandoffDone { handoff } => match self.record_handoff_done(&handoff) {
+                Ok(()) => PeerResponse::Pong,
+                Err(message) => PeerResponse::Failed { message },
+            },
+            PeerRequest::TransferProgress => {
+                PeerResponse::TransferProgress(self.transfer_progress())
+            }
+            PeerRequest::SetTransferLimit { limit } => {
+                self.set_transfer_limit(limit.min(crate::config::MAX_TRANSFER_LIMIT));
+                PeerResponse::Pong
+            }
             PeerRequest::BucketPropsChanged { bucket, props } => {
                 self.learn_bucket_props(&bucket, &props);
                 PeerResponse::Pong
@@ -631,30 +661,53 @@ impl Node {
     /// [`Node::placement`] for a write: a primary silent for longer than the hint window
     /// gets no fallback, so no new hint is created for it (Cassandra's max_hint_window). It
     /// is still asked and counts as a failed reply; hints already held are kept.
+    ///
+    /// While a ring change is pending the write also goes to the pending ring's replicas,
+    /// and the replica sets returned (indexes into the targets) are both rings': the write
+    /// must meet its quorum in each.
     fn write_placement(
         &self,
         bucket: &[u8],
         key: &[u8],
         n_val: u32,
         sloppy: bool,
-    ) -> (PartitionId, Vec<Target>) {
+    ) -> (PartitionId, Vec<Target>, Vec<Vec<usize>>) {
         let membership = &self.inner.membership;
         let window = self.inner.settings.hint_window;
         let mut skipped = false;
-        let placed = self.placement_with(bucket, key, n_val, sloppy, |primary| {
+        let mut within_window = |primary: &NodeId| {
             let within = membership
                 .silent_for(primary)
                 .is_none_or(|silent| silent < window);
             skipped |= !within;
             within
-        });
+        };
+        let (partition, targets) =
+            self.placement_with(bucket, key, n_val, sloppy, &mut within_window);
+        let (targets, sets) = match membership.pending_ring() {
+            Some(pending) => {
+                let pending_targets = placement::targets(
+                    &pending,
+                    partition,
+                    n_val as usize,
+                    sloppy,
+                    |node| *node == self.inner.id || membership.is_up(node),
+                    &mut within_window,
+                );
+                placement::spanning_targets(targets, pending_targets)
+            }
+            None => {
+                let all = (0..targets.len()).collect();
+                (targets, vec![all])
+            }
+        };
         if skipped {
             self.inner
                 .counters
                 .hints_skipped_past_window
                 .fetch_add(1, Ordering::Relaxed);
         }
-        placed
+        (partition, targets, sets)
     }
 
     fn placement_with(

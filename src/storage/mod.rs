@@ -548,6 +548,50 @@ impl Store {
         Ok(records)
     }
 
+    /// Deletes `(bucket, key)` of `partition` if it still holds exactly `expected` (a copy
+    /// this node no longer replicates, read before the check): a write that arrived since
+    /// keeps it. Returns whether it was deleted, once the delete is durable.
+    pub async fn delete_if_unchanged(
+        &self,
+        partition: u32,
+        bucket: &[u8],
+        key: &[u8],
+        expected: Vec<u8>,
+    ) -> Result<bool, StorageError> {
+        let stored_key = key::encode(bucket, key)?;
+        let Some(keyspace) = self.inner.existing_partition(partition) else {
+            return Ok(false);
+        };
+        let result = self
+            .inner
+            .submit::<bool, std::convert::Infallible>(move |answer| {
+                match keyspace.get(&stored_key) {
+                    Ok(Some(current)) if current == expected => {}
+                    Ok(_) => return answer.when_durable(false, false),
+                    Err(source) => {
+                        return answer.now(Err(StorageError::Read { partition, source }.into()));
+                    }
+                }
+                if let Err(source) = keyspace.remove(stored_key) {
+                    return answer.now(Err(StorageError::Write { partition, source }.into()));
+                }
+                answer.when_durable(true, true)
+            })
+            .await;
+        match result {
+            Ok(deleted) => Ok(deleted),
+            Err(UpdateError::Storage { source }) => Err(source),
+            Err(UpdateError::Rejected { source }) => match source {},
+        }
+    }
+
+    /// The partitions this node holds a keyspace for.
+    pub fn partitions(&self) -> Vec<u32> {
+        let mut partitions: Vec<u32> = self.inner.partitions.read().keys().copied().collect();
+        partitions.sort_unstable();
+        partitions
+    }
+
     /// Drops a partition's keyspace with everything in it (after handoff has moved it).
     /// Returns whether the partition existed.
     pub fn drop_partition(&self, partition: u32) -> Result<bool, StorageError> {

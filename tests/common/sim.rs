@@ -228,6 +228,7 @@ impl SimCluster {
                 vec![
                     tokio::spawn(gossip.run(transport, seed)),
                     tokio::spawn(node.clone().run_handoff(Duration::from_millis(500))),
+                    tokio::spawn(node.clone().run_transfers(Duration::from_millis(500))),
                 ],
             );
         }
@@ -312,11 +313,20 @@ impl SimCluster {
         replica_copy(node, &self.ring, bucket, key).await
     }
 
-    /// The nodes that hold replicas of a key.
+    /// The newest ring a running node holds (the start's ring without gossip).
+    pub fn current_ring(&self) -> Ring {
+        self.nodes
+            .keys()
+            .filter_map(|id| self.cluster_state(id))
+            .max_by_key(|state| state.version())
+            .map_or_else(|| self.ring.clone(), |state| state.ring().clone())
+    }
+
+    /// The nodes that hold replicas of a key, under the newest ring.
     pub fn replicas_of(&self, bucket: &[u8], key: &[u8]) -> Vec<NodeId> {
-        let partition = self.ring.partition_for_key(bucket, key);
-        self.ring
-            .preference_list(partition, self.settings.bucket_defaults.n_val as usize)
+        let ring = self.current_ring();
+        let partition = ring.partition_for_key(bucket, key);
+        ring.preference_list(partition, self.settings.bucket_defaults.n_val as usize)
             .into_iter()
             .map(|(_, node)| node)
             .collect()

@@ -3,7 +3,7 @@
 //! state, adopts it, and gossip carries it to the others.
 
 use super::*;
-use crate::core::cluster::{ClusterState, StagedChange};
+use crate::core::cluster::{ClusterState, MemberState, StagedChange};
 use crate::protocol::{ClusterRequest, PlanInfo};
 
 /// Forwards a change may take: client → any node → claimant (a joining node first reaches a
@@ -80,8 +80,24 @@ impl Node {
                 .map_err(|error| ClientError::invalid(format!("node {name:?}: {error}")))
         };
         let staged = match request {
+            ClusterRequest::Commit { ring_version } => {
+                match self.commit_plan(state, ring_version) {
+                    Ok(next) => Ok(next),
+                    Err(message) => return ClientResponse::Error(ClientError::invalid(message)),
+                }
+            }
+            ClusterRequest::TransferLimit { limit } => {
+                return self.set_transfer_limit_everywhere(limit).await;
+            }
             ClusterRequest::Plan => {
-                return match state.plan(n_val) {
+                let planned = state.plan(n_val);
+                if planned.is_ok() {
+                    self.inner
+                        .transfers
+                        .planned_version
+                        .store(state.version(), Ordering::Relaxed);
+                }
+                return match planned {
                     Ok(plan) => ClientResponse::Plan(PlanInfo {
                         sizes: self.partition_sizes(&plan.transfers).await,
                         ring_version: plan.base_version,
@@ -140,6 +156,110 @@ impl Node {
 }
 
 impl Node {
+    /// The claimant's commit: the plan shown on this very ring version (or the version the
+    /// operator names), only while every member holds the current ring and none is down
+    /// (short of one staged for removal).
+    fn commit_plan(
+        &self,
+        state: &ClusterState,
+        ring_version: Option<u64>,
+    ) -> Result<ClusterState, String> {
+        let planned = match ring_version {
+            Some(version) => version,
+            None => match self.inner.transfers.planned_version.load(Ordering::Relaxed) {
+                0 => {
+                    return Err(
+                        "no plan was shown on this claimant: run `dynkv admin cluster plan` first"
+                            .into(),
+                    );
+                }
+                version => version,
+            },
+        };
+        let n_val = self.inner.settings.bucket_defaults.n_val as usize;
+        let plan = state.plan(n_val).map_err(|error| error.to_string())?;
+        if planned != plan.base_version {
+            return Err(crate::core::cluster::ChangeError::PlanChanged {
+                planned,
+                current: plan.base_version,
+            }
+            .to_string());
+        }
+        let view = self.inner.membership.view();
+        for (member, member_state) in state.members() {
+            if matches!(member_state, MemberState::Down | MemberState::Exiting)
+                || state.staged().get(member) == Some(&StagedChange::Remove)
+                || member == &self.inner.id
+            {
+                continue;
+            }
+            let Some(info) = view.iter().find(|info| info.node == member.as_str()) else {
+                return Err(format!(
+                    "{member} has not been heard from: the ring has not converged; wait, or remove it"
+                ));
+            };
+            if !info.up {
+                return Err(format!(
+                    "{member} is down: the ring cannot converge; bring it back or stage `remove {member}`"
+                ));
+            }
+            if info.ring_version < state.version() {
+                return Err(format!(
+                    "{member} holds ring version {} and the claimant {}: the ring has not converged yet; try again in a moment",
+                    info.ring_version,
+                    state.version()
+                ));
+            }
+        }
+        state.commit(&plan).map_err(|error| error.to_string())
+    }
+
+    /// Sets `transfer_limit` on every member that is up; answers with the members reached.
+    async fn set_transfer_limit_everywhere(&self, limit: u32) -> ClientResponse {
+        if limit > crate::config::MAX_TRANSFER_LIMIT {
+            return ClientResponse::Error(ClientError::invalid(format!(
+                "transfer limit {limit} is over the most allowed, {}",
+                crate::config::MAX_TRANSFER_LIMIT
+            )));
+        }
+        self.set_transfer_limit(limit);
+        let mut failed = Vec::new();
+        for member in self.inner.membership.ring().members().into_iter().chain(
+            self.inner
+                .membership
+                .pending_ring()
+                .map(|ring| ring.members())
+                .unwrap_or_default(),
+        ) {
+            if member == self.inner.id {
+                continue;
+            }
+            let request = PeerRequest::SetTransferLimit { limit };
+            match self
+                .inner
+                .peers
+                .call(&member, request, self.inner.settings.request_timeout)
+                .await
+            {
+                Ok(PeerResponse::Pong) => {}
+                _ => failed.push(member.to_string()),
+            }
+        }
+        if failed.is_empty() {
+            ClientResponse::Ring(self.ring_info())
+        } else {
+            failed.sort();
+            failed.dedup();
+            error_response(
+                ErrorKind::Timeout(None),
+                format!(
+                    "transfer limit set to {limit}, but not on {} (unreachable)",
+                    failed.join(", ")
+                ),
+            )
+        }
+    }
+
     /// Records and bytes of each moving partition on its current owner, asked of every owner
     /// at once; an owner that does not answer in time leaves its partitions out.
     async fn partition_sizes(

@@ -1,6 +1,7 @@
 //! Hinted handoff: a fallback hands the hints it keeps back to their returning primaries.
 
 use super::*;
+use crate::core::cluster::MemberState;
 
 impl Node {
     /// Hinted handoff, one pass: for every member that is up and for which this node holds
@@ -8,16 +9,79 @@ impl Node {
     /// hint once its primary acknowledged it durably, unless it changed meanwhile. A hint is
     /// never dropped for its age: it holds acknowledged writes (the hint window limits only
     /// the creation of hints, see `Node::write_placement`). Returns the number delivered.
+    ///
+    /// Around a ring change, a hint goes where its primary's copy went (see
+    /// [`Node::hint_destinations`]), so a member that left or was removed does not strand the
+    /// hints held for it.
     pub async fn hand_off_hints(&self) -> u64 {
-        let members = self.inner.membership.ring().members();
+        let state = self
+            .inner
+            .membership
+            .gossip()
+            .map(|gossip| gossip.cluster_state());
+        let mut primaries = self.inner.membership.ring().members();
+        if let Some(state) = &state {
+            primaries.extend(state.members().keys().cloned());
+        }
+        primaries.sort();
+        primaries.dedup();
         let mut delivered = 0;
-        for primary in members.iter().filter(|member| **member != self.inner.id) {
-            if !self.inner.membership.is_up(primary) {
+        for primary in primaries.iter().filter(|member| **member != self.inner.id) {
+            // A down member's hints wait for it, unless a ring change may send them elsewhere.
+            let redirected = state.as_ref().is_some_and(|state| {
+                state.pending().is_some()
+                    || !matches!(
+                        state.state_of(primary),
+                        Some(MemberState::Valid | MemberState::Joining)
+                    )
+            });
+            if !self.inner.membership.is_up(primary) && !redirected {
                 continue;
             }
             delivered += self.hand_off_to(primary).await;
         }
         delivered
+    }
+
+    /// Where a hint kept for `primary` goes: to the primary while it replicates the key
+    /// under the current or the pending ring; while a change is pending, also to the pending
+    /// ring's new replicas of the key (the primary's handoff to them may be over already);
+    /// and when the primary replicates the key under neither ring (it left, or was removed),
+    /// to the key's replicas under the ring that will be current.
+    pub(super) async fn hint_destinations(
+        &self,
+        primary: &NodeId,
+        partition: PartitionId,
+        bucket: &[u8],
+    ) -> Vec<NodeId> {
+        let ring = self.inner.membership.ring();
+        let pending = self.inner.membership.pending_ring();
+        let n_val = match self.bucket_props(bucket).await {
+            Ok(props) => props.n_val as usize,
+            Err(_) => self.inner.settings.bucket_defaults.n_val as usize,
+        };
+        let replicas = |ring: &Ring| -> Vec<NodeId> {
+            ring.preference_list(partition, n_val)
+                .into_iter()
+                .map(|(_, node)| node)
+                .collect()
+        };
+        let current = replicas(&ring);
+        let next = pending.as_deref().map(replicas);
+        let mut destinations = Vec::new();
+        if current.contains(primary) || next.as_ref().is_some_and(|next| next.contains(primary)) {
+            destinations.push(primary.clone());
+            if let Some(next) = &next {
+                destinations.extend(
+                    next.iter()
+                        .filter(|node| !current.contains(node) && *node != primary)
+                        .cloned(),
+                );
+            }
+        } else {
+            destinations.extend(next.unwrap_or(current));
+        }
+        destinations
     }
 
     pub(super) async fn hand_off_to(&self, primary: &NodeId) -> u64 {
@@ -54,27 +118,41 @@ impl Node {
                         continue;
                     }
                 };
+                let destinations = self
+                    .hint_destinations(primary, key.partition, &key.bucket)
+                    .await;
+                let membership = &self.inner.membership;
+                if destinations.is_empty()
+                    || destinations.iter().any(|destination| {
+                        destination != &self.inner.id && !membership.is_up(destination)
+                    })
+                {
+                    // Not every destination can take it now: keep it for a later pass.
+                    continue;
+                }
                 let node = self.clone();
-                let primary = primary.clone();
                 sends.spawn(async move {
-                    let copy = Copy {
-                        partition: key.partition,
-                        bucket: key.bucket,
-                        key: key.key,
-                        hint_for: None,
-                    };
                     let deadline = Instant::now() + node.inner.settings.request_timeout;
-                    let ack = node
-                        .replica_put(&primary, copy, record.object, deadline)
-                        .await;
-                    // A hint goes only once its primary holds it durably (DESIGN §6), unless
-                    // this cluster runs without fsync before acknowledging.
-                    let delivered = match ack {
-                        Ok(ReplicaAck { durable }) => {
-                            durable || !node.inner.settings.durable_writes
-                        }
-                        Err(_) => false,
-                    };
+                    let mut delivered = true;
+                    for destination in &destinations {
+                        let copy = Copy {
+                            partition: key.partition,
+                            bucket: key.bucket.clone(),
+                            key: key.key.clone(),
+                            hint_for: None,
+                        };
+                        let ack = node
+                            .replica_put(destination, copy, record.object.clone(), deadline)
+                            .await;
+                        // A hint goes only once its destinations hold it durably (DESIGN §6),
+                        // unless this cluster runs without fsync before acknowledging.
+                        delivered &= match ack {
+                            Ok(ReplicaAck { durable }) => {
+                                durable || !node.inner.settings.durable_writes
+                            }
+                            Err(_) => false,
+                        };
+                    }
                     (delivered, hint_key, hint_bytes)
                 });
             }

@@ -64,7 +64,7 @@ impl Node {
         let timeout = self.timeout_of(write.options.timeout_ms);
         let deadline = Instant::now() + timeout;
         let sloppy = write.options.sloppy_quorum.unwrap_or(true);
-        let (partition, targets) =
+        let (partition, targets, replica_sets) =
             self.write_placement(&write.bucket, &write.key, props.n_val, sloppy);
         let membership = &self.inner.membership;
         let local = match route_put(&targets, &self.inner.id, forwarded, |node| {
@@ -81,7 +81,8 @@ impl Node {
                 ));
             }
         };
-        let mut coordinator = match PutCoordinator::new(quorum, targets, local) {
+        let mut coordinator = match PutCoordinator::with_sets(quorum, targets, local, replica_sets)
+        {
             Ok(coordinator) => coordinator,
             Err(shortfall) => {
                 // Fallbacks never count as primaries: say so at once, not after the timeout.

@@ -1,0 +1,585 @@
+//! Ownership handoff of a committed ring change (DESIGN §6): each node sends the handoffs it is
+//! the source of, the claimant flips the ring once none remain, and after the flip each node
+//! deletes the copies it no longer replicates.
+//!
+//! A handoff streams a key partition's records (full version sets) in batches; the receiver
+//! merges each like a replica write and acknowledges a batch once it is durable, and the next
+//! batch waits for that acknowledgement (back-pressure). Only once every batch is acknowledged
+//! does the sender tell the claimant. A handoff that fails is tried again from the start at the
+//! next check (merges are idempotent), so a crash of either side only costs time.
+
+use super::*;
+use crate::core::cluster::{ClusterState, MemberState};
+use crate::core::handoff::{self, Handoff};
+use crate::protocol::{HandoffRecord, TransferInfo};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU32};
+
+/// Records per handoff batch.
+const HANDOFF_BATCH_RECORDS: usize = 128;
+/// Bytes of records per handoff batch (a single larger record still goes alone).
+const HANDOFF_BATCH_BYTES: usize = 4 * 1024 * 1024;
+
+/// This node's handoffs as sender, and its cleanup after a flip.
+pub(super) struct Transfers {
+    limit: AtomicU32,
+    running: parking_lot::Mutex<HashMap<Handoff, Progress>>,
+    /// The ring version whose stray copies this node has deleted.
+    cleaned_version: AtomicU64,
+    cleaning: AtomicBool,
+    /// The ring version of the last plan this node showed as claimant (0: none), which a
+    /// `commit` takes.
+    pub(super) planned_version: AtomicU64,
+}
+
+impl Transfers {
+    pub(super) fn new(limit: u32) -> Self {
+        Transfers {
+            limit: AtomicU32::new(limit),
+            running: parking_lot::Mutex::default(),
+            cleaned_version: AtomicU64::new(0),
+            cleaning: AtomicBool::new(false),
+            planned_version: AtomicU64::new(0),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Progress {
+    state: &'static str,
+    keys_sent: u64,
+    bytes_sent: u64,
+    keys_estimated: u64,
+    started: Instant,
+}
+
+impl Node {
+    /// Looks for handoffs to send, a flip to make and copies to delete every `interval`, until
+    /// the task is aborted.
+    pub async fn run_transfers(self, interval: Duration) {
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            self.transfer_step().await;
+        }
+    }
+
+    /// One check: start handoffs up to the limit; as claimant, flip a change whose handoffs
+    /// are all done; once every member holds the current ring, delete stray copies.
+    pub async fn transfer_step(&self) {
+        let Some(gossip) = self.inner.membership.gossip() else {
+            return;
+        };
+        let state = gossip.cluster_state();
+        if state.pending().is_some() {
+            self.start_handoffs(&state);
+            let claimant = state
+                .claimant(|node| node == &self.inner.id || self.inner.membership.is_up(node))
+                .cloned();
+            if claimant.as_ref() == Some(&self.inner.id)
+                && let Some(flipped) = state.flip()
+            {
+                info!(node = %self.inner.id, version = flipped.version(), "ring change complete: the pending ring is now current");
+                gossip.offer_cluster_state(flipped);
+            }
+            return;
+        }
+        self.inner.transfers.running.lock().clear();
+        self.clean_up_if_converged(&state);
+    }
+
+    fn start_handoffs(&self, state: &Arc<ClusterState>) {
+        let transfers = &self.inner.transfers;
+        let limit = transfers.limit.load(Ordering::Relaxed) as usize;
+        let mut running = transfers.running.lock();
+        running.retain(|handoff, _| state.handoffs().contains(handoff));
+        let mut active = running
+            .values()
+            .filter(|progress| progress.state == "active")
+            .count();
+        for handoff in state.handoffs() {
+            if handoff.from != self.inner.id {
+                continue;
+            }
+            let progress = running.entry(handoff.clone()).or_insert_with(|| Progress {
+                state: "queued",
+                keys_sent: 0,
+                bytes_sent: 0,
+                keys_estimated: self.inner.store.partition_estimate(handoff.partition).0,
+                started: Instant::now(),
+            });
+            if progress.state == "active" {
+                continue;
+            }
+            if active >= limit
+                || !(handoff.to == self.inner.id || self.inner.membership.is_up(&handoff.to))
+            {
+                continue;
+            }
+            progress.state = "active";
+            progress.keys_sent = 0;
+            progress.bytes_sent = 0;
+            progress.started = Instant::now();
+            active += 1;
+            let node = self.clone();
+            let span = debug_span!("handoff", partition = handoff.partition, to = %handoff.to);
+            let (state, handoff) = (state.clone(), handoff.clone());
+            tokio::spawn(
+                async move {
+                    let outcome = node.send_handoff(&state, &handoff).await;
+                    node.handoff_finished(&handoff, outcome).await;
+                }
+                .instrument(span),
+            );
+        }
+    }
+
+    fn update_progress(&self, handoff: &Handoff, change: impl FnOnce(&mut Progress)) {
+        if let Some(progress) = self.inner.transfers.running.lock().get_mut(handoff) {
+            change(progress);
+        }
+    }
+
+    /// Streams `handoff`'s records to its receiver, each batch acknowledged durably before
+    /// the next. Only the keys this node is the source of for their bucket's `n_val` go.
+    async fn send_handoff(&self, state: &ClusterState, handoff: &Handoff) -> Result<(), String> {
+        let pending = state.pending().ok_or("the change is no longer pending")?;
+        let removed = |node: &NodeId| state.state_of(node) == Some(MemberState::Down);
+        let mut sources_by_n_val: HashMap<u32, bool> = HashMap::new();
+        let mut start_after: Option<(Vec<u8>, Vec<u8>)> = None;
+        let rate = self.inner.settings.transfer_max_bytes_per_sec;
+        let started = Instant::now();
+        let mut bytes_total: u64 = 0;
+        loop {
+            let page = self
+                .inner
+                .store
+                .scan_partition(
+                    handoff.partition,
+                    start_after
+                        .as_ref()
+                        .map(|(bucket, key)| (&bucket[..], &key[..])),
+                    HANDOFF_BATCH_RECORDS,
+                )
+                .map_err(|error| error.to_string())?;
+            let Some((bucket, key, _)) = page.last() else {
+                return Ok(());
+            };
+            start_after = Some((bucket.clone(), key.clone()));
+            let mut records = Vec::with_capacity(page.len());
+            let mut batch_bytes = 0usize;
+            for (bucket, key, value) in page {
+                let n_val = match self.bucket_props(&bucket).await {
+                    Ok(props) => props.n_val,
+                    Err(error) => return Err(format!("bucket properties: {}", error.message)),
+                };
+                let is_source = *sources_by_n_val.entry(n_val).or_insert_with(|| {
+                    handoff::sources(
+                        state.ring(),
+                        pending,
+                        handoff.partition,
+                        n_val as usize,
+                        &handoff.to,
+                        removed,
+                    )
+                    .contains(&self.inner.id)
+                });
+                if !is_source {
+                    continue;
+                }
+                let object = decode_record(&value).map_err(|error| {
+                    format!(
+                        "a stored record of partition {} is unreadable: {error}",
+                        handoff.partition
+                    )
+                })?;
+                batch_bytes += value.len();
+                records.push(HandoffRecord {
+                    bucket,
+                    key,
+                    object,
+                });
+                if batch_bytes >= HANDOFF_BATCH_BYTES {
+                    self.send_handoff_batch(handoff, std::mem::take(&mut records), batch_bytes)
+                        .await?;
+                    bytes_total += batch_bytes as u64;
+                    batch_bytes = 0;
+                }
+            }
+            if !records.is_empty() {
+                self.send_handoff_batch(handoff, records, batch_bytes)
+                    .await?;
+                bytes_total += batch_bytes as u64;
+            }
+            if rate > 0 {
+                // Hold the average at the configured rate.
+                let due = started + Duration::from_secs_f64(bytes_total as f64 / rate as f64);
+                tokio::time::sleep_until(due).await;
+            }
+        }
+    }
+
+    async fn send_handoff_batch(
+        &self,
+        handoff: &Handoff,
+        records: Vec<HandoffRecord>,
+        bytes: usize,
+    ) -> Result<(), String> {
+        let count = records.len() as u64;
+        let response = if handoff.to == self.inner.id {
+            self.receive_handoff(handoff.partition, records).await
+        } else {
+            let request = PeerRequest::Handoff {
+                partition: handoff.partition,
+                records,
+            };
+            self.inner
+                .peers
+                .call(
+                    &handoff.to,
+                    request,
+                    self.inner.settings.request_timeout * 4,
+                )
+                .await
+                .map_err(|error| error.to_string())?
+        };
+        match response {
+            PeerResponse::Stored { durable } if durable || !self.inner.settings.durable_writes => {
+                self.update_progress(handoff, |progress| {
+                    progress.keys_sent += count;
+                    progress.bytes_sent += bytes as u64;
+                });
+                Ok(())
+            }
+            PeerResponse::Stored { .. } => {
+                Err(format!("{} did not store the batch durably", handoff.to))
+            }
+            PeerResponse::Failed { message } => Err(format!("{} refused: {message}", handoff.to)),
+            other => Err(format!("{} answered {other:?}", handoff.to)),
+        }
+    }
+
+    /// The receiver's side: merges every record like a replica write (the DVVSet sync), all
+    /// at once so they share the store's fsyncs, and answers once all are durable.
+    pub(super) async fn receive_handoff(
+        &self,
+        partition: PartitionId,
+        records: Vec<HandoffRecord>,
+    ) -> PeerResponse {
+        if let Some(reason) = self.space_refusal() {
+            return PeerResponse::Failed { message: reason };
+        }
+        let mut merges = tokio::task::JoinSet::new();
+        for record in records {
+            if let Err(error) = record.object.validate() {
+                return PeerResponse::Failed {
+                    message: format!("invalid object: {error}"),
+                };
+            }
+            if let Err(error) = validate_bucket_and_key(&record.bucket, &record.key) {
+                return PeerResponse::Failed {
+                    message: error.message,
+                };
+            }
+            let node = self.clone();
+            merges.spawn(async move {
+                let copy = Copy {
+                    partition,
+                    bucket: record.bucket,
+                    key: record.key,
+                    hint_for: None,
+                };
+                node.merge_copy(&copy, record.object).await
+            });
+        }
+        while let Some(merged) = merges.join_next().await {
+            match merged {
+                Ok(Ok(())) => {}
+                Ok(Err(message)) => return PeerResponse::Failed { message },
+                Err(error) => {
+                    return PeerResponse::Failed {
+                        message: error.to_string(),
+                    };
+                }
+            }
+        }
+        PeerResponse::Stored {
+            durable: self.inner.settings.durable_writes,
+        }
+    }
+
+    async fn handoff_finished(&self, handoff: &Handoff, outcome: Result<(), String>) {
+        let outcome = match outcome {
+            Ok(()) => self.report_handoff_done(handoff).await,
+            Err(error) => Err(error),
+        };
+        match outcome {
+            Ok(()) => {
+                info!(node = %self.inner.id, partition = handoff.partition, to = %handoff.to, "handoff complete");
+                self.update_progress(handoff, |progress| progress.state = "done");
+            }
+            Err(error) => {
+                warn!(node = %self.inner.id, partition = handoff.partition, to = %handoff.to, error = %error, "handoff failed; it will resume");
+                self.update_progress(handoff, |progress| progress.state = "retrying");
+            }
+        }
+    }
+
+    /// Tells the claimant (through the usual forwarding) that `handoff` is done.
+    async fn report_handoff_done(&self, handoff: &Handoff) -> Result<(), String> {
+        let gossip = self
+            .inner
+            .membership
+            .gossip()
+            .ok_or("membership is static")?;
+        let state = gossip.cluster_state();
+        let claimant = state
+            .claimant(|node| node == &self.inner.id || self.inner.membership.is_up(node))
+            .cloned()
+            .ok_or("no claimant is up")?;
+        if claimant == self.inner.id {
+            return self.record_handoff_done(handoff);
+        }
+        let request = PeerRequest::HandoffDone {
+            handoff: handoff.clone(),
+        };
+        match self
+            .inner
+            .peers
+            .call(&claimant, request, self.inner.settings.request_timeout)
+            .await
+        {
+            Ok(PeerResponse::Pong) => Ok(()),
+            Ok(PeerResponse::Failed { message }) => Err(message),
+            Ok(other) => Err(format!("the claimant answered {other:?}")),
+            Err(error) => Err(error.to_string()),
+        }
+    }
+
+    /// The claimant's side of [`PeerRequest::HandoffDone`].
+    pub(super) fn record_handoff_done(&self, handoff: &Handoff) -> Result<(), String> {
+        let gossip = self
+            .inner
+            .membership
+            .gossip()
+            .ok_or("membership is static")?;
+        let state = gossip.cluster_state();
+        let claimant = state
+            .claimant(|node| node == &self.inner.id || self.inner.membership.is_up(node))
+            .cloned();
+        if claimant.as_ref() != Some(&self.inner.id) {
+            return Err(format!(
+                "{} is not the claimant ({})",
+                self.inner.id,
+                claimant.map_or("none".to_string(), |node| node.to_string())
+            ));
+        }
+        match state.handoff_done(handoff) {
+            Some(next) => {
+                gossip.offer_cluster_state(next);
+                Ok(())
+            }
+            // Recorded before (a retried report) or of a change that is over.
+            None => Ok(()),
+        }
+    }
+
+    /// This node's handoffs as sender, for `admin transfers`.
+    pub(super) fn transfer_progress(&self) -> Vec<TransferInfo> {
+        self.inner
+            .transfers
+            .running
+            .lock()
+            .iter()
+            .filter(|(_, progress)| progress.state != "done")
+            .map(|(handoff, progress)| TransferInfo {
+                partition: handoff.partition,
+                from: handoff.from.to_string(),
+                to: handoff.to.to_string(),
+                state: progress.state.to_string(),
+                keys_sent: progress.keys_sent,
+                bytes_sent: progress.bytes_sent,
+                keys_estimated: progress.keys_estimated,
+                elapsed_ms: progress.started.elapsed().as_millis() as u64,
+            })
+            .collect()
+    }
+
+    /// Every pending handoff with its sender's progress; a sender that does not answer shows
+    /// its handoffs as queued.
+    pub(super) async fn transfers_cluster_wide(&self) -> ClientResponse {
+        let Some(gossip) = self.inner.membership.gossip() else {
+            return ClientResponse::Transfers {
+                ring_version: self.inner.membership.ring().version(),
+                transfers: Vec::new(),
+            };
+        };
+        let state = gossip.cluster_state();
+        let mut senders: Vec<NodeId> = state.handoffs().iter().map(|h| h.from.clone()).collect();
+        senders.sort();
+        senders.dedup();
+        let mut asks = tokio::task::JoinSet::new();
+        for sender in senders {
+            let node = self.clone();
+            asks.spawn(async move {
+                if sender == node.inner.id {
+                    return node.transfer_progress();
+                }
+                let timeout = node.inner.settings.request_timeout;
+                match node
+                    .inner
+                    .peers
+                    .call(&sender, PeerRequest::TransferProgress, timeout)
+                    .await
+                {
+                    Ok(PeerResponse::TransferProgress(progress)) => progress,
+                    _ => Vec::new(),
+                }
+            });
+        }
+        let reported: Vec<TransferInfo> = asks.join_all().await.into_iter().flatten().collect();
+        let transfers = state
+            .handoffs()
+            .iter()
+            .map(|handoff| {
+                reported
+                    .iter()
+                    .find(|info| {
+                        info.partition == handoff.partition
+                            && info.from == handoff.from.as_str()
+                            && info.to == handoff.to.as_str()
+                    })
+                    .cloned()
+                    .unwrap_or_else(|| TransferInfo {
+                        partition: handoff.partition,
+                        from: handoff.from.to_string(),
+                        to: handoff.to.to_string(),
+                        state: "queued".into(),
+                        keys_sent: 0,
+                        bytes_sent: 0,
+                        keys_estimated: 0,
+                        elapsed_ms: 0,
+                    })
+            })
+            .collect();
+        ClientResponse::Transfers {
+            ring_version: state.version(),
+            transfers,
+        }
+    }
+
+    pub(super) fn set_transfer_limit(&self, limit: u32) {
+        info!(node = %self.inner.id, limit, "transfer limit changed");
+        self.inner.transfers.limit.store(limit, Ordering::Relaxed);
+    }
+
+    /// After a flip, once every member that is up holds the current ring (so none routes a
+    /// read by the old one), deletes the copies this node no longer replicates, each only if
+    /// it did not change since it was read.
+    fn clean_up_if_converged(&self, state: &Arc<ClusterState>) {
+        let transfers = &self.inner.transfers;
+        if transfers.cleaned_version.load(Ordering::Relaxed) >= state.version()
+            || !state.is_committed()
+        {
+            return;
+        }
+        let behind = self.inner.membership.view().into_iter().any(|member| {
+            member.up && member.ring_version < state.version() && member.state != "down"
+        });
+        if behind || transfers.cleaning.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let node = self.clone();
+        let state = state.clone();
+        tokio::spawn(async move {
+            match node.delete_strays(&state).await {
+                Ok(deleted) => {
+                    if deleted > 0 {
+                        info!(node = %node.inner.id, deleted, version = state.version(), "deleted copies this node no longer replicates");
+                    }
+                    node.inner
+                        .transfers
+                        .cleaned_version
+                        .store(state.version(), Ordering::Relaxed);
+                }
+                Err(error) => {
+                    warn!(node = %node.inner.id, error = %error, "cleanup after a ring change failed; it will run again")
+                }
+            }
+            node.inner
+                .transfers
+                .cleaning
+                .store(false, Ordering::Release);
+        });
+    }
+
+    async fn delete_strays(&self, state: &ClusterState) -> Result<u64, String> {
+        let ring = state.ring();
+        let mut deleted = 0;
+        let mut n_vals: HashMap<Vec<u8>, u32> = HashMap::new();
+        for partition in self.inner.store.partitions() {
+            if partition >= ring.partition_count() {
+                continue;
+            }
+            // The first owner keeps the partition's keys for every n_val.
+            if ring.owner(partition) == &self.inner.id {
+                continue;
+            }
+            let mut start_after: Option<(Vec<u8>, Vec<u8>)> = None;
+            loop {
+                let page = self
+                    .inner
+                    .store
+                    .scan_partition(
+                        partition,
+                        start_after
+                            .as_ref()
+                            .map(|(bucket, key)| (&bucket[..], &key[..])),
+                        HANDOFF_BATCH_RECORDS,
+                    )
+                    .map_err(|error| error.to_string())?;
+                let Some((bucket, key, _)) = page.last() else {
+                    break;
+                };
+                start_after = Some((bucket.clone(), key.clone()));
+                for (bucket, key, value) in page {
+                    let n_val = match n_vals.get(&bucket) {
+                        Some(n_val) => *n_val,
+                        None => {
+                            let n_val = self
+                                .bucket_props(&bucket)
+                                .await
+                                .map_err(|error| error.message)?
+                                .n_val;
+                            n_vals.insert(bucket.clone(), n_val);
+                            n_val
+                        }
+                    };
+                    // Whatever changed meanwhile decides: a newer ring stops this pass.
+                    let now = self
+                        .inner
+                        .membership
+                        .gossip()
+                        .map(|gossip| gossip.cluster_state());
+                    if now.is_some_and(|now| now.version() != state.version()) {
+                        return Ok(deleted);
+                    }
+                    if handoff::keeps(ring, None, partition, n_val as usize, &self.inner.id) {
+                        continue;
+                    }
+                    if self
+                        .inner
+                        .store
+                        .delete_if_unchanged(partition, &bucket, &key, value)
+                        .await
+                        .map_err(|error| error.to_string())?
+                    {
+                        deleted += 1;
+                    }
+                }
+            }
+        }
+        Ok(deleted)
+    }
+}
