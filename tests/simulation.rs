@@ -12,7 +12,7 @@ use dynkv::core::ids::NodeId;
 use dynkv::core::object::{Context, StoredObject, live_siblings, object_size_bytes};
 use dynkv::core::quorum::Quorum;
 use dynkv::protocol::{
-    ClientRequest, ClientResponse, ErrorKind, GetOptions, NewContent, PutOptions,
+    ClientRequest, ClientResponse, ClusterRequest, ErrorKind, GetOptions, NewContent, PutOptions,
 };
 use dynkv::server::node::Node;
 use rand::rngs::StdRng;
@@ -250,6 +250,9 @@ async fn run_faults(schedule: Schedule) -> usize {
     let mut outages: Vec<(NodeId, tokio::time::Instant, bool)> = Vec::new();
     let mut last_crashed: Option<NodeId> = None;
     let mut joined = false;
+    // Ring changes committed so far: the joiner's join, then one member's leave.
+    let mut join_committed = false;
+    let mut left = false;
     let mut faults = 0;
     // A schedule has at least three crashes or isolations, however the dice fall.
     while tokio::time::Instant::now() < end || faults < 3 {
@@ -270,7 +273,7 @@ async fn run_faults(schedule: Schedule) -> usize {
         let free = |node: &NodeId, outages: &[(NodeId, tokio::time::Instant, bool)]| {
             outages.iter().all(|(other, ..)| other != node)
         };
-        match rng.random_range(0..11) {
+        match rng.random_range(0..12) {
             0..=3 if room => {
                 let node = match &last_crashed {
                     Some(node) if rng.random_bool(0.4) => node.clone(),
@@ -336,6 +339,29 @@ async fn run_faults(schedule: Schedule) -> usize {
                     .add_node(&NodeId::new("n6").unwrap());
                 joined = true;
             }
+            10 | 11 if (joined && !join_committed) || (!left && rng.random_bool(0.3)) => {
+                // A ring change staged, planned and committed through any member: the
+                // joiner's join, or a member's leave. Refused while a member is down or a
+                // change is moving data; tried again later.
+                let change = if joined && !join_committed {
+                    ClusterRequest::Join {
+                        node: Some("n6".into()),
+                    }
+                } else {
+                    ClusterRequest::Leave {
+                        node: Some(ids[rng.random_range(1..ids.len())].to_string()),
+                    }
+                };
+                let leaving = matches!(change, ClusterRequest::Leave { .. });
+                if commit_change(&schedule, &mut rng, change).await {
+                    RING_CHANGES_COMMITTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if leaving {
+                        left = true;
+                    } else {
+                        join_committed = true;
+                    }
+                }
+            }
             8 if rng.random_bool(0.3) => {
                 // A clock jump: every timer, deadline and failure detector sees the time
                 // pass at once (outages and hint windows included).
@@ -354,6 +380,49 @@ async fn run_faults(schedule: Schedule) -> usize {
         }
     }
     faults
+}
+
+/// Ring changes committed by all the schedules of this run, so the test can say that the
+/// schedules did exercise them.
+static RING_CHANGES_COMMITTED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Stages `change`, shows the plan and commits it, each through a random running node;
+/// returns whether the commit was taken. A staged change that is not committed is cleared,
+/// so that a later attempt plans only its own change.
+async fn commit_change(schedule: &Schedule, rng: &mut StdRng, change: ClusterRequest) -> bool {
+    let settle = Duration::from_secs(rng.random_range(2..6));
+    let mut ask = async |request: ClusterRequest| {
+        let node = schedule.random_up_node(rng)?;
+        Some(node.handle_client(ClientRequest::Cluster(request)).await)
+    };
+    let staged = ask(change).await;
+    if std::env::var("DYNKV_SIM_DEBUG").is_ok() {
+        eprintln!("stage: {staged:?}");
+    }
+    if !matches!(staged, Some(ClientResponse::Ring(_))) {
+        return false;
+    }
+    // A commit needs every member to hold the staged ring: give gossip a few rounds.
+    tokio::time::sleep(settle).await;
+    let committed = match ask(ClusterRequest::Plan).await {
+        Some(ClientResponse::Plan(_)) => {
+            let response = ask(ClusterRequest::Commit { ring_version: None }).await;
+            if std::env::var("DYNKV_SIM_DEBUG").is_ok() {
+                eprintln!("commit: {response:?}");
+            }
+            matches!(response, Some(ClientResponse::Ring(_)))
+        }
+        other => {
+            if std::env::var("DYNKV_SIM_DEBUG").is_ok() {
+                eprintln!("plan: {other:?}");
+            }
+            false
+        }
+    };
+    if !committed {
+        let _ = ask(ClusterRequest::Clear).await;
+    }
+    committed
 }
 
 /// One randomized schedule (seed `seed`): 5 gossiping nodes, 4 clients, faults for a
@@ -392,8 +461,34 @@ async fn randomized_schedule(seed: u64) -> Vec<String> {
     );
 
     // Healed and all up: failure detectors see every node again, fallbacks hand their hints
-    // back, and a read of every key asking every replica repairs the stale ones.
+    // back, a committed ring change finishes its handoffs and flips, and a read of every key
+    // asking every replica repairs the stale ones.
     tokio::time::sleep(Duration::from_secs(30)).await;
+    for _ in 0..120 {
+        let pending = {
+            let cluster = schedule.cluster.lock().unwrap();
+            cluster
+                .up_nodes()
+                .iter()
+                .filter_map(|id| cluster.cluster_state(id))
+                .any(|state| state.pending().is_some())
+        };
+        if !pending {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let unfinished = {
+        let cluster = schedule.cluster.lock().unwrap();
+        cluster
+            .up_nodes()
+            .iter()
+            .filter_map(|id| cluster.cluster_state(id))
+            .find(|state| state.pending().is_some())
+            .map(|state| state.handoffs().to_vec())
+    };
+    // Copies that no node replicates any more are deleted once every node holds the ring.
+    tokio::time::sleep(Duration::from_secs(5)).await;
     let keys: Vec<String> = (0..SCHEDULE_KEYS)
         .map(|index| format!("k{index}"))
         .collect();
@@ -418,6 +513,13 @@ async fn randomized_schedule(seed: u64) -> Vec<String> {
     tokio::time::sleep(Duration::from_secs(5)).await;
 
     let mut problems = Vec::new();
+    if let Some(handoffs) = unfinished {
+        problems.push(format!(
+            "a committed ring change never finished: {} handoffs pending, first {:?}",
+            handoffs.len(),
+            handoffs.first()
+        ));
+    }
     let (nodes, ring, ids, primaries) = {
         let cluster = schedule.cluster.lock().unwrap();
         let primaries: Vec<Vec<NodeId>> = keys
@@ -561,6 +663,12 @@ fn randomized_schedules_lose_no_acknowledged_write() {
         .flat_map(|handle| handle.join().expect("schedule thread panicked"))
         .collect();
     failures.sort();
+    let committed = RING_CHANGES_COMMITTED.load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!("{count} schedules committed {committed} ring changes (joins and leaves)");
+    assert!(
+        count < 20 || committed > 0,
+        "no schedule committed a ring change"
+    );
     if let Some((seed, problems)) = failures.first() {
         let others: Vec<String> = failures
             .iter()

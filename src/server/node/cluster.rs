@@ -53,7 +53,13 @@ impl Node {
         match self
             .inner
             .peers
-            .call(&claimant, forwarded, self.inner.settings.request_timeout)
+            // The claimant may itself wait up to a request timeout on others (plan sizes)
+            // and the request may be forwarded once more.
+            .call(
+                &claimant,
+                forwarded,
+                self.inner.settings.request_timeout * (MAX_CLUSTER_HOPS as u32 + 2),
+            )
             .await
         {
             Ok(PeerResponse::Client(response)) => response,

@@ -51,6 +51,11 @@ struct Progress {
     bytes_sent: u64,
     keys_estimated: u64,
     started: Instant,
+    /// The commit this handoff belongs to (the pending ring's version): a cursor of another
+    /// commit's handoff is never resumed.
+    change_version: u64,
+    /// The last key whose batch the receiver acknowledged: a failed handoff resumes after it.
+    resume_after: Option<(Vec<u8>, Vec<u8>)>,
 }
 
 impl Node {
@@ -94,6 +99,8 @@ impl Node {
         let limit = transfers.limit.load(Ordering::Relaxed) as usize;
         let mut running = transfers.running.lock();
         running.retain(|handoff, _| state.handoffs().contains(handoff));
+        let change_version = state.pending().map_or(0, Ring::version);
+        running.retain(|_, progress| progress.change_version == change_version);
         let mut active = running
             .values()
             .filter(|progress| progress.state == "active")
@@ -108,6 +115,8 @@ impl Node {
                 bytes_sent: 0,
                 keys_estimated: self.inner.store.partition_estimate(handoff.partition).0,
                 started: Instant::now(),
+                change_version,
+                resume_after: None,
             });
             if progress.state == "active" {
                 continue;
@@ -118,16 +127,15 @@ impl Node {
                 continue;
             }
             progress.state = "active";
-            progress.keys_sent = 0;
-            progress.bytes_sent = 0;
             progress.started = Instant::now();
+            let resume_after = progress.resume_after.clone();
             active += 1;
             let node = self.clone();
             let span = debug_span!("handoff", partition = handoff.partition, to = %handoff.to);
             let (state, handoff) = (state.clone(), handoff.clone());
             tokio::spawn(
                 async move {
-                    let outcome = node.send_handoff(&state, &handoff).await;
+                    let outcome = node.send_handoff(&state, &handoff, resume_after).await;
                     node.handoff_finished(&handoff, outcome).await;
                 }
                 .instrument(span),
@@ -141,13 +149,20 @@ impl Node {
         }
     }
 
-    /// Streams `handoff`'s records to its receiver, each batch acknowledged durably before
-    /// the next. Only the keys this node is the source of for their bucket's `n_val` go.
-    async fn send_handoff(&self, state: &ClusterState, handoff: &Handoff) -> Result<(), String> {
+    /// Streams `handoff`'s records after `resume_after` to its receiver, each batch
+    /// acknowledged durably before the next. Only the keys this node is the source of for
+    /// their bucket's `n_val` go. A key written after its batch went reaches the receiver
+    /// anyway: while the change is pending, every write goes to the pending ring's replicas.
+    async fn send_handoff(
+        &self,
+        state: &ClusterState,
+        handoff: &Handoff,
+        resume_after: Option<(Vec<u8>, Vec<u8>)>,
+    ) -> Result<(), String> {
         let pending = state.pending().ok_or("the change is no longer pending")?;
         let removed = |node: &NodeId| state.state_of(node) == Some(MemberState::Down);
         let mut sources_by_n_val: HashMap<u32, bool> = HashMap::new();
-        let mut start_after: Option<(Vec<u8>, Vec<u8>)> = None;
+        let mut start_after = resume_after;
         let rate = self.inner.settings.transfer_max_bytes_per_sec;
         let started = Instant::now();
         let mut bytes_total: u64 = 0;
@@ -167,6 +182,7 @@ impl Node {
                 return Ok(());
             };
             start_after = Some((bucket.clone(), key.clone()));
+            let page_end = start_after.clone();
             let mut records = Vec::with_capacity(page.len());
             let mut batch_bytes = 0usize;
             for (bucket, key, value) in page {
@@ -212,6 +228,7 @@ impl Node {
                     .await?;
                 bytes_total += batch_bytes as u64;
             }
+            self.update_progress(handoff, |progress| progress.resume_after = page_end);
             if rate > 0 {
                 // Hold the average at the configured rate.
                 let due = started + Duration::from_secs_f64(bytes_total as f64 / rate as f64);
