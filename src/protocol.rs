@@ -284,6 +284,10 @@ pub enum ClientResponse {
     Transfers {
         ring_version: u64,
         transfers: Vec<TransferInfo>,
+        /// A committed change is still pending: with no transfers left, it is waiting for
+        /// the claimant to flip the ring.
+        #[serde(default)]
+        pending: bool,
     },
     Error(ClientError),
 }

@@ -777,7 +777,8 @@ fn writes_and_deletes_through_a_fallback_twice_are_never_lost() {
 /// reads through it at `r=one` find every key written before, and the plan it prints moves
 /// the new node's share (Q/4 of 64) to it.
 #[test]
-fn a_node_added_to_a_dev_cluster_joins_owning_nothing_and_its_join_is_planned() {
+fn a_node_added_to_a_dev_cluster_takes_its_share_with_every_key_then_a_leave_and_a_remove_keep_them()
+ {
     let cluster = DevCluster::start(3, 7);
     let keys: Vec<String> = (0..300).map(|index| format!("key{index}")).collect();
     for key in &keys {
@@ -817,23 +818,112 @@ fn a_node_added_to_a_dev_cluster_joins_owning_nothing_and_its_join_is_planned() 
         "missed at r=one through n4: {missing:?}"
     );
 
-    // A leave staged with `dev leave` joins the staged join in the plan.
+    // Commit the plan: n4's keys are handed to it, then the ring flips.
+    commit_and_wait_for_no_transfers(&cluster);
+    let ring = json(&cluster.cli(&["admin", "ring", "--json"]));
+    let n4_share = ring["owners"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|owner| *owner == "n4")
+        .count();
+    assert_eq!(n4_share, 16, "{ring}");
+    let missing: Vec<&String> = keys
+        .iter()
+        .filter(|key| {
+            !cluster
+                .cli(&["get", "join", key, "--r", "one", "--node", &via_n4])
+                .status
+                .success()
+        })
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "missed at r=one through n4 once it owns its share: {missing:?}"
+    );
+
+    // n2 leaves (staged with `dev leave`); then n3 dies and is removed.
     let left = std::process::Command::new(common::process::binary())
         .args(["dev", "leave", "n2", "--dir"])
         .arg(cluster.path())
         .output()
         .unwrap();
     assert!(left.status.success(), "dev leave: {}", stderr(&left));
-    let ring = json(&cluster.cli(&["admin", "ring", "--json"]));
-    let staged: Vec<String> = ring["staged"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|entry| format!("{} {}", entry[0], entry[1]))
-        .collect();
-    assert_eq!(
-        staged,
-        vec!["\"n2\" \"leave\"", "\"n4\" \"join\""],
-        "{ring}"
+    commit_and_wait_for_no_transfers(&cluster);
+    let members = json(&cluster.cli(&["admin", "ring", "--json"]));
+    assert!(
+        members["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|member| member["node"] == "n2" && member["state"] == "exiting"),
+        "{members}"
     );
+    cluster.kill_node(3);
+    let removed = cluster.cli(&["admin", "cluster", "remove", "n3"]);
+    assert!(removed.status.success(), "{}", stderr(&removed));
+    commit_and_wait_for_no_transfers(&cluster);
+    let missing: Vec<&String> = keys
+        .iter()
+        .filter(|key| {
+            !cluster
+                .cli(&["get", "join", key, "--r", "quorum"])
+                .status
+                .success()
+        })
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "missed at r=quorum after the leave and the remove: {missing:?}"
+    );
+
+    // The removed node, started again, learns that it was removed and exits saying so.
+    let restarted = std::process::Command::new(common::process::binary())
+        .arg("server")
+        .arg("--config")
+        .arg(cluster.node_config(3))
+        .env("RUST_LOG", "error")
+        .output()
+        .unwrap();
+    assert!(!restarted.status.success());
+    assert!(
+        stderr(&restarted).contains("n3 was removed from the cluster"),
+        "{}",
+        stderr(&restarted)
+    );
+}
+
+/// Shows the plan, commits it, and waits until `admin transfers --watch` exits on `no
+/// transfers` (the handoffs are done and the ring has flipped).
+fn commit_and_wait_for_no_transfers(cluster: &DevCluster) {
+    let plan = cluster.cli(&["admin", "cluster", "plan"]);
+    assert!(plan.status.success(), "plan: {}", stderr(&plan));
+    // The members may still be taking the staged change: a commit says so and is retried.
+    let started = Instant::now();
+    loop {
+        let commit = cluster.cli(&["admin", "cluster", "commit"]);
+        if commit.status.success() {
+            break;
+        }
+        assert!(
+            stderr(&commit).contains("converge") && started.elapsed() < Duration::from_secs(30),
+            "commit: {}",
+            stderr(&commit)
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let started = Instant::now();
+    loop {
+        let transfers = cluster.cli(&["admin", "transfers"]);
+        assert!(transfers.status.success(), "{}", stderr(&transfers));
+        if stdout(&transfers) == "no transfers\n" {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "transfers never finished: {}",
+            stdout(&transfers)
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }

@@ -342,6 +342,7 @@ pub async fn run(command: AdminCommand) -> Result<()> {
                 let ClientResponse::Transfers {
                     ring_version,
                     transfers,
+                    pending,
                 } = client
                     .request(ClientRequest::Transfers)
                     .await
@@ -349,10 +350,15 @@ pub async fn run(command: AdminCommand) -> Result<()> {
                 else {
                     bail!("the node answered something other than transfers");
                 };
+                let done = transfers.is_empty() && !pending;
                 if args.json {
                     println!("{}", serde_json::to_string(&transfers)?);
-                } else if transfers.is_empty() {
+                } else if done {
                     println!("no transfers");
+                } else if transfers.is_empty() {
+                    println!(
+                        "every handoff of ring version {ring_version} is done; the claimant flips the ring next"
+                    );
                 } else {
                     if watch && !first {
                         // Redraw in place: clear the screen and go home.
@@ -361,7 +367,7 @@ pub async fn run(command: AdminCommand) -> Result<()> {
                     print_transfers(ring_version, &transfers, watch);
                 }
                 first = false;
-                if !watch || transfers.is_empty() {
+                if !watch || done {
                     break;
                 }
                 tokio::time::sleep(std::time::Duration::from_secs(1)).await;

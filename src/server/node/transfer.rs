@@ -430,6 +430,7 @@ impl Node {
             return ClientResponse::Transfers {
                 ring_version: self.inner.membership.ring().version(),
                 transfers: Vec::new(),
+                pending: false,
             };
         };
         let state = gossip.cluster_state();
@@ -483,6 +484,23 @@ impl Node {
         ClientResponse::Transfers {
             ring_version: state.version(),
             transfers,
+            pending: state.pending().is_some(),
+        }
+    }
+
+    /// Returns once this node learns that it was removed from the cluster (`admin cluster
+    /// remove`): the ring version that says so. A removed node must not serve: its copies
+    /// were rebuilt elsewhere and it is no longer routed to.
+    pub async fn removed_from_cluster(&self) -> u64 {
+        let mut ticker = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            ticker.tick().await;
+            if let Some(gossip) = self.inner.membership.gossip() {
+                let state = gossip.cluster_state();
+                if state.state_of(&self.inner.id) == Some(MemberState::Down) {
+                    return state.version();
+                }
+            }
         }
     }
 
