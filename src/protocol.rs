@@ -209,6 +209,14 @@ pub struct NodeStatus {
     /// both versions were kept. Zero unless something is wrong (see `core::epoch`).
     #[serde(default)]
     pub dot_collisions: u64,
+    /// Handoffs of the pending ring change still to do, cluster-wide (0: nothing moving).
+    #[serde(default)]
+    pub transfers_pending: u64,
+    /// Keys and bytes this node has sent in ring-change handoffs since it started.
+    #[serde(default)]
+    pub handoff_keys_sent: u64,
+    #[serde(default)]
+    pub handoff_bytes_sent: u64,
 }
 
 /// The kinds of error a client can get; each maps to one HTTP status in the HTTP API.

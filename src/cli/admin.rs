@@ -460,6 +460,12 @@ pub async fn run(command: AdminCommand) -> Result<()> {
                 status.hints_refused_full
             );
             println!("dot collisions:    {}", status.dot_collisions);
+            println!("transfers pending: {}", status.transfers_pending);
+            println!(
+                "handoff sent:      {} keys, {}",
+                status.handoff_keys_sent,
+                human_bytes(status.handoff_bytes_sent)
+            );
         }
     }
     Ok(())

@@ -314,6 +314,23 @@ pub(crate) async fn riak_stats(State(state): State<AppState>, headers: HeaderMap
             json!(status.hints_refused_full),
         );
         fields.insert("dot_collisions".into(), json!(status.dot_collisions));
+        fields.insert("dynkv_ring_version".into(), json!(status.ring_version));
+        fields.insert(
+            "dynkv_partitions_owned".into(),
+            json!(status.partitions_owned),
+        );
+        fields.insert(
+            "dynkv_transfers_pending".into(),
+            json!(status.transfers_pending),
+        );
+        fields.insert(
+            "dynkv_handoff_keys_sent_total".into(),
+            json!(status.handoff_keys_sent),
+        );
+        fields.insert(
+            "dynkv_handoff_bytes_sent_total".into(),
+            json!(status.handoff_bytes_sent),
+        );
         fields.insert("dynkv_members_up".into(), json!(status.members_up));
         fields.insert("dynkv_members_down".into(), json!(status.members_down));
     }

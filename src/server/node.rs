@@ -123,6 +123,8 @@ struct Counters {
     hints_refused_full: AtomicU64,
     /// Replica merges that met two different versions under one dot (see `epoch`).
     dot_collisions: AtomicU64,
+    handoff_keys_sent: AtomicU64,
+    handoff_bytes_sent: AtomicU64,
 }
 
 /// Hands out this incarnation's key actors (see `core::epoch`); shared with the store's
@@ -465,6 +467,17 @@ impl Node {
                 .hints_refused_full
                 .load(Ordering::Relaxed),
             dot_collisions: self.inner.counters.dot_collisions.load(Ordering::Relaxed),
+            transfers_pending: self
+                .inner
+                .membership
+                .gossip()
+                .map_or(0, |gossip| gossip.cluster_state().handoffs().len() as u64),
+            handoff_keys_sent: self.inner.counters.handoff_keys_sent.load(Ordering::Relaxed),
+            handoff_bytes_sent: self
+                .inner
+                .counters
+                .handoff_bytes_sent
+                .load(Ordering::Relaxed),
         })
     }
 

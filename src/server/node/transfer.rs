@@ -77,6 +77,10 @@ impl Node {
             return;
         };
         let state = gossip.cluster_state();
+        metrics::gauge!("dynkv_ring_version").set(state.version() as f64);
+        metrics::gauge!("dynkv_transfers_pending").set(state.handoffs().len() as f64);
+        metrics::gauge!("dynkv_partitions_owned")
+            .set(state.ring().partitions_owned_by(&self.inner.id).len() as f64);
         if state.pending().is_some() {
             self.start_handoffs(&state);
             let claimant = state
@@ -267,6 +271,13 @@ impl Node {
                     progress.keys_sent += count;
                     progress.bytes_sent += bytes as u64;
                 });
+                let counters = &self.inner.counters;
+                counters.handoff_keys_sent.fetch_add(count, Ordering::Relaxed);
+                counters
+                    .handoff_bytes_sent
+                    .fetch_add(bytes as u64, Ordering::Relaxed);
+                metrics::counter!("dynkv_handoff_keys_sent_total").increment(count);
+                metrics::counter!("dynkv_handoff_bytes_sent_total").increment(bytes as u64);
                 Ok(())
             }
             PeerResponse::Stored { .. } => {
