@@ -393,7 +393,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
 /// `dynkv dev add`: one more node on the next ports of the same pattern, with the existing
 /// nodes as its seeds (so it joins rather than creating a cluster). The running `dynkv dev`
 /// starts it; this waits until it answers, stages its join and prints the plan.
-async fn add(dir: &Path) -> Result<()> {
+pub(super) async fn add(dir: &Path) -> Result<()> {
     use dynkv::protocol::{ClientRequest, ClientResponse, ClusterRequest};
     dynkv::net::tls::install_crypto_provider();
     let mut cluster = DevCluster::load(dir).with_context(|| {

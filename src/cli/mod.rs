@@ -4,6 +4,7 @@ mod admin;
 mod bench;
 mod cert;
 mod client;
+mod demo;
 mod dev;
 mod server;
 
@@ -44,6 +45,9 @@ enum Command {
     /// Create a cluster CA and node certificates.
     #[command(subcommand)]
     Cert(cert::CertCommand),
+    /// Scripted stories on a throwaway local cluster (`demo rebalance`).
+    #[command(subcommand)]
+    Demo(demo::DemoCommand),
 }
 
 /// A multi-threaded runtime with `worker_threads` threads (0: tokio's default, one per core
@@ -80,6 +84,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Admin(command) => runtime()?.block_on(admin::run(command)),
         Command::Bench(args) => runtime()?.block_on(bench::run(args)),
         Command::Cert(command) => cert::run(command),
+        Command::Demo(command) => runtime()?.block_on(demo::run(command)),
     }
 }
 

@@ -472,7 +472,11 @@ impl Node {
                 .membership
                 .gossip()
                 .map_or(0, |gossip| gossip.cluster_state().handoffs().len() as u64),
-            handoff_keys_sent: self.inner.counters.handoff_keys_sent.load(Ordering::Relaxed),
+            handoff_keys_sent: self
+                .inner
+                .counters
+                .handoff_keys_sent
+                .load(Ordering::Relaxed),
             handoff_bytes_sent: self
                 .inner
                 .counters

@@ -122,7 +122,8 @@ impl Node {
                 change_version,
                 resume_after: None,
             });
-            if progress.state == "active" {
+            // A done handoff was recorded by the claimant; gossip drops it soon.
+            if progress.state == "active" || progress.state == "done" {
                 continue;
             }
             if active >= limit
@@ -141,6 +142,13 @@ impl Node {
                 async move {
                     let outcome = node.send_handoff(&state, &handoff, resume_after).await;
                     node.handoff_finished(&handoff, outcome).await;
+                    // The slot is free: start the next handoff now, not at the next check.
+                    if let Some(gossip) = node.inner.membership.gossip() {
+                        let latest = gossip.cluster_state();
+                        if latest.pending().is_some() {
+                            node.start_handoffs(&latest);
+                        }
+                    }
                 }
                 .instrument(span),
             );
@@ -272,7 +280,9 @@ impl Node {
                     progress.bytes_sent += bytes as u64;
                 });
                 let counters = &self.inner.counters;
-                counters.handoff_keys_sent.fetch_add(count, Ordering::Relaxed);
+                counters
+                    .handoff_keys_sent
+                    .fetch_add(count, Ordering::Relaxed);
                 counters
                     .handoff_bytes_sent
                     .fetch_add(bytes as u64, Ordering::Relaxed);
