@@ -446,11 +446,7 @@ async fn run_change(
         }
         let active = transfers.iter().filter(|t| t.state == "active").count();
         let done = handoffs_seen - transfers.len();
-        let filled = if handoffs_seen == 0 {
-            40
-        } else {
-            done * 40 / handoffs_seen
-        };
+        let filled = (done * 40).checked_div(handoffs_seen).unwrap_or(40);
         let line = format!(
             "  [{}{}] {done}/{handoffs_seen} handoffs done, {active} active, {:.1} s",
             "#".repeat(filled),
