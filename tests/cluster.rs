@@ -927,3 +927,36 @@ fn commit_and_wait_for_no_transfers(cluster: &DevCluster) {
         std::thread::sleep(Duration::from_millis(500));
     }
 }
+
+/// `dynkv demo rebalance` as the README runs it (with fewer keys): it starts its own
+/// cluster, goes through join, join, leave and remove under its workload, and passes only if
+/// every acknowledged write is read back.
+#[test]
+fn the_rebalance_demo_reads_back_every_acknowledged_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = common::process::base_port(8);
+    let output = std::process::Command::new(common::process::binary())
+        .args(["demo", "rebalance", "--keys", "500", "--value-bytes", "200"])
+        .arg("--base-port")
+        .arg(base.to_string())
+        .arg("--dir")
+        .arg(dir.path().join("demo"))
+        .output()
+        .unwrap();
+    let text = stdout(&output);
+    assert!(
+        output.status.success(),
+        "demo failed:\n{text}\n{}",
+        stderr(&output)
+    );
+    assert!(
+        text.contains("every acknowledged write was read back"),
+        "{text}"
+    );
+    for change in ["join n4", "join n5", "leave n2", "remove n3 (killed)"] {
+        assert!(
+            text.lines().any(|line| line.starts_with(change)),
+            "no report line for {change}:\n{text}"
+        );
+    }
+}
