@@ -196,10 +196,13 @@ fn print_ring(ring: &dynkv::protocol::RingInfo) {
             println!("staged:        {node}: {change}");
         }
     }
-    if ring.transfers.is_empty() {
+    if ring.transfers.is_empty() && ring.pending_owners.is_empty() {
         println!("transfers:     none");
     } else {
-        println!("transfers:     {} pending", ring.transfers.len());
+        println!(
+            "transfers:     {} handoffs pending for the committed change (`dynkv admin transfers`)",
+            ring.transfers.len()
+        );
     }
     print!("{}", ring_picture(ring));
 }
@@ -408,10 +411,24 @@ pub async fn run(command: AdminCommand) -> Result<()> {
                 } => (ClusterRequest::Commit { ring_version }, connect),
             };
             let client = connect(&args).await?;
-            let response = client
-                .request(ClientRequest::Cluster(request))
-                .await
-                .map_err(report)?;
+            // A change staged a moment ago may not have reached every member yet: a commit
+            // refused for that is tried again for a while (one gossip round is 500 ms).
+            let converge_deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+            let response = loop {
+                match client
+                    .request(ClientRequest::Cluster(request.clone()))
+                    .await
+                {
+                    Err(dynkv::client::ClientLibError::Server(error))
+                        if matches!(request, ClusterRequest::Commit { .. })
+                            && error.message.contains("has not converged")
+                            && std::time::Instant::now() < converge_deadline =>
+                    {
+                        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                    }
+                    other => break other.map_err(report)?,
+                }
+            };
             match response {
                 ClientResponse::Ring(ring) if args.json => {
                     println!("{}", serde_json::to_string(&ring)?)
