@@ -253,6 +253,8 @@ async fn run_faults(schedule: Schedule) -> usize {
     // Ring changes committed so far: the joiner's join, then one member's leave.
     let mut join_committed = false;
     let mut left = false;
+    // A crashed node removed for good (`admin cluster remove`): never started again.
+    let mut removed: Option<NodeId> = None;
     let mut faults = 0;
     // A schedule has at least three crashes or isolations, however the dice fall.
     while tokio::time::Instant::now() < end || faults < 3 {
@@ -271,7 +273,7 @@ async fn run_faults(schedule: Schedule) -> usize {
         }
         let room = outages.len() < most_outages;
         let free = |node: &NodeId, outages: &[(NodeId, tokio::time::Instant, bool)]| {
-            outages.iter().all(|(other, ..)| other != node)
+            outages.iter().all(|(other, ..)| other != node) && removed.as_ref() != Some(node)
         };
         match rng.random_range(0..12) {
             0..=3 if room => {
@@ -339,19 +341,46 @@ async fn run_faults(schedule: Schedule) -> usize {
                     .add_node(&NodeId::new("n6").unwrap());
                 joined = true;
             }
-            10 | 11 if (joined && !join_committed) || (!left && rng.random_bool(0.3)) => {
+            10 | 11
+                if (joined && !join_committed)
+                    || (!left && rng.random_bool(0.3))
+                    || (removed.is_none() && rng.random_bool(0.3)) =>
+            {
                 // A ring change staged, planned and committed through any member: the
                 // joiner's join, or a member's leave. Refused while a member is down or a
                 // change is moving data; tried again later.
+                // Sometimes a crashed node (not n1, which the checker reads through) is
+                // removed: its copies are rebuilt from the others, and it never comes back.
+                let crashed = outages
+                    .iter()
+                    .find(|(node, _, crashed)| *crashed && node.as_str() != "n1")
+                    .map(|(node, ..)| node.clone());
                 let change = if joined && !join_committed {
                     ClusterRequest::Join {
                         node: Some("n6".into()),
                     }
-                } else {
+                } else if let Some(node) = crashed.filter(|_| removed.is_none())
+                    && (left || rng.random_bool(0.5))
+                {
+                    ClusterRequest::Remove {
+                        node: node.to_string(),
+                    }
+                } else if !left {
                     ClusterRequest::Leave {
                         node: Some(ids[rng.random_range(1..ids.len())].to_string()),
                     }
+                } else {
+                    continue;
                 };
+                if let ClusterRequest::Remove { node } = &change {
+                    let node = NodeId::new(node.clone()).unwrap();
+                    if commit_change(&schedule, &mut rng, change).await {
+                        RING_CHANGES_COMMITTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        outages.retain(|(other, ..)| *other != node);
+                        removed = Some(node);
+                    }
+                    continue;
+                }
                 let leaving = matches!(change, ClusterRequest::Leave { .. });
                 if commit_change(&schedule, &mut rng, change).await {
                     RING_CHANGES_COMMITTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -664,7 +693,7 @@ fn randomized_schedules_lose_no_acknowledged_write() {
         .collect();
     failures.sort();
     let committed = RING_CHANGES_COMMITTED.load(std::sync::atomic::Ordering::Relaxed);
-    eprintln!("{count} schedules committed {committed} ring changes (joins and leaves)");
+    eprintln!("{count} schedules committed {committed} ring changes (joins, leaves, removes)");
     assert!(
         count < 20 || committed > 0,
         "no schedule committed a ring change"

@@ -20,6 +20,10 @@ const HANDOFF_BATCH_RECORDS: usize = 128;
 /// Bytes of records per handoff batch (a single larger record still goes alone).
 const HANDOFF_BATCH_BYTES: usize = 4 * 1024 * 1024;
 
+/// How long a handoff reported done may still be listed as pending before it is reported
+/// again.
+const REPORT_AGAIN_AFTER: Duration = Duration::from_secs(10);
+
 /// This node's handoffs as sender, and its cleanup after a flip.
 pub(super) struct Transfers {
     limit: AtomicU32,
@@ -122,8 +126,12 @@ impl Node {
                 change_version,
                 resume_after: None,
             });
-            // A done handoff was recorded by the claimant; gossip drops it soon.
-            if progress.state == "active" || progress.state == "done" {
+            // A done handoff was recorded by the claimant, and gossip drops it soon. Should
+            // that record be lost (two claimants made the same version and the other one's
+            // was kept), the handoff is reported again: it resumes at its end.
+            if progress.state == "active"
+                || (progress.state == "done" && progress.started.elapsed() < REPORT_AGAIN_AFTER)
+            {
                 continue;
             }
             if active >= limit
@@ -141,9 +149,11 @@ impl Node {
             tokio::spawn(
                 async move {
                     let outcome = node.send_handoff(&state, &handoff, resume_after).await;
-                    node.handoff_finished(&handoff, outcome).await;
-                    // The slot is free: start the next handoff now, not at the next check.
-                    if let Some(gossip) = node.inner.membership.gossip() {
+                    let succeeded = node.handoff_finished(&handoff, outcome).await;
+                    // The slot is free: after a success, start the next handoff now rather
+                    // than at the next check. A failure waits for the check, so a handoff that
+                    // fails at once cannot spin.
+                    if succeeded && let Some(gossip) = node.inner.membership.gossip() {
                         let latest = gossip.cluster_state();
                         if latest.pending().is_some() {
                             node.start_handoffs(&latest);
@@ -347,7 +357,8 @@ impl Node {
         }
     }
 
-    async fn handoff_finished(&self, handoff: &Handoff, outcome: Result<(), String>) {
+    /// Records how a handoff ended; returns whether it succeeded.
+    async fn handoff_finished(&self, handoff: &Handoff, outcome: Result<(), String>) -> bool {
         let outcome = match outcome {
             Ok(()) => self.report_handoff_done(handoff).await,
             Err(error) => Err(error),
@@ -355,11 +366,16 @@ impl Node {
         match outcome {
             Ok(()) => {
                 info!(node = %self.inner.id, partition = handoff.partition, to = %handoff.to, "handoff complete");
-                self.update_progress(handoff, |progress| progress.state = "done");
+                self.update_progress(handoff, |progress| {
+                    progress.state = "done";
+                    progress.started = Instant::now();
+                });
+                true
             }
             Err(error) => {
                 warn!(node = %self.inner.id, partition = handoff.partition, to = %handoff.to, error = %error, "handoff failed; it will resume");
                 self.update_progress(handoff, |progress| progress.state = "retrying");
+                false
             }
         }
     }
