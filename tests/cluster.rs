@@ -804,15 +804,17 @@ fn a_node_added_to_a_dev_cluster_takes_its_share_with_every_key_then_a_leave_and
     assert!(transfers.iter().all(|transfer| transfer[2] == "n4"));
 
     let via_n4 = cluster.client_addr(4);
-    let missing: Vec<&String> = keys
-        .iter()
-        .filter(|key| {
-            !cluster
-                .cli(&["get", "join", key, "--r", "one", "--node", &via_n4])
-                .status
-                .success()
-        })
-        .collect();
+    let missed_through_n4 = || -> Vec<&String> {
+        keys.iter()
+            .filter(|key| {
+                !cluster
+                    .cli(&["get", "join", key, "--r", "one", "--node", &via_n4])
+                    .status
+                    .success()
+            })
+            .collect()
+    };
+    let missing = missed_through_n4();
     assert!(
         missing.is_empty(),
         "missed at r=one through n4: {missing:?}"
@@ -828,15 +830,7 @@ fn a_node_added_to_a_dev_cluster_takes_its_share_with_every_key_then_a_leave_and
         .filter(|owner| *owner == "n4")
         .count();
     assert_eq!(n4_share, 16, "{ring}");
-    let missing: Vec<&String> = keys
-        .iter()
-        .filter(|key| {
-            !cluster
-                .cli(&["get", "join", key, "--r", "one", "--node", &via_n4])
-                .status
-                .success()
-        })
-        .collect();
+    let missing = missed_through_n4();
     assert!(
         missing.is_empty(),
         "missed at r=one through n4 once it owns its share: {missing:?}"

@@ -380,8 +380,8 @@ impl Node {
         }
     }
 
-    /// Tells the claimant (through the usual forwarding) that `handoff` is done.
-    async fn report_handoff_done(&self, handoff: &Handoff) -> Result<(), String> {
+    /// The cluster state this node holds and the claimant it sees up.
+    fn claimant_now(&self) -> Result<(Arc<ClusterState>, Option<NodeId>), String> {
         let gossip = self
             .inner
             .membership
@@ -390,8 +390,14 @@ impl Node {
         let state = gossip.cluster_state();
         let claimant = state
             .claimant(|node| node == &self.inner.id || self.inner.membership.is_up(node))
-            .cloned()
-            .ok_or("no claimant is up")?;
+            .cloned();
+        Ok((state, claimant))
+    }
+
+    /// Tells the claimant that `handoff` is done.
+    async fn report_handoff_done(&self, handoff: &Handoff) -> Result<(), String> {
+        let (_, claimant) = self.claimant_now()?;
+        let claimant = claimant.ok_or("no claimant is up")?;
         if claimant == self.inner.id {
             return self.record_handoff_done(handoff);
         }
@@ -413,15 +419,7 @@ impl Node {
 
     /// The claimant's side of [`PeerRequest::HandoffDone`].
     pub(super) fn record_handoff_done(&self, handoff: &Handoff) -> Result<(), String> {
-        let gossip = self
-            .inner
-            .membership
-            .gossip()
-            .ok_or("membership is static")?;
-        let state = gossip.cluster_state();
-        let claimant = state
-            .claimant(|node| node == &self.inner.id || self.inner.membership.is_up(node))
-            .cloned();
+        let (state, claimant) = self.claimant_now()?;
         if claimant.as_ref() != Some(&self.inner.id) {
             return Err(format!(
                 "{} is not the claimant ({})",
@@ -431,7 +429,9 @@ impl Node {
         }
         match state.handoff_done(handoff) {
             Some(next) => {
-                gossip.offer_cluster_state(next);
+                if let Some(gossip) = self.inner.membership.gossip() {
+                    gossip.offer_cluster_state(next);
+                }
                 Ok(())
             }
             // Recorded before (a retried report) or of a change that is over.
