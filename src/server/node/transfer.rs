@@ -189,21 +189,10 @@ impl Node {
         let started = Instant::now();
         let mut bytes_total: u64 = 0;
         loop {
-            let page = self
-                .inner
-                .store
-                .scan_partition(
-                    handoff.partition,
-                    start_after
-                        .as_ref()
-                        .map(|(bucket, key)| (&bucket[..], &key[..])),
-                    HANDOFF_BATCH_RECORDS,
-                )
-                .map_err(|error| error.to_string())?;
-            let Some((bucket, key, _)) = page.last() else {
+            let page = self.next_page(handoff.partition, &mut start_after)?;
+            if page.is_empty() {
                 return Ok(());
-            };
-            start_after = Some((bucket.clone(), key.clone()));
+            }
             let page_end = start_after.clone();
             let mut records = Vec::with_capacity(page.len());
             let mut batch_bytes = 0usize;
@@ -257,6 +246,30 @@ impl Node {
                 tokio::time::sleep_until(due).await;
             }
         }
+    }
+
+    /// The next page of `partition`'s records after `start_after`, which moves to the
+    /// page's last key (an empty page: the end).
+    fn next_page(
+        &self,
+        partition: PartitionId,
+        start_after: &mut Option<(Vec<u8>, Vec<u8>)>,
+    ) -> Result<Vec<crate::storage::ScannedRecord>, String> {
+        let page = self
+            .inner
+            .store
+            .scan_partition(
+                partition,
+                start_after
+                    .as_ref()
+                    .map(|(bucket, key)| (&bucket[..], &key[..])),
+                HANDOFF_BATCH_RECORDS,
+            )
+            .map_err(|error| error.to_string())?;
+        if let Some((bucket, key, _)) = page.last() {
+            *start_after = Some((bucket.clone(), key.clone()));
+        }
+        Ok(page)
     }
 
     async fn send_handoff_batch(
@@ -600,21 +613,10 @@ impl Node {
             }
             let mut start_after: Option<(Vec<u8>, Vec<u8>)> = None;
             loop {
-                let page = self
-                    .inner
-                    .store
-                    .scan_partition(
-                        partition,
-                        start_after
-                            .as_ref()
-                            .map(|(bucket, key)| (&bucket[..], &key[..])),
-                        HANDOFF_BATCH_RECORDS,
-                    )
-                    .map_err(|error| error.to_string())?;
-                let Some((bucket, key, _)) = page.last() else {
+                let page = self.next_page(partition, &mut start_after)?;
+                if page.is_empty() {
                     break;
-                };
-                start_after = Some((bucket.clone(), key.clone()));
+                }
                 for (bucket, key, value) in page {
                     let n_val = match n_vals.get(&bucket) {
                         Some(n_val) => *n_val,
