@@ -306,6 +306,10 @@ pub enum ClusterRequest {
     /// Stage the join of `node` (`None`: the node this request is sent to, started with
     /// `--member` seeds of the cluster it joins).
     Join { node: Option<String> },
+    /// `cluster join PEER` on a node started alone: give up its own one-node cluster, gossip
+    /// with `peer` (a member of the cluster to join, reached at `peer_addr`) until its ring
+    /// arrives, then stage this node's join.
+    JoinVia { peer: String, peer_addr: String },
     /// Stage the leave of `node` (`None`: the node this request is sent to).
     Leave { node: Option<String> },
     /// Stage the removal of a node that is gone for good.
@@ -401,6 +405,10 @@ pub enum PeerRequest {
         #[serde(with = "serde_bytes")]
         key: Vec<u8>,
         hint_for: Option<NodeId>,
+        /// The routing version of the sender's ring ([`ClusterState::routing_version`]): a
+        /// replica whose routing is newer answers [`PeerResponse::StaleRing`] (0: no check).
+        #[serde(default)]
+        ring_version: u64,
     },
     /// Merge `object` into the replica's copy (a coordinated put or a read repair).
     ReplicaPut {
@@ -412,6 +420,9 @@ pub enum PeerRequest {
         object: StoredObject,
         /// Set when the receiver is a fallback: it keeps the object as a hint for this primary.
         hint_for: Option<NodeId>,
+        /// As in [`PeerRequest::ReplicaGet`].
+        #[serde(default)]
+        ring_version: u64,
     },
     /// A client put or delete that must be coordinated by a replica of its key; the receiving
     /// node coordinates it (and does not forward it again). Sent by earlier releases; still
@@ -510,6 +521,16 @@ pub enum PeerResponse {
     /// The replica could not do what was asked.
     Failed {
         message: String,
+    },
+    /// The sender routed by an older ring than the receiver's, by which the receiver does
+    /// not replicate the key: here is the receiver's ring, to adopt and route the request
+    /// again by (nothing was read or stored).
+    StaleRing(Box<ClusterState>),
+    /// [`PeerResponse::Stored`], for a sender that routed by an older ring: the receiver's
+    /// ring, by which the write may need other replicas too.
+    StoredOnNewerRing {
+        durable: bool,
+        ring: Box<ClusterState>,
     },
     /// Answer to [`PeerRequest::TransferProgress`].
     TransferProgress(Vec<TransferInfo>),

@@ -488,6 +488,10 @@ async fn a_saved_ring_of_another_partition_count_is_refused_with_the_reason() {
     );
 }
 
+fn key_partition(cluster: &SimCluster, key: &[u8]) -> u32 {
+    cluster.current_ring().partition_for_key(BUCKET, key)
+}
+
 fn get_one(key: &str) -> ClientRequest {
     ClientRequest::Get {
         bucket: BUCKET.to_vec(),
@@ -565,6 +569,45 @@ async fn a_committed_join_hands_off_every_key_before_the_ring_flips() {
     };
     assert_eq!(ring.version, 3);
     assert!(!ring.transfers.is_empty(), "handoffs are pending");
+    // A replica write routed by the ring before the commit is stored by a replica that keeps
+    // the key, which answers with its newer ring: the coordinator then also writes the
+    // pending ring's new replica (whose handoff may be past the key already).
+    let claimant = cluster
+        .cluster_state(&node("n1"))
+        .and_then(|state| state.claimant(|_| true).cloned())
+        .unwrap();
+    let probe_key = b"stale-ring-probe".to_vec();
+    let object = cluster
+        .replica(&node("n1"), BUCKET, keys[0].as_bytes())
+        .await
+        .unwrap();
+    let stale_put = |ring_version| dynkv::protocol::PeerRequest::ReplicaPut {
+        partition: key_partition(&cluster, &probe_key),
+        bucket: BUCKET.to_vec(),
+        key: probe_key.clone(),
+        object: object.clone(),
+        hint_for: None,
+        ring_version,
+    };
+    let answer = cluster
+        .node(&claimant)
+        .unwrap()
+        .handle_peer(stale_put(1))
+        .await;
+    let dynkv::protocol::PeerResponse::StoredOnNewerRing { ring: newer, .. } = answer else {
+        panic!("a write routed by routing version 1: {answer:?}");
+    };
+    assert_eq!(newer.routing_version(), 3);
+    assert!(newer.pending().is_some());
+    let answer = cluster
+        .node(&claimant)
+        .unwrap()
+        .handle_peer(stale_put(3))
+        .await;
+    assert!(
+        matches!(answer, dynkv::protocol::PeerResponse::Stored { .. }),
+        "{answer:?}"
+    );
     assert!(ring.transfers.iter().all(|(_, _, to)| to == "n4"));
     assert_eq!(
         ring.pending_owners.iter().filter(|o| *o == "n4").count(),
@@ -601,6 +644,37 @@ async fn a_committed_join_hands_off_every_key_before_the_ring_flips() {
     })
     .await;
     assert!(everywhere.is_some(), "every node adopts the flipped ring");
+    // A read routed by the ring before the flip is not answered by a node that no longer
+    // replicates the key (its copy goes as a stray): it hands back the flipped ring.
+    let (moved_key, former) = keys
+        .iter()
+        .find_map(|key| {
+            let replicas = cluster.replicas_of(BUCKET, key.as_bytes());
+            ["n1", "n2", "n3"]
+                .into_iter()
+                .map(node)
+                .find(|old| !replicas.contains(old))
+                .map(|old| (key.clone(), old))
+        })
+        .unwrap();
+    let stale_get = |ring_version| dynkv::protocol::PeerRequest::ReplicaGet {
+        partition: key_partition(&cluster, moved_key.as_bytes()),
+        bucket: BUCKET.to_vec(),
+        key: moved_key.as_bytes().to_vec(),
+        hint_for: None,
+        ring_version,
+    };
+    let former_node = cluster.node(&former).unwrap();
+    let answer = former_node.handle_peer(stale_get(3)).await;
+    assert!(
+        matches!(&answer, dynkv::protocol::PeerResponse::StaleRing(ring) if ring.routing_version() == flipped.version()),
+        "{answer:?}"
+    );
+    let answer = former_node.handle_peer(stale_get(flipped.version())).await;
+    assert!(
+        matches!(answer, dynkv::protocol::PeerResponse::Object(_)),
+        "{answer:?}"
+    );
     for via in [&joiner, &node("n1")] {
         let mut missing = Vec::new();
         for key in &keys {

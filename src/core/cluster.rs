@@ -82,6 +82,11 @@ pub struct ClusterState {
     /// Key partitions' data still to move for the pending ring.
     #[serde(default)]
     handoffs: Vec<Handoff>,
+    /// The version at which the routing (the ring's owners, the pending ring) last changed:
+    /// a replica asked by a coordinator whose routing is older tells it so (0: not known,
+    /// a state saved by an earlier release).
+    #[serde(default)]
+    routed_at: u64,
 }
 
 #[derive(Deserialize)]
@@ -95,6 +100,8 @@ struct UncheckedClusterState {
     pending: Option<Ring>,
     #[serde(default)]
     handoffs: Vec<Handoff>,
+    #[serde(default)]
+    routed_at: u64,
 }
 
 /// A ring change an operator staged (`dynkv admin cluster join|leave|remove|replace`).
@@ -174,6 +181,7 @@ impl TryFrom<UncheckedClusterState> for ClusterState {
             staged: unchecked.staged,
             pending: unchecked.pending,
             handoffs: unchecked.handoffs,
+            routed_at: unchecked.routed_at,
         };
         state.validate()?;
         Ok(state)
@@ -239,6 +247,7 @@ impl ClusterState {
             .collect();
         let state = ClusterState {
             cluster,
+            routed_at: ring.version(),
             ring,
             members,
             staged: BTreeMap::new(),
@@ -255,6 +264,12 @@ impl ClusterState {
 
     pub fn ring(&self) -> &Ring {
         &self.ring
+    }
+
+    /// The version at which the owners a request is routed by (the ring and the pending
+    /// ring) last changed; staging and handoff reports leave it alone. 0 when not known.
+    pub fn routing_version(&self) -> u64 {
+        self.routed_at
     }
 
     /// Whether this is a real ring (version 1 or later), not a joining node's provisional one.
@@ -520,6 +535,7 @@ impl ClusterState {
                 }
             }
             let version = next.version();
+            next.routed_at = version;
             if handoffs.is_empty() {
                 next.ring = next_ring.with_version(version);
                 next.settle_leavers();
@@ -553,6 +569,7 @@ impl ClusterState {
             if let Some(pending) = next.pending.take() {
                 next.ring = pending.with_version(next.version());
             }
+            next.routed_at = next.version();
             next.settle_leavers();
         })
         .ok()
@@ -658,10 +675,22 @@ mod tests {
     /// Completes every pending handoff, each in one version, then flips the ring.
     fn complete_all(mut state: ClusterState) -> ClusterState {
         let pending = state.pending().cloned();
+        if pending.is_some() {
+            assert_eq!(
+                state.routing_version(),
+                state.version(),
+                "a commit changes the routing"
+            );
+        }
         while let Some(handoff) = state.handoffs().first().cloned() {
             assert_eq!(state.flip(), None, "no flip while a handoff is pending");
             let next = state.handoff_done(&handoff).unwrap();
             assert_eq!(next.version(), state.version() + 1);
+            assert_eq!(
+                next.routing_version(),
+                state.routing_version(),
+                "a handoff report leaves the routing alone"
+            );
             assert_eq!(next.handoffs().len(), state.handoffs().len() - 1);
             assert_eq!(
                 next.ring().owners(),
@@ -673,6 +702,7 @@ mod tests {
         }
         let flipped = state.flip().unwrap();
         assert_eq!(flipped.version(), state.version() + 1);
+        assert_eq!(flipped.routing_version(), flipped.version());
         assert_eq!(
             Some(flipped.ring().owners()),
             pending.as_ref().map(Ring::owners)
@@ -686,6 +716,11 @@ mod tests {
         let state = three();
         let staged = state.stage(&node("n4"), StagedChange::Join).unwrap();
         assert_eq!(staged.version(), 2);
+        assert_eq!(
+            staged.routing_version(),
+            1,
+            "staging routes nothing differently"
+        );
         assert_eq!(staged.state_of(&node("n4")), Some(MemberState::Joining));
         assert!(staged.ring().partitions_owned_by(&node("n4")).is_empty());
         let plan = staged.plan(3).unwrap();

@@ -33,6 +33,10 @@ pub enum ReplicaError {
     Refused { node: NodeId, message: String },
     #[error("{node} sent an invalid object: {reason}")]
     InvalidObject { node: NodeId, reason: String },
+    /// The replica routes by a newer ring (which the asking node then adopts): it did
+    /// nothing, and the request is routed again by that ring.
+    #[error("{node} holds a newer ring (routing version {routing_version})")]
+    StaleRing { node: NodeId, routing_version: u64 },
 }
 
 /// Where a put (or delete) is coordinated.

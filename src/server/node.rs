@@ -7,6 +7,7 @@
 //! `coordinate_put`, `merge_replica`, `GetCoordinator`, `WriteTracker`); this file sends
 //! messages, keeps time and stores.
 
+use crate::core::cluster::ClusterState;
 use crate::core::epoch::{KeyActor, NodeEpoch};
 use crate::core::hints::{self, HintKey, HintRecord};
 use crate::core::ids::{Actor, NodeId};
@@ -485,6 +486,27 @@ impl Node {
         })
     }
 
+    /// This node's routing version (see [`ClusterState::routing_version`]); 0 without gossip.
+    pub(super) fn routing_version(&self) -> u64 {
+        self.inner
+            .membership
+            .gossip()
+            .map_or(0, |gossip| gossip.cluster_state().routing_version())
+    }
+
+    /// This node's cluster state when a sender that routed by `ring_version` is behind it.
+    /// A copy this node no longer replicates by it is neither read (it may be gone) nor
+    /// written (it would be deleted as a stray): the answer is the newer ring, to route the
+    /// request again by. A copy it still replicates is read or written as asked, and a
+    /// write's answer carries the newer ring too: the write may be missing from replicas
+    /// only that ring names (a node it is being handed to), which the coordinator then
+    /// writes as well.
+    fn newer_ring_than(&self, ring_version: u64) -> Option<Box<ClusterState>> {
+        let state = self.inner.membership.gossip()?.cluster_state();
+        (ring_version != 0 && ring_version < state.routing_version())
+            .then(|| Box::new((*state).clone()))
+    }
+
     /// Serves one request from a peer node.
     pub async fn handle_peer(&self, request: PeerRequest) -> PeerResponse {
         if let PeerRequest::ReplicaGet { partition, .. }
@@ -501,6 +523,46 @@ impl Node {
                 };
             }
         }
+        // A sender routing by an older ring: this node answers only for what it replicates
+        // by its own ring, and says so when it stores (see `ring_for_stale_sender`).
+        let mut newer_ring = None;
+        if let PeerRequest::ReplicaGet {
+            partition,
+            bucket,
+            hint_for: None,
+            ring_version,
+            ..
+        }
+        | PeerRequest::ReplicaPut {
+            partition,
+            bucket,
+            hint_for: None,
+            ring_version,
+            ..
+        } = &request
+            && let Some(newer) = self.newer_ring_than(*ring_version)
+        {
+            let writing = matches!(request, PeerRequest::ReplicaPut { .. });
+            let n_val = match self.bucket_props(bucket).await {
+                Ok(props) => props.n_val as usize,
+                Err(error) => {
+                    return PeerResponse::Failed {
+                        message: error.message,
+                    };
+                }
+            };
+            let pending = writing.then(|| newer.pending()).flatten();
+            if !crate::core::handoff::keeps(
+                newer.ring(),
+                pending,
+                *partition,
+                n_val,
+                &self.inner.id,
+            ) {
+                return PeerResponse::StaleRing(newer);
+            }
+            newer_ring = Some(newer);
+        }
         match request {
             PeerRequest::Ping => PeerResponse::Pong,
             PeerRequest::ReplicaGet {
@@ -508,6 +570,7 @@ impl Node {
                 bucket,
                 key,
                 hint_for,
+                ring_version: _,
             } => {
                 let copy = Copy {
                     partition,
@@ -526,6 +589,7 @@ impl Node {
                 key,
                 object,
                 hint_for,
+                ring_version: _,
             } => {
                 if let Err(error) = object.validate() {
                     warn!(node = %self.inner.id, error = %error, "refused an invalid replica object");
@@ -547,9 +611,11 @@ impl Node {
                     key,
                     hint_for,
                 };
+                let durable = self.inner.settings.durable_writes;
                 match self.merge_copy(&copy, object).await {
-                    Ok(()) => PeerResponse::Stored {
-                        durable: self.inner.settings.durable_writes,
+                    Ok(()) => match newer_ring {
+                        Some(ring) => PeerResponse::StoredOnNewerRing { durable, ring },
+                        None => PeerResponse::Stored { durable },
                     },
                     Err(message) => PeerResponse::Failed { message },
                 }

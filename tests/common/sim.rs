@@ -356,6 +356,7 @@ pub async fn node_copies(
                 bucket: bucket.to_vec(),
                 key: key.to_vec(),
                 hint_for,
+                ring_version: 0,
             })
             .await;
         if let PeerResponse::Object(Some(object)) = response {
@@ -402,6 +403,7 @@ pub async fn replica_copy(
             bucket: bucket.to_vec(),
             key: key.to_vec(),
             hint_for: None,
+            ring_version: 0,
         })
         .await
     {

@@ -32,6 +32,7 @@ impl Node {
         };
         let deadline = Instant::now() + self.timeout_of(options.timeout_ms);
         let sloppy = options.sloppy_quorum.unwrap_or(true);
+        let routed_by = self.routing_version();
         let (partition, targets) = self.placement(&bucket, &key, props.n_val, sloppy);
         let quorum = ReadQuorum {
             r: quorum.r.min(targets.len() as u32),
@@ -88,6 +89,11 @@ impl Node {
             }
         };
         drop(replies_sender);
+        if outcome != Some(QuorumOutcome::Won) && self.routing_version() > routed_by {
+            // A replica routes by a newer ring, now adopted here: read again by it.
+            debug!(routed_by, "read routed again by a newer ring");
+            return Box::pin(self.get(bucket, key, options)).await;
+        }
         let response = match outcome {
             Some(QuorumOutcome::Won) => match coordinator.merged() {
                 None => ClientResponse::NotFound { context: None },

@@ -64,6 +64,7 @@ impl Node {
         let timeout = self.timeout_of(write.options.timeout_ms);
         let deadline = Instant::now() + timeout;
         let sloppy = write.options.sloppy_quorum.unwrap_or(true);
+        let routed_by = self.routing_version();
         let (partition, targets, replica_sets) =
             self.write_placement(&write.bucket, &write.key, props.n_val, sloppy);
         let membership = &self.inner.membership;
@@ -159,41 +160,31 @@ impl Node {
             }
         };
 
-        let mut outcome = coordinator.on_local_write(settings.durable_writes);
-        let replicas = coordinator.replicas();
-        let (acks_sender, mut acks) = mpsc::channel(replicas.len().max(1));
-        for index in replicas {
-            let target = &coordinator.targets()[index];
-            let node = self.clone();
-            let sender = acks_sender.clone();
-            let copy = Copy {
-                partition,
-                bucket: write.bucket.clone(),
-                key: write.key.clone(),
-                hint_for: target.hint_for.clone(),
-            };
-            let (target_node, object) = (target.node.clone(), object.clone());
-            tokio::spawn(
-                async move {
-                    let ack = node.replica_put(&target_node, copy, object, deadline).await;
-                    let _ = sender.send((index, ack)).await;
-                }
-                .in_current_span(),
-            );
-        }
-        drop(acks_sender);
-        // What replicas said when they refused (a full hint store, a bad object), for the
-        // client's error: counts alone do not say why.
-        let mut refusals: Vec<String> = Vec::new();
-        while outcome == QuorumOutcome::Pending {
-            match tokio::time::timeout_at(deadline, acks.recv()).await {
-                Ok(Some((index, ack))) => {
-                    if let Err(refusal @ ReplicaError::Refused { .. }) = &ack {
-                        refusals.push(refusal.to_string());
-                    }
-                    outcome = coordinator.on_ack(index, ack);
-                }
-                Ok(None) | Err(_) => break,
+        let (mut outcome, mut refusals) = self
+            .replicate(&mut coordinator, &local_copy, &object, deadline)
+            .await;
+        if self.routing_version() > routed_by {
+            // A replica routes by a newer ring, now adopted here: the write's object (already
+            // stored here) goes to the key's targets by that ring, as a forward would, when
+            // it names replicas this write did not reach or the quorum was not met. (A
+            // pending ring's new replica may be past this key in its handoff already.)
+            let (_, targets, replica_sets) =
+                self.write_placement(&write.bucket, &write.key, props.n_val, sloppy);
+            let reached = |target: &Target| coordinator.targets().contains(target);
+            let local = targets
+                .iter()
+                .position(|target| target.node == self.inner.id)
+                .filter(|index| targets[*index].hint_for == local_copy.hint_for);
+            if (outcome != QuorumOutcome::Won || !targets.iter().all(reached))
+                && let Some(local) = local
+                && let Ok(rerouted) =
+                    PutCoordinator::with_sets(quorum, targets, local, replica_sets)
+            {
+                debug!(routed_by, "write routed again by a newer ring");
+                coordinator = rerouted;
+                (outcome, refusals) = self
+                    .replicate(&mut coordinator, &local_copy, &object, deadline)
+                    .await;
             }
         }
         let reasons = if refusals.is_empty() {
@@ -222,6 +213,55 @@ impl Node {
                 error_response(ErrorKind::Timeout(shortfall), format!("{message}{reasons}"))
             }
         }
+    }
+
+    /// Sends `object` (stored here already) to the coordinator's other targets and waits for
+    /// the quorum; with the outcome, what refusing replicas said (for the client's error:
+    /// counts alone do not say why).
+    async fn replicate(
+        &self,
+        coordinator: &mut PutCoordinator,
+        local_copy: &Copy,
+        object: &StoredObject,
+        deadline: Instant,
+    ) -> (QuorumOutcome, Vec<String>) {
+        let mut outcome = coordinator.on_local_write(self.inner.settings.durable_writes);
+        let replicas = coordinator.replicas();
+        let (acks_sender, mut acks) = mpsc::channel(replicas.len().max(1));
+        for index in replicas {
+            let target = &coordinator.targets()[index];
+            let node = self.clone();
+            let sender = acks_sender.clone();
+            let copy = Copy {
+                hint_for: target.hint_for.clone(),
+                ..local_copy.clone()
+            };
+            let (target_node, object) = (target.node.clone(), object.clone());
+            tokio::spawn(
+                async move {
+                    let ack = node.replica_put(&target_node, copy, object, deadline).await;
+                    let _ = sender.send((index, ack)).await;
+                }
+                .in_current_span(),
+            );
+        }
+        drop(acks_sender);
+        let mut refusals: Vec<String> = Vec::new();
+        while outcome == QuorumOutcome::Pending {
+            match tokio::time::timeout_at(deadline, acks.recv()).await {
+                Ok(Some((index, ack))) => {
+                    if let Err(
+                        refusal @ (ReplicaError::Refused { .. } | ReplicaError::StaleRing { .. }),
+                    ) = &ack
+                    {
+                        refusals.push(refusal.to_string());
+                    }
+                    outcome = coordinator.on_ack(index, ack);
+                }
+                Ok(None) | Err(_) => break,
+            }
+        }
+        (outcome, refusals)
     }
 
     /// The coordinator's local step: read, supersede what the context covers, add the new

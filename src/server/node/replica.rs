@@ -198,6 +198,7 @@ impl Node {
             bucket: copy.bucket,
             key: copy.key,
             hint_for: copy.hint_for,
+            ring_version: self.routing_version(),
         };
         let timeout = deadline.saturating_duration_since(Instant::now());
         let result = match self.inner.peers.call(node, request, timeout).await {
@@ -212,7 +213,7 @@ impl Node {
                 }
             },
             Ok(PeerResponse::Object(None)) => Ok(None),
-            Ok(other) => Err(refusal(node, other)),
+            Ok(other) => Err(self.refusal(node, other)),
             Err(error) => Err(unreachable(node, error)),
         };
         if let Err(error) = &result {
@@ -255,11 +256,17 @@ impl Node {
             key: copy.key,
             object,
             hint_for: copy.hint_for,
+            ring_version: self.routing_version(),
         };
         let timeout = deadline.saturating_duration_since(Instant::now());
         let result = match self.inner.peers.call(node, request, timeout).await {
             Ok(PeerResponse::Stored { durable }) => Ok(ReplicaAck { durable }),
-            Ok(other) => Err(refusal(node, other)),
+            Ok(PeerResponse::StoredOnNewerRing { durable, ring }) => {
+                // The coordinator sees the newer routing and writes its other replicas.
+                self.adopt(*ring);
+                Ok(ReplicaAck { durable })
+            }
+            Ok(other) => Err(self.refusal(node, other)),
             Err(error) => Err(unreachable(node, error)),
         };
         if let Err(error) = &result {
@@ -277,14 +284,32 @@ fn unreachable(node: &NodeId, error: impl std::fmt::Display) -> ReplicaError {
     }
 }
 
-/// A peer's answer that is not the one asked for.
-fn refusal(node: &NodeId, response: PeerResponse) -> ReplicaError {
-    let message = match response {
-        PeerResponse::Failed { message } => message,
-        other => format!("unexpected answer {other:?}"),
-    };
-    ReplicaError::Refused {
-        node: node.clone(),
-        message,
+impl Node {
+    /// Takes a newer ring a replica answered with (as gossip would, a moment later).
+    fn adopt(&self, state: ClusterState) {
+        if let Some(gossip) = self.inner.membership.gossip() {
+            gossip.offer_cluster_state(state);
+        }
+    }
+
+    /// A peer's answer that is not the one asked for. A newer ring is adopted at once, so
+    /// that the request can be routed again by it.
+    fn refusal(&self, node: &NodeId, response: PeerResponse) -> ReplicaError {
+        let message = match response {
+            PeerResponse::Failed { message } => message,
+            PeerResponse::StaleRing(state) => {
+                let routing_version = state.routing_version();
+                self.adopt(*state);
+                return ReplicaError::StaleRing {
+                    node: node.clone(),
+                    routing_version,
+                };
+            }
+            other => format!("unexpected answer {other:?}"),
+        };
+        ReplicaError::Refused {
+            node: node.clone(),
+            message,
+        }
     }
 }
