@@ -954,3 +954,121 @@ fn the_rebalance_demo_reads_back_every_acknowledged_write() {
         );
     }
 }
+
+/// A node started alone (no `--member`) makes a one-node cluster of its own; `admin cluster
+/// join n1=PEER_ADDR` run against it gives that up, takes the cluster's ring from n1 by
+/// gossip and stages its join. Once committed and handed off, every key written before
+/// reads at r=one through it. A node holding data of its own is refused, naming why.
+#[test]
+fn a_node_started_alone_joins_through_a_named_peer() {
+    let cluster = DevCluster::start(3, 9);
+    let keys: Vec<String> = (0..100).map(|index| format!("lone{index}")).collect();
+    for key in &keys {
+        let output = cluster.cli(&["put", "alone", key, "v", "--w", "all"]);
+        assert!(output.status.success(), "{}", stderr(&output));
+    }
+    let pki = cluster.path().join("pki");
+    let issued = std::process::Command::new(common::process::binary())
+        .args(["cert", "node", "--id", "n4", "--host", "127.0.0.1", "--dir"])
+        .arg(&pki)
+        .output()
+        .unwrap();
+    assert!(issued.status.success(), "{}", stderr(&issued));
+    let port = |offset: u16| format!("127.0.0.1:{}", cluster.base_port + offset + 3);
+    let data_dir = cluster.path().join("lone-n4");
+    let start_n4 = || {
+        common::process::NodeProcess(
+            std::process::Command::new(common::process::binary())
+                .args(["server", "--node-id", "n4", "--data-dir"])
+                .arg(&data_dir)
+                .args(["--client-listen", &port(0), "--peer-listen", &port(100)])
+                .args(["--http-listen", &port(200)])
+                .arg("--ca-cert")
+                .arg(pki.join("ca.pem"))
+                .arg("--node-cert")
+                .arg(pki.join("n4.pem"))
+                .arg("--node-key")
+                .arg(pki.join("n4.key"))
+                .env("RUST_LOG", "warn")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::inherit())
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let lone = start_n4();
+    let via_n4 = port(0);
+    let on_n4 = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(["--node", &via_n4]);
+        cluster.cli(&all)
+    };
+    let started = Instant::now();
+    while !on_n4(&["admin", "status"]).status.success() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "n4 never answered"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Alone, n4 is a one-node cluster that takes writes; with data it may not join.
+    let own = on_n4(&["put", "mine", "k", "v"]);
+    assert!(own.status.success(), "{}", stderr(&own));
+    let peer = format!("n1={}", cluster.peer_addr(1));
+    let refused = on_n4(&["admin", "cluster", "join", &peer]);
+    assert!(!refused.status.success());
+    assert!(
+        stderr(&refused).contains("holds data"),
+        "{}",
+        stderr(&refused)
+    );
+    let bare = on_n4(&["admin", "cluster", "join", &cluster.peer_addr(1)]);
+    assert!(!bare.status.success());
+    assert!(stderr(&bare).contains("ID=PEER_ADDR"), "{}", stderr(&bare));
+    drop(lone);
+    let _ = std::fs::remove_dir_all(&data_dir);
+
+    let lone = start_n4();
+    let started = Instant::now();
+    while !on_n4(&["admin", "status"]).status.success() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "n4 never answered"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let joined = on_n4(&["admin", "cluster", "join", &peer]);
+    assert!(joined.status.success(), "join: {}", stderr(&joined));
+    // Gossip brings n4 the cluster's ring with its join staged.
+    let started = Instant::now();
+    loop {
+        let ring = json(&on_n4(&["admin", "ring", "--json"]));
+        let staged = ring["staged"].as_array().unwrap();
+        if staged.iter().any(|change| change[0] == "n4") {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the join never reached n4's ring: {ring}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    commit_and_wait_for_no_transfers(&cluster);
+    let ring = json(&on_n4(&["admin", "ring", "--json"]));
+    let n4_share = ring["owners"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|owner| *owner == "n4")
+        .count();
+    assert_eq!(n4_share, 16, "{ring}");
+    let missing: Vec<&String> = keys
+        .iter()
+        .filter(|key| !on_n4(&["get", "alone", key, "--r", "one"]).status.success())
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "missed at r=one through n4: {missing:?}"
+    );
+    drop(lone);
+}

@@ -46,9 +46,13 @@ pub enum AdminCommand {
 
 #[derive(Subcommand, Debug)]
 pub enum ClusterCommand {
-    /// Stage the join of the node given with --node (started with --member seeds of the
-    /// cluster); it owns nothing until a committed plan gives it partitions.
+    /// Stage the join of the node given with --node; it owns nothing until a committed plan
+    /// gives it partitions. A node started alone names a member of the cluster to join as
+    /// PEER (`n1=10.0.0.1:8710`, the member's id and peer address, as `--member` takes
+    /// them); a node started with `--member` seeds of the cluster needs none.
     Join {
+        /// A member of the cluster to join, as ID=PEER_ADDR (or ID@PEER_ADDR).
+        peer: Option<String>,
         #[command(flatten)]
         connect: ConnectArgs,
     },
@@ -393,7 +397,17 @@ pub async fn run(command: AdminCommand) -> Result<()> {
         AdminCommand::Cluster(command) => {
             use dynkv::protocol::ClusterRequest;
             let (request, args) = match command {
-                ClusterCommand::Join { connect } => (ClusterRequest::Join { node: None }, connect),
+                ClusterCommand::Join {
+                    peer: None,
+                    connect,
+                } => (ClusterRequest::Join { node: None }, connect),
+                ClusterCommand::Join {
+                    peer: Some(peer),
+                    connect,
+                } => {
+                    let (peer, peer_addr) = parse_peer(&peer)?;
+                    (ClusterRequest::JoinVia { peer, peer_addr }, connect)
+                }
                 ClusterCommand::Leave { node, connect } => {
                     (ClusterRequest::Leave { node }, connect)
                 }
@@ -486,4 +500,18 @@ pub async fn run(command: AdminCommand) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `ID=HOST:PORT` or `ID@HOST:PORT`: a member's id (its certificate name, which the TLS
+/// handshake checks) and its peer address.
+fn parse_peer(text: &str) -> Result<(String, String)> {
+    let Some((id, address)) = text.split_once('=').or_else(|| text.split_once('@')) else {
+        bail!(
+            "{text:?} names no node: give the member as ID=PEER_ADDR, e.g. n1={text} (the id is the name its certificate was issued for)"
+        );
+    };
+    if let Err(error) = address.parse::<std::net::SocketAddr>() {
+        bail!("{address:?} is not a peer address (IP:PORT): {error}");
+    }
+    Ok((id.to_string(), address.to_string()))
 }

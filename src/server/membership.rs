@@ -299,6 +299,64 @@ impl GossipMembership {
         true
     }
 
+    /// `dynkv admin cluster join PEER` on a node started alone: it gives up the one-node
+    /// cluster it made at its start, routes by `peer` (a member of the cluster to join) as
+    /// a provisional ring until gossip brings the real one, and gossips with `peer`. Refused
+    /// once the node's ring names other members: it is in a cluster already.
+    pub fn forsake_own_cluster_for(&self, peer: MemberRecord) -> Result<(), String> {
+        let local = self.state.lock().local().clone();
+        if peer.node == local {
+            return Err(format!(
+                "{local} cannot join itself: name a member of the cluster to join"
+            ));
+        }
+        {
+            let mut current = self.current.write();
+            let state = &current.0;
+            let others: Vec<String> = state
+                .members()
+                .keys()
+                .filter(|member| **member != local)
+                .map(ToString::to_string)
+                .collect();
+            if state.is_committed() && !others.is_empty() {
+                return Err(format!(
+                    "{local} is already in cluster {} with {}; `cluster join PEER` is for a node started alone",
+                    state.cluster(),
+                    others.join(", ")
+                ));
+            }
+            if state.is_committed() {
+                // One member owns every partition whatever the n_val.
+                let provisional = ClusterState::provisional(
+                    state.ring().partition_count(),
+                    std::slice::from_ref(&peer.node),
+                    1,
+                )
+                .map_err(|error| error.to_string())?;
+                info!(peer = %peer.node, cluster = state.cluster(), "left this node's own one-node cluster to join another");
+                let ring = Arc::new(provisional.ring().clone());
+                *current = (Arc::new(provisional), ring, None);
+            }
+        }
+        self.state.lock().set_local_ring_version(0);
+        if let Some(path) = &self.ring_file
+            && let Err(error) = std::fs::remove_file(path)
+            && error.kind() != std::io::ErrorKind::NotFound
+        {
+            return Err(format!("cannot remove {}: {error}", path.display()));
+        }
+        (self.address_book)(&peer);
+        let now_ms = self.now_ms();
+        let table = {
+            let mut state = self.state.lock();
+            state.remember(vec![peer], now_ms);
+            state.records()
+        };
+        self.save(&table);
+        Ok(())
+    }
+
     /// Saves a committed cluster state (a provisional one is not worth keeping).
     fn save_ring(&self, state: &ClusterState) {
         let Some(path) = &self.ring_file else {

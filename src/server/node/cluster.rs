@@ -17,6 +17,14 @@ impl Node {
                 "this node's membership is static; ring changes need gossip",
             ));
         };
+        if let ClusterRequest::JoinVia { peer, peer_addr } = request {
+            if hops > 0 {
+                return ClientResponse::Error(ClientError::invalid(
+                    "a join through a peer is made on the joining node only",
+                ));
+            }
+            return self.join_via(gossip, &peer, &peer_addr).await;
+        }
         let state = gossip.cluster_state();
         let claimant = state
             .claimant(|node| node == &self.inner.id || self.inner.membership.is_up(node))
@@ -74,6 +82,73 @@ impl Node {
         }
     }
 
+    /// `cluster join PEER` on a node started alone: it must hold no data of its own (they
+    /// would be abandoned with its one-node cluster); then it gossips with the peer until it
+    /// holds the cluster's ring, and stages its join through the claimant.
+    async fn join_via(
+        &self,
+        gossip: &crate::server::membership::GossipMembership,
+        peer: &str,
+        peer_addr: &str,
+    ) -> ClientResponse {
+        let peer = match NodeId::new(peer) {
+            Ok(peer) => peer,
+            Err(error) => {
+                return ClientResponse::Error(ClientError::invalid(format!(
+                    "peer node {peer:?}: {error}"
+                )));
+            }
+        };
+        if let Err(error) = peer_addr.parse::<std::net::SocketAddr>() {
+            return ClientResponse::Error(ClientError::invalid(format!(
+                "peer address {peer_addr:?} is not HOST:PORT with an IP address: {error}"
+            )));
+        }
+        if !gossip.cluster_state().is_committed() {
+            // Started with seeds, or already switched: the ring is on its way.
+        } else if let Some(partition) = self.a_partition_with_data() {
+            return ClientResponse::Error(ClientError::invalid(format!(
+                "{} holds data (partition {partition} among others) of its own cluster; joining would abandon it. Start the node with an empty data directory to join",
+                self.inner.id
+            )));
+        }
+        let record = crate::core::gossip::MemberRecord {
+            node: peer.clone(),
+            generation: 0,
+            version: 0,
+            peer_addr: peer_addr.to_string(),
+            client_addr: String::new(),
+            hints: Vec::new(),
+            ring_version: 0,
+        };
+        if let Err(message) = gossip.forsake_own_cluster_for(record) {
+            return ClientResponse::Error(ClientError::invalid(message));
+        }
+        // Gossip brings the cluster's ring within a few rounds.
+        let deadline = Instant::now() + self.inner.settings.request_timeout * 3;
+        while !gossip.cluster_state().is_committed() {
+            if Instant::now() > deadline {
+                return error_response(
+                    ErrorKind::Timeout(None),
+                    format!(
+                        "{peer} at {peer_addr} sent no ring yet: is it up, and does its certificate come from this node's CA? (this node keeps trying; run the join again)"
+                    ),
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Box::pin(self.cluster_change(ClusterRequest::Join { node: None }, 0)).await
+    }
+
+    /// A partition this node's store holds a record of, if any.
+    fn a_partition_with_data(&self) -> Option<PartitionId> {
+        self.inner.store.partitions().into_iter().find(|partition| {
+            let mut start_after = None;
+            self.next_page(*partition, &mut start_after)
+                .is_ok_and(|page| !page.is_empty())
+        })
+    }
+
     /// The claimant's side: the next state, adopted here and gossiped from here.
     async fn make_cluster_change(
         &self,
@@ -125,6 +200,11 @@ impl Node {
                 };
             }
             ClusterRequest::Clear => state.clear(),
+            ClusterRequest::JoinVia { .. } => {
+                return ClientResponse::Error(ClientError::invalid(
+                    "a join through a peer is made on the joining node only",
+                ));
+            }
             ClusterRequest::Join { node } => match node.as_deref().map(parse).transpose() {
                 Ok(node) => state.stage(
                     &node.unwrap_or_else(|| self.inner.id.clone()),

@@ -250,7 +250,7 @@ impl Node {
 
     /// The next page of `partition`'s records after `start_after`, which moves to the
     /// page's last key (an empty page: the end).
-    fn next_page(
+    pub(super) fn next_page(
         &self,
         partition: PartitionId,
         start_after: &mut Option<(Vec<u8>, Vec<u8>)>,
