@@ -12,6 +12,7 @@
 //! - [`placement`]: targets of a request, with sloppy-quorum fallbacks.
 //! - [`gossip`], [`failure`]: scuttlebutt membership and phi accrual failure detection.
 //! - [`hints`]: hinted handoff record formats.
+//! - [`tictac`]: tictac Merkle trees and the exchange steps of active anti-entropy.
 
 pub mod cluster;
 pub mod epoch;
@@ -25,4 +26,5 @@ pub mod placement;
 pub mod quorum;
 pub mod request;
 pub mod ring;
+pub mod tictac;
 pub mod version;
