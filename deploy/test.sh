@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The container suite (DESIGN.md §9 item 4): a 3-node compose cluster built FROM scratch out
 # of the release binary, driven from the host through loopback-published ports, with a
-# network partition, a pause and a SIGKILL. Cleans up everything it creates and stops by
-# itself within 10 minutes. Last line: "deploy: N passed, M failed".
+# network partition, a pause and a SIGKILL, then a fourth node's join and a leave. Cleans up
+# everything it creates and stops by itself within 12 minutes. Last line: "deploy: N passed, M failed".
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -36,11 +36,12 @@ cleanup() {
   [[ -n $watchdog ]] && kill "$watchdog" 2>/dev/null || true
   if [[ $status -ne 0 || ${DYNKV_DEPLOY_LOGS:-0} == 1 ]] && [[ -f $work/up ]]; then
     echo "--- container logs (last 30 lines each) ---" >&2
-    for node in n1 n2 n3; do dc logs --no-color --tail 30 "$node" >&2 2>&1 || true; done
+    for node in n1 n2 n3 n4; do dc --profile join logs --no-color --tail 30 "$node" >&2 2>&1 || true; done
   fi
   if [[ -f $work/up ]]; then
     docker unpause "$(container n1)" "$(container n2)" "$(container n3)" >/dev/null 2>&1 || true
-    dc down --volumes --remove-orphans --timeout 5 >/dev/null 2>&1 || true
+    # With the profile, so that the joined fourth node goes too.
+    dc --profile join down --volumes --remove-orphans --timeout 5 >/dev/null 2>&1 || true
   fi
   if [[ $built_image == 1 ]]; then docker rmi -f "$tag" >/dev/null 2>&1 || true; fi
   rm -rf "$work"
@@ -58,13 +59,13 @@ on_term() {
   exit 124
 }
 trap on_term TERM
-# The watchdog: after 9 minutes the script gives up and cleans up. Long steps run in the
+# The watchdog: after 12 minutes the script gives up and cleans up. Long steps run in the
 # background under `wait`, which the TERM interrupts at once; every other command runs under
 # `timeout` of at most two minutes.
 # (Stopping the watchdog stops its sleep too, so no stray process outlives the script.)
 (
   trap 'kill "$nap" 2>/dev/null; exit 0' TERM
-  sleep "${DYNKV_DEPLOY_DEADLINE:-540}" & nap=$!
+  sleep "${DYNKV_DEPLOY_DEADLINE:-720}" & nap=$!
   wait "$nap" && kill -TERM $$
 ) 2>/dev/null &
 watchdog=$!
@@ -102,14 +103,14 @@ done
 pki=$work/pki
 mkdir -p "$pki"
 timeout 30 "$bin" cert ca --dir "$pki" >/dev/null
-for i in 1 2 3; do
+for i in 1 2 3 4; do
   timeout 30 "$bin" cert node --dir "$pki" --id "n$i" --host "n$i" --host "$subnet.1$i" >/dev/null
 done
 chmod a+r "$pki"/*   # the containers read them as their own (root) user
 ca=$pki/ca.pem
 
 export DYNKV_IMAGE=$tag DYNKV_SUBNET=$subnet DYNKV_PKI=$pki
-for i in 1 2 3; do export "DYNKV_N${i}_CLIENT=127.0.0.1:" "DYNKV_N${i}_HTTP=127.0.0.1:"; done
+for i in 1 2 3 4; do export "DYNKV_N${i}_CLIENT=127.0.0.1:" "DYNKV_N${i}_HTTP=127.0.0.1:"; done
 log "starting the cluster (project $id, subnet $subnet.0/24)"
 touch "$work/up"
 dc up -d >/dev/null 2>&1
@@ -275,6 +276,67 @@ for key in "${while_down[@]}"; do
 done
 timeout 30 docker unpause "$(container n1)" "$(container n2)" >/dev/null
 detect_up "after the kill" all
+
+# ---------------------------------------------------------------- a join and a leave
+
+# Keys written before the join must all be readable at r=one through the new node once its
+# handoffs are done, and at r=quorum after a leave.
+log "rebalance: writing 60 keys"
+ring_keys=()
+for i in $(seq 1 60); do ring_keys+=("ring-$i"); done
+written=0
+for key in "${ring_keys[@]}"; do
+  cli n1 put deploy "$key" "v-$key" --w quorum >/dev/null 2>&1 && written=$((written + 1))
+done
+if ((written == ${#ring_keys[@]})); then pass "rebalance: 60 keys written at w=quorum"; else fail "rebalance: only $written of 60 keys written"; fi
+log "rebalance: starting n4 (compose profile join)"
+dc --profile join up -d n4 >/dev/null 2>&1
+ids[n4]=$(dc --profile join ps -q n4)
+member_state() { # VIEWER NODE -> its state in VIEWER's ring ("" when it cannot be asked)
+  cli "$1" admin ring --json 2>/dev/null | grep -o "\"node\":\"$2\",\"state\":\"[a-z]*\"" | cut -d'"' -f8 || true
+}
+owned_by() { # VIEWER NODE -> partitions NODE owns in VIEWER's ring
+  cli "$1" admin ring --json 2>/dev/null | grep -o "\"node\":\"$2\",\"state\":\"[a-z]*\",\"partitions\":[0-9]*" | grep -o '[0-9]*$' || true
+}
+n4_heard() { [[ -n $(client_addr n4) ]] && [[ $(sees_up n1 n4) == yes ]]; }
+if wait_for 60 n4_heard; then pass "rebalance: n1 hears of n4 by gossip"; else fail "rebalance: n1 hears of n4 by gossip" "$(cli n1 admin members 2>&1)"; fi
+expect_ok "rebalance: admin cluster join through n4" cli n4 admin cluster join
+expect_ok "rebalance: admin cluster plan" cli n1 admin cluster plan
+expect_ok "rebalance: admin cluster commit" cli n1 admin cluster commit
+no_transfers() { [[ $(cli "$1" admin transfers 2>/dev/null) == "no transfers" ]]; }
+t0=$SECONDS
+# Asked of n1, the claimant (the lowest member), which made the commit.
+if wait_for 180 no_transfers n1; then
+  pass "rebalance: the join's handoffs finish, 'no transfers' (after $((SECONDS - t0)) s)"
+else
+  fail "rebalance: the join's handoffs finish within 180 s" "$(cli n1 admin transfers 2>&1)"
+fi
+expect_value "rebalance: n4 owns 16 of 64 partitions" 16 owned_by n1 n4
+missed=()
+for key in "${ring_keys[@]}"; do
+  out=$(cli n4 get deploy "$key" --r one 2>&1) && grep -qxF -- "v-$key" <<<"$out" || missed+=("$key")
+done
+if ((${#missed[@]} == 0)); then pass "rebalance: every key read at r=one through n4"
+else fail "rebalance: ${#missed[@]} of ${#ring_keys[@]} keys missed at r=one through n4" "${missed[*]}"; fi
+
+log "rebalance: n2 leaves"
+expect_ok "rebalance: admin cluster leave through n2" cli n2 admin cluster leave
+expect_ok "rebalance: plan the leave" cli n1 admin cluster plan
+expect_ok "rebalance: commit the leave" cli n1 admin cluster commit
+t0=$SECONDS
+if wait_for 180 no_transfers n1; then
+  pass "rebalance: the leave's handoffs finish (after $((SECONDS - t0)) s)"
+else
+  fail "rebalance: the leave's handoffs finish within 180 s" "$(cli n1 admin transfers 2>&1)"
+fi
+expect_value "rebalance: n2 is exiting" exiting member_state n1 n2
+expect_value "rebalance: n2 owns nothing" 0 owned_by n1 n2
+missed=()
+for key in "${ring_keys[@]}"; do
+  out=$(cli n3 get deploy "$key" --r quorum 2>&1) && grep -qxF -- "v-$key" <<<"$out" || missed+=("$key")
+done
+if ((${#missed[@]} == 0)); then pass "rebalance: every key read at r=quorum after the leave"
+else fail "rebalance: ${#missed[@]} of ${#ring_keys[@]} keys missed at r=quorum after the leave" "${missed[*]}"; fi
 
 log "wall time $((SECONDS - started)) s"
 # cleanup (the EXIT trap) prints the last line: "deploy: N passed, M failed".

@@ -364,7 +364,7 @@ pub async fn run(command: AdminCommand) -> Result<()> {
                     println!("no transfers");
                 } else if transfers.is_empty() {
                     println!(
-                        "every handoff of ring version {ring_version} is done; the claimant flips the ring next"
+                        "no handoff is left in ring version {ring_version}; a newer version (the flip, or a change this node has not heard of yet) is on its way"
                     );
                 } else {
                     if watch && !first {

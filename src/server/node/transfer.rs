@@ -531,10 +531,18 @@ impl Node {
                     })
             })
             .collect();
+        // A member gossiping a newer ring means this node has not heard of a commit or a
+        // flip yet: nothing is settled until it has.
+        let behind = self
+            .inner
+            .membership
+            .view()
+            .iter()
+            .any(|member| member.ring_version > state.version());
         ClientResponse::Transfers {
             ring_version: state.version(),
             transfers,
-            pending: state.pending().is_some(),
+            pending: state.pending().is_some() || behind,
         }
     }
 
