@@ -39,7 +39,12 @@ pub type Branch = u16;
 
 /// The segment of a key: the low 14 bits of its ring position.
 pub fn segment_of(bucket: &[u8], key: &[u8]) -> Segment {
-    (key_position(bucket, key) % SEGMENTS as u64) as Segment
+    segment_of_position(key_position(bucket, key))
+}
+
+/// The segment of a key at ring position `position` ([`key_position`]).
+pub fn segment_of_position(position: u64) -> Segment {
+    (position % SEGMENTS as u64) as Segment
 }
 
 /// The branch a segment is under.
@@ -55,18 +60,15 @@ pub fn record_digest(record: &[u8]) -> u64 {
     first_u64(blake3::hash(record).as_bytes())
 }
 
-/// The entry hash of a key holding a version set with `digest`: what the key adds to its
-/// segment's hash.
-pub fn entry_hash(bucket: &[u8], key: &[u8], digest: u64) -> u32 {
-    let mut hasher = blake3::Hasher::new();
-    hasher.update(&(bucket.len() as u64).to_be_bytes());
-    hasher.update(bucket);
-    hasher.update(&(key.len() as u64).to_be_bytes());
-    hasher.update(key);
-    hasher.update(&digest.to_be_bytes());
-    let bytes = hasher.finalize();
+/// The entry hash of the key at ring position `position` ([`key_position`]) holding a
+/// record with `digest`: what the key adds to its segment's hash.
+pub fn entry_hash(position: u64, digest: u64) -> u32 {
+    let mut bytes = [0u8; 16];
+    bytes[..8].copy_from_slice(&position.to_be_bytes());
+    bytes[8..].copy_from_slice(&digest.to_be_bytes());
+    let hash = blake3::hash(&bytes);
     let mut first = [0u8; 4];
-    first.copy_from_slice(&bytes.as_bytes()[..4]);
+    first.copy_from_slice(&hash.as_bytes()[..4]);
     u32::from_be_bytes(first)
 }
 
@@ -115,10 +117,11 @@ impl TicTacTree {
 
     /// Adds a key (as when building from a scan).
     pub fn insert(&mut self, bucket: &[u8], key: &[u8], digest: u64) {
+        let position = key_position(bucket, key);
         self.update(
-            segment_of(bucket, key),
+            segment_of_position(position),
             None,
-            Some(entry_hash(bucket, key, digest)),
+            Some(entry_hash(position, digest)),
         );
     }
 
@@ -330,11 +333,11 @@ mod tests {
     fn apply(tree: &mut TicTacTree, contents: &mut Contents, key: Vec<u8>, new: Option<u64>) {
         let bucket = b"b".to_vec();
         let old = contents.get(&(bucket.clone(), key.clone())).copied();
-        let segment = segment_of(&bucket, &key);
+        let position = key_position(&bucket, &key);
         tree.update(
-            segment,
-            old.map(|digest| entry_hash(&bucket, &key, digest)),
-            new.map(|digest| entry_hash(&bucket, &key, digest)),
+            segment_of_position(position),
+            old.map(|digest| entry_hash(position, digest)),
+            new.map(|digest| entry_hash(position, digest)),
         );
         match new {
             Some(digest) => contents.insert((bucket, key), digest),

@@ -120,6 +120,7 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
             cache_bytes: config.storage.cache_mib * 1024 * 1024,
             hints_max_bytes: config.hints.max_bytes,
             memtable_bytes: config.memtable_bytes(),
+            ..StorageConfig::default()
         },
     )
     .map_err(|error| ServerError::Storage {

@@ -44,6 +44,7 @@
 //! waiting for its fsync. [`Store::update`] returns only once the value it read is durable.
 //! Updates need no per-key lock: the writer runs them one after another.
 
+mod aae;
 mod commit;
 mod engine;
 mod hints;
@@ -53,6 +54,7 @@ mod space;
 pub use meta::write_file_durably;
 pub use space::{SpaceGuard, available_bytes};
 
+pub use aae::{AaeTrees, TreeStatus};
 pub use engine::{EngineError, MemoryDisk};
 pub use hints::{HintEntry, HintTally, HintWrite};
 
@@ -99,6 +101,9 @@ pub struct StorageConfig {
     /// take up to twice this times its keyspaces: fjall's journal bound does not flush them
     /// soon enough to bound memory (seen in `tests/flood.rs`). Default 64 MiB.
     pub memtable_bytes: u64,
+    /// Keep a tictac tree per partition for active anti-entropy (see `aae.rs`), changed by
+    /// every write. Default `true`; off, no tree exists and exchanges have nothing to ask.
+    pub aae_trees: bool,
 }
 
 impl Default for StorageConfig {
@@ -108,6 +113,7 @@ impl Default for StorageConfig {
             cache_bytes: 64 * 1024 * 1024,
             hints_max_bytes: 1024 * 1024 * 1024,
             memtable_bytes: 64 * 1024 * 1024,
+            aae_trees: true,
         }
     }
 }
@@ -299,6 +305,8 @@ struct Inner {
     counters: Arc<Counters>,
     /// Why the store can no longer make writes durable, once that happens.
     failure: tokio::sync::watch::Receiver<Option<String>>,
+    /// Anti-entropy trees, changed by the writer with every write (`None`: kept off).
+    trees: Option<AaeTrees>,
     writer: JoinHandle<Result<(), StorageError>>,
     /// Dropped (with the last handle, or by `close`) to stop the writer.
     shutdown: oneshot::Sender<()>,
@@ -418,6 +426,7 @@ impl Store {
                 jobs: jobs_sender,
                 counters,
                 failure,
+                trees: config.aae_trees.then(AaeTrees::default),
                 writer,
                 shutdown: shutdown_sender,
             }),
@@ -494,6 +503,8 @@ impl Store {
         let stored_key = key::encode(bucket, key)?;
         let keyspace = self.inner.partition_for_write(partition)?;
         let counters = self.inner.counters.clone();
+        let trees = self.inner.trees.clone();
+        let position = crate::core::ring::key_position(bucket, key);
         self.inner
             .submit(move |answer| {
                 let current = match keyspace.get(&stored_key) {
@@ -509,6 +520,16 @@ impl Store {
                 let Some(new_value) = new_value else {
                     return answer.when_durable(false, output);
                 };
+                if let Some(trees) = &trees {
+                    // In this job, so the tree and the store change together.
+                    trees.apply(
+                        partition,
+                        &stored_key,
+                        position,
+                        current.as_deref(),
+                        Some(&new_value),
+                    );
+                }
                 if let Err(source) = keyspace.insert(stored_key, new_value) {
                     return answer.now(Err(StorageError::Write { partition, source }.into()));
                 }
@@ -562,6 +583,8 @@ impl Store {
         let Some(keyspace) = self.inner.existing_partition(partition) else {
             return Ok(false);
         };
+        let trees = self.inner.trees.clone();
+        let position = crate::core::ring::key_position(bucket, key);
         let result = self
             .inner
             .submit::<bool, std::convert::Infallible>(move |answer| {
@@ -571,6 +594,9 @@ impl Store {
                     Err(source) => {
                         return answer.now(Err(StorageError::Read { partition, source }.into()));
                     }
+                }
+                if let Some(trees) = &trees {
+                    trees.apply(partition, &stored_key, position, Some(&expected), None);
                 }
                 if let Err(source) = keyspace.remove(stored_key) {
                     return answer.now(Err(StorageError::Write { partition, source }.into()));
@@ -582,6 +608,105 @@ impl Store {
             Ok(deleted) => Ok(deleted),
             Err(UpdateError::Storage { source }) => Err(source),
             Err(UpdateError::Rejected { source }) => match source {},
+        }
+    }
+
+    /// The anti-entropy trees (`None` when `aae_trees` is off).
+    pub fn aae_trees(&self) -> Option<&AaeTrees> {
+        self.inner.trees.as_ref()
+    }
+
+    /// Builds `partition`'s anti-entropy tree from a scan, a page of records per writer job
+    /// (see `aae.rs`), and makes it the tree exchanges use. Returns whether a build ran
+    /// (none when trees are off, or while another build of the partition runs).
+    pub async fn build_tree(&self, partition: u32) -> Result<bool, StorageError> {
+        const PAGE: usize = 1000;
+        let Some(trees) = self.inner.trees.clone() else {
+            return Ok(false);
+        };
+        if !trees.start_build(partition) {
+            return Ok(false);
+        }
+        loop {
+            let keyspace = self.inner.existing_partition(partition);
+            let builder = trees.clone();
+            let done = self
+                .inner
+                .submit::<bool, std::convert::Infallible>(move |answer| {
+                    let Some(cursor) = builder.build_cursor(partition) else {
+                        return answer.now(Ok(true));
+                    };
+                    let pairs = match &keyspace {
+                        Some(keyspace) => {
+                            let start = match cursor {
+                                Some(cursor) => Bound::Excluded(cursor),
+                                None => Bound::Unbounded,
+                            };
+                            match keyspace.range(start, PAGE, |_| true) {
+                                Ok(pairs) => pairs,
+                                Err(source) => {
+                                    return answer.now(Err(StorageError::Read {
+                                        partition,
+                                        source,
+                                    }
+                                    .into()));
+                                }
+                            }
+                        }
+                        None => Vec::new(),
+                    };
+                    let mut page = Vec::with_capacity(pairs.len());
+                    for (stored_key, record) in pairs {
+                        let Some((bucket, key)) = key::decode(&stored_key) else {
+                            return answer.now(Err(StorageError::CorruptStoredKey {
+                                partition,
+                                length: stored_key.len(),
+                            }
+                            .into()));
+                        };
+                        let position = crate::core::ring::key_position(bucket, key);
+                        page.push((stored_key, position, record));
+                    }
+                    let last = page.is_empty();
+                    builder.build_page(partition, &page);
+                    answer.now(Ok(last))
+                })
+                .await;
+            match done {
+                Ok(true) => return Ok(true),
+                Ok(false) => {}
+                Err(UpdateError::Storage { source }) => {
+                    trees.abandon_build(partition);
+                    return Err(source);
+                }
+                Err(UpdateError::Rejected { source }) => match source {},
+            }
+        }
+    }
+
+    /// The key digests (see `core::tictac`) of `partition`'s records in `segments`, read in
+    /// pages, for an exchange: every record of the partition is read.
+    pub fn key_digests(
+        &self,
+        partition: u32,
+        segments: &[crate::core::tictac::Segment],
+    ) -> Result<Vec<crate::core::tictac::KeyDigest>, StorageError> {
+        const PAGE: usize = 1000;
+        let mut digests = Vec::new();
+        let mut start_after: Option<(Vec<u8>, Vec<u8>)> = None;
+        loop {
+            let page = self.scan_partition(
+                partition,
+                start_after
+                    .as_ref()
+                    .map(|(bucket, key)| (bucket.as_slice(), key.as_slice())),
+                PAGE,
+            )?;
+            let Some((bucket, key, _)) = page.last() else {
+                return Ok(digests);
+            };
+            start_after = Some((bucket.clone(), key.clone()));
+            digests.extend(aae::digests_in_segments(&page, segments));
         }
     }
 
@@ -602,6 +727,9 @@ impl Store {
             .database
             .delete_keyspace(keyspace)
             .map_err(|source| StorageError::DropPartition { partition, source })?;
+        if let Some(trees) = &self.inner.trees {
+            trees.forget(partition);
+        }
         tracing::info!(partition, "partition dropped");
         Ok(true)
     }

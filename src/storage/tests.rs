@@ -665,3 +665,88 @@ on_both_engines!(over_long_buckets_and_keys_are_refused; flavor = "multi_thread"
 on_both_engines!(scan_pagination_returns_every_record_exactly_once; flavor = "multi_thread", worker_threads = 2);
 on_both_engines!(a_panicking_batch_marks_the_store_failed; flavor = "multi_thread", worker_threads = 2);
 on_both_engines!(hint_tally_is_exact_and_the_bound_refuses_growth_only; flavor = "multi_thread", worker_threads = 2);
+
+/// The tree a scan of `partition` would build: each record's entry hash in its segment.
+fn tree_of_contents(store: &Store, partition: u32) -> Vec<u32> {
+    let mut tree = crate::core::tictac::TicTacTree::new();
+    for (bucket, key, record) in store.scan_partition(partition, None, usize::MAX).unwrap() {
+        tree.insert(&bucket, &key, crate::core::tictac::record_digest(&record));
+    }
+    tree.branches().to_vec()
+}
+
+/// The anti-entropy tree follows every write and delete, and a build that runs while writes
+/// go on (a page per writer job) ends equal to the store's contents.
+async fn aae_trees_follow_writes_and_builds_race_no_write(kind: Engine) {
+    let dir = Disk::new(kind);
+    let store = dir.open();
+    let trees = store.aae_trees().unwrap().clone();
+    assert_eq!(trees.branches(5), None, "no tree before a build");
+    const KEYS: u32 = 6000;
+    for index in 0..KEYS {
+        put(&store, 5, b"b", &index.to_be_bytes(), b"first").await;
+    }
+    // Writes overwrite keys on both sides of the build's cursor while it runs.
+    let writer = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            // From the top down, so that most land above the cursor, some below.
+            for index in (0..KEYS).rev().step_by(7) {
+                put(&store, 5, b"b", &index.to_be_bytes(), b"second").await;
+                tokio::task::yield_now().await;
+            }
+        })
+    };
+    assert!(store.build_tree(5).await.unwrap());
+    writer.await.unwrap();
+    assert_eq!(trees.branches(5), Some(tree_of_contents(&store, 5)));
+    let writes_before = trees.status()[0].writes_since_build;
+    // Deletes of unchanged copies and later writes keep it equal.
+    let expected = store.get(5, b"b", &3u32.to_be_bytes()).unwrap().unwrap();
+    assert!(
+        store
+            .delete_if_unchanged(5, b"b", &3u32.to_be_bytes(), expected)
+            .await
+            .unwrap()
+    );
+    put(&store, 5, b"b", b"new key", b"v").await;
+    assert_eq!(trees.branches(5), Some(tree_of_contents(&store, 5)));
+    let status = trees.status();
+    assert_eq!(status.len(), 1);
+    assert!(status[0].built && !status[0].building);
+    assert_eq!(status[0].builds, 1);
+    assert_eq!(status[0].writes_since_build, writes_before + 2);
+    // A digest list over every segment names every key once, with its record's digest.
+    let all: Vec<u16> = (0..crate::core::tictac::SEGMENTS as u16).collect();
+    let digests = store.key_digests(5, &all).unwrap();
+    assert_eq!(digests.len(), KEYS as usize);
+    // Two stores with the same records have equal trees; one differing key shows.
+    let other_dir = Disk::new(kind);
+    let other = other_dir.open();
+    for (bucket, key, record) in store.scan_partition(5, None, usize::MAX).unwrap() {
+        put(&other, 5, &bucket, &key, &record).await;
+    }
+    assert!(other.build_tree(5).await.unwrap());
+    let other_trees = other.aae_trees().unwrap();
+    assert_eq!(other_trees.branches(5), trees.branches(5));
+    put(&other, 5, b"b", &10u32.to_be_bytes(), b"third").await;
+    assert_ne!(other_trees.branches(5), trees.branches(5));
+    // Dropping the partition drops its tree.
+    assert!(store.drop_partition(5).unwrap());
+    assert_eq!(trees.branches(5), None);
+}
+on_both_engines!(aae_trees_follow_writes_and_builds_race_no_write; flavor = "multi_thread", worker_threads = 2);
+
+/// With `aae_trees` off no tree is kept and no build runs.
+#[tokio::test]
+async fn aae_trees_can_be_turned_off() {
+    let disk = MemoryDisk::new();
+    let config = StorageConfig {
+        aae_trees: false,
+        ..StorageConfig::default()
+    };
+    let store = Store::open_in_memory(&disk, config).unwrap();
+    put(&store, 1, b"b", b"k", b"v").await;
+    assert!(store.aae_trees().is_none());
+    assert!(!store.build_tree(1).await.unwrap());
+}
