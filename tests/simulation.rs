@@ -277,8 +277,20 @@ async fn run_faults(schedule: Schedule) -> usize {
         };
         match rng.random_range(0..12) {
             0..=3 if room => {
-                let node = match &last_crashed {
-                    Some(node) if rng.random_bool(0.4) => node.clone(),
+                // While a ring change is pending, the claimant (which records handoffs and
+                // flips the ring) is a favoured victim: the next member must take over.
+                let claimant_mid_change = {
+                    let cluster = schedule.cluster.lock().unwrap();
+                    cluster
+                        .up_nodes()
+                        .first()
+                        .and_then(|node| cluster.cluster_state(node))
+                        .filter(|state| state.pending().is_some())
+                        .and_then(|state| state.claimant(|node| cluster.is_up(node)).cloned())
+                };
+                let node = match (&claimant_mid_change, &last_crashed) {
+                    (Some(claimant), _) if rng.random_bool(0.5) => claimant.clone(),
+                    (_, Some(node)) if rng.random_bool(0.4) => node.clone(),
                     _ => ids[rng.random_range(0..ids.len())].clone(),
                 };
                 if !free(&node, &outages) {
@@ -292,6 +304,10 @@ async fn run_faults(schedule: Schedule) -> usize {
                 };
                 let weak = schedule.cluster.lock().unwrap().crash(&node);
                 if let Some(weak) = weak {
+                    if claimant_mid_change.as_ref() == Some(&node) {
+                        CLAIMANTS_CRASHED_MID_CHANGE
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
                     wait_until_stopped(weak).await;
                 }
                 outages.push((
@@ -414,6 +430,9 @@ async fn run_faults(schedule: Schedule) -> usize {
 /// Ring changes committed by all the schedules of this run, so the test can say that the
 /// schedules did exercise them.
 static RING_CHANGES_COMMITTED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// Crashes of the claimant while a committed change was still pending, over all schedules.
+static CLAIMANTS_CRASHED_MID_CHANGE: std::sync::atomic::AtomicU64 =
+    std::sync::atomic::AtomicU64::new(0);
 
 /// Stages `change`, shows the plan and commits it, each through a random running node;
 /// returns whether the commit was taken. A staged change that is not committed is cleared,
@@ -693,10 +712,17 @@ fn randomized_schedules_lose_no_acknowledged_write() {
         .collect();
     failures.sort();
     let committed = RING_CHANGES_COMMITTED.load(std::sync::atomic::Ordering::Relaxed);
-    eprintln!("{count} schedules committed {committed} ring changes (joins, leaves, removes)");
+    let claimants = CLAIMANTS_CRASHED_MID_CHANGE.load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!(
+        "{count} schedules committed {committed} ring changes (joins, leaves, removes); the claimant crashed mid-change {claimants} times"
+    );
     assert!(
         count < 20 || committed > 0,
         "no schedule committed a ring change"
+    );
+    assert!(
+        count < 100 || claimants > 0,
+        "no schedule crashed the claimant while a change was pending"
     );
     if let Some((seed, problems)) = failures.first() {
         let others: Vec<String> = failures
