@@ -51,6 +51,12 @@
 //! max_requests_per_connection = 1024  # QUIC requests run at once per connection; then wait
 //! max_in_flight_requests = 4096       # QUIC requests run at once per listener; then wait
 //!
+//! [aae]                                # active anti-entropy (tictac trees)
+//! enabled = true
+//! exchange_interval_ms = 1000          # one exchange (a partition with its other primaries) per interval
+//! max_repairs_per_exchange = 1000
+//! rebuild_interval_secs = 86400        # trees are rebuilt from a scan this often (and at start)
+//!
 //! [hints]
 //! max_bytes = 1073741824               # hint storage bound; past it fallbacks refuse writes
 //!
@@ -118,6 +124,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub hints: HintsConfig,
     pub storage: StorageSettings,
+    /// Active anti-entropy: tictac trees per partition, exchanged with the other primaries.
+    pub aae: AaeConfig,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -246,6 +254,33 @@ impl Default for HintsConfig {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+pub struct AaeConfig {
+    /// Keep a tictac tree per partition (every write updates it) and exchange them with the
+    /// other primaries, repairing what differs, so a replica that missed a write while it
+    /// was up (a timeout, a lost message) catches up without a read asking it.
+    pub enabled: bool,
+    /// One exchange per interval (jittered by up to a quarter): the next partition this node
+    /// is a primary of, with each other primary of it in turn.
+    pub exchange_interval_ms: u64,
+    /// Most keys one exchange repairs; the rest wait for the partition's next exchange.
+    pub max_repairs_per_exchange: u32,
+    /// Each tree is rebuilt from a scan this often (trees are also built at every start).
+    pub rebuild_interval_secs: u64,
+}
+
+impl Default for AaeConfig {
+    fn default() -> Self {
+        AaeConfig {
+            enabled: true,
+            exchange_interval_ms: 1000,
+            max_repairs_per_exchange: 1000,
+            rebuild_interval_secs: 24 * 3600,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct StorageSettings {
     /// fsync the write-ahead journal before acknowledging a write (one fsync per batch).
     pub sync_writes: bool,
@@ -302,6 +337,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             hints: HintsConfig::default(),
             storage: StorageSettings::default(),
+            aae: AaeConfig::default(),
         }
     }
 }
@@ -432,6 +468,21 @@ impl Config {
         if !(self.read_repair_chance.is_finite() && (0.0..=1.0).contains(&self.read_repair_chance))
         {
             return Err(invalid("read_repair_chance", "must be between 0 and 1"));
+        }
+        if !(10..=3_600_000).contains(&self.aae.exchange_interval_ms) {
+            return Err(invalid(
+                "aae.exchange_interval_ms",
+                "must be between 10 and 3600000",
+            ));
+        }
+        if !(1..=100_000).contains(&self.aae.max_repairs_per_exchange) {
+            return Err(invalid(
+                "aae.max_repairs_per_exchange",
+                "must be between 1 and 100000",
+            ));
+        }
+        if self.aae.rebuild_interval_secs < 60 {
+            return Err(invalid("aae.rebuild_interval_secs", "must be at least 60"));
         }
         if !(1..=600_000).contains(&self.speculative_retry_ms) {
             return Err(invalid(

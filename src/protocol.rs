@@ -96,6 +96,13 @@ pub enum ClientRequest {
     /// Every handoff of the pending ring change, cluster-wide, with its sender's progress
     /// (`dynkv admin transfers`).
     Transfers,
+    /// This node's anti-entropy: each partition's tree and exchanges (`dynkv admin aae`).
+    Aae,
+    /// Run this node's exchanges now, of `partition` or of every partition it is a primary
+    /// of (`dynkv admin aae repair`); answered with [`ClientResponse::Aae`] once done.
+    AaeRepair {
+        partition: Option<u32>,
+    },
     /// A staged ring change, or the plan of those staged (`dynkv admin cluster ...`); made
     /// by the claimant, wherever it arrives.
     Cluster(ClusterRequest),
@@ -217,6 +224,16 @@ pub struct NodeStatus {
     pub handoff_keys_sent: u64,
     #[serde(default)]
     pub handoff_bytes_sent: u64,
+    /// Anti-entropy since the node started: exchanges it ran, segments found differing,
+    /// keys repaired (on either side) and the bytes of objects written by repairs.
+    #[serde(default)]
+    pub aae_exchanges: u64,
+    #[serde(default)]
+    pub aae_segments_differing: u64,
+    #[serde(default)]
+    pub aae_keys_repaired: u64,
+    #[serde(default)]
+    pub aae_bytes_repaired: u64,
 }
 
 /// The kinds of error a client can get; each maps to one HTTP status in the HTTP API.
@@ -289,6 +306,7 @@ pub enum ClientResponse {
     Ring(RingInfo),
     Plan(PlanInfo),
     /// The pending handoffs of ring version `ring_version` (none: nothing is moving).
+    Aae(AaeInfo),
     Transfers {
         ring_version: u64,
         transfers: Vec<TransferInfo>,
@@ -392,6 +410,42 @@ pub struct RingMember {
     pub partitions: u32,
 }
 
+/// A node's anti-entropy state, for `dynkv admin aae`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AaeInfo {
+    pub enabled: bool,
+    pub exchange_interval_ms: u64,
+    /// Every partition this node keeps a tree for or exchanges, in partition order.
+    pub partitions: Vec<AaePartitionInfo>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AaePartitionInfo {
+    pub partition: u32,
+    /// `built`, `building` (the first build), `rebuilding`, or `none` (no tree yet).
+    pub tree: String,
+    pub builds: u64,
+    pub writes_since_build: u64,
+    /// Exchanges this node started for the partition, one per peer (the last).
+    pub exchanges: Vec<AaeExchangeInfo>,
+    /// When this node's next exchange of the partition is due, from now; `None` when it is
+    /// not a primary of it.
+    pub next_due_ms: Option<u64>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AaeExchangeInfo {
+    pub peer: String,
+    pub ago_ms: u64,
+    /// `in sync`, `N keys repaired`, or what stopped it.
+    pub result: String,
+}
+
+/// Most segments one exchange compares keys of (bounds the digests asked and answered).
+pub const MAX_AAE_SEGMENTS: usize = 256;
+/// Most key digests an answer carries.
+pub const MAX_AAE_DIGESTS: usize = 200_000;
+
 /// Node-to-node requests.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PeerRequest {
@@ -445,6 +499,20 @@ pub enum PeerRequest {
     },
     /// The sender's handoffs in progress, for `admin transfers`.
     TransferProgress,
+    /// Anti-entropy step 1: the receiver's branch hashes of `partition`'s tree.
+    AaeBranches {
+        partition: PartitionId,
+    },
+    /// Step 2: its segment hashes under `branches`.
+    AaeSegments {
+        partition: PartitionId,
+        branches: Vec<u16>,
+    },
+    /// Step 3: its key digests in `segments` (at most [`MAX_AAE_SEGMENTS`]).
+    AaeKeys {
+        partition: PartitionId,
+        segments: Vec<u16>,
+    },
     /// Set this node's `transfer_limit` until it restarts.
     SetTransferLimit {
         limit: u32,
@@ -534,6 +602,12 @@ pub enum PeerResponse {
     },
     /// Answer to [`PeerRequest::TransferProgress`].
     TransferProgress(Vec<TransferInfo>),
+    /// Answer to [`PeerRequest::AaeBranches`] (`None`: no tree built yet; a build starts).
+    AaeBranches(Option<Vec<u32>>),
+    /// Answer to [`PeerRequest::AaeSegments`], one list per branch asked.
+    AaeSegments(Option<Vec<Vec<u32>>>),
+    /// Answer to [`PeerRequest::AaeKeys`].
+    AaeKeys(Vec<crate::core::tictac::KeyDigest>),
     /// A page of [`PeerRequest::ListKeys`]; `next` is where the following page starts, `None`
     /// at the end of the partition.
     Keys {

@@ -42,6 +42,26 @@ pub enum AdminCommand {
     /// Staged ring changes, as Riak's `cluster` commands: stage, look at the plan, clear.
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// Active anti-entropy on this node: each partition's tree (built, building), the last
+    /// exchange with each peer and its result (in sync / N keys repaired), the next one due.
+    /// `aae repair [PARTITION]` runs this node's exchanges now (after a remove or a restore).
+    Aae {
+        #[command(subcommand)]
+        action: Option<AaeAction>,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AaeAction {
+    /// Exchange PARTITION (default: every partition this node first-owns) with its other
+    /// primaries now, repairing what differs; then show the state.
+    Repair {
+        partition: Option<u32>,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -394,6 +414,27 @@ pub async fn run(command: AdminCommand) -> Result<()> {
                 other => bail!("the node answered something unexpected: {other:?}"),
             }
         }
+        AdminCommand::Aae {
+            action,
+            connect: node_args,
+        } => {
+            let (request, args) = match action {
+                None => (ClientRequest::Aae, node_args),
+                Some(AaeAction::Repair {
+                    partition,
+                    connect: repair_args,
+                }) => (ClientRequest::AaeRepair { partition }, repair_args),
+            };
+            let client = connect(&args).await?;
+            let ClientResponse::Aae(info) = client.request(request).await.map_err(report)? else {
+                bail!("the node answered something other than its anti-entropy state");
+            };
+            if args.json {
+                println!("{}", serde_json::to_string(&info)?);
+            } else {
+                print_aae(&info);
+            }
+        }
         AdminCommand::Cluster(command) => {
             use dynkv::protocol::ClusterRequest;
             let (request, args) = match command {
@@ -514,4 +555,49 @@ fn parse_peer(text: &str) -> Result<(String, String)> {
         bail!("{address:?} is not a peer address (IP:PORT): {error}");
     }
     Ok((id.to_string(), address.to_string()))
+}
+
+fn print_aae(info: &dynkv::protocol::AaeInfo) {
+    if !info.enabled {
+        println!("anti-entropy is off on this node (aae.enabled = false)");
+        return;
+    }
+    println!(
+        "anti-entropy: one exchange every {} ms; {} partitions",
+        info.exchange_interval_ms,
+        info.partitions.len()
+    );
+    println!(
+        "{:>9}  {:<10}  {:>6}  {:>9}  last exchanges (peer: result, how long ago)",
+        "partition", "tree", "builds", "next due"
+    );
+    for partition in &info.partitions {
+        let next = partition
+            .next_due_ms
+            .map_or("-".to_string(), |ms| format!("{:.1} s", ms as f64 / 1000.0));
+        let exchanges: Vec<String> = partition
+            .exchanges
+            .iter()
+            .map(|exchange| {
+                format!(
+                    "{}: {} ({:.1} s ago)",
+                    exchange.peer,
+                    exchange.result,
+                    exchange.ago_ms as f64 / 1000.0
+                )
+            })
+            .collect();
+        println!(
+            "{:>9}  {:<10}  {:>6}  {:>9}  {}",
+            partition.partition,
+            partition.tree,
+            partition.builds,
+            next,
+            if exchanges.is_empty() {
+                "none yet".to_string()
+            } else {
+                exchanges.join("; ")
+            }
+        );
+    }
 }

@@ -152,10 +152,12 @@ fn differing(ours: &[u32], theirs: &[u32]) -> Vec<u16> {
         .collect()
 }
 
-/// What one side holds of a key in a differing segment: its version digest.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+/// What one side holds of a key in a differing segment: its record's digest.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub struct KeyDigest {
+    #[serde(with = "serde_bytes")]
     pub bucket: Vec<u8>,
+    #[serde(with = "serde_bytes")]
     pub key: Vec<u8>,
     pub digest: u64,
 }

@@ -331,6 +331,22 @@ pub(crate) async fn riak_stats(State(state): State<AppState>, headers: HeaderMap
             "dynkv_handoff_bytes_sent_total".into(),
             json!(status.handoff_bytes_sent),
         );
+        fields.insert(
+            "dynkv_aae_exchanges_total".into(),
+            json!(status.aae_exchanges),
+        );
+        fields.insert(
+            "dynkv_aae_segments_differing_total".into(),
+            json!(status.aae_segments_differing),
+        );
+        fields.insert(
+            "dynkv_aae_keys_repaired_total".into(),
+            json!(status.aae_keys_repaired),
+        );
+        fields.insert(
+            "dynkv_aae_bytes_repaired_total".into(),
+            json!(status.aae_bytes_repaired),
+        );
         fields.insert("dynkv_members_up".into(), json!(status.members_up));
         fields.insert("dynkv_members_down".into(), json!(status.members_down));
     }

@@ -90,6 +90,12 @@ pub fn node_settings(config: &Config, validated: &crate::config::Validated) -> N
         wall_clock: crate::server::node::WallClock::System,
         // Measured by the running server (see `start`), which owns the data directory.
         space: None,
+        aae: crate::server::node::AaeSettings {
+            enabled: config.aae.enabled,
+            exchange_interval: Duration::from_millis(config.aae.exchange_interval_ms),
+            max_repairs_per_exchange: config.aae.max_repairs_per_exchange as usize,
+            rebuild_interval: Duration::from_secs(config.aae.rebuild_interval_secs),
+        },
     }
 }
 
@@ -120,7 +126,7 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
             cache_bytes: config.storage.cache_mib * 1024 * 1024,
             hints_max_bytes: config.hints.max_bytes,
             memtable_bytes: config.memtable_bytes(),
-            ..StorageConfig::default()
+            aae_trees: config.aae.enabled,
         },
     )
     .map_err(|error| ServerError::Storage {
@@ -234,6 +240,7 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
                 .run_handoff(Duration::from_millis(config.handoff_interval_ms)),
         ),
         tokio::spawn(node.clone().run_transfers(TRANSFER_CHECK_INTERVAL)),
+        tokio::spawn(node.clone().run_aae()),
     ];
 
     let peer_config = tls::peer_server_config(&ca_pem, &node_identity)
@@ -280,6 +287,8 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
                     | ClientRequest::Status
                     | ClientRequest::Ring
                     | ClientRequest::Transfers
+                    | ClientRequest::Aae
+                    | ClientRequest::AaeRepair { .. }
                     | ClientRequest::Cluster(_) => ("admin", String::from("none")),
                     ClientRequest::Get { options, .. } => ("get", options.r.to_string()),
                     ClientRequest::Put { options, .. } => ("put", options.w.to_string()),

@@ -38,6 +38,7 @@ use tracing::{Instrument, debug, debug_span, info, warn};
 
 pub use super::membership::{Membership, StaticMembership};
 
+mod aae;
 mod buckets;
 mod cluster;
 mod coverage;
@@ -46,6 +47,7 @@ mod handoff;
 mod put;
 mod replica;
 mod transfer;
+pub use aae::AaeSettings;
 pub use buckets::{BucketProps, PROPS_BUCKET};
 use put::Write;
 
@@ -86,6 +88,8 @@ pub struct NodeSettings {
     pub wall_clock: WallClock,
     /// Refuses writes while the data directory's disk is nearly full (`None`: never).
     pub space: Option<Arc<crate::storage::SpaceGuard>>,
+    /// Active anti-entropy (`[aae]`).
+    pub aae: AaeSettings,
 }
 
 /// The wall clock a node stamps versions with. Real nodes read the system clock; the
@@ -162,6 +166,8 @@ struct NodeInner {
     forwarded: put::ForwardedWrites,
     /// Ring-change handoffs this node sends, and its cleanup after a flip.
     transfers: transfer::Transfers,
+    /// Anti-entropy exchanges this node ran.
+    aae: aae::AaeState,
 }
 
 /// A node's request handler; cheap to clone.
@@ -267,6 +273,7 @@ impl Node {
                 id,
                 rng: parking_lot::Mutex::new(rng),
                 transfers: transfer::Transfers::new(settings.transfer_limit),
+                aae: aae::AaeState::default(),
                 key_actors,
                 store,
                 membership,
@@ -326,6 +333,8 @@ impl Node {
             )),
             ClientRequest::Ring => ClientResponse::Ring(self.ring_info()),
             ClientRequest::Transfers => self.transfers_cluster_wide().await,
+            ClientRequest::Aae => ClientResponse::Aae(self.aae_info()),
+            ClientRequest::AaeRepair { partition } => self.aae_repair(partition).await,
             ClientRequest::Cluster(request) => self.cluster_change(request, 0).await,
             ClientRequest::Status => match self.status() {
                 Ok(status) => ClientResponse::Status(status),
@@ -483,6 +492,10 @@ impl Node {
                 .counters
                 .handoff_bytes_sent
                 .load(Ordering::Relaxed),
+            aae_exchanges: self.inner.aae.exchanges.load(Ordering::Relaxed),
+            aae_segments_differing: self.inner.aae.segments_differing.load(Ordering::Relaxed),
+            aae_keys_repaired: self.inner.aae.keys_repaired.load(Ordering::Relaxed),
+            aae_bytes_repaired: self.inner.aae.bytes_repaired.load(Ordering::Relaxed),
         })
     }
 
@@ -707,6 +720,9 @@ impl Node {
                 Ok(()) => PeerResponse::Pong,
                 Err(message) => PeerResponse::Failed { message },
             },
+            request @ (PeerRequest::AaeBranches { .. }
+            | PeerRequest::AaeSegments { .. }
+            | PeerRequest::AaeKeys { .. }) => self.serve_aae(request).await,
             PeerRequest::TransferProgress => {
                 PeerResponse::TransferProgress(self.transfer_progress())
             }

@@ -80,6 +80,18 @@ impl AaeTrees {
         }
     }
 
+    /// A partition keyspace was created, empty: its (empty) tree is built, unless one is
+    /// kept already.
+    pub(super) fn created_empty(&self, partition: u32) {
+        self.trees
+            .lock()
+            .entry(partition)
+            .or_insert_with(|| PartitionTree {
+                built: Some(TicTacTree::new()),
+                ..PartitionTree::default()
+            });
+    }
+
     /// Starts a build of `partition`'s tree (a no-op while one runs); returns whether one
     /// started.
     pub(super) fn start_build(&self, partition: u32) -> bool {

@@ -832,6 +832,10 @@ impl Inner {
             .keyspace(&partition_name(partition))
             .map_err(|source| StorageError::OpenPartition { partition, source })?;
         partitions.insert(partition, keyspace.clone());
+        if let Some(trees) = &self.trees {
+            // A new keyspace is empty: its tree is built already.
+            trees.created_empty(partition);
+        }
         tracing::debug!(partition, "partition created");
         Ok(keyspace)
     }

@@ -229,6 +229,7 @@ impl SimCluster {
                     tokio::spawn(gossip.run(transport, seed)),
                     tokio::spawn(node.clone().run_handoff(Duration::from_millis(500))),
                     tokio::spawn(node.clone().run_transfers(Duration::from_millis(500))),
+                    tokio::spawn(node.clone().run_aae()),
                 ],
             );
         }
