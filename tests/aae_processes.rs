@@ -8,17 +8,11 @@
 
 mod common;
 
-use common::process::{NodeProcess, base_port, binary, make_pki};
-use std::process::{Command, Output, Stdio};
+use common::process::{base_port, make_pki, spawn_server_with_config};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
-fn run(args: &[&str]) -> Output {
-    Command::new(binary())
-        .args(args)
-        .env_remove("DYNKV_TOKEN")
-        .output()
-        .expect("dynkv runs")
-}
+use common::process::run_dynkv as run;
 
 fn text(output: &Output) -> String {
     format!(
@@ -81,16 +75,7 @@ fn a_replica_that_missed_writes_holds_them_after_exchanges_with_read_repair_off(
         );
         let path = dir.join("dynkv.toml");
         std::fs::write(&path, config).unwrap();
-        let child = Command::new(binary())
-            .arg("server")
-            .arg("--config")
-            .arg(&path)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("dynkv server starts");
-        servers.push(NodeProcess(child));
+        servers.push(spawn_server_with_config(&path));
     }
     let ca = pki.join("ca.pem").display().to_string();
     let on = |node: u16, args: &[&str]| {
@@ -136,17 +121,7 @@ fn a_replica_that_missed_writes_holds_them_after_exchanges_with_read_repair_off(
         );
         assert!(stored.status.success(), "{key}: {}", text(&stored));
     }
-    servers.push(NodeProcess(
-        Command::new(binary())
-            .arg("server")
-            .arg("--config")
-            .arg(&n3_config)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("dynkv server restarts"),
-    ));
+    servers.push(spawn_server_with_config(&n3_config));
     wait_for(Duration::from_secs(30), "n1 sees n3 up again", || {
         sees(1, "n3", true)
     });

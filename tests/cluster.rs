@@ -1003,14 +1003,17 @@ fn a_node_started_alone_joins_through_a_named_peer() {
         all.extend(["--node", &via_n4]);
         cluster.cli(&all)
     };
-    let started = Instant::now();
-    while !on_n4(&["admin", "status"]).status.success() {
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "n4 never answered"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let wait_for_n4 = || {
+        let started = Instant::now();
+        while !on_n4(&["admin", "status"]).status.success() {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "n4 never answered"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    wait_for_n4();
     // Alone, n4 is a one-node cluster that takes writes; with data it may not join.
     let own = on_n4(&["put", "mine", "k", "v"]);
     assert!(own.status.success(), "{}", stderr(&own));
@@ -1029,14 +1032,7 @@ fn a_node_started_alone_joins_through_a_named_peer() {
     let _ = std::fs::remove_dir_all(&data_dir);
 
     let lone = start_n4();
-    let started = Instant::now();
-    while !on_n4(&["admin", "status"]).status.success() {
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "n4 never answered"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_for_n4();
     let joined = on_n4(&["admin", "cluster", "join", &peer]);
     assert!(joined.status.success(), "join: {}", stderr(&joined));
     // Gossip brings n4 the cluster's ring with its join staged.

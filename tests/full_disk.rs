@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::process::{NodeProcess, base_port, binary, make_pki, server_command};
+use common::process::{NodeProcess, base_port, make_pki, server_command};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -19,11 +19,7 @@ impl Drop for Mounted {
 }
 
 fn run(args: &[&str]) -> Output {
-    Command::new(binary())
-        .args(args)
-        .env_remove("DYNKV_TOKEN")
-        .output()
-        .expect("dynkv runs")
+    common::process::run_dynkv(args)
 }
 
 fn available(path: &Path) -> u64 {

@@ -430,6 +430,8 @@ async fn run_faults(schedule: Schedule) -> usize {
 /// Ring changes committed by all the schedules of this run, so the test can say that the
 /// schedules did exercise them.
 static RING_CHANGES_COMMITTED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// Keys repaired by anti-entropy exchanges (counted on the nodes running at each end).
+static AAE_KEYS_REPAIRED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 /// Crashes of the claimant while a committed change was still pending, over all schedules.
 static CLAIMANTS_CRASHED_MID_CHANGE: std::sync::atomic::AtomicU64 =
     std::sync::atomic::AtomicU64::new(0);
@@ -582,6 +584,10 @@ async fn randomized_schedule(seed: u64) -> Vec<String> {
         )
     };
     for node in &nodes {
+        AAE_KEYS_REPAIRED.fetch_add(
+            node.status().map_or(0, |status| status.aae_keys_repaired),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         let held = node.store().hint_count().unwrap_or(0);
         if held > 0 {
             problems.push(format!(
@@ -713,8 +719,9 @@ fn randomized_schedules_lose_no_acknowledged_write() {
     failures.sort();
     let committed = RING_CHANGES_COMMITTED.load(std::sync::atomic::Ordering::Relaxed);
     let claimants = CLAIMANTS_CRASHED_MID_CHANGE.load(std::sync::atomic::Ordering::Relaxed);
+    let aae_repaired = AAE_KEYS_REPAIRED.load(std::sync::atomic::Ordering::Relaxed);
     eprintln!(
-        "{count} schedules committed {committed} ring changes (joins, leaves, removes); the claimant crashed mid-change {claimants} times"
+        "{count} schedules committed {committed} ring changes (joins, leaves, removes); the claimant crashed mid-change {claimants} times; anti-entropy repaired {aae_repaired} keys"
     );
     assert!(
         count < 20 || committed > 0,

@@ -130,6 +130,30 @@ pub fn server_command(pki: &Path, data_dir: &Path, base: u16) -> Command {
     command
 }
 
+/// Runs the `dynkv` CLI with `args` (without a token from the environment) to its end.
+pub fn run_dynkv(args: &[&str]) -> std::process::Output {
+    Command::new(binary())
+        .args(args)
+        .env_remove("DYNKV_TOKEN")
+        .output()
+        .expect("dynkv runs")
+}
+
+/// `dynkv server --config CONFIG`, logging warnings to stderr, spawned.
+pub fn spawn_server_with_config(config: &Path) -> NodeProcess {
+    NodeProcess(
+        Command::new(binary())
+            .arg("server")
+            .arg("--config")
+            .arg(config)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("dynkv server starts"),
+    )
+}
+
 /// A `dynkv server` process started by a test; killed and reaped on drop.
 pub struct NodeProcess(pub Child);
 

@@ -311,6 +311,22 @@ impl Node {
             key: difference.key.clone(),
             hint_for: None,
         };
+        // A bucket with its own n_val may not be replicated on both sides: such a key is
+        // left alone rather than copied where it does not belong.
+        let n_val = self
+            .bucket_props(&difference.bucket)
+            .await
+            .map_err(|error| error.message)?
+            .n_val as usize;
+        let replicas = self
+            .inner
+            .membership
+            .ring()
+            .preference_list(partition, n_val);
+        let replicates = |node: &NodeId| replicas.iter().any(|(_, replica)| replica == node);
+        if !replicates(&self.inner.id) || !replicates(peer) {
+            return Ok(false);
+        }
         let deadline = Instant::now() + self.inner.settings.request_timeout;
         let ours = self.read_copy(&copy)?;
         let theirs = self
