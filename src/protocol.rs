@@ -326,7 +326,7 @@ pub enum ClusterRequest {
     Join { node: Option<String> },
     /// `cluster join PEER` on a node started alone: give up its own one-node cluster, gossip
     /// with `peer` (a member of the cluster to join, reached at `peer_addr`) until its ring
-    /// arrives, then stage this node's join.
+    /// arrives, then stage this node's join. An empty `peer` is asked of the member.
     JoinVia { peer: String, peer_addr: String },
     /// Stage the leave of `node` (`None`: the node this request is sent to).
     Leave { node: Option<String> },

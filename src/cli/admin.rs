@@ -71,7 +71,8 @@ pub enum ClusterCommand {
     /// PEER (`n1=10.0.0.1:8710`, the member's id and peer address, as `--member` takes
     /// them); a node started with `--member` seeds of the cluster needs none.
     Join {
-        /// A member of the cluster to join, as ID=PEER_ADDR (or ID@PEER_ADDR).
+        /// A member of the cluster to join: its peer address (PEER_ADDR, an IPv4 address its
+        /// certificate names), or ID=PEER_ADDR.
         peer: Option<String>,
         #[command(flatten)]
         connect: ConnectArgs,
@@ -543,14 +544,14 @@ pub async fn run(command: AdminCommand) -> Result<()> {
     Ok(())
 }
 
-/// `ID=HOST:PORT` or `ID@HOST:PORT`: a member's id (its certificate name, which the TLS
-/// handshake checks) and its peer address.
+/// `ID=HOST:PORT`, `ID@HOST:PORT` or `HOST:PORT`: a member's id (its certificate name, which
+/// the TLS handshake checks; asked of the member when not given) and its peer address.
 fn parse_peer(text: &str) -> Result<(String, String)> {
-    let Some((id, address)) = text.split_once('=').or_else(|| text.split_once('@')) else {
-        bail!(
-            "{text:?} names no node: give the member as ID=PEER_ADDR, e.g. n1={text} (the id is the name its certificate was issued for)"
-        );
-    };
+    // A bare address: the node asks the member its id.
+    let (id, address) = text
+        .split_once('=')
+        .or_else(|| text.split_once('@'))
+        .unwrap_or(("", text));
     if let Err(error) = address.parse::<std::net::SocketAddr>() {
         bail!("{address:?} is not a peer address (IP:PORT): {error}");
     }

@@ -91,6 +91,18 @@ impl Node {
         peer: &str,
         peer_addr: &str,
     ) -> ClientResponse {
+        let discovered;
+        let peer = if peer.is_empty() {
+            match self.discover_peer(gossip, peer_addr).await {
+                Ok(node) => {
+                    discovered = node.to_string();
+                    discovered.as_str()
+                }
+                Err(message) => return ClientResponse::Error(ClientError::invalid(message)),
+            }
+        } else {
+            peer
+        };
         let peer = match NodeId::new(peer) {
             Ok(peer) => peer,
             Err(error) => {
@@ -138,6 +150,52 @@ impl Node {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         Box::pin(self.cluster_change(ClusterRequest::Join { node: None }, 0)).await
+    }
+
+    /// The id of the member listening at `peer_addr` (given without one): asked of it over
+    /// the peer port, whose certificate names its IP address (as `dynkv cert node --host`
+    /// issues them), by an empty gossip digest; its answer lists every member's record.
+    async fn discover_peer(
+        &self,
+        gossip: &crate::server::membership::GossipMembership,
+        peer_addr: &str,
+    ) -> Result<NodeId, String> {
+        let address: std::net::SocketAddr = peer_addr.parse().map_err(|error| {
+            format!("peer address {peer_addr:?} is not HOST:PORT with an IP address: {error}")
+        })?;
+        let name_it = "name the member as ID=PEER_ADDR (the id its certificate was issued for)";
+        // The IP as the TLS server name: an IPv4 address is also a well-formed node id.
+        let by_address = NodeId::new(address.ip().to_string())
+            .map_err(|_| format!("{peer_addr} is not an IPv4 address: {name_it}"))?;
+        gossip.learn_address(&by_address, peer_addr);
+        let answer = self
+            .inner
+            .peers
+            .call(
+                &by_address,
+                PeerRequest::GossipDigest {
+                    digests: Vec::new(),
+                    ring_version: 0,
+                },
+                self.inner.settings.request_timeout,
+            )
+            .await;
+        let records = match answer {
+            Ok(PeerResponse::GossipReply { records, .. }) => records,
+            Ok(other) => return Err(format!("{peer_addr} answered {other:?}; {name_it}")),
+            Err(error) => {
+                return Err(format!(
+                    "cannot ask {peer_addr} for its id: {error}; {name_it}"
+                ));
+            }
+        };
+        records
+            .into_iter()
+            .find(|record| record.peer_addr == peer_addr)
+            .map(|record| record.node)
+            .ok_or_else(|| {
+                format!("no member of {peer_addr}'s cluster advertises that address; {name_it}")
+            })
     }
 
     /// A partition this node's store holds a record of, if any.
