@@ -823,13 +823,7 @@ fn a_node_added_to_a_dev_cluster_takes_its_share_with_every_key_then_a_leave_and
     // Commit the plan: n4's keys are handed to it, then the ring flips.
     commit_and_wait_for_no_transfers(&cluster);
     let ring = json(&cluster.cli(&["admin", "ring", "--json"]));
-    let n4_share = ring["owners"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|owner| *owner == "n4")
-        .count();
-    assert_eq!(n4_share, 16, "{ring}");
+    assert_eq!(partitions_owned(&ring, "n4"), 16, "{ring}");
     let missing = missed_through_n4();
     assert!(
         missing.is_empty(),
@@ -889,6 +883,16 @@ fn a_node_added_to_a_dev_cluster_takes_its_share_with_every_key_then_a_leave_and
 
 /// Shows the plan, commits it, and waits until `admin transfers --watch` exits on `no
 /// transfers` (the handoffs are done and the ring has flipped).
+/// How many partitions `node` owns in `admin ring --json` output.
+fn partitions_owned(ring: &serde_json::Value, node: &str) -> usize {
+    ring["owners"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|owner| *owner == node)
+        .count()
+}
+
 fn commit_and_wait_for_no_transfers(cluster: &DevCluster) {
     let plan = cluster.cli(&["admin", "cluster", "plan"]);
     assert!(plan.status.success(), "plan: {}", stderr(&plan));
@@ -1049,13 +1053,7 @@ fn a_node_started_alone_joins_through_a_peer_address() {
     }
     commit_and_wait_for_no_transfers(&cluster);
     let ring = json(&on_n4(&["admin", "ring", "--json"]));
-    let n4_share = ring["owners"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|owner| *owner == "n4")
-        .count();
-    assert_eq!(n4_share, 16, "{ring}");
+    assert_eq!(partitions_owned(&ring, "n4"), 16, "{ring}");
     let missing: Vec<&String> = keys
         .iter()
         .filter(|key| !on_n4(&["get", "alone", key, "--r", "one"]).status.success())

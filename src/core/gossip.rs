@@ -53,6 +53,20 @@ pub struct MemberRecord {
 }
 
 impl MemberRecord {
+    /// A member known only by its id and peer address (a seed, a peer named by an operator),
+    /// until its own records arrive: generation 0, so any real record wins.
+    pub fn unheard(node: NodeId, peer_addr: &str) -> Self {
+        MemberRecord {
+            node,
+            generation: 0,
+            version: 0,
+            peer_addr: peer_addr.to_string(),
+            client_addr: String::new(),
+            hints: Vec::new(),
+            ring_version: 0,
+        }
+    }
+
     fn stamp(&self) -> (u64, u64) {
         (self.generation, self.version)
     }

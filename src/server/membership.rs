@@ -359,15 +359,7 @@ impl GossipMembership {
 
     /// Tells the transport where `node` listens (as a gossiped record would).
     pub fn learn_address(&self, node: &NodeId, peer_addr: &str) {
-        (self.address_book)(&MemberRecord {
-            node: node.clone(),
-            generation: 0,
-            version: 0,
-            peer_addr: peer_addr.to_string(),
-            client_addr: String::new(),
-            hints: Vec::new(),
-            ring_version: 0,
-        });
+        (self.address_book)(&MemberRecord::unheard(node.clone(), peer_addr));
     }
 
     /// Saves a committed cluster state (a provisional one is not worth keeping).

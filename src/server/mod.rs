@@ -174,15 +174,7 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         .collect();
     for (id, address) in &validated.members {
         if *id != validated.node_id && !known.iter().any(|record| &record.node == id) {
-            known.push(MemberRecord {
-                node: id.clone(),
-                generation: 0,
-                version: 0,
-                peer_addr: address.to_string(),
-                client_addr: String::new(),
-                hints: Vec::new(),
-                ring_version: 0,
-            });
+            known.push(MemberRecord::unheard(id.clone(), &address.to_string()));
         }
     }
     let seeds = validated.members.iter().map(|(id, _)| id.clone()).collect();

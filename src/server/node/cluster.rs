@@ -124,15 +124,7 @@ impl Node {
                 self.inner.id
             )));
         }
-        let record = crate::core::gossip::MemberRecord {
-            node: peer.clone(),
-            generation: 0,
-            version: 0,
-            peer_addr: peer_addr.to_string(),
-            client_addr: String::new(),
-            hints: Vec::new(),
-            ring_version: 0,
-        };
+        let record = crate::core::gossip::MemberRecord::unheard(peer.clone(), peer_addr);
         if let Err(message) = gossip.forsake_own_cluster_for(record) {
             return ClientResponse::Error(ClientError::invalid(message));
         }
