@@ -79,10 +79,12 @@ async fn missing_somewhere(cluster: &SimCluster, keys: &[String]) -> Vec<String>
     missing
 }
 
-/// K = 40 intervals: each node runs one exchange per interval (jittered ±1/8..+1/8), of the
-/// next partition it first-owns, with both other replicas. On 3 nodes a node first-owns at
-/// most 22 of 64 partitions, and every partition's owner exchanges with n3, so one round of
-/// 22 intervals repairs every key; 40 leaves room for the jitter and the trees' first builds.
+/// K: each node runs one exchange per interval (jittered by ±1/8), of the next partition it
+/// first-owns, with both other replicas. On 3 nodes a node first-owns at most 22 of 64
+/// partitions, and every partition's owner exchanges with n3, so one round of about 22
+/// intervals repairs every key (28 measured, with the trees' first builds). The bound is 100:
+/// the store's writer is a real thread, so on a loaded machine the paused clock can run past
+/// an exchange's timeout and that exchange waits for the next round.
 #[tokio::test(start_paused = true)]
 async fn a_replica_that_missed_writes_while_up_catches_up_by_exchanges_alone() {
     let (cluster, keys) = writes_n3_missed(17, true).await;
@@ -101,8 +103,8 @@ async fn a_replica_that_missed_writes_while_up_catches_up_by_exchanges_alone() {
             break;
         }
         assert!(
-            waited < 40,
-            "after 40 exchange intervals {} copies are still missing: {:?}",
+            waited < 100,
+            "after 100 exchange intervals {} copies are still missing: {:?}",
             missing.len(),
             &missing[..missing.len().min(5)]
         );
@@ -128,7 +130,7 @@ async fn a_replica_that_missed_writes_while_up_catches_up_by_exchanges_alone() {
 #[tokio::test(start_paused = true)]
 async fn without_anti_entropy_the_missed_writes_stay_missing() {
     let (cluster, keys) = writes_n3_missed(17, false).await;
-    tokio::time::sleep(INTERVAL * 40).await;
+    tokio::time::sleep(INTERVAL * 100).await;
     let missing = missing_somewhere(&cluster, &keys).await;
     assert!(missing.len() > KEYS / 2, "{}", missing.len());
 }

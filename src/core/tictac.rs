@@ -52,12 +52,20 @@ pub fn branch_of(segment: Segment) -> Branch {
     segment / SEGMENTS_PER_BRANCH as u16
 }
 
-/// The digest of a stored record (a key's encoded version set): equal copies encode alike
-/// (entries sorted by actor, values newest first), so equal records mean equal copies, and a
-/// copy that differs in anything a merge would change differs here. Hashing the record's
-/// bytes needs no decoding on the store's writer.
+/// The digest of a stored record: of its replicated object only (see
+/// [`crate::core::object::LocalRecord`]; the key actor a node keeps beside it differs between
+/// replicas that hold the same copy). Equal objects encode alike (entries sorted by actor,
+/// values newest first), so equal digests mean equal copies, and a copy that differs in
+/// anything a merge would change differs here. A record that does not decode is digested
+/// whole (it then differs from every good copy, and the exchange's merge reports it).
 pub fn record_digest(record: &[u8]) -> u64 {
-    first_u64(blake3::hash(record).as_bytes())
+    match crate::core::object::decode_local_record(record) {
+        Ok(local) => {
+            let object = crate::core::object::encode_record(&local.object);
+            first_u64(blake3::hash(&object).as_bytes())
+        }
+        Err(_) => first_u64(blake3::hash(record).as_bytes()),
+    }
 }
 
 /// The entry hash of the key at ring position `position` ([`key_position`]) holding a
@@ -537,5 +545,16 @@ mod tests {
             digest(&other_actor.sync(&two))
         );
         assert_eq!(digest(&two.sync(&two)), digest(&two));
+        // The key actor a coordinating replica keeps beside its copy is not replicated.
+        let coordinated =
+            crate::core::object::encode_local_record(&crate::core::object::LocalRecord {
+                object: two.clone(),
+                coordinator: Some(crate::core::epoch::KeyActor {
+                    actor: 42,
+                    incarnation: 3,
+                }),
+            });
+        assert_ne!(coordinated, encode_record(&two));
+        assert_eq!(record_digest(&coordinated), digest(&two));
     }
 }
