@@ -980,22 +980,10 @@ fn a_node_started_alone_joins_through_a_peer_address() {
     assert!(issued.status.success(), "{}", stderr(&issued));
     let port = |offset: u16| format!("127.0.0.1:{}", cluster.base_port + offset + 3);
     let data_dir = cluster.path().join("lone-n4");
+    // n4's ports follow the dev cluster's pattern (client BASE+3, peer +103, HTTP +203).
     let start_n4 = || {
         common::process::NodeProcess(
-            std::process::Command::new(common::process::binary())
-                .args(["server", "--node-id", "n4", "--data-dir"])
-                .arg(&data_dir)
-                .args(["--client-listen", &port(0), "--peer-listen", &port(100)])
-                .args(["--http-listen", &port(200)])
-                .arg("--ca-cert")
-                .arg(pki.join("ca.pem"))
-                .arg("--node-cert")
-                .arg(pki.join("n4.pem"))
-                .arg("--node-key")
-                .arg(pki.join("n4.key"))
-                .env("RUST_LOG", "warn")
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::inherit())
+            common::process::server_command_for("n4", &pki, &data_dir, cluster.base_port + 3)
                 .spawn()
                 .unwrap(),
         )

@@ -106,10 +106,15 @@ pub fn make_pki(dir: &Path, node_id: &str) -> PathBuf {
 /// `data_dir`, its client port at `base`, peer port at `base + 100` and HTTP at `base + 200`,
 /// logging warnings to stderr; the caller adds its own flags and spawns it.
 pub fn server_command(pki: &Path, data_dir: &Path, base: u16) -> Command {
+    server_command_for("n1", pki, data_dir, base)
+}
+
+/// [`server_command`] for node `node_id` (its certificate `<node_id>.pem` in `pki`).
+pub fn server_command_for(node_id: &str, pki: &Path, data_dir: &Path, base: u16) -> Command {
     let address = |offset: u16| format!("127.0.0.1:{}", base + offset);
     let mut command = Command::new(binary());
     command
-        .args(["server", "--node-id", "n1", "--data-dir"])
+        .args(["server", "--node-id", node_id, "--data-dir"])
         .arg(data_dir)
         .args([
             "--client-listen",
@@ -121,9 +126,9 @@ pub fn server_command(pki: &Path, data_dir: &Path, base: u16) -> Command {
         .arg("--ca-cert")
         .arg(pki.join("ca.pem"))
         .arg("--node-cert")
-        .arg(pki.join("n1.pem"))
+        .arg(pki.join(format!("{node_id}.pem")))
         .arg("--node-key")
-        .arg(pki.join("n1.key"))
+        .arg(pki.join(format!("{node_id}.key")))
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit());
