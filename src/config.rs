@@ -57,6 +57,12 @@
 //! max_repairs_per_exchange = 1000
 //! rebuild_interval_secs = 86400        # trees are rebuilt from a scan this often (and at start)
 //!
+//! [tombstones]                         # what becomes of a deleted key's tombstone
+//! mode = "reap"                        # "reap": removed once safe (needs aae); "keep": kept forever
+//! grace_secs = 14400                   # kept at least this long (4 h; more than hint_window_secs);
+//!                                      # a bucket's tombstone_grace_secs overrides it
+//! max_reaps_per_pass = 1000            # tombstones one pass over a partition reaps at most
+//!
 //! [hints]
 //! max_bytes = 1073741824               # hint storage bound; past it fallbacks refuse writes
 //!
@@ -126,6 +132,8 @@ pub struct Config {
     pub storage: StorageSettings,
     /// Active anti-entropy: tictac trees per partition, exchanged with the other primaries.
     pub aae: AaeConfig,
+    /// Tombstone reaping.
+    pub tombstones: TombstonesConfig,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -279,6 +287,44 @@ impl Default for AaeConfig {
     }
 }
 
+/// Whether tombstones are reaped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TombstoneMode {
+    /// Removed once it is safe (see [`TombstonesConfig`]).
+    Reap,
+    /// Kept forever: always safe, but a deleted key's tombstone is never freed.
+    Keep,
+}
+
+/// A delete writes a tombstone. With `mode = "reap"`, the first primary of a partition
+/// removes a tombstone from every primary once all of these hold: `grace_secs` (or the
+/// bucket's `tombstone_grace_secs`) have passed since the delete; every member is up and
+/// holds the same ring, with no change pending; no member reports a hint for the partition;
+/// every primary holds the identical tombstone, durably. Each primary removes its copy only
+/// if it is still that tombstone. Reaping runs after the partition's anti-entropy exchange,
+/// so it needs `aae.enabled`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TombstonesConfig {
+    pub mode: TombstoneMode,
+    /// Least time a tombstone is kept; more than `hint_window_secs`, so that a primary that
+    /// was silent got its hints or was given up on before its tombstones go.
+    pub grace_secs: u64,
+    /// Most tombstones one pass over a partition reaps.
+    pub max_reaps_per_pass: u32,
+}
+
+impl Default for TombstonesConfig {
+    fn default() -> Self {
+        TombstonesConfig {
+            mode: TombstoneMode::Reap,
+            grace_secs: 4 * 3600,
+            max_reaps_per_pass: 1000,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StorageSettings {
@@ -338,6 +384,7 @@ impl Default for Config {
             hints: HintsConfig::default(),
             storage: StorageSettings::default(),
             aae: AaeConfig::default(),
+            tombstones: TombstonesConfig::default(),
         }
     }
 }
@@ -483,6 +530,29 @@ impl Config {
         }
         if self.aae.rebuild_interval_secs < 60 {
             return Err(invalid("aae.rebuild_interval_secs", "must be at least 60"));
+        }
+        if self.tombstones.mode == TombstoneMode::Reap
+            && self.tombstones.grace_secs <= self.hint_window_secs
+        {
+            return Err(invalid(
+                "tombstones.grace_secs",
+                format!(
+                    "is {} but must be more than hint_window_secs ({}), or set tombstones.mode = \"keep\"",
+                    self.tombstones.grace_secs, self.hint_window_secs
+                ),
+            ));
+        }
+        if self.tombstones.grace_secs > crate::server::node::MAX_TOMBSTONE_GRACE_SECS {
+            return Err(invalid(
+                "tombstones.grace_secs",
+                "must be at most 316224000 (10 years)",
+            ));
+        }
+        if !(1..=100_000).contains(&self.tombstones.max_reaps_per_pass) {
+            return Err(invalid(
+                "tombstones.max_reaps_per_pass",
+                "must be between 1 and 100000",
+            ));
         }
         if !(1..=600_000).contains(&self.speculative_retry_ms) {
             return Err(invalid(
@@ -682,6 +752,20 @@ mod tests {
             },
         ];
         assert_eq!(field_of(&config), "members[1].id");
+        // A grace period no longer than the hint window could reap a tombstone while a
+        // silent primary's hints are still coming; with tombstones kept it does not matter.
+        let mut config = valid();
+        config.tombstones.grace_secs = config.hint_window_secs;
+        assert_eq!(field_of(&config), "tombstones.grace_secs");
+        config.tombstones.mode = TombstoneMode::Keep;
+        assert!(config.validate().is_ok());
+        let mut config = valid();
+        config.tombstones.max_reaps_per_pass = 0;
+        assert_eq!(field_of(&config), "tombstones.max_reaps_per_pass");
+        let parsed: Config =
+            toml::from_str("[tombstones]\nmode = \"keep\"\ngrace_secs = 20000\n").unwrap();
+        assert_eq!(parsed.tombstones.mode, TombstoneMode::Keep);
+        assert!(toml::from_str::<Config>("[tombstones]\nmode = \"never\"\n").is_err());
     }
 
     #[test]

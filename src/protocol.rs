@@ -234,6 +234,12 @@ pub struct NodeStatus {
     pub aae_keys_repaired: u64,
     #[serde(default)]
     pub aae_bytes_repaired: u64,
+    /// Keys this node holds as tombstones only (in partitions whose tree is built), and
+    /// tombstones it has reaped since it started.
+    #[serde(default)]
+    pub tombstones_held: u64,
+    #[serde(default)]
+    pub tombstones_reaped: u64,
 }
 
 /// The kinds of error a client can get; each maps to one HTTP status in the HTTP API.
@@ -415,6 +421,11 @@ pub struct RingMember {
 pub struct AaeInfo {
     pub enabled: bool,
     pub exchange_interval_ms: u64,
+    /// `reap` or `keep` (`tombstones.mode`).
+    #[serde(default)]
+    pub tombstones_mode: String,
+    #[serde(default)]
+    pub tombstone_grace_secs: u64,
     /// Every partition this node keeps a tree for or exchanges, in partition order.
     pub partitions: Vec<AaePartitionInfo>,
 }
@@ -431,6 +442,12 @@ pub struct AaePartitionInfo {
     /// When this node's next exchange of the partition is due, from now; `None` when it is
     /// not a primary of it.
     pub next_due_ms: Option<u64>,
+    /// Keys held as tombstones only.
+    #[serde(default)]
+    pub tombstones: u64,
+    /// The last reaping pass this node ran over the partition: how long ago, and its result.
+    #[serde(default)]
+    pub last_reap: Option<AaeExchangeInfo>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -445,6 +462,20 @@ pub struct AaeExchangeInfo {
 pub const MAX_AAE_SEGMENTS: usize = 256;
 /// Most key digests an answer carries.
 pub const MAX_AAE_DIGESTS: usize = 200_000;
+
+/// Most keys one [`PeerRequest::ReapCheck`] or [`PeerRequest::Reap`] names.
+pub const MAX_REAP_KEYS: usize = 1000;
+
+/// A tombstone a reaper names: the key and the record digest
+/// ([`crate::core::tictac::record_digest`]) of the tombstone it holds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReapKey {
+    #[serde(with = "serde_bytes")]
+    pub bucket: Vec<u8>,
+    #[serde(with = "serde_bytes")]
+    pub key: Vec<u8>,
+    pub digest: u64,
+}
 
 /// Node-to-node requests.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -512,6 +543,21 @@ pub enum PeerRequest {
     AaeKeys {
         partition: PartitionId,
         segments: Vec<u16>,
+    },
+    /// Tombstone reaping, step 1: whether the receiver holds each of these tombstones
+    /// (at most [`MAX_REAP_KEYS`]), read once durable.
+    ReapCheck {
+        partition: PartitionId,
+        keys: Vec<ReapKey>,
+    },
+    /// Step 2: delete each copy that is still the tombstone named.
+    Reap {
+        partition: PartitionId,
+        keys: Vec<ReapKey>,
+    },
+    /// How many hints the receiver holds for `partition` (a reaper asks every member).
+    HintCount {
+        partition: PartitionId,
     },
     /// Set this node's `transfer_limit` until it restarts.
     SetTransferLimit {
@@ -608,6 +654,14 @@ pub enum PeerResponse {
     AaeSegments(Option<Vec<Vec<u32>>>),
     /// Answer to [`PeerRequest::AaeKeys`].
     AaeKeys(Vec<crate::core::tictac::KeyDigest>),
+    /// Answer to [`PeerRequest::ReapCheck`], one per key asked.
+    ReapCheck(Vec<bool>),
+    /// Answer to [`PeerRequest::Reap`]: how many copies the receiver deleted.
+    Reaped {
+        reaped: u64,
+    },
+    /// Answer to [`PeerRequest::HintCount`].
+    HintCount(u64),
     /// A page of [`PeerRequest::ListKeys`]; `next` is where the following page starts, `None`
     /// at the end of the partition.
     Keys {

@@ -432,6 +432,8 @@ async fn run_faults(schedule: Schedule) -> usize {
 static RING_CHANGES_COMMITTED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 /// Keys repaired by anti-entropy exchanges (counted on the nodes running at each end).
 static AAE_KEYS_REPAIRED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// Tombstones reaped (counted on the nodes running at the end, each its own copies).
+static TOMBSTONES_REAPED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 /// Crashes of the claimant while a committed change was still pending, over all schedules.
 static CLAIMANTS_CRASHED_MID_CHANGE: std::sync::atomic::AtomicU64 =
     std::sync::atomic::AtomicU64::new(0);
@@ -484,6 +486,12 @@ async fn randomized_schedule(seed: u64) -> Vec<String> {
     // created before it passed must still be kept and delivered.
     let mut dice = StdRng::seed_from_u64(seed);
     settings.hint_window = Duration::from_secs(dice.random_range(5..40));
+    // Tombstones are reaped after a short grace, so that deleted keys are reaped (and could
+    // come back) within the schedule; clock jumps pass it at once.
+    settings.tombstones.grace = Duration::from_secs(dice.random_range(1..20));
+    // Exchanges (and reaping passes) come round often: each node first-owns about 13 of the
+    // 64 partitions, so a partition's turn comes every 3 s or so.
+    settings.aae.exchange_interval = Duration::from_millis(250);
     // A quarter of the schedules bound hint storage tightly, so fallbacks refuse writes
     // (in about a quarter of those).
     let hints_max_bytes = if dice.random_bool(0.25) {
@@ -501,6 +509,20 @@ async fn randomized_schedule(seed: u64) -> Vec<String> {
         .map(|client| tokio::spawn(run_client(client, 60, schedule.clone())))
         .collect();
     let faults = tokio::spawn(run_faults(schedule.clone()));
+    // The checker learns every version's dot, and which were superseded, from the copies it
+    // sees: a tombstone may be reaped soon after it spread, and with it the last sign that
+    // the versions it deleted were superseded rather than lost.
+    let observer = {
+        let schedule = schedule.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                for index in 0..SCHEDULE_KEYS {
+                    schedule.observe(&format!("k{index}")).await;
+                }
+            }
+        })
+    };
     for client in clients {
         client.await.expect("client panicked");
     }
@@ -588,6 +610,10 @@ async fn randomized_schedule(seed: u64) -> Vec<String> {
             node.status().map_or(0, |status| status.aae_keys_repaired),
             std::sync::atomic::Ordering::Relaxed,
         );
+        TOMBSTONES_REAPED.fetch_add(
+            node.status().map_or(0, |status| status.tombstones_reaped),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         let held = node.store().hint_count().unwrap_or(0);
         if held > 0 {
             problems.push(format!(
@@ -596,6 +622,7 @@ async fn randomized_schedule(seed: u64) -> Vec<String> {
             ));
         }
     }
+    observer.abort();
     let mut finals = BTreeMap::new();
     for (key, primaries) in keys.iter().zip(&primaries) {
         schedule.observe(key).await;
@@ -609,10 +636,18 @@ async fn randomized_schedule(seed: u64) -> Vec<String> {
                 });
             }
             if primaries.contains(node.id()) {
+                // Values, not tombstones (DESIGN §9.2): a tombstone being reaped is gone from
+                // some primaries a moment before the others.
                 let copy = replica_copy(node, &ring, BUCKET, key.as_bytes()).await;
                 let versions: BTreeSet<String> = copy
                     .iter()
-                    .flat_map(|copy| copy.values().into_iter().map(describe).collect::<Vec<_>>())
+                    .flat_map(|copy| {
+                        copy.values()
+                            .into_iter()
+                            .filter(|content| !content.deleted)
+                            .map(describe)
+                            .collect::<Vec<_>>()
+                    })
                     .collect();
                 replica_versions.push((node.id().clone(), versions));
             }
@@ -720,9 +755,11 @@ fn randomized_schedules_lose_no_acknowledged_write() {
     let committed = RING_CHANGES_COMMITTED.load(std::sync::atomic::Ordering::Relaxed);
     let claimants = CLAIMANTS_CRASHED_MID_CHANGE.load(std::sync::atomic::Ordering::Relaxed);
     let aae_repaired = AAE_KEYS_REPAIRED.load(std::sync::atomic::Ordering::Relaxed);
+    let reaped = TOMBSTONES_REAPED.load(std::sync::atomic::Ordering::Relaxed);
     eprintln!(
-        "{count} schedules committed {committed} ring changes (joins, leaves, removes); the claimant crashed mid-change {claimants} times; anti-entropy repaired {aae_repaired} keys"
+        "{count} schedules committed {committed} ring changes (joins, leaves, removes); the claimant crashed mid-change {claimants} times; anti-entropy repaired {aae_repaired} keys; {reaped} tombstone copies were reaped"
     );
+    assert!(count < 20 || reaped > 0, "no schedule reaped a tombstone");
     assert!(
         count < 20 || committed > 0,
         "no schedule committed a ring change"

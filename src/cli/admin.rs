@@ -568,9 +568,22 @@ fn print_aae(info: &dynkv::protocol::AaeInfo) {
         info.exchange_interval_ms,
         info.partitions.len()
     );
+    let held: u64 = info
+        .partitions
+        .iter()
+        .map(|partition| partition.tombstones)
+        .sum();
+    if info.tombstones_mode == "keep" {
+        println!("tombstones: kept (tombstones.mode = keep); {held} held");
+    } else {
+        println!(
+            "tombstones: reaped {} s after the delete once safe; {held} held",
+            info.tombstone_grace_secs
+        );
+    }
     println!(
-        "{:>9}  {:<10}  {:>6}  {:>9}  last exchanges (peer: result, how long ago)",
-        "partition", "tree", "builds", "next due"
+        "{:>9}  {:<10}  {:>6}  {:>9}  {:>10}  last exchanges (peer: result, how long ago); last reap",
+        "partition", "tree", "builds", "next due", "tombstones"
     );
     for partition in &info.partitions {
         let next = partition
@@ -588,17 +601,26 @@ fn print_aae(info: &dynkv::protocol::AaeInfo) {
                 )
             })
             .collect();
+        let reap = partition.last_reap.as_ref().map_or(String::new(), |reap| {
+            format!(
+                "; {} ({:.1} s ago)",
+                reap.result,
+                reap.ago_ms as f64 / 1000.0
+            )
+        });
         println!(
-            "{:>9}  {:<10}  {:>6}  {:>9}  {}",
+            "{:>9}  {:<10}  {:>6}  {:>9}  {:>10}  {}{}",
             partition.partition,
             partition.tree,
             partition.builds,
             next,
+            partition.tombstones,
             if exchanges.is_empty() {
                 "none yet".to_string()
             } else {
                 exchanges.join("; ")
-            }
+            },
+            reap
         );
     }
 }

@@ -332,6 +332,20 @@ pub fn live_siblings(object: &StoredObject) -> Vec<Content> {
         .collect()
 }
 
+/// When a key whose every sibling is a tombstone was deleted: the newest tombstone's
+/// wall-clock time (microseconds); `None` while any sibling is live (or there is none).
+/// Tombstone reaping measures its grace period from this.
+pub fn tombstone_since(object: &StoredObject) -> Option<u64> {
+    let values = object.values();
+    if values.is_empty() || values.iter().any(|content| !content.deleted) {
+        return None;
+    }
+    values
+        .iter()
+        .map(|content| content.last_modified_micros)
+        .max()
+}
+
 /// Total bytes of every sibling, as checked against the object size limit.
 pub fn object_size_bytes(object: &StoredObject) -> usize {
     object
@@ -509,5 +523,25 @@ mod tests {
         assert!(Context::of(&deleted).0.descends(&Context::of(&base).0));
         // A stale replica's copy merged in does not resurrect the deleted value.
         assert!(live_siblings(&merge_replica(Some(&deleted), &base, true)).is_empty());
+    }
+
+    #[test]
+    fn only_a_key_whose_every_sibling_is_a_tombstone_has_a_tombstone_time() {
+        let base = coordinate_put(None, None, content("a", 1), 1, true);
+        assert_eq!(tombstone_since(&base), None);
+        // Two concurrent deletes: the newest one's time counts.
+        let first = coordinate_put(Some(&base), None, Content::tombstone(5), 1, true);
+        let both = coordinate_put(Some(&first), None, Content::tombstone(3), 2, true);
+        assert_eq!(both.values().len(), 3);
+        assert_eq!(tombstone_since(&both), None, "a live sibling remains");
+        let deleted = coordinate_put(
+            Some(&both),
+            Some(&Context::of(&base)),
+            Content::tombstone(4),
+            1,
+            true,
+        );
+        assert!(deleted.values().iter().all(|content| content.deleted));
+        assert_eq!(tombstone_since(&deleted), Some(5));
     }
 }

@@ -59,12 +59,32 @@ pub fn branch_of(segment: Segment) -> Branch {
 /// anything a merge would change differs here. A record that does not decode is digested
 /// whole (it then differs from every good copy, and the exchange's merge reports it).
 pub fn record_digest(record: &[u8]) -> u64 {
+    record_summary(record).digest
+}
+
+/// What the trees and tombstone reaping need of a stored record, from one decode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecordSummary {
+    /// [`record_digest`].
+    pub digest: u64,
+    /// [`crate::core::object::tombstone_since`]: set when every sibling is a tombstone.
+    pub tombstone_since: Option<u64>,
+}
+
+/// The [`RecordSummary`] of a stored record.
+pub fn record_summary(record: &[u8]) -> RecordSummary {
     match crate::core::object::decode_local_record(record) {
         Ok(local) => {
             let object = crate::core::object::encode_record(&local.object);
-            first_u64(blake3::hash(&object).as_bytes())
+            RecordSummary {
+                digest: first_u64(blake3::hash(&object).as_bytes()),
+                tombstone_since: crate::core::object::tombstone_since(&local.object),
+            }
         }
-        Err(_) => first_u64(blake3::hash(record).as_bytes()),
+        Err(_) => RecordSummary {
+            digest: first_u64(blake3::hash(record).as_bytes()),
+            tombstone_since: None,
+        },
     }
 }
 

@@ -42,6 +42,7 @@ fn props_json(bucket: &str, props: &BucketProps) -> Value {
             "pw": params::quorum_json(props.pw),
             "notfound_ok": props.notfound_ok,
             "basic_quorum": props.basic_quorum,
+            "tombstone_grace_secs": props.tombstone_grace_secs,
         }
     })
 }
@@ -96,6 +97,14 @@ fn apply_props(props: &mut BucketProps, document: &Value) -> Result<(), HttpErro
             "dw" => props.dw = params::quorum_from_json(name, value)?,
             "pr" => props.pr = params::quorum_from_json(name, value)?,
             "pw" => props.pw = params::quorum_from_json(name, value)?,
+            "tombstone_grace_secs" if value.is_null() => props.tombstone_grace_secs = None,
+            "tombstone_grace_secs" => {
+                props.tombstone_grace_secs = Some(value.as_u64().ok_or_else(|| {
+                    HttpError::bad_request(
+                        "tombstone_grace_secs must be a whole number of seconds, or null for the node's tombstones.grace_secs",
+                    )
+                })?)
+            }
             _ => {}
         }
     }

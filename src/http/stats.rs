@@ -347,6 +347,14 @@ pub(crate) async fn riak_stats(State(state): State<AppState>, headers: HeaderMap
             "dynkv_aae_bytes_repaired_total".into(),
             json!(status.aae_bytes_repaired),
         );
+        fields.insert(
+            "dynkv_tombstones_held".into(),
+            json!(status.tombstones_held),
+        );
+        fields.insert(
+            "dynkv_tombstones_reaped_total".into(),
+            json!(status.tombstones_reaped),
+        );
         fields.insert("dynkv_members_up".into(), json!(status.members_up));
         fields.insert("dynkv_members_down".into(), json!(status.members_down));
     }

@@ -96,6 +96,11 @@ pub fn node_settings(config: &Config, validated: &crate::config::Validated) -> N
             max_repairs_per_exchange: config.aae.max_repairs_per_exchange as usize,
             rebuild_interval: Duration::from_secs(config.aae.rebuild_interval_secs),
         },
+        tombstones: crate::server::node::TombstoneSettings {
+            reap: config.tombstones.mode == crate::config::TombstoneMode::Reap,
+            grace: Duration::from_secs(config.tombstones.grace_secs),
+            max_reaps_per_pass: config.tombstones.max_reaps_per_pass as usize,
+        },
     }
 }
 

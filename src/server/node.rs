@@ -45,11 +45,13 @@ mod coverage;
 mod get;
 mod handoff;
 mod put;
+mod reap;
 mod replica;
 mod transfer;
 pub use aae::AaeSettings;
-pub use buckets::{BucketProps, PROPS_BUCKET};
+pub use buckets::{BucketProps, MAX_TOMBSTONE_GRACE_SECS, PROPS_BUCKET};
 use put::Write;
+pub use reap::TombstoneSettings;
 
 /// The settings a node's request handling needs.
 #[derive(Clone, Debug)]
@@ -90,6 +92,8 @@ pub struct NodeSettings {
     pub space: Option<Arc<crate::storage::SpaceGuard>>,
     /// Active anti-entropy (`[aae]`).
     pub aae: AaeSettings,
+    /// Tombstone reaping (`[tombstones]`).
+    pub tombstones: TombstoneSettings,
 }
 
 /// The wall clock a node stamps versions with. Real nodes read the system clock; the
@@ -168,6 +172,7 @@ struct NodeInner {
     transfers: transfer::Transfers,
     /// Anti-entropy exchanges this node ran.
     aae: aae::AaeState,
+    reap: reap::ReapState,
 }
 
 /// A node's request handler; cheap to clone.
@@ -274,6 +279,7 @@ impl Node {
                 rng: parking_lot::Mutex::new(rng),
                 transfers: transfer::Transfers::new(settings.transfer_limit),
                 aae: aae::AaeState::default(),
+                reap: reap::ReapState::default(),
                 key_actors,
                 store,
                 membership,
@@ -496,6 +502,8 @@ impl Node {
             aae_segments_differing: self.inner.aae.segments_differing.load(Ordering::Relaxed),
             aae_keys_repaired: self.inner.aae.keys_repaired.load(Ordering::Relaxed),
             aae_bytes_repaired: self.inner.aae.bytes_repaired.load(Ordering::Relaxed),
+            tombstones_held: self.tombstones_held(),
+            tombstones_reaped: self.inner.reap.reaped.load(Ordering::Relaxed),
         })
     }
 
@@ -720,6 +728,19 @@ impl Node {
                 Ok(()) => PeerResponse::Pong,
                 Err(message) => PeerResponse::Failed { message },
             },
+            PeerRequest::ReapCheck { partition, keys } => {
+                self.serve_reap_check(partition, keys).await
+            }
+            PeerRequest::Reap { partition, keys } => self.serve_reap(partition, keys).await,
+            PeerRequest::HintCount { partition } => PeerResponse::HintCount(
+                self.inner
+                    .store
+                    .hint_tally()
+                    .by_partition
+                    .get(&partition)
+                    .copied()
+                    .unwrap_or(0),
+            ),
             request @ (PeerRequest::AaeBranches { .. }
             | PeerRequest::AaeSegments { .. }
             | PeerRequest::AaeKeys { .. }) => self.serve_aae(request).await,

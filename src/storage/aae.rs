@@ -22,12 +22,21 @@ use crate::core::tictac::{self, Branch, KeyDigest, Segment, TicTacTree};
 struct PartitionTree {
     /// The tree exchanges use; `None` until the first build is done.
     built: Option<TicTacTree>,
-    /// A build in progress: the tree so far, and the last stored key it read.
-    building: Option<(TicTacTree, Option<Vec<u8>>)>,
+    /// Keys whose every sibling is a tombstone, as the built tree counts them.
+    tombstones: u64,
+    /// A build in progress.
+    building: Option<Build>,
     /// Builds completed (the first one makes the tree usable).
     builds: u64,
     /// Writes applied since the last build completed.
     writes_since_build: u64,
+}
+
+/// A build in progress: the tree and tombstone count so far, and the last stored key read.
+struct Build {
+    tree: TicTacTree,
+    tombstones: u64,
+    cursor: Option<Vec<u8>>,
 }
 
 /// What [`AaeTrees::status`] reports of one partition.
@@ -41,6 +50,8 @@ pub struct TreeStatus {
     pub builds: u64,
     pub writes_since_build: u64,
     pub root: Option<u32>,
+    /// Keys held as tombstones only (counted once the first build is done).
+    pub tombstones: u64,
 }
 
 /// Every partition's tree on this node.
@@ -65,18 +76,35 @@ impl AaeTrees {
             return;
         }
         let segment = tictac::segment_of_position(position);
-        let old = old.map(|record| tictac::entry_hash(position, tictac::record_digest(record)));
-        let new = new.map(|record| tictac::entry_hash(position, tictac::record_digest(record)));
+        let old = old.map(tictac::record_summary);
+        let new = new.map(tictac::record_summary);
+        let entry = |summary: Option<tictac::RecordSummary>| {
+            summary.map(|summary| tictac::entry_hash(position, summary.digest))
+        };
+        let is_tombstone = |summary: Option<tictac::RecordSummary>| {
+            summary.is_some_and(|summary| summary.tombstone_since.is_some())
+        };
+        let (old_tombstone, new_tombstone) = (is_tombstone(old), is_tombstone(new));
+        let count = |tombstones: &mut u64| {
+            *tombstones =
+                (*tombstones + u64::from(new_tombstone)).saturating_sub(u64::from(old_tombstone));
+        };
+        let (old, new) = (entry(old), entry(new));
         let mut trees = self.trees.lock();
         let tree = trees.entry(partition).or_default();
         tree.writes_since_build += 1;
         if let Some(built) = &mut tree.built {
             built.update(segment, old, new);
+            count(&mut tree.tombstones);
         }
-        if let Some((building, Some(cursor))) = &mut tree.building
-            && stored_key <= cursor.as_slice()
+        if let Some(build) = &mut tree.building
+            && build
+                .cursor
+                .as_deref()
+                .is_some_and(|cursor| stored_key <= cursor)
         {
-            building.update(segment, old, new);
+            build.tree.update(segment, old, new);
+            count(&mut build.tombstones);
         }
     }
 
@@ -100,7 +128,11 @@ impl AaeTrees {
         if tree.building.is_some() {
             return false;
         }
-        tree.building = Some((TicTacTree::new(), None));
+        tree.building = Some(Build {
+            tree: TicTacTree::new(),
+            tombstones: 0,
+            cursor: None,
+        });
         true
     }
 
@@ -108,8 +140,8 @@ impl AaeTrees {
     /// first page); the outer `None` when no build runs.
     pub(super) fn build_cursor(&self, partition: u32) -> Option<Option<Vec<u8>>> {
         let trees = self.trees.lock();
-        let (_, cursor) = trees.get(&partition)?.building.as_ref()?;
-        Some(cursor.clone())
+        let build = trees.get(&partition)?.building.as_ref()?;
+        Some(build.cursor.clone())
     }
 
     /// Folds one page of a build into its tree, from the writer: each record as
@@ -120,24 +152,27 @@ impl AaeTrees {
         let Some(tree) = trees.get_mut(&partition) else {
             return;
         };
-        let Some((building, cursor)) = &mut tree.building else {
+        let Some(build) = &mut tree.building else {
             return;
         };
         if page.is_empty() {
-            if let Some((done, _)) = tree.building.take() {
-                tree.built = Some(done);
+            if let Some(done) = tree.building.take() {
+                tree.built = Some(done.tree);
+                tree.tombstones = done.tombstones;
                 tree.builds += 1;
                 tree.writes_since_build = 0;
             }
             return;
         }
         for (stored_key, position, record) in page {
-            building.update(
+            let summary = tictac::record_summary(record);
+            build.tree.update(
                 tictac::segment_of_position(*position),
                 None,
-                Some(tictac::entry_hash(*position, tictac::record_digest(record))),
+                Some(tictac::entry_hash(*position, summary.digest)),
             );
-            *cursor = Some(stored_key.clone());
+            build.tombstones += u64::from(summary.tombstone_since.is_some());
+            build.cursor = Some(stored_key.clone());
         }
     }
 
@@ -171,6 +206,13 @@ impl AaeTrees {
         )
     }
 
+    /// Keys of `partition` held as tombstones only; `None` until its first build is done.
+    pub fn tombstones(&self, partition: u32) -> Option<u64> {
+        let trees = self.trees.lock();
+        let tree = trees.get(&partition)?;
+        tree.built.as_ref().map(|_| tree.tombstones)
+    }
+
     /// Every partition's tree state, in partition order.
     pub fn status(&self) -> Vec<TreeStatus> {
         let trees = self.trees.lock();
@@ -183,6 +225,7 @@ impl AaeTrees {
                 builds: tree.builds,
                 writes_since_build: tree.writes_since_build,
                 root: tree.built.as_ref().map(TicTacTree::root),
+                tombstones: tree.tombstones,
             })
             .collect();
         status.sort_by_key(|tree| tree.partition);

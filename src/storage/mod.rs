@@ -85,6 +85,17 @@ const DATABASE_DIR: &str = "fjall";
 /// One record returned by [`Store::scan_partition`]: `(bucket, key, value)`.
 pub type ScannedRecord = (Vec<u8>, Vec<u8>, Vec<u8>);
 
+/// A key held as a tombstone only, found by [`Store::tombstones`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tombstone {
+    pub bucket: Vec<u8>,
+    pub key: Vec<u8>,
+    /// Its record digest ([`crate::core::tictac::record_digest`]).
+    pub digest: u64,
+    /// The newest tombstone's wall-clock time, in microseconds.
+    pub since_micros: u64,
+}
+
 /// How the store trades durability for latency, and how much memory it may cache.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StorageConfig {
@@ -609,6 +620,124 @@ impl Store {
             Err(UpdateError::Storage { source }) => Err(source),
             Err(UpdateError::Rejected { source }) => match source {},
         }
+    }
+
+    /// The [`RecordSummary`](crate::core::tictac::RecordSummary) of `(bucket, key)` in
+    /// `partition`, once what it was read from is durable (a writer job, so every write
+    /// before it is in the journal and fsynced): tombstone reaping must not count a copy that
+    /// a crash could still roll back. `None`: no copy.
+    pub async fn durable_summary(
+        &self,
+        partition: u32,
+        bucket: &[u8],
+        key: &[u8],
+    ) -> Result<Option<crate::core::tictac::RecordSummary>, StorageError> {
+        let stored_key = key::encode(bucket, key)?;
+        let Some(keyspace) = self.inner.existing_partition(partition) else {
+            return Ok(None);
+        };
+        let result = self
+            .inner
+            .submit::<_, std::convert::Infallible>(move |answer| match keyspace.get(&stored_key) {
+                Ok(current) => answer.when_durable(
+                    false,
+                    current.map(|record| crate::core::tictac::record_summary(&record)),
+                ),
+                Err(source) => answer.now(Err(StorageError::Read { partition, source }.into())),
+            })
+            .await;
+        match result {
+            Ok(summary) => Ok(summary),
+            Err(UpdateError::Storage { source }) => Err(source),
+            Err(UpdateError::Rejected { source }) => match source {},
+        }
+    }
+
+    /// Reaps the tombstone of `(bucket, key)` in `partition` if the copy is still a tombstone
+    /// with record digest `digest` (a write since the check keeps it), in the same writer job
+    /// as its tree update. Returns whether it was deleted, once the delete is durable.
+    pub async fn reap_tombstone(
+        &self,
+        partition: u32,
+        bucket: &[u8],
+        key: &[u8],
+        digest: u64,
+    ) -> Result<bool, StorageError> {
+        let stored_key = key::encode(bucket, key)?;
+        let Some(keyspace) = self.inner.existing_partition(partition) else {
+            return Ok(false);
+        };
+        let trees = self.inner.trees.clone();
+        let position = crate::core::ring::key_position(bucket, key);
+        let result = self
+            .inner
+            .submit::<bool, std::convert::Infallible>(move |answer| {
+                let current = match keyspace.get(&stored_key) {
+                    Ok(Some(current)) => current,
+                    Ok(None) => return answer.now(Ok(false)),
+                    Err(source) => {
+                        return answer.now(Err(StorageError::Read { partition, source }.into()));
+                    }
+                };
+                let summary = crate::core::tictac::record_summary(&current);
+                if summary.digest != digest || summary.tombstone_since.is_none() {
+                    return answer.now(Ok(false));
+                }
+                if let Some(trees) = &trees {
+                    trees.apply(partition, &stored_key, position, Some(&current), None);
+                }
+                if let Err(source) = keyspace.remove(stored_key) {
+                    return answer.now(Err(StorageError::Write { partition, source }.into()));
+                }
+                answer.when_durable(true, true)
+            })
+            .await;
+        match result {
+            Ok(reaped) => Ok(reaped),
+            Err(UpdateError::Storage { source }) => Err(source),
+            Err(UpdateError::Rejected { source }) => match source {},
+        }
+    }
+
+    /// Up to `limit` keys of `partition` held as tombstones only, with their record digest
+    /// and tombstone time, in stored-key order after `start_after` (a scan of the partition).
+    pub fn tombstones(
+        &self,
+        partition: u32,
+        start_after: Option<(&[u8], &[u8])>,
+        limit: usize,
+    ) -> Result<Vec<Tombstone>, StorageError> {
+        const PAGE: usize = 1000;
+        let mut found = Vec::new();
+        let mut cursor: Option<(Vec<u8>, Vec<u8>)> =
+            start_after.map(|(bucket, key)| (bucket.to_vec(), key.to_vec()));
+        while found.len() < limit {
+            let page = self.scan_partition(
+                partition,
+                cursor
+                    .as_ref()
+                    .map(|(bucket, key)| (bucket.as_slice(), key.as_slice())),
+                PAGE,
+            )?;
+            let Some((bucket, key, _)) = page.last() else {
+                break;
+            };
+            cursor = Some((bucket.clone(), key.clone()));
+            for (bucket, key, record) in page {
+                let summary = crate::core::tictac::record_summary(&record);
+                if let Some(since_micros) = summary.tombstone_since
+                    && found.len() < limit
+                {
+                    found.push(Tombstone {
+                        bucket,
+                        key,
+                        digest: summary.digest,
+                        since_micros,
+                    });
+                }
+            }
+        }
+        Ok(found)
     }
 
     /// The anti-entropy trees (`None` when `aae_trees` is off).

@@ -737,6 +737,103 @@ async fn aae_trees_follow_writes_and_builds_race_no_write(kind: Engine) {
 }
 on_both_engines!(aae_trees_follow_writes_and_builds_race_no_write; flavor = "multi_thread", worker_threads = 2);
 
+/// A stored record holding one version: a value, or a tombstone.
+fn record_of(value: &[u8], deleted: bool, actor: crate::core::ids::Actor) -> Vec<u8> {
+    use crate::core::object::{Content, LocalRecord, coordinate_put, encode_local_record};
+    let content = if deleted {
+        Content::tombstone(1_000)
+    } else {
+        Content {
+            value: value.to_vec(),
+            content_type: String::new(),
+            user_metadata: Vec::new(),
+            last_modified_micros: 500,
+            deleted: false,
+        }
+    };
+    let object = coordinate_put(None, None, content, actor, true);
+    encode_local_record(&LocalRecord {
+        object,
+        coordinator: None,
+    })
+}
+
+/// Trees count tombstones; a reap deletes a tombstone only while it is the one named, and
+/// keeps the tree equal to the store's contents.
+async fn tombstones_are_counted_and_reaped_only_unchanged(kind: Engine) {
+    let dir = Disk::new(kind);
+    let store = dir.open();
+    let trees = store.aae_trees().unwrap().clone();
+    put(&store, 3, b"b", b"live", &record_of(b"v", false, 1)).await;
+    put(&store, 3, b"b", b"gone", &record_of(b"", true, 1)).await;
+    // A partition created empty has a (built, empty) tree from its first write on.
+    assert_eq!(trees.tombstones(3), Some(1));
+    assert_eq!(trees.tombstones(4), None, "no tree: no count");
+    assert!(store.build_tree(3).await.unwrap());
+    assert_eq!(trees.tombstones(3), Some(1));
+    put(&store, 3, b"b", b"also gone", &record_of(b"", true, 2)).await;
+    assert_eq!(trees.tombstones(3), Some(2));
+    let found = store.tombstones(3, None, 10).unwrap();
+    let names: Vec<&[u8]> = found.iter().map(|t| t.key.as_slice()).collect();
+    assert_eq!(names, vec![b"also gone".as_slice(), b"gone".as_slice()]);
+    assert!(found.iter().all(|t| t.since_micros == 1_000));
+    // Paged: one at a time, after a cursor.
+    let first = store.tombstones(3, None, 1).unwrap();
+    assert_eq!(first.len(), 1);
+    let rest = store
+        .tombstones(3, Some((&first[0].bucket, &first[0].key)), 10)
+        .unwrap();
+    assert_eq!(rest.len(), 1);
+    assert_ne!(rest[0].key, first[0].key);
+    let gone = found.iter().find(|t| t.key == b"gone").unwrap().clone();
+    let summary = store
+        .durable_summary(3, b"b", b"gone")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(summary.digest, gone.digest);
+    assert_eq!(
+        store.durable_summary(3, b"b", b"never").await.unwrap(),
+        None
+    );
+    // A different digest (the copy changed since the check) keeps it; so does a live copy.
+    assert!(
+        !store
+            .reap_tombstone(3, b"b", b"gone", gone.digest ^ 1)
+            .await
+            .unwrap()
+    );
+    let live_digest =
+        crate::core::tictac::record_digest(&store.get(3, b"b", b"live").unwrap().unwrap());
+    assert!(
+        !store
+            .reap_tombstone(3, b"b", b"live", live_digest)
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .reap_tombstone(3, b"b", b"gone", gone.digest)
+            .await
+            .unwrap()
+    );
+    assert_eq!(store.get(3, b"b", b"gone").unwrap(), None);
+    assert!(
+        !store
+            .reap_tombstone(3, b"b", b"gone", gone.digest)
+            .await
+            .unwrap()
+    );
+    assert_eq!(trees.tombstones(3), Some(1));
+    assert_eq!(trees.branches(3), Some(tree_of_contents(&store, 3)));
+    // A tombstone overwritten by a live value is no longer counted.
+    put(&store, 3, b"b", b"also gone", &record_of(b"back", false, 3)).await;
+    assert_eq!(trees.tombstones(3), Some(0));
+    assert!(store.build_tree(3).await.unwrap());
+    assert_eq!(trees.tombstones(3), Some(0));
+}
+on_both_engines!(tombstones_are_counted_and_reaped_only_unchanged; flavor = "multi_thread", worker_threads = 2);
+
 /// With `aae_trees` off no tree is kept and no build runs.
 #[tokio::test]
 async fn aae_trees_can_be_turned_off() {

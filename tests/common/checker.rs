@@ -8,7 +8,8 @@
 //! - **a lost write**: an acknowledged put whose value is neither live in the final merged
 //!   object nor superseded (its dot known to the final history under the same version);
 //! - **a resurrection**: a version whose dot the context of an acknowledged write covered
-//!   (the client saw it and superseded it) is live again at the end;
+//!   (the client saw it and superseded it), or that some copy was seen to supersede, is live
+//!   again at the end;
 //! - **a write coordinated twice**: one put's value seen under two dots (a duplicate
 //!   sibling: a forwarded write coordinated by two nodes, or twice by one);
 //! - **divergence**: after the faults heal, the primaries of a key hold different versions.
@@ -47,6 +48,9 @@ pub struct History {
     dots: BTreeMap<(String, Dot), Content>,
     /// Where the same dot held two versions: (key, dot, first, second).
     pub collisions: Vec<(String, Dot, String, String)>,
+    /// Dots of versions seen superseded: a copy's clock covered them while it held no
+    /// version under them. Once reaped, a deleted key has no copy left to show it.
+    superseded: BTreeSet<(String, Dot)>,
 }
 
 /// A readable name of a version: its value, or that it is a tombstone.
@@ -100,6 +104,16 @@ impl History {
     /// Records the versions of a stored copy of `key`; a dot already seen with another
     /// version is a collision.
     pub fn observe(&mut self, key: &str, object: &StoredObject) {
+        let held: BTreeSet<Dot> = dotted_versions(object)
+            .into_iter()
+            .map(|(dot, _)| dot)
+            .collect();
+        let clock = object.join();
+        for (seen_key, dot) in self.dots.keys() {
+            if seen_key == key && !held.contains(dot) && clock.get(dot.0) >= dot.1 {
+                self.superseded.insert((key.to_string(), *dot));
+            }
+        }
         for (dot, content) in dotted_versions(object) {
             match self.dots.get(&(key.to_string(), dot)) {
                 Some(known) if known != content => {
@@ -162,6 +176,24 @@ impl History {
                 "dot {dot:?} of {key} holds two versions: {first} and {second}"
             ));
         }
+        // A version seen superseded (a copy's clock covered its dot without holding it) is
+        // superseded for good: merges keep it dropped. Live again at the end, it came back
+        // from a copy that missed the superseding write, after every copy that had it was
+        // gone (a reaped tombstone).
+        for (key, object) in finals {
+            for (dot, content) in dotted_versions(object) {
+                let collided = self
+                    .collisions
+                    .iter()
+                    .any(|(seen_key, seen, ..)| seen_key == key && *seen == dot);
+                if !content.deleted && !collided && self.superseded.contains(&(key.clone(), dot)) {
+                    problems.push(format!(
+                        "{} (dot {dot:?}) of {key} is live again after it was seen superseded",
+                        describe(content)
+                    ));
+                }
+            }
+        }
         for (name, record) in &self.writes {
             if let Some(value) = &record.value {
                 let dots = self.dots_of_value(&record.key, value);
@@ -176,12 +208,25 @@ impl History {
             if !record.acknowledged {
                 continue;
             }
+            let seen_superseded = record.value.as_ref().is_some_and(|value| {
+                let dots = self.dots_of_value(&record.key, value);
+                !dots.is_empty()
+                    && dots
+                        .iter()
+                        .all(|dot| self.superseded.contains(&(record.key.clone(), *dot)))
+            });
             let Some(object) = finals.get(&record.key) else {
-                if record.value.is_some() {
-                    problems.push(format!(
-                        "acknowledged write {name} of {} is lost: no copy of the key remains",
-                        record.key
-                    ));
+                // No copy remains: every tombstone was reaped. A put is fine if it was seen
+                // superseded.
+                if let Some(value) = &record.value {
+                    if self.dots_of_value(&record.key, value).is_empty() {
+                        unseen += 1;
+                    } else if !seen_superseded {
+                        problems.push(format!(
+                            "acknowledged write {name} of {} is lost: no copy of the key remains",
+                            record.key
+                        ));
+                    }
                 }
                 continue;
             };
@@ -209,13 +254,14 @@ impl History {
                 continue;
             }
             let history = object.join();
-            let superseded = dots.iter().any(|dot| {
-                let collided = self
-                    .collisions
-                    .iter()
-                    .any(|(key, seen, ..)| *key == record.key && seen == dot);
-                history.get(dot.0) >= dot.1 && !collided
-            });
+            let superseded = seen_superseded
+                || dots.iter().any(|dot| {
+                    let collided = self
+                        .collisions
+                        .iter()
+                        .any(|(key, seen, ..)| *key == record.key && seen == dot);
+                    history.get(dot.0) >= dot.1 && !collided
+                });
             if !superseded {
                 problems.push(format!(
                     "acknowledged write {value} of {} (dots {dots:?}) is lost: final siblings {live:?}",

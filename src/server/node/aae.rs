@@ -63,6 +63,8 @@ pub(super) struct AaeState {
     last: parking_lot::Mutex<BTreeMap<(PartitionId, NodeId), (Instant, ExchangeOutcome)>>,
     /// The partition after which the next exchange looks.
     cursor: parking_lot::Mutex<Option<PartitionId>>,
+    /// Held while a partition is exchanged and reaped.
+    running: tokio::sync::Mutex<()>,
     /// When the next scheduled exchange runs.
     next_tick: parking_lot::Mutex<Option<Instant>>,
     pub(super) exchanges: AtomicU64,
@@ -107,7 +109,7 @@ impl Node {
             let Some(partition) = self.next_exchange_partition() else {
                 continue;
             };
-            self.exchange_partition(partition).await;
+            self.exchange_and_reap(partition).await;
         }
     }
 
@@ -132,6 +134,15 @@ impl Node {
             .or_else(|| owned.first().copied())?;
         *cursor = Some(next);
         Some(next)
+    }
+
+    /// Exchanges `partition` with each other primary, then reaps its tombstones that may go,
+    /// one partition at a time on this node (scheduled and asked-for runs wait for each
+    /// other), so that a reap never overlaps this node's exchange of the same keys.
+    pub(super) async fn exchange_and_reap(&self, partition: PartitionId) {
+        let _one_at_a_time = self.inner.aae.running.lock().await;
+        self.exchange_partition(partition).await;
+        self.reap_partition(partition).await;
     }
 
     /// Exchanges `partition` with each other primary of it; returns the outcomes.
@@ -448,6 +459,7 @@ impl Node {
                     .into(),
                     builds: tree.builds,
                     writes_since_build: tree.writes_since_build,
+                    tombstones: tree.tombstones,
                     ..AaePartitionInfo::default()
                 },
             );
@@ -486,9 +498,21 @@ impl Node {
                 result: outcome.to_string(),
             });
         }
+        for (partition, (at, outcome)) in self.inner.reap.last.lock().clone() {
+            if let Some(info) = partitions.get_mut(&partition) {
+                info.last_reap = Some(AaeExchangeInfo {
+                    peer: String::new(),
+                    ago_ms: now.saturating_duration_since(at).as_millis() as u64,
+                    result: outcome.to_string(),
+                });
+            }
+        }
+        let tombstones = &self.inner.settings.tombstones;
         AaeInfo {
             enabled: settings.enabled && self.inner.store.aae_trees().is_some(),
             exchange_interval_ms: settings.exchange_interval.as_millis() as u64,
+            tombstones_mode: if tombstones.reap { "reap" } else { "keep" }.into(),
+            tombstone_grace_secs: tombstones.grace.as_secs(),
             partitions: partitions.into_values().collect(),
         }
     }
@@ -511,7 +535,7 @@ impl Node {
             None => self.first_owned_partitions(),
         };
         for partition in partitions {
-            self.exchange_partition(partition).await;
+            self.exchange_and_reap(partition).await;
         }
         ClientResponse::Aae(self.aae_info())
     }

@@ -38,6 +38,9 @@ const READ_TIMEOUT: Duration = Duration::from_secs(1);
 const CACHE_CAPACITY: usize = 10_000;
 const STORED_CONTENT_TYPE: &str = "application/x-msgpack";
 
+/// Longest tombstone grace period a bucket may set (10 years, in seconds).
+pub const MAX_TOMBSTONE_GRACE_SECS: u64 = 10 * 366 * 24 * 3600;
+
 /// The properties of one bucket, as Riak names them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BucketProps {
@@ -53,6 +56,11 @@ pub struct BucketProps {
     pub notfound_ok: bool,
     /// Stored and reported; dynkv always waits for `r` replies (or the timeout).
     pub basic_quorum: bool,
+    /// How long a tombstone of this bucket is kept before it may be reaped, overriding
+    /// `tombstones.grace_secs`; `None`: the node's setting. Properties stored by earlier
+    /// releases have none.
+    #[serde(default)]
+    pub tombstone_grace_secs: Option<u64>,
 }
 
 impl BucketProps {
@@ -75,6 +83,13 @@ impl BucketProps {
 
     /// Checks the values a client set, naming the first bad one.
     pub fn validate(&self) -> Result<(), ClientError> {
+        if let Some(grace) = self.tombstone_grace_secs
+            && grace > MAX_TOMBSTONE_GRACE_SECS
+        {
+            return Err(ClientError::invalid(format!(
+                "tombstone_grace_secs={grace} is out of range: at most {MAX_TOMBSTONE_GRACE_SECS} (10 years)"
+            )));
+        }
         if !(1..=16).contains(&self.n_val) {
             return Err(ClientError::invalid(format!(
                 "n_val={} is out of range: n_val must be between 1 and 16",
@@ -150,6 +165,7 @@ impl Node {
             pw: defaults.pw,
             notfound_ok: true,
             basic_quorum: false,
+            tombstone_grace_secs: None,
         }
     }
 

@@ -1,0 +1,435 @@
+//! Tombstone reaping (`tombstones.mode = "reap"`). A delete leaves a tombstone so that the
+//! deleted version cannot come back from a replica, a hint or a delayed message that still
+//! holds it. Once no such copy can exist, the tombstone is only cost; this removes it.
+//!
+//! After its anti-entropy exchange of a partition, the partition's first owner (the node
+//! that runs its exchanges, so no two nodes reap one partition) takes a pass over the
+//! tombstones it holds there. A tombstone is reaped only when all of these hold:
+//! - its grace period (the bucket's `tombstone_grace_secs`, else `tombstones.grace_secs`)
+//!   has passed since the newest delete in it;
+//! - every member that owns partitions is up, all hold this node's ring version, and no
+//!   ring change is pending (no transfer moves the partition, no stale owner is left);
+//! - no member holds a hint for the partition (a fallback's copy may be older): each is
+//!   asked directly, and one that does not answer holds reaping back;
+//! - every primary of the key answers that it holds the *identical* tombstone (the same
+//!   record digest), read durably: a copy a crash could still roll back does not count;
+//! - and then, at each primary, its copy is still that tombstone: each deletes only if it is
+//!   unchanged, in the same writer job as its anti-entropy tree update.
+//!
+//! The conditions are checked before the primaries are asked and again before they reap.
+//! A partial reap (a primary that did not answer) is harmless: anti-entropy copies the
+//! tombstone back, and a later pass reaps it. A new write after a reap is coordinated into a
+//! copy without a key actor, so it gets a fresh one and no dot is issued twice (see
+//! `core::epoch`).
+
+use super::*;
+use crate::protocol::{MAX_REAP_KEYS, ReapKey};
+use crate::storage::Tombstone;
+use std::collections::BTreeMap;
+
+/// Tombstone settings (`[tombstones]` in the config).
+#[derive(Clone, Debug)]
+pub struct TombstoneSettings {
+    /// `tombstones.mode = "reap"`.
+    pub reap: bool,
+    pub grace: Duration,
+    pub max_reaps_per_pass: usize,
+}
+
+impl Default for TombstoneSettings {
+    fn default() -> Self {
+        TombstoneSettings {
+            reap: true,
+            grace: Duration::from_secs(4 * 3600),
+            max_reaps_per_pass: 1000,
+        }
+    }
+}
+
+/// The outcome of one reaping pass over a partition.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) enum ReapOutcome {
+    /// No tombstone is held in the partition.
+    NoTombstones,
+    /// Tombstones were looked at; `reaped` of them went from every primary.
+    Reaped { examined: u64, reaped: u64 },
+    /// Nothing may be reaped now, for this reason.
+    Blocked(String),
+}
+
+impl std::fmt::Display for ReapOutcome {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReapOutcome::NoTombstones => write!(formatter, "no tombstones"),
+            ReapOutcome::Reaped { examined, reaped } => {
+                write!(formatter, "{reaped} of {examined} tombstones reaped")
+            }
+            ReapOutcome::Blocked(reason) => write!(formatter, "not reaping: {reason}"),
+        }
+    }
+}
+
+/// A key as (bucket, key).
+type BucketAndKey = (Vec<u8>, Vec<u8>);
+
+/// What this node remembers of its reaping passes.
+#[derive(Default)]
+pub(super) struct ReapState {
+    /// partition → when the last pass ended and how.
+    pub(super) last: parking_lot::Mutex<BTreeMap<PartitionId, (Instant, ReapOutcome)>>,
+    /// partition → the last key a pass looked at, where the next one starts.
+    cursors: parking_lot::Mutex<BTreeMap<PartitionId, BucketAndKey>>,
+    /// Tombstones this node deleted (its own copies).
+    pub(super) reaped: AtomicU64,
+}
+
+impl Node {
+    /// One reaping pass over `partition` (this node runs its exchanges); records and
+    /// returns the outcome.
+    pub(super) async fn reap_partition(&self, partition: PartitionId) -> ReapOutcome {
+        let outcome = self
+            .reap_pass(partition)
+            .instrument(debug_span!("reap", partition))
+            .await;
+        match &outcome {
+            ReapOutcome::Reaped { reaped, .. } if *reaped > 0 => {
+                info!(partition, reaped, "tombstones reaped")
+            }
+            ReapOutcome::Blocked(reason) => debug!(partition, reason = %reason, "not reaping"),
+            _ => {}
+        }
+        self.inner
+            .reap
+            .last
+            .lock()
+            .insert(partition, (Instant::now(), outcome.clone()));
+        metrics::gauge!("dynkv_tombstones_held").set(self.tombstones_held() as f64);
+        outcome
+    }
+
+    async fn reap_pass(&self, partition: PartitionId) -> ReapOutcome {
+        let settings = self.inner.settings.tombstones.clone();
+        if !settings.reap {
+            return ReapOutcome::Blocked("tombstones.mode = keep".into());
+        }
+        let Some(trees) = self.inner.store.aae_trees() else {
+            return ReapOutcome::Blocked("anti-entropy is off (aae.enabled = false)".into());
+        };
+        match trees.tombstones(partition) {
+            None => return ReapOutcome::Blocked("the partition's tree is not built".into()),
+            Some(0) => return ReapOutcome::NoTombstones,
+            Some(_) => {}
+        }
+        if let Err(reason) = self.reaping_blocked(partition).await {
+            return ReapOutcome::Blocked(reason);
+        }
+        let candidates = match self
+            .next_tombstones(partition, settings.max_reaps_per_pass)
+            .await
+        {
+            Ok(candidates) => candidates,
+            Err(message) => return ReapOutcome::Blocked(message),
+        };
+        let examined = candidates.len() as u64;
+        // Ripe tombstones, grouped by the primaries of their bucket's n_val.
+        let now_micros = self.inner.settings.wall_clock.now_micros();
+        let ring = self.inner.membership.ring();
+        let mut groups: BTreeMap<Vec<NodeId>, Vec<Tombstone>> = BTreeMap::new();
+        for tombstone in candidates {
+            let props = match self.bucket_props(&tombstone.bucket).await {
+                Ok(props) => props,
+                Err(error) => return ReapOutcome::Blocked(error.message),
+            };
+            let grace = props
+                .tombstone_grace_secs
+                .map_or(settings.grace, Duration::from_secs);
+            let ripe_at = tombstone
+                .since_micros
+                .saturating_add(grace.as_micros() as u64);
+            if now_micros < ripe_at {
+                continue;
+            }
+            let primaries: Vec<NodeId> = ring
+                .preference_list(partition, props.n_val as usize)
+                .into_iter()
+                .map(|(_, node)| node)
+                .collect();
+            if !primaries.contains(&self.inner.id) {
+                continue;
+            }
+            groups.entry(primaries).or_default().push(tombstone);
+        }
+        let mut reaped = 0;
+        for (primaries, tombstones) in groups {
+            match self.reap_group(partition, &primaries, tombstones).await {
+                Ok(count) => reaped += count,
+                Err(reason) => return ReapOutcome::Blocked(reason),
+            }
+        }
+        ReapOutcome::Reaped { examined, reaped }
+    }
+
+    /// Why no tombstone of `partition` may be reaped now, if one may not. Every member that
+    /// may hold data is asked for its hints of the partition directly (gossip's figures can
+    /// be a handoff pass old, and a member that crashed just after making a hint may still
+    /// look up to the failure detector): one that does not answer holds reaping back.
+    async fn reaping_blocked(&self, partition: PartitionId) -> Result<(), String> {
+        let membership = &self.inner.membership;
+        let Some(gossip) = membership.gossip() else {
+            return Err("membership is static: hints held elsewhere are not known".into());
+        };
+        if membership.pending_ring().is_some() {
+            return Err("a ring change is pending".into());
+        }
+        let version = gossip.cluster_state().version();
+        let mut asked = Vec::new();
+        for member in membership.view() {
+            // Removed members never serve again; joiners own nothing (and hold no hints)
+            // until a committed change, which is then pending.
+            if matches!(member.state.as_str(), "down" | "joining") {
+                continue;
+            }
+            // A leaver that has exited is gone; one still running is asked.
+            if member.state == "exiting" && !member.up {
+                continue;
+            }
+            if !member.up {
+                return Err(format!("{} is down", member.node));
+            }
+            if member.ring_version != version {
+                return Err(format!(
+                    "{} holds ring version {}, this node {version}",
+                    member.node, member.ring_version
+                ));
+            }
+            if member.node != self.inner.id.as_str() {
+                asked.push(member.node);
+            }
+        }
+        let own = self
+            .inner
+            .store
+            .hint_tally()
+            .by_partition
+            .get(&partition)
+            .copied()
+            .unwrap_or(0);
+        if own > 0 {
+            return Err(format!("{own} hints for the partition are held here"));
+        }
+        let timeout = self.inner.settings.request_timeout;
+        for member in asked {
+            let Ok(peer) = NodeId::new(member.clone()) else {
+                return Err(format!("member {member:?} has no valid id"));
+            };
+            match self
+                .inner
+                .peers
+                .call(&peer, PeerRequest::HintCount { partition }, timeout)
+                .await
+            {
+                Ok(PeerResponse::HintCount(0)) => {}
+                Ok(PeerResponse::HintCount(held)) => {
+                    return Err(format!("{held} hints for the partition are held on {peer}"));
+                }
+                Ok(other) => {
+                    return Err(format!("{peer} answered the hint count with {other:?}"));
+                }
+                Err(error) => {
+                    return Err(format!("{peer} did not say what hints it holds: {error}"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The next tombstones of `partition` after the last pass's cursor (wrapping around at
+    /// the end), at most `limit`.
+    async fn next_tombstones(
+        &self,
+        partition: PartitionId,
+        limit: usize,
+    ) -> Result<Vec<Tombstone>, String> {
+        let start = self.inner.reap.cursors.lock().get(&partition).cloned();
+        let store = self.inner.store.clone();
+        let found = tokio::task::spawn_blocking(move || {
+            let start_after = start
+                .as_ref()
+                .map(|(bucket, key)| (bucket.as_slice(), key.as_slice()));
+            let mut found = store.tombstones(partition, start_after, limit)?;
+            if found.len() < limit && start.is_some() {
+                found.extend(store.tombstones(partition, None, limit - found.len())?);
+                found.dedup_by(|a, b| a.bucket == b.bucket && a.key == b.key);
+            }
+            Ok::<_, StorageError>(found)
+        })
+        .await
+        .map_err(|error| format!("the tombstone scan failed: {error}"))?
+        .map_err(|error| error.to_string())?;
+        let mut cursors = self.inner.reap.cursors.lock();
+        match found.last() {
+            Some(last) if found.len() >= limit => {
+                cursors.insert(partition, (last.bucket.clone(), last.key.clone()));
+            }
+            _ => {
+                cursors.remove(&partition);
+            }
+        }
+        Ok(found)
+    }
+
+    /// Reaps `tombstones` (all with the same `primaries`, this node among them) from every
+    /// primary that holds each identically; returns how many went from all of them.
+    async fn reap_group(
+        &self,
+        partition: PartitionId,
+        primaries: &[NodeId],
+        tombstones: Vec<Tombstone>,
+    ) -> Result<u64, String> {
+        let timeout = self.inner.settings.request_timeout;
+        let peers: Vec<&NodeId> = primaries
+            .iter()
+            .filter(|node| **node != self.inner.id)
+            .collect();
+        let mut reaped = 0;
+        for chunk in tombstones.chunks(MAX_REAP_KEYS) {
+            // Check: every primary holds the identical tombstone, durably.
+            let mut same: Vec<bool> = Vec::with_capacity(chunk.len());
+            for tombstone in chunk {
+                let ours = self
+                    .inner
+                    .store
+                    .durable_summary(partition, &tombstone.bucket, &tombstone.key)
+                    .await
+                    .map_err(|error| error.to_string())?;
+                same.push(ours.is_some_and(|summary| {
+                    summary.digest == tombstone.digest && summary.tombstone_since.is_some()
+                }));
+            }
+            let keys: Vec<ReapKey> = chunk
+                .iter()
+                .map(|tombstone| ReapKey {
+                    bucket: tombstone.bucket.clone(),
+                    key: tombstone.key.clone(),
+                    digest: tombstone.digest,
+                })
+                .collect();
+            for peer in &peers {
+                let request = PeerRequest::ReapCheck {
+                    partition,
+                    keys: keys.clone(),
+                };
+                match self.inner.peers.call(peer, request, timeout).await {
+                    Ok(PeerResponse::ReapCheck(answers)) if answers.len() == keys.len() => {
+                        for (same, holds) in same.iter_mut().zip(answers) {
+                            *same &= holds;
+                        }
+                    }
+                    Ok(other) => return Err(format!("{peer} answered the check with {other:?}")),
+                    Err(error) => return Err(format!("{peer} did not answer the check: {error}")),
+                }
+            }
+            let keys: Vec<ReapKey> = keys
+                .into_iter()
+                .zip(&same)
+                .filter_map(|(key, same)| same.then_some(key))
+                .collect();
+            if keys.is_empty() {
+                continue;
+            }
+            // Whatever changed while the primaries were asked stops the pass.
+            self.reaping_blocked(partition).await?;
+            for peer in &peers {
+                let request = PeerRequest::Reap {
+                    partition,
+                    keys: keys.clone(),
+                };
+                match self.inner.peers.call(peer, request, timeout).await {
+                    Ok(PeerResponse::Reaped { .. }) => {}
+                    Ok(other) => return Err(format!("{peer} answered the reap with {other:?}")),
+                    Err(error) => return Err(format!("{peer} did not answer the reap: {error}")),
+                }
+            }
+            reaped += self.reap_own_copies(partition, &keys).await?;
+        }
+        Ok(reaped)
+    }
+
+    /// Deletes this node's copies among `keys` that are still the tombstone named; returns
+    /// how many went.
+    async fn reap_own_copies(
+        &self,
+        partition: PartitionId,
+        keys: &[ReapKey],
+    ) -> Result<u64, String> {
+        let mut reaped = 0;
+        for key in keys {
+            let gone = self
+                .inner
+                .store
+                .reap_tombstone(partition, &key.bucket, &key.key, key.digest)
+                .await
+                .map_err(|error| error.to_string())?;
+            reaped += u64::from(gone);
+        }
+        self.inner.reap.reaped.fetch_add(reaped, Ordering::Relaxed);
+        metrics::counter!("dynkv_tombstones_reaped_total").increment(reaped);
+        Ok(reaped)
+    }
+
+    /// A reaper's check: for each key, whether this node holds that very tombstone, durably.
+    pub(super) async fn serve_reap_check(
+        &self,
+        partition: PartitionId,
+        keys: Vec<ReapKey>,
+    ) -> PeerResponse {
+        if keys.len() > MAX_REAP_KEYS {
+            return PeerResponse::Failed {
+                message: format!("{} keys asked; at most {MAX_REAP_KEYS}", keys.len()),
+            };
+        }
+        let mut answers = Vec::with_capacity(keys.len());
+        for key in keys {
+            match self
+                .inner
+                .store
+                .durable_summary(partition, &key.bucket, &key.key)
+                .await
+            {
+                Ok(summary) => answers.push(summary.is_some_and(|summary| {
+                    summary.digest == key.digest && summary.tombstone_since.is_some()
+                })),
+                Err(error) => {
+                    return PeerResponse::Failed {
+                        message: error.to_string(),
+                    };
+                }
+            }
+        }
+        PeerResponse::ReapCheck(answers)
+    }
+
+    /// A reaper's order: delete each copy that is still the tombstone named.
+    pub(super) async fn serve_reap(
+        &self,
+        partition: PartitionId,
+        keys: Vec<ReapKey>,
+    ) -> PeerResponse {
+        if keys.len() > MAX_REAP_KEYS {
+            return PeerResponse::Failed {
+                message: format!("{} keys sent; at most {MAX_REAP_KEYS}", keys.len()),
+            };
+        }
+        match self.reap_own_copies(partition, &keys).await {
+            Ok(reaped) => PeerResponse::Reaped { reaped },
+            Err(message) => PeerResponse::Failed { message },
+        }
+    }
+
+    /// Tombstones held in this node's partitions (as its trees count them).
+    pub(super) fn tombstones_held(&self) -> u64 {
+        self.inner.store.aae_trees().map_or(0, |trees| {
+            trees.status().iter().map(|tree| tree.tombstones).sum()
+        })
+    }
+}
