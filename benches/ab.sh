@@ -6,6 +6,9 @@
 #
 # Usage: benches/ab.sh BASE_BINARY NEW_BINARY [RUNS_EACH] [WORKLOAD] [SECONDS]
 #        (defaults: 5 runs each, workload a at r=w=quorum, 15 s)
+# BASE_ARGS and NEW_ARGS add `dynkv bench` options to each side, e.g. one binary against
+# itself with anti-entropy off and on:
+#   BASE_ARGS=--local-no-aae benches/ab.sh target/release/dynkv target/release/dynkv 5 a 15
 set -euo pipefail
 base=$1; new=$2; runs=${3:-5}; workload=${4:-a}; seconds=${5:-15}
 case $workload in
@@ -18,9 +21,10 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 for run in $(seq "$runs"); do
   for side in base new; do
-    binary=$base; [ $side = new ] && binary=$new
+    binary=$base; extra=${BASE_ARGS:-}
+    if [ $side = new ]; then binary=$new; extra=${NEW_ARGS:-}; fi
     "$binary" bench --local 3 --workers 50 --value-bytes 100 --records 10000 --keys uniform \
-      --duration-secs "$seconds" --no-ceiling --workload "$workload" "${levels[@]}" \
+      --duration-secs "$seconds" --no-ceiling --workload "$workload" "${levels[@]}" $extra \
       --json-out "$work/$side-$run.json" >/dev/null 2>"$work/$side-$run.log" \
       || { cat "$work/$side-$run.log" >&2; exit 1; }
     echo "run $run $side done" >&2

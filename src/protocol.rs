@@ -234,6 +234,9 @@ pub struct NodeStatus {
     pub aae_keys_repaired: u64,
     #[serde(default)]
     pub aae_bytes_repaired: u64,
+    /// Bytes of tree hashes and key digests this node's exchanges received (payload only).
+    #[serde(default)]
+    pub aae_bytes_exchanged: u64,
     /// Keys this node holds as tombstones only (in partitions whose tree is built), and
     /// tombstones it has reaped since it started.
     #[serde(default)]

@@ -539,6 +539,18 @@ pub async fn run(command: AdminCommand) -> Result<()> {
                 status.handoff_keys_sent,
                 human_bytes(status.handoff_bytes_sent)
             );
+            println!(
+                "anti-entropy:      {} exchanges, {} segments differing, {} keys repaired ({}), {} of hashes and digests received",
+                status.aae_exchanges,
+                status.aae_segments_differing,
+                status.aae_keys_repaired,
+                human_bytes(status.aae_bytes_repaired),
+                human_bytes(status.aae_bytes_exchanged)
+            );
+            println!(
+                "tombstones:        {} held, {} reaped",
+                status.tombstones_held, status.tombstones_reaped
+            );
         }
     }
     Ok(())

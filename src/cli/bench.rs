@@ -83,6 +83,10 @@ struct RunArgs {
     /// Base port of the `--local` cluster (clients on BASE.., peers on BASE+100..).
     #[arg(long, default_value_t = 27100)]
     local_base_port: u16,
+    /// Start the `--local` cluster with active anti-entropy off (`dynkv dev --no-aae`), to
+    /// measure what it costs against a run with it on.
+    #[arg(long)]
+    local_no_aae: bool,
     /// a (50% read), b (95% read), c (read only), w (write only) or read=PERCENT.
     #[arg(long, default_value = "a")]
     workload: Workload,
@@ -161,12 +165,13 @@ struct LocalCluster {
 }
 
 impl LocalCluster {
-    fn start(nodes: u16, base_port: u16) -> Result<LocalCluster> {
+    fn start(nodes: u16, base_port: u16, no_aae: bool) -> Result<LocalCluster> {
         let dir = std::env::temp_dir().join(format!("dynkv-bench-{}", std::process::id()));
         let executable = std::env::current_exe().context("cannot find the dynkv executable")?;
         let mut child = std::process::Command::new(executable)
             .args(["dev", "--fresh", "--nodes", &nodes.to_string()])
             .args(["--base-port", &base_port.to_string()])
+            .args(no_aae.then_some("--no-aae"))
             .arg("--dir")
             .arg(&dir)
             // The nodes' logs go to their files; keep dev's own info lines off the report.
@@ -672,9 +677,10 @@ async fn start_local(args: &RunArgs) -> Result<Option<LocalCluster>> {
         Some(0) => bail!("--local needs at least 1 node"),
         Some(nodes) => {
             let base_port = args.local_base_port;
+            let no_aae = args.local_no_aae;
             eprintln!("starting a local {nodes}-node cluster on ports {base_port}..");
             let cluster =
-                tokio::task::spawn_blocking(move || LocalCluster::start(nodes, base_port))
+                tokio::task::spawn_blocking(move || LocalCluster::start(nodes, base_port, no_aae))
                     .await
                     .context("local cluster start-up panicked")??;
             Ok(Some(cluster))

@@ -47,6 +47,10 @@ pub struct DevArgs {
     /// Delete the directory first: a new CA, new data.
     #[arg(long)]
     fresh: bool,
+    /// Run the nodes with active anti-entropy off (`aae.enabled = false`; tombstones are then
+    /// kept), e.g. to measure what it costs.
+    #[arg(long)]
+    no_aae: bool,
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -171,6 +175,10 @@ fn prepare(args: &DevArgs, dir: &Path) -> Result<DevCluster> {
             },
             buckets: dynkv::config::BucketConfig {
                 n_val: args.n_val,
+                ..Default::default()
+            },
+            aae: dynkv::config::AaeConfig {
+                enabled: !args.no_aae,
                 ..Default::default()
             },
             ..Config::default()

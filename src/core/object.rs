@@ -1,10 +1,15 @@
 //! What a key holds: a DVVSet of [`Content`] (one per sibling), its versioned record format
 //! on disk, and the opaque causal context handed to clients.
 //!
-//! Record format (version 2): one byte `RECORD_FORMAT_VERSION`, then the MessagePack encoding
-//! of a [`LocalRecord`]: the `DvvSet<Content>` and the key actor this node coordinates the
-//! key under (local to the node, never replicated; see `epoch`). Version 1 records (the
-//! `DvvSet` alone) are still read, as records without a key actor.
+//! Record format (version 3): one byte `RECORD_FORMAT_VERSION`, then a fixed header of
+//! [`RECORD_HEADER_BYTES`] - 1 bytes, then the MessagePack encoding of the `DvvSet<Content>`.
+//! The header holds what anti-entropy and tombstone reaping read on every write without
+//! decoding the object: a flags byte (bit 0: every sibling is a tombstone), the newest
+//! tombstone's time (u64, big-endian), and the key actor this node coordinates the key under
+//! (a presence byte, actor and incarnation as u64; local to the node, never replicated; see
+//! `epoch`). The object's bytes come last, so a digest of the replicated object is a hash of
+//! the record's tail. Versions 2 (MessagePack of `{object, key actor}`) and 1 (the `DvvSet`
+//! alone) are still read.
 //!
 //! Context format (version 2): one byte `CONTEXT_FORMAT_VERSION`, then the MessagePack
 //! encoding of the digest of the (bucket, key) it was issued for and the `VersionVector`.
@@ -17,7 +22,13 @@ use crate::core::ids::Actor;
 use crate::core::version::{DvvSet, VersionError, VersionVector};
 use serde::{Deserialize, Serialize};
 
-pub const RECORD_FORMAT_VERSION: u8 = 2;
+pub const RECORD_FORMAT_VERSION: u8 = 3;
+/// Bytes before a version 3 record's object: version, flags, tombstone time, key actor.
+pub const RECORD_HEADER_BYTES: usize = 1 + 1 + 8 + 1 + 8 + 8;
+/// Flag bit of a version 3 record: every sibling is a tombstone.
+const RECORD_FLAG_TOMBSTONE: u8 = 1;
+/// Record format 2: MessagePack of a [`LocalRecord`].
+const RECORD_FORMAT_VERSION_2: u8 = 2;
 /// The first record format: the `DvvSet` alone.
 const RECORD_FORMAT_VERSION_1: u8 = 1;
 pub const CONTEXT_FORMAT_VERSION: u8 = 2;
@@ -126,12 +137,48 @@ impl LocalRecord {
 
 /// Encodes a record in the current format.
 pub fn encode_local_record(record: &LocalRecord) -> Vec<u8> {
-    let mut bytes = vec![RECORD_FORMAT_VERSION];
+    let mut bytes =
+        Vec::with_capacity(RECORD_HEADER_BYTES + 64 + object_size_bytes(&record.object));
+    bytes.push(RECORD_FORMAT_VERSION);
+    let since = tombstone_since(&record.object);
+    bytes.push(if since.is_some() {
+        RECORD_FLAG_TOMBSTONE
+    } else {
+        0
+    });
+    bytes.extend_from_slice(&since.unwrap_or(0).to_be_bytes());
+    let (present, actor, incarnation) = match record.coordinator {
+        Some(key_actor) => (1u8, key_actor.actor, key_actor.incarnation),
+        None => (0, 0, 0),
+    };
+    bytes.push(present);
+    bytes.extend_from_slice(&actor.to_be_bytes());
+    bytes.extend_from_slice(&incarnation.to_be_bytes());
     // Encoding a plain struct into a Vec cannot fail.
-    if let Err(error) = rmp_serde::encode::write(&mut bytes, record) {
+    if let Err(error) = rmp_serde::encode::write(&mut bytes, &record.object) {
         unreachable!("encoding a stored record into memory failed: {error}");
     }
     bytes
+}
+
+/// What a version 3 record's header says, read without decoding its object: whether every
+/// sibling is a tombstone (and the newest one's time), and the object's MessagePack bytes.
+/// `None` for other versions or a record too short to hold a header.
+pub fn record_header(bytes: &[u8]) -> Option<(Option<u64>, &[u8])> {
+    if bytes.len() < RECORD_HEADER_BYTES || bytes[0] != RECORD_FORMAT_VERSION {
+        return None;
+    }
+    let mut since = [0u8; 8];
+    since.copy_from_slice(&bytes[2..10]);
+    let since = (bytes[1] & RECORD_FLAG_TOMBSTONE != 0).then_some(u64::from_be_bytes(since));
+    Some((since, &bytes[RECORD_HEADER_BYTES..]))
+}
+
+/// The MessagePack encoding of an object, as a version 3 record holds it.
+pub fn encode_object(object: &StoredObject) -> Vec<u8> {
+    // Encoding a plain struct into a Vec cannot fail.
+    rmp_serde::to_vec(object)
+        .unwrap_or_else(|error| unreachable!("encoding an object into memory failed: {error}"))
 }
 
 /// Encodes an object as a record that no coordinator has claimed.
@@ -146,7 +193,42 @@ pub fn decode_local_record(bytes: &[u8]) -> Result<LocalRecord, ObjectError> {
         reason: error.to_string(),
     };
     let record = match version {
-        RECORD_FORMAT_VERSION => rmp_serde::from_slice::<LocalRecord>(body).map_err(undecodable)?,
+        RECORD_FORMAT_VERSION => {
+            if bytes.len() < RECORD_HEADER_BYTES {
+                return Err(ObjectError::UndecodableRecord {
+                    reason: format!(
+                        "a version 3 record needs a {RECORD_HEADER_BYTES}-byte header; this one has {} bytes",
+                        bytes.len()
+                    ),
+                });
+            }
+            let u64_at = |at: usize| {
+                let mut word = [0u8; 8];
+                word.copy_from_slice(&bytes[at..at + 8]);
+                u64::from_be_bytes(word)
+            };
+            let coordinator = match bytes[10] {
+                0 => None,
+                1 => Some(KeyActor {
+                    actor: u64_at(11),
+                    incarnation: u64_at(19),
+                }),
+                other => {
+                    return Err(ObjectError::UndecodableRecord {
+                        reason: format!("key actor presence byte is {other}, not 0 or 1"),
+                    });
+                }
+            };
+            let object = rmp_serde::from_slice::<StoredObject>(&bytes[RECORD_HEADER_BYTES..])
+                .map_err(undecodable)?;
+            LocalRecord {
+                object,
+                coordinator,
+            }
+        }
+        RECORD_FORMAT_VERSION_2 => {
+            rmp_serde::from_slice::<LocalRecord>(body).map_err(undecodable)?
+        }
         RECORD_FORMAT_VERSION_1 => {
             LocalRecord::merged(rmp_serde::from_slice(body).map_err(undecodable)?)
         }
@@ -374,7 +456,7 @@ mod tests {
         let object = coordinate_put(None, None, content("a", 1), 7, true);
         let bytes = encode_record(&object);
         assert_eq!(bytes[0], RECORD_FORMAT_VERSION);
-        assert_eq!(decode_record(&bytes), Ok(object));
+        assert_eq!(decode_record(&bytes), Ok(object.clone()));
         assert_eq!(decode_record(&[]), Err(ObjectError::EmptyRecord));
         assert_eq!(
             decode_record(&[9, 1, 2]),
@@ -384,10 +466,29 @@ mod tests {
             decode_record(&[RECORD_FORMAT_VERSION, 0xc1, 0xff]),
             Err(ObjectError::UndecodableRecord { .. })
         ));
+        let mut bad_presence = bytes.clone();
+        bad_presence[10] = 7;
+        assert!(matches!(
+            decode_record(&bad_presence),
+            Err(ObjectError::UndecodableRecord { .. })
+        ));
+        // The header gives the object's bytes and the tombstone state without a decode.
+        let (since, object_bytes) = record_header(&bytes).unwrap();
+        assert_eq!(since, None);
+        assert_eq!(object_bytes, encode_object(&object).as_slice());
+        let deleted = coordinate_put(
+            Some(&object),
+            Some(&Context::of(&object)),
+            Content::tombstone(9),
+            7,
+            true,
+        );
+        assert_eq!(record_header(&encode_record(&deleted)).unwrap().0, Some(9));
+        assert_eq!(record_header(&[RECORD_FORMAT_VERSION, 0]), None);
     }
 
     #[test]
-    fn records_keep_their_key_actor_and_version_1_records_are_read() {
+    fn records_keep_their_key_actor_and_version_1_and_2_records_are_read() {
         let object = coordinate_put(None, None, content("a", 1), 7, true);
         let record = LocalRecord {
             object: object.clone(),
@@ -398,8 +499,11 @@ mod tests {
         };
         assert_eq!(
             decode_local_record(&encode_local_record(&record)),
-            Ok(record)
+            Ok(record.clone())
         );
+        let mut version_2 = vec![RECORD_FORMAT_VERSION_2];
+        rmp_serde::encode::write(&mut version_2, &record).unwrap();
+        assert_eq!(decode_local_record(&version_2), Ok(record.clone()));
         let mut version_1 = vec![RECORD_FORMAT_VERSION_1];
         rmp_serde::encode::write(&mut version_1, &object).unwrap();
         assert_eq!(

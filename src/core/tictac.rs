@@ -71,11 +71,20 @@ pub struct RecordSummary {
     pub tombstone_since: Option<u64>,
 }
 
-/// The [`RecordSummary`] of a stored record.
+/// The [`RecordSummary`] of a stored record. A current-format record is not decoded: its
+/// header holds the tombstone state and its tail is the object's encoding. Older formats are
+/// decoded and their object encoded as the current format holds it, so a copy digests alike
+/// whichever format stores it.
 pub fn record_summary(record: &[u8]) -> RecordSummary {
+    if let Some((tombstone_since, object)) = crate::core::object::record_header(record) {
+        return RecordSummary {
+            digest: first_u64(blake3::hash(object).as_bytes()),
+            tombstone_since,
+        };
+    }
     match crate::core::object::decode_local_record(record) {
         Ok(local) => {
-            let object = crate::core::object::encode_record(&local.object);
+            let object = crate::core::object::encode_object(&local.object);
             RecordSummary {
                 digest: first_u64(blake3::hash(&object).as_bytes()),
                 tombstone_since: crate::core::object::tombstone_since(&local.object),

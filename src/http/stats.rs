@@ -348,6 +348,10 @@ pub(crate) async fn riak_stats(State(state): State<AppState>, headers: HeaderMap
             json!(status.aae_bytes_repaired),
         );
         fields.insert(
+            "dynkv_aae_bytes_exchanged_total".into(),
+            json!(status.aae_bytes_exchanged),
+        );
+        fields.insert(
             "dynkv_tombstones_held".into(),
             json!(status.tombstones_held),
         );

@@ -502,6 +502,7 @@ impl Node {
             aae_segments_differing: self.inner.aae.segments_differing.load(Ordering::Relaxed),
             aae_keys_repaired: self.inner.aae.keys_repaired.load(Ordering::Relaxed),
             aae_bytes_repaired: self.inner.aae.bytes_repaired.load(Ordering::Relaxed),
+            aae_bytes_exchanged: self.inner.aae.bytes_exchanged.load(Ordering::Relaxed),
             tombstones_held: self.tombstones_held(),
             tombstones_reaped: self.inner.reap.reaped.load(Ordering::Relaxed),
         })

@@ -683,6 +683,13 @@ impl Store {
                 if summary.digest != digest || summary.tombstone_since.is_none() {
                     return answer.now(Ok(false));
                 }
+                // The header said so; the object itself must say so too before it goes.
+                let decoded = crate::core::object::decode_local_record(&current);
+                if !decoded.is_ok_and(|record| {
+                    crate::core::object::tombstone_since(&record.object).is_some()
+                }) {
+                    return answer.now(Ok(false));
+                }
                 if let Some(trees) = &trees {
                     trees.apply(partition, &stored_key, position, Some(&current), None);
                 }

@@ -71,6 +71,8 @@ pub(super) struct AaeState {
     pub(super) segments_differing: AtomicU64,
     pub(super) keys_repaired: AtomicU64,
     pub(super) bytes_repaired: AtomicU64,
+    /// Bytes of tree hashes and key digests peers sent this node's exchanges.
+    pub(super) bytes_exchanged: AtomicU64,
 }
 
 impl Node {
@@ -210,7 +212,10 @@ impl Node {
             MAX_AAE_SEGMENTS,
         );
         let theirs = match ask(PeerRequest::AaeBranches { partition }).await {
-            Ok(PeerResponse::AaeBranches(Some(branches))) => branches,
+            Ok(PeerResponse::AaeBranches(Some(branches))) => {
+                self.count_exchanged(4 * branches.len());
+                branches
+            }
             Ok(PeerResponse::AaeBranches(None)) => {
                 return ExchangeOutcome::Failed(format!("{peer} is building its tree"));
             }
@@ -230,7 +235,10 @@ impl Node {
             })
             .await
             {
-                Ok(PeerResponse::AaeSegments(Some(segments))) => segments,
+                Ok(PeerResponse::AaeSegments(Some(segments))) => {
+                    self.count_exchanged(segments.iter().map(|branch| 4 * branch.len()).sum());
+                    segments
+                }
                 other => return failed_step(peer, "segments", other),
             };
             let Some(ours) = trees.segments(partition, branches) else {
@@ -254,7 +262,15 @@ impl Node {
             })
             .await
             {
-                Ok(PeerResponse::AaeKeys(digests)) => digests,
+                Ok(PeerResponse::AaeKeys(digests)) => {
+                    self.count_exchanged(
+                        digests
+                            .iter()
+                            .map(|digest| digest.bucket.len() + digest.key.len() + 8)
+                            .sum(),
+                    );
+                    digests
+                }
                 other => return failed_step(peer, "key digests", other),
             };
             let ours = match self.key_digests(partition, segments.clone()).await {
@@ -293,6 +309,14 @@ impl Node {
                 ExchangeOutcome::Failed("the exchange stopped early".into())
             }
         }
+    }
+
+    fn count_exchanged(&self, bytes: usize) {
+        self.inner
+            .aae
+            .bytes_exchanged
+            .fetch_add(bytes as u64, Ordering::Relaxed);
+        metrics::counter!("dynkv_aae_bytes_exchanged_total").increment(bytes as u64);
     }
 
     /// This node's key digests in `segments` of `partition` (a scan of the partition, off
