@@ -46,7 +46,10 @@ def main():
     finally:
         for process in servers.values():
             stop(process)
-        shutil.rmtree(work, ignore_errors=True)
+        if os.environ.get("KEEP"):
+            print(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def stop(process):
@@ -137,8 +140,9 @@ def run(binary, work, servers, args):
     for node in nodes.values():
         aae(binary, work, node, "repair")
 
-    stop(servers["n3"])
+    # Killed, not stopped: a node shutting down still serves peers for a while.
     servers["n3"].kill()
+    servers["n3"].wait()
     wait_for(
         "n1 to judge n3 down",
         lambda: not any(
@@ -146,8 +150,9 @@ def run(binary, work, servers, args):
             for member in json.loads(cli(binary, work, "admin", "members", "--json", node=nodes["n1"]).stdout)
         ),
     )
-    cli(binary, work, "put", "bench", "the-one-key", "missed by n3", "--w", "2",
-        "--sloppy-quorum", "false", node=nodes["n1"])
+    put = cli(binary, work, "put", "bench", "the-one-key", "missed by n3", "--w", "2",
+              "--sloppy-quorum", "false", node=nodes["n1"])
+    print(f"put: {put.stdout.strip()} {put.stderr.strip()}")
     servers["n3"] = start_server(binary, work, "n3")
     wait_for("n3 to answer", lambda: cli(binary, work, "ping", node=nodes["n3"], check=False).returncode == 0)
     wait_for(
@@ -163,6 +168,9 @@ def run(binary, work, servers, args):
         ),
     )
 
+    for name, node in nodes.items():
+        counters = status(binary, work, node)
+        print(f"{name} before the exchanges: {counters['aae_exchanges']} exchanges, {counters['aae_keys_repaired']} keys repaired, {counters['hints_held']} hints")
     in_sync, found = [], []
     for name, node in nodes.items():
         owned = [p["partition"] for p in aae(binary, work, node)["partitions"] if p.get("next_due_ms") is not None]
@@ -171,6 +179,10 @@ def run(binary, work, servers, args):
             started = time.perf_counter()
             info = aae(binary, work, node, "repair", str(partition))
             elapsed_ms = (time.perf_counter() - started) * 1000
+            for entry in info["partitions"]:
+                for exchange in entry["exchanges"] if entry["partition"] == partition else []:
+                    if exchange["result"] != "in sync":
+                        print(f"partition {partition} on {name} with {exchange['peer']}: {exchange['result']}")
             after = status(binary, work, node)
             exchanged = after["aae_bytes_exchanged"] - before["aae_bytes_exchanged"]
             repaired = after["aae_keys_repaired"] - before["aae_keys_repaired"]

@@ -622,81 +622,103 @@ impl Store {
         }
     }
 
-    /// The [`RecordSummary`](crate::core::tictac::RecordSummary) of `(bucket, key)` in
-    /// `partition`, once what it was read from is durable (a writer job, so every write
-    /// before it is in the journal and fsynced): tombstone reaping must not count a copy that
-    /// a crash could still roll back. `None`: no copy.
-    pub async fn durable_summary(
+    /// The [`RecordSummary`](crate::core::tictac::RecordSummary) of each `(bucket, key)` of
+    /// `partition` (`None`: no copy), once what they were read from is durable: one writer
+    /// job, so every write before it is in the journal and fsynced. Tombstone reaping must
+    /// not count a copy that a crash could still roll back.
+    pub async fn durable_summaries(
         &self,
         partition: u32,
-        bucket: &[u8],
-        key: &[u8],
-    ) -> Result<Option<crate::core::tictac::RecordSummary>, StorageError> {
-        let stored_key = key::encode(bucket, key)?;
+        keys: &[(Vec<u8>, Vec<u8>)],
+    ) -> Result<Vec<Option<crate::core::tictac::RecordSummary>>, StorageError> {
+        let stored_keys = keys
+            .iter()
+            .map(|(bucket, key)| key::encode(bucket, key))
+            .collect::<Result<Vec<_>, _>>()?;
         let Some(keyspace) = self.inner.existing_partition(partition) else {
-            return Ok(None);
+            return Ok(vec![None; keys.len()]);
         };
         let result = self
             .inner
-            .submit::<_, std::convert::Infallible>(move |answer| match keyspace.get(&stored_key) {
-                Ok(current) => answer.when_durable(
-                    false,
-                    current.map(|record| crate::core::tictac::record_summary(&record)),
-                ),
-                Err(source) => answer.now(Err(StorageError::Read { partition, source }.into())),
+            .submit::<_, std::convert::Infallible>(move |answer| {
+                let mut summaries = Vec::with_capacity(stored_keys.len());
+                for stored_key in &stored_keys {
+                    match keyspace.get(stored_key) {
+                        Ok(current) => summaries.push(
+                            current.map(|record| crate::core::tictac::record_summary(&record)),
+                        ),
+                        Err(source) => {
+                            return answer
+                                .now(Err(StorageError::Read { partition, source }.into()));
+                        }
+                    }
+                }
+                answer.when_durable(false, summaries)
             })
             .await;
         match result {
-            Ok(summary) => Ok(summary),
+            Ok(summaries) => Ok(summaries),
             Err(UpdateError::Storage { source }) => Err(source),
             Err(UpdateError::Rejected { source }) => match source {},
         }
     }
 
-    /// Reaps the tombstone of `(bucket, key)` in `partition` if the copy is still a tombstone
-    /// with record digest `digest` (a write since the check keeps it), in the same writer job
-    /// as its tree update. Returns whether it was deleted, once the delete is durable.
-    pub async fn reap_tombstone(
+    /// Reaps the tombstone of each `(bucket, key, digest)` of `partition` whose copy is still
+    /// a tombstone with that record digest (a write since the check keeps it), each in the
+    /// same writer job as its tree update, all in one job. Returns how many were deleted,
+    /// once the deletes are durable.
+    pub async fn reap_tombstones(
         &self,
         partition: u32,
-        bucket: &[u8],
-        key: &[u8],
-        digest: u64,
-    ) -> Result<bool, StorageError> {
-        let stored_key = key::encode(bucket, key)?;
+        keys: &[(Vec<u8>, Vec<u8>, u64)],
+    ) -> Result<u64, StorageError> {
+        let targets = keys
+            .iter()
+            .map(|(bucket, key, digest)| {
+                Ok((
+                    key::encode(bucket, key)?,
+                    crate::core::ring::key_position(bucket, key),
+                    *digest,
+                ))
+            })
+            .collect::<Result<Vec<_>, StorageError>>()?;
         let Some(keyspace) = self.inner.existing_partition(partition) else {
-            return Ok(false);
+            return Ok(0);
         };
         let trees = self.inner.trees.clone();
-        let position = crate::core::ring::key_position(bucket, key);
         let result = self
             .inner
-            .submit::<bool, std::convert::Infallible>(move |answer| {
-                let current = match keyspace.get(&stored_key) {
-                    Ok(Some(current)) => current,
-                    Ok(None) => return answer.now(Ok(false)),
-                    Err(source) => {
-                        return answer.now(Err(StorageError::Read { partition, source }.into()));
+            .submit::<u64, std::convert::Infallible>(move |answer| {
+                let mut reaped = 0;
+                for (stored_key, position, digest) in targets {
+                    let current = match keyspace.get(&stored_key) {
+                        Ok(Some(current)) => current,
+                        Ok(None) => continue,
+                        Err(source) => {
+                            return answer
+                                .now(Err(StorageError::Read { partition, source }.into()));
+                        }
+                    };
+                    let summary = crate::core::tictac::record_summary(&current);
+                    if summary.digest != digest || summary.tombstone_since.is_none() {
+                        continue;
                     }
-                };
-                let summary = crate::core::tictac::record_summary(&current);
-                if summary.digest != digest || summary.tombstone_since.is_none() {
-                    return answer.now(Ok(false));
+                    // The header said so; the object itself must say so too before it goes.
+                    let decoded = crate::core::object::decode_local_record(&current);
+                    if !decoded.is_ok_and(|record| {
+                        crate::core::object::tombstone_since(&record.object).is_some()
+                    }) {
+                        continue;
+                    }
+                    if let Some(trees) = &trees {
+                        trees.apply(partition, &stored_key, position, Some(&current), None);
+                    }
+                    if let Err(source) = keyspace.remove(stored_key) {
+                        return answer.now(Err(StorageError::Write { partition, source }.into()));
+                    }
+                    reaped += 1;
                 }
-                // The header said so; the object itself must say so too before it goes.
-                let decoded = crate::core::object::decode_local_record(&current);
-                if !decoded.is_ok_and(|record| {
-                    crate::core::object::tombstone_since(&record.object).is_some()
-                }) {
-                    return answer.now(Ok(false));
-                }
-                if let Some(trees) = &trees {
-                    trees.apply(partition, &stored_key, position, Some(&current), None);
-                }
-                if let Err(source) = keyspace.remove(stored_key) {
-                    return answer.now(Err(StorageError::Write { partition, source }.into()));
-                }
-                answer.when_durable(true, true)
+                answer.when_durable(reaped > 0, reaped)
             })
             .await;
         match result {

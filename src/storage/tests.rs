@@ -786,44 +786,26 @@ async fn tombstones_are_counted_and_reaped_only_unchanged(kind: Engine) {
     assert_eq!(rest.len(), 1);
     assert_ne!(rest[0].key, first[0].key);
     let gone = found.iter().find(|t| t.key == b"gone").unwrap().clone();
-    let summary = store
-        .durable_summary(3, b"b", b"gone")
+    let name = |key: &[u8]| (b"b".to_vec(), key.to_vec());
+    let summaries = store
+        .durable_summaries(3, &[name(b"gone"), name(b"never")])
         .await
-        .unwrap()
         .unwrap();
-    assert_eq!(summary.digest, gone.digest);
-    assert_eq!(
-        store.durable_summary(3, b"b", b"never").await.unwrap(),
-        None
-    );
+    assert_eq!(summaries[0].unwrap().digest, gone.digest);
+    assert_eq!(summaries[1], None);
     // A different digest (the copy changed since the check) keeps it; so does a live copy.
-    assert!(
-        !store
-            .reap_tombstone(3, b"b", b"gone", gone.digest ^ 1)
-            .await
-            .unwrap()
-    );
+    let target = |key: &[u8], digest: u64| (b"b".to_vec(), key.to_vec(), digest);
     let live_digest =
         crate::core::tictac::record_digest(&store.get(3, b"b", b"live").unwrap().unwrap());
-    assert!(
-        !store
-            .reap_tombstone(3, b"b", b"live", live_digest)
-            .await
-            .unwrap()
-    );
-    assert!(
-        store
-            .reap_tombstone(3, b"b", b"gone", gone.digest)
-            .await
-            .unwrap()
-    );
+    let changed = [
+        target(b"gone", gone.digest ^ 1),
+        target(b"live", live_digest),
+    ];
+    assert_eq!(store.reap_tombstones(3, &changed).await.unwrap(), 0);
+    let unchanged = [target(b"gone", gone.digest)];
+    assert_eq!(store.reap_tombstones(3, &unchanged).await.unwrap(), 1);
     assert_eq!(store.get(3, b"b", b"gone").unwrap(), None);
-    assert!(
-        !store
-            .reap_tombstone(3, b"b", b"gone", gone.digest)
-            .await
-            .unwrap()
-    );
+    assert_eq!(store.reap_tombstones(3, &unchanged).await.unwrap(), 0);
     assert_eq!(trees.tombstones(3), Some(1));
     assert_eq!(trees.branches(3), Some(tree_of_contents(&store, 3)));
     // A tombstone overwritten by a live value is no longer counted.

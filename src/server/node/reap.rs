@@ -258,8 +258,15 @@ impl Node {
                 .map(|(bucket, key)| (bucket.as_slice(), key.as_slice()));
             let mut found = store.tombstones(partition, start_after, limit)?;
             if found.len() < limit && start.is_some() {
-                found.extend(store.tombstones(partition, None, limit - found.len())?);
-                found.dedup_by(|a, b| a.bucket == b.bucket && a.key == b.key);
+                // Wrapped around: from the start again, without what the first scan found.
+                let seen: std::collections::HashSet<(Vec<u8>, Vec<u8>)> = found
+                    .iter()
+                    .map(|tombstone| (tombstone.bucket.clone(), tombstone.key.clone()))
+                    .collect();
+                let again = store.tombstones(partition, None, limit - found.len())?;
+                found.extend(again.into_iter().filter(|tombstone| {
+                    !seen.contains(&(tombstone.bucket.clone(), tombstone.key.clone()))
+                }));
             }
             Ok::<_, StorageError>(found)
         })
@@ -294,18 +301,25 @@ impl Node {
         let mut reaped = 0;
         for chunk in tombstones.chunks(MAX_REAP_KEYS) {
             // Check: every primary holds the identical tombstone, durably.
-            let mut same: Vec<bool> = Vec::with_capacity(chunk.len());
-            for tombstone in chunk {
-                let ours = self
-                    .inner
-                    .store
-                    .durable_summary(partition, &tombstone.bucket, &tombstone.key)
-                    .await
-                    .map_err(|error| error.to_string())?;
-                same.push(ours.is_some_and(|summary| {
-                    summary.digest == tombstone.digest && summary.tombstone_since.is_some()
-                }));
-            }
+            let names: Vec<(Vec<u8>, Vec<u8>)> = chunk
+                .iter()
+                .map(|tombstone| (tombstone.bucket.clone(), tombstone.key.clone()))
+                .collect();
+            let ours = self
+                .inner
+                .store
+                .durable_summaries(partition, &names)
+                .await
+                .map_err(|error| error.to_string())?;
+            let mut same: Vec<bool> = chunk
+                .iter()
+                .zip(ours)
+                .map(|(tombstone, ours)| {
+                    ours.is_some_and(|summary| {
+                        summary.digest == tombstone.digest && summary.tombstone_since.is_some()
+                    })
+                })
+                .collect();
             let keys: Vec<ReapKey> = chunk
                 .iter()
                 .map(|tombstone| ReapKey {
@@ -362,16 +376,16 @@ impl Node {
         partition: PartitionId,
         keys: &[ReapKey],
     ) -> Result<u64, String> {
-        let mut reaped = 0;
-        for key in keys {
-            let gone = self
-                .inner
-                .store
-                .reap_tombstone(partition, &key.bucket, &key.key, key.digest)
-                .await
-                .map_err(|error| error.to_string())?;
-            reaped += u64::from(gone);
-        }
+        let targets: Vec<(Vec<u8>, Vec<u8>, u64)> = keys
+            .iter()
+            .map(|key| (key.bucket.clone(), key.key.clone(), key.digest))
+            .collect();
+        let reaped = self
+            .inner
+            .store
+            .reap_tombstones(partition, &targets)
+            .await
+            .map_err(|error| error.to_string())?;
         self.inner.reap.reaped.fetch_add(reaped, Ordering::Relaxed);
         metrics::counter!("dynkv_tombstones_reaped_total").increment(reaped);
         Ok(reaped)
@@ -388,24 +402,27 @@ impl Node {
                 message: format!("{} keys asked; at most {MAX_REAP_KEYS}", keys.len()),
             };
         }
-        let mut answers = Vec::with_capacity(keys.len());
-        for key in keys {
-            match self
-                .inner
-                .store
-                .durable_summary(partition, &key.bucket, &key.key)
-                .await
-            {
-                Ok(summary) => answers.push(summary.is_some_and(|summary| {
-                    summary.digest == key.digest && summary.tombstone_since.is_some()
-                })),
-                Err(error) => {
-                    return PeerResponse::Failed {
-                        message: error.to_string(),
-                    };
-                }
+        let names: Vec<(Vec<u8>, Vec<u8>)> = keys
+            .iter()
+            .map(|key| (key.bucket.clone(), key.key.clone()))
+            .collect();
+        let summaries = match self.inner.store.durable_summaries(partition, &names).await {
+            Ok(summaries) => summaries,
+            Err(error) => {
+                return PeerResponse::Failed {
+                    message: error.to_string(),
+                };
             }
-        }
+        };
+        let answers = keys
+            .iter()
+            .zip(summaries)
+            .map(|(key, summary)| {
+                summary.is_some_and(|summary| {
+                    summary.digest == key.digest && summary.tombstone_since.is_some()
+                })
+            })
+            .collect();
         PeerResponse::ReapCheck(answers)
     }
 
