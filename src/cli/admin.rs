@@ -594,7 +594,7 @@ fn print_aae(info: &dynkv::protocol::AaeInfo) {
         );
     }
     println!(
-        "{:>9}  {:<10}  {:>6}  {:>9}  {:>10}  last exchanges (peer: result, how long ago); last reap",
+        "{:>9}  {:<10}  {:>6}  {:>9}  {:>10}  last exchanges (peer: result, how long ago)  | last reap",
         "partition", "tree", "builds", "next due", "tombstones"
     );
     for partition in &info.partitions {
@@ -615,7 +615,7 @@ fn print_aae(info: &dynkv::protocol::AaeInfo) {
             .collect();
         let reap = partition.last_reap.as_ref().map_or(String::new(), |reap| {
             format!(
-                "; {} ({:.1} s ago)",
+                "  | reap: {} ({:.1} s ago)",
                 reap.result,
                 reap.ago_ms as f64 / 1000.0
             )
