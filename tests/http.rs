@@ -86,7 +86,10 @@ fn put_text(url: &str, value: &str, vclock: Option<&str>) -> Reply {
     curl(&args)
 }
 
-/// The parts of a multipart/mixed body: (headers, value) per part.
+/// The parts of a multipart/mixed body: (headers, value) per part, split as the Riak Python
+/// client splits it: on CRLF--boundary CRLF, dropping what comes before the first such line
+/// (the preamble) and what follows the closing CRLF--boundary--CRLF. A body whose first
+/// boundary line does not follow a CRLF loses its first part here, as it does there.
 fn multipart_parts(reply: &Reply) -> Vec<(String, String)> {
     let content_type = reply.header("content-type").expect("a content type");
     let boundary = content_type
@@ -95,17 +98,17 @@ fn multipart_parts(reply: &Reply) -> Vec<(String, String)> {
         .expect("a boundary")
         .trim_matches('"');
     let text = reply.text();
-    let delimiter = format!("--{boundary}");
-    let mut parts = Vec::new();
-    for chunk in text.split(&delimiter).skip(1) {
-        if chunk.starts_with("--") {
-            break;
-        }
-        let chunk = chunk.trim_start_matches("\r\n");
-        let (head, body) = chunk.split_once("\r\n\r\n").expect("part headers");
-        parts.push((head.to_string(), body.trim_end_matches("\r\n").to_string()));
-    }
-    parts
+    let close = format!("\r\n--{boundary}--\r\n");
+    let end = text.find(&close).expect("a closing boundary line ending in CRLF");
+    let open = format!("\r\n--{boundary}\r\n");
+    text[..end]
+        .split(&open)
+        .skip(1)
+        .map(|part| {
+            let (head, body) = part.split_once("\r\n\r\n").expect("part headers");
+            (head.to_string(), body.to_string())
+        })
+        .collect()
 }
 
 #[test]
@@ -502,6 +505,15 @@ fn ping_resources_stats_metrics_and_bad_input() {
         assert!(stats[field].is_u64(), "{field} missing: {stats}");
     }
     assert_eq!(stats["ring_num_partitions"], 64);
+    // Riak clients read riak_kv_version first (the Python client fails without it) and
+    // parse it as a dotted version of three numbers.
+    for field in ["riak_kv_version", "riak_pb_version"] {
+        let version = stats[field].as_str().expect(field);
+        assert_eq!(version.split('.').count(), 3, "{field}: {version}");
+        assert!(version.split('.').all(|part| part.parse::<u32>().is_ok()));
+    }
+    assert!(stats["connected_nodes"].as_array().unwrap().len() == 2);
+    assert!(stats["sys_logical_processors"].as_u64().unwrap() >= 1);
 
     // Metrics: Prometheus text with requests and latency by operation and consistency.
     let reply = curl(&[&format!("{node1}/metrics")]);

@@ -298,12 +298,12 @@ pub(super) fn render_siblings(
         .any(|accept| accept.contains("multipart/mixed"));
     let mut response = if accepts_multipart {
         let boundary = boundary_for(siblings);
+        // As Riak frames it: every boundary line, the first too, starts after a CRLF, and
+        // the closing one ends with one. Parsers that split on CRLF--boundary (the Riak
+        // Python client's does) otherwise take the first sibling for the preamble.
         let mut body = Vec::new();
-        for (index, sibling) in siblings.iter().enumerate() {
-            if index > 0 {
-                body.extend_from_slice(b"\r\n");
-            }
-            body.extend_from_slice(format!("--{boundary}\r\n").as_bytes());
+        for sibling in siblings {
+            body.extend_from_slice(format!("\r\n--{boundary}\r\n").as_bytes());
             for (name, value) in sibling_headers(bucket, sibling) {
                 body.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());
             }

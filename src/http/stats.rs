@@ -19,6 +19,11 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+/// The Riak release whose key/value API dynkv serves, as Riak clients read it for feature
+/// detection (`riak_kv_version` in `/stats`, `server_version` over Protocol Buffers; both
+/// must be three numbers).
+pub const RIAK_COMPATIBLE_VERSION: &str = "2.0.0";
+
 /// The window of the per-minute figures.
 const WINDOW: Duration = Duration::from_secs(60);
 /// Most samples a window keeps; beyond it the oldest go first.
@@ -372,6 +377,27 @@ pub(crate) async fn riak_stats(State(state): State<AppState>, headers: HeaderMap
         .collect();
     fields.insert("connected_nodes".into(), json!(connected));
     fields.insert("dynkv_version".into(), json!(env!("CARGO_PKG_VERSION")));
+    // Riak clients read `riak_kv_version` first and map it to the features they may use
+    // (the Python client: >= 1.0 quorum controls, conditional and head requests and
+    // tombstone vclocks; 1.4 bucket-property reset, streamed listing and timeouts; 2.0 bucket
+    // types). dynkv serves the key/value API of Riak 2.0 with the `default` bucket type only;
+    // what it does not serve (2i, MapReduce, search, data types) is refused with a reason.
+    fields.insert("riak_kv_version".into(), json!(RIAK_COMPATIBLE_VERSION));
+    fields.insert("riak_pb_version".into(), json!(RIAK_COMPATIBLE_VERSION));
+    fields.insert("riak_core_version".into(), json!(RIAK_COMPATIBLE_VERSION));
+    fields.insert(
+        "sys_system_version".into(),
+        json!(format!("dynkv {} (Rust)", env!("CARGO_PKG_VERSION"))),
+    );
+    fields.insert(
+        "sys_system_architecture".into(),
+        json!(std::env::consts::ARCH),
+    );
+    fields.insert(
+        "sys_logical_processors".into(),
+        json!(std::thread::available_parallelism().map_or(1, |cores| cores.get())),
+    );
+    fields.insert("sys_process_count".into(), json!(1));
     let document = Value::Object(fields);
     // Riak pretty-prints for a text/plain Accept.
     let pretty = headers
