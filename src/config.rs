@@ -6,6 +6,8 @@
 //! data_dir = "/var/lib/dynkv"          # fjall store, actor id
 //! peer_listen = "0.0.0.0:8710"         # node-to-node QUIC (mutual TLS)
 //! client_listen = "0.0.0.0:8700"       # client QUIC (TLS)
+//! pb_listen = "0.0.0.0:8087"           # Riak's Protocol Buffers API (Riak clients' default port)
+//! pb_tls = false                       # let RpbStartTls upgrade PB connections to TLS
 //! http_listen = "0.0.0.0:8098"         # Riak-compatible HTTP API, /stats and /metrics
 //! http_tls = false                     # serve HTTPS with the node certificate instead
 //! http_token = "s3cret"                # optional: require `Authorization: Bearer s3cret`
@@ -89,6 +91,12 @@ pub struct Config {
     /// Riak-compatible HTTP API, `/stats` and `/metrics` (plain HTTP by default, as Riak's
     /// port 8098).
     pub http_listen: SocketAddr,
+    /// Riak's Protocol Buffers API (plain TCP, as Riak's port 8087), for the Riak client
+    /// libraries that speak it.
+    pub pb_listen: SocketAddr,
+    /// Let `RpbStartTls` upgrade a Protocol Buffers connection to TLS with the node
+    /// certificate (`tls.node_cert`); off, it is refused with a message saying so.
+    pub pb_tls: bool,
     /// Serve the HTTP API over TLS with the node certificate (`tls.node_cert`), as the client
     /// port does.
     pub http_tls: bool,
@@ -362,6 +370,8 @@ impl Default for Config {
             peer_listen: SocketAddr::from(([127, 0, 0, 1], 8710)),
             client_listen: SocketAddr::from(([127, 0, 0, 1], 8700)),
             http_listen: SocketAddr::from(([127, 0, 0, 1], 8098)),
+            pb_listen: SocketAddr::from(([127, 0, 0, 1], 8087)),
+            pb_tls: false,
             http_tls: false,
             http_token: None,
             client_token: None,

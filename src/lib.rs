@@ -19,6 +19,7 @@ pub mod config;
 pub mod core;
 pub mod http;
 pub mod net;
+pub mod pb;
 pub mod protocol;
 pub mod server;
 pub mod storage;

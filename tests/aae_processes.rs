@@ -63,7 +63,7 @@ fn a_replica_that_missed_writes_holds_them_after_exchanges_with_read_repair_off(
         std::fs::create_dir_all(&dir).unwrap();
         let config = format!(
             "node_id = \"n{node}\"\ndata_dir = \"{data}\"\nclient_listen = \"{client}\"\n\
-             peer_listen = \"{peer}\"\nhttp_listen = \"{http}\"\nread_repair_chance = 0.0\n\
+             peer_listen = \"{peer}\"\nhttp_listen = \"{http}\"\npb_listen = \"{pb}\"\nread_repair_chance = 0.0\n\
              gossip_interval_ms = 200\nrequest_timeout_ms = 2000\n{members}\n\
              [tls]\nca_cert = \"{pki}/ca.pem\"\nnode_cert = \"{pki}/n{node}.pem\"\nnode_key = \"{pki}/n{node}.key\"\n\
              [aae]\nexchange_interval_ms = 200\n",
@@ -71,6 +71,7 @@ fn a_replica_that_missed_writes_holds_them_after_exchanges_with_read_repair_off(
             client = port(node, 0),
             peer = port(node, 100),
             http = port(node, 200),
+            pb = port(node, 300),
             pki = pki.display(),
         );
         let path = dir.join("dynkv.toml");

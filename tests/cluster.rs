@@ -446,6 +446,10 @@ fn three_servers_started_by_hand_with_one_seed_each_agree_on_members() {
                 "--http-listen",
                 &format!("127.0.0.1:{}", base + 200 + index - 1),
             ])
+            .args([
+                "--pb-listen",
+                &format!("127.0.0.1:{}", base + 300 + index - 1),
+            ])
             .args(["--member", &seed])
             .arg("--ca-cert")
             .arg(pki.join("ca.pem"))

@@ -99,7 +99,9 @@ fn multipart_parts(reply: &Reply) -> Vec<(String, String)> {
         .trim_matches('"');
     let text = reply.text();
     let close = format!("\r\n--{boundary}--\r\n");
-    let end = text.find(&close).expect("a closing boundary line ending in CRLF");
+    let end = text
+        .find(&close)
+        .expect("a closing boundary line ending in CRLF");
     let open = format!("\r\n--{boundary}\r\n");
     text[..end]
         .split(&open)

@@ -41,7 +41,8 @@ pub struct RebalanceArgs {
     /// Concurrent workload clients (each alternates a quorum write and a quorum read).
     #[arg(long, default_value_t = 4)]
     workers: usize,
-    /// Node i listens on BASE+i-1 (clients), BASE+100+i-1 (peers), BASE+200+i-1 (HTTP).
+    /// Node i listens on BASE+i-1 (clients), BASE+100+i-1 (peers), BASE+200+i-1 (HTTP),
+    /// BASE+300+i-1 (Protocol Buffers).
     #[arg(long, default_value_t = 9700)]
     base_port: u16,
     /// Directory of the throwaway cluster [default: a new one under the system temp dir].

@@ -31,8 +31,8 @@ pub struct DevArgs {
     /// Directory for the CA, configs, data and logs [default: $DYNKV_DEV_DIR or ~/.local/share/dynkv/dev].
     #[arg(long)]
     dir: Option<PathBuf>,
-    /// Node i listens for clients on BASE+i-1, for peers on BASE+100+i-1 and for HTTP on
-    /// BASE+200+i-1.
+    /// Node i listens for clients on BASE+i-1, for peers on BASE+100+i-1, for HTTP on
+    /// BASE+200+i-1 and for Riak's Protocol Buffers API on BASE+300+i-1.
     #[arg(long, default_value_t = 8700)]
     base_port: u16,
     /// Ring partitions.
@@ -87,6 +87,9 @@ pub struct DevNode {
     /// Absent in files written before the HTTP API existed.
     #[serde(default)]
     pub http_addr: Option<SocketAddr>,
+    /// Riak's Protocol Buffers API; absent in files written before it existed.
+    #[serde(default)]
+    pub pb_addr: Option<SocketAddr>,
     pub config: PathBuf,
 }
 
@@ -164,6 +167,7 @@ fn prepare(args: &DevArgs, dir: &Path) -> Result<DevCluster> {
             peer_listen: address(100, index)?,
             client_listen: address(0, index)?,
             http_listen: address(200, index)?,
+            pb_listen: address(300, index)?,
             partition_count: args.partition_count,
             request_timeout_ms: args.request_timeout_ms,
             worker_threads: dev_worker_threads(usize::from(args.nodes)),
@@ -192,6 +196,7 @@ fn prepare(args: &DevArgs, dir: &Path) -> Result<DevCluster> {
             client_addr: config.client_listen,
             peer_addr: config.peer_listen,
             http_addr: Some(config.http_listen),
+            pb_addr: Some(config.pb_listen),
             config: config_path,
         });
     }
@@ -319,11 +324,14 @@ pub async fn run(args: DevArgs) -> Result<()> {
     );
     for (node, child) in cluster.nodes.iter().zip(&children) {
         println!(
-            "  {}  client {}  peer {}  http http://{}  pid {}",
+            "  {}  client {}  peer {}  http http://{}  pb {}  pid {}",
             node.id,
             node.client_addr,
             node.peer_addr,
             node.http_addr
+                .map(|address| address.to_string())
+                .unwrap_or_default(),
+            node.pb_addr
                 .map(|address| address.to_string())
                 .unwrap_or_default(),
             child.id().map(|pid| pid.to_string()).unwrap_or_default()
@@ -446,6 +454,7 @@ pub(super) async fn add(dir: &Path) -> Result<()> {
         peer_listen: address(100)?,
         client_listen: address(0)?,
         http_listen: address(200)?,
+        pb_listen: address(300)?,
         worker_threads: dev_worker_threads(usize::from(index) + 1),
         // Seeds only: a node not in its own member list joins the existing ring.
         members: cluster
@@ -472,13 +481,14 @@ pub(super) async fn add(dir: &Path) -> Result<()> {
         client_addr: config.client_listen,
         peer_addr: config.peer_listen,
         http_addr: Some(config.http_listen),
+        pb_addr: Some(config.pb_listen),
         config: config_path,
     });
     let text = toml::to_string(&cluster).context("cannot render cluster.toml")?;
     std::fs::write(dir.join("cluster.toml"), text)?;
     println!(
-        "{id}: client {}  peer {}  http http://{}",
-        config.client_listen, config.peer_listen, config.http_listen
+        "{id}: client {}  peer {}  http http://{}  pb {}",
+        config.client_listen, config.peer_listen, config.http_listen, config.pb_listen
     );
 
     let ca_pem = std::fs::read_to_string(&cluster.ca_cert)?;

@@ -30,6 +30,9 @@ pub struct ServerArgs {
     /// Serve the HTTP API over TLS with the node certificate [default: false].
     #[arg(long)]
     http_tls: Option<bool>,
+    /// Riak's Protocol Buffers API address [default: 127.0.0.1:8087].
+    #[arg(long)]
+    pb_listen: Option<SocketAddr>,
     /// Require `Authorization: Bearer TOKEN` on every HTTP request except /ping
     /// [default: none; env DYNKV_HTTP_TOKEN].
     #[arg(long, env = "DYNKV_HTTP_TOKEN", hide_env_values = true)]
@@ -113,6 +116,7 @@ pub fn effective_config(args: ServerArgs) -> Result<(Config, bool)> {
     apply!(args.client_listen => client_listen);
     apply!(args.http_listen => http_listen);
     apply!(args.http_tls => http_tls);
+    apply!(args.pb_listen => pb_listen);
     if args.http_token.is_some() {
         config.http_token = args.http_token;
     }

@@ -11,9 +11,11 @@
 
 mod bucket;
 mod listener;
-mod object;
+pub(crate) mod object;
 mod params;
 pub mod stats;
+
+pub(crate) use object::random_name;
 
 use crate::protocol::{ClientError, ErrorKind};
 use crate::server::node::Node;

@@ -349,7 +349,7 @@ fn boundary_for(siblings: &[Content]) -> String {
     }
 }
 
-fn random_name(length: usize) -> String {
+pub(crate) fn random_name(length: usize) -> String {
     use rand::{Rng, SeedableRng};
     const ALPHABET: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
     let mut rng = rand::rngs::SmallRng::from_os_rng();

@@ -39,7 +39,9 @@ pub struct RunningServer {
     pub peer_addr: SocketAddr,
     pub client_addr: SocketAddr,
     pub http_addr: SocketAddr,
+    pub pb_addr: SocketAddr,
     http_server: crate::http::HttpServer,
+    pb_server: crate::pb::PbServer,
     peer_server: QuicServer,
     client_server: QuicServer,
     background: Vec<tokio::task::JoinHandle<()>>,
@@ -55,6 +57,7 @@ impl RunningServer {
             let _ = task.await;
         }
         self.http_server.shutdown().await;
+        self.pb_server.shutdown().await;
         self.client_server.shutdown().await;
         self.peer_server.shutdown().await;
         let store = self.node.store().clone();
@@ -357,16 +360,43 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         reason: error.to_string(),
     })?;
 
+    let pb_tls = if config.pb_tls {
+        Some(Arc::new(
+            tls::client_facing_server_config(&node_identity)
+                .map_err(|error| ServerError::Tls(error.to_string()))?,
+        ))
+    } else {
+        None
+    };
+    let pb_server = crate::pb::PbServer::start(
+        node.clone(),
+        crate::pb::PbSettings {
+            address: config.pb_listen,
+            max_frame_bytes: config.limits.max_frame_bytes as usize,
+            max_connections: config.limits.max_client_connections as usize,
+            tls: pb_tls,
+            token: config.http_token.clone(),
+        },
+    )
+    .await
+    .map_err(|error| ServerError::Listen {
+        address: config.pb_listen,
+        reason: error.to_string(),
+    })?;
+
     let peer_addr = peer_server.local_addr();
     let client_addr = client_server.local_addr();
     let http_addr = http_server.local_addr;
-    info!(node = %validated.node_id, %peer_addr, %client_addr, %http_addr, members = validated.members.len(), "node started");
+    let pb_addr = pb_server.local_addr;
+    info!(node = %validated.node_id, %peer_addr, %client_addr, %http_addr, %pb_addr, members = validated.members.len(), "node started");
     Ok(RunningServer {
         node,
         peer_addr,
         client_addr,
         http_addr,
+        pb_addr,
         http_server,
+        pb_server,
         peer_server,
         client_server,
         background,

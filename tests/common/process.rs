@@ -16,9 +16,10 @@ pub fn binary() -> &'static str {
 /// client endpoint, every HTTP client) can take one of them first.
 const LOWEST_TEST_PORT: u16 = 10_000;
 
-/// Ports one test process may use: a node set uses BASE+0..9 (client), BASE+100..109 (peer)
-/// and BASE+200..209 (HTTP); slots shift BASE by 10, so a band of 300 fits slots 0..=9.
-const PORTS_PER_PROCESS: u16 = 300;
+/// Ports one test process may use: a node set uses BASE+0..9 (client), BASE+100..109 (peer),
+/// BASE+200..209 (HTTP) and BASE+300..309 (Protocol Buffers); slots shift BASE by 10, so a
+/// band of 400 fits slots 0..=9.
+const PORTS_PER_PROCESS: u16 = 400;
 
 /// The lowest port of the kernel's ephemeral range (32,768 where it cannot be read).
 fn ephemeral_port_floor() -> u16 {
@@ -103,7 +104,8 @@ pub fn make_pki(dir: &Path, node_id: &str) -> PathBuf {
 }
 
 /// `dynkv server` for node n1 with its certificates from `pki` (see [`make_pki`]), its data in
-/// `data_dir`, its client port at `base`, peer port at `base + 100` and HTTP at `base + 200`,
+/// `data_dir`, its client port at `base`, peer port at `base + 100`, HTTP at `base + 200` and
+/// Protocol Buffers at `base + 300`,
 /// logging warnings to stderr; the caller adds its own flags and spawns it.
 pub fn server_command(pki: &Path, data_dir: &Path, base: u16) -> Command {
     server_command_for("n1", pki, data_dir, base)
@@ -123,6 +125,7 @@ pub fn server_command_for(node_id: &str, pki: &Path, data_dir: &Path, base: u16)
             &address(100),
         ])
         .args(["--http-listen", &address(200)])
+        .args(["--pb-listen", &address(300)])
         .arg("--ca-cert")
         .arg(pki.join("ca.pem"))
         .arg("--node-cert")

@@ -1,7 +1,8 @@
 """Conformance of dynkv with the official Riak Python client (`riak` 2.7.0 from PyPI).
 
-Usage: conformance.py http|pbc HOST PORT
-Runs each check against a running dynkv node through the client's HTTP or Protocol Buffers
+Usage: conformance.py http|pbc HOST PORT [OTHER_PORT]
+OTHER_PORT is the same node's port of the other transport, for the check that a vclock read
+over one API works over the other. Runs each check against a running dynkv node through the client's HTTP or Protocol Buffers
 transport and prints one line per check, then `N passed, M failed`. Exit status 1 if any
 check failed. Each run uses buckets of its own, so runs do not see each other's data.
 """
@@ -15,6 +16,7 @@ import uuid
 from riak import RiakClient, RiakError
 
 TRANSPORT, HOST, PORT = sys.argv[1], sys.argv[2], int(sys.argv[3])
+OTHER_PORT = int(sys.argv[4]) if len(sys.argv) > 4 else None
 if TRANSPORT == "http":
     client = RiakClient(protocol="http", host=HOST, http_port=PORT)
 else:
@@ -169,6 +171,95 @@ def _():
         b.new("k%d" % index, data=index).store()
     keys = sorted(b.get_keys())
     assert keys == ["k%d" % index for index in range(5)], keys
+
+
+@check("list buckets")
+def _():
+    bucket("listed").new("k", data=1).store()
+    names = [listed.name for listed in client.get_buckets()]
+    assert PREFIX + "listed" in names, names
+
+
+@check("if_none_match refuses an existing key")
+def _():
+    b = bucket("conditional")
+    b.new("k", data=1).store()
+    try:
+        b.new("k", data=2).store(if_none_match=True)
+    except RiakError:
+        assert b.get("k").data == 1
+        return
+    raise AssertionError("a store with if_none_match over an existing key was accepted")
+
+
+@check("what is not served is refused with an error")
+def _():
+    try:
+        client.get_index(bucket("index"), "field_bin", "x")
+    except RiakError as error:
+        if TRANSPORT == "pbc":
+            assert "not served" in str(error), str(error)
+        return
+    raise AssertionError("a secondary index query was answered")
+
+
+if TRANSPORT == "pbc":
+
+    @check("default bucket type properties")
+    def _():
+        # This client refuses any request about the default type before sending it; other
+        # libraries send RpbGetBucketTypeReq (31). Sent here as they would, on a socket.
+        import socket
+        import struct
+
+        def ask(bucket_type):
+            body = b"\x0a" + bytes([len(bucket_type)]) + bucket_type
+            with socket.create_connection((HOST, PORT)) as connection:
+                connection.sendall(struct.pack("!IB", len(body) + 1, 31) + body)
+                length = struct.unpack("!I", connection.recv(4, socket.MSG_WAITALL))[0]
+                frame = connection.recv(length, socket.MSG_WAITALL)
+            return frame[0], frame[1:]
+
+        code, body = ask(b"default")
+        assert code == 20, (code, body)
+        from riak.pb.riak_pb2 import RpbGetBucketResp
+
+        props = RpbGetBucketResp()
+        props.ParseFromString(body)
+        assert props.props.n_val == 3, props
+        code, body = ask(b"maps")
+        assert code == 0 and b"not served" in body, (code, body)
+
+    @check("client id")
+    def _():
+        # RiakClient.client_id is broken in this client (it sends nothing and leaves its
+        # pool claimed); its transport sends RpbSetClientIdReq and RpbGetClientIdReq.
+        with client._transport() as transport:
+            transport.client_id = "conformance"
+            assert transport.client_id in ("conformance", b"conformance"), transport.client_id
+
+
+if OTHER_PORT:
+
+    @check("a vclock read over one API resolves siblings over the other")
+    def _():
+        if TRANSPORT == "http":
+            other = RiakClient(protocol="pbc", host=HOST, pb_port=OTHER_PORT)
+        else:
+            other = RiakClient(protocol="http", host=HOST, http_port=OTHER_PORT)
+        try:
+            name = PREFIX + "cross"
+            client.bucket(name).allow_mult = True
+            client.bucket(name).new("k", data={"writer": "left"}).store()
+            client.bucket(name).new("k", data={"writer": "right"}).store()
+            fetched = other.bucket(name).get("k")
+            assert len(fetched.siblings) == 2, len(fetched.siblings)
+            fetched.siblings = [fetched.siblings[0]]
+            fetched.store()
+            resolved = client.bucket(name).get("k")
+            assert len(resolved.siblings) == 1, len(resolved.siblings)
+        finally:
+            other.close()
 
 
 for name, failure in results:

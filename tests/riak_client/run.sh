@@ -39,9 +39,9 @@ grep -q "nodes up" "$log" || { cat "$log"; echo "dynkv dev did not come up"; exi
 passed=0
 failed=0
 run() {
-  local transport=$1 port=$2 output
+  local transport=$1 port=$2 other=$3 output
   set +e
-  output=$(cd "$here" && PYTHONWARNINGS=ignore "$OLDPWD/$venv/bin/python" conformance.py "$transport" 127.0.0.1 "$port" 2>&1)
+  output=$(cd "$here" && PYTHONWARNINGS=ignore "$OLDPWD/$venv/bin/python" conformance.py "$transport" 127.0.0.1 "$port" "$other" 2>&1)
   set -e
   echo "$output"
   local line
@@ -54,6 +54,7 @@ run() {
   passed=$((passed + $(echo "$line" | sed -E 's/.*: ([0-9]+) passed.*/\1/')))
   failed=$((failed + $(echo "$line" | sed -E 's/.* ([0-9]+) failed/\1/')))
 }
-run http $((base_port + 200))
+run http $((base_port + 200)) $((base_port + 300))
+run pbc $((base_port + 300)) $((base_port + 200))
 echo "riak client conformance: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]
