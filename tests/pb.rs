@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::process::DevCluster;
+use common::process::{DevCluster, NodeProcess, base_port, make_pki, server_command};
 use dynkv::pb::messages::*;
 use prost::Message;
 use std::io::{Read, Write};
@@ -208,4 +208,89 @@ fn the_key_value_messages_and_bad_input_over_protocol_buffers() {
     let mut again = Connection::open(&cluster, 1);
     again.send_raw(code::PING_REQ, &[]);
     assert_eq!(again.receive().unwrap().0, code::PING_RESP);
+}
+
+/// With `pb_tls` and a token: nothing but ping and server info before `RpbAuthReq`;
+/// `RpbStartTls` upgrades the connection (verified against the cluster CA, the node's
+/// certificate naming 127.0.0.1), and the token as the password authenticates it.
+#[test]
+fn start_tls_and_authentication_over_protocol_buffers() {
+    dynkv::net::tls::install_crypto_provider();
+    let root = tempfile::tempdir().unwrap();
+    let pki = make_pki(&root.path().join("pki"), "n1");
+    let base = base_port(1);
+    let _server = NodeProcess(
+        server_command(&pki, &root.path().join("data"), base)
+            .args(["--pb-tls", "true", "--http-token", "pb-secret"])
+            .spawn()
+            .unwrap(),
+    );
+    let address = format!("127.0.0.1:{}", base + 300);
+    let stream = (0..200)
+        .find_map(|_| {
+            TcpStream::connect(&address).ok().or_else(|| {
+                std::thread::sleep(Duration::from_millis(100));
+                None
+            })
+        })
+        .expect("the PB port opens");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut plain = Connection(stream);
+    plain.send_raw(code::PING_REQ, &[]);
+    assert_eq!(plain.receive().unwrap().0, code::PING_RESP);
+    let get = RpbGetReq {
+        bucket: b"b".to_vec(),
+        key: b"k".to_vec(),
+        ..RpbGetReq::default()
+    };
+    let (answer, body) = plain.call(code::GET_REQ, &get);
+    assert!(error_text(answer, &body).contains("requires authentication"));
+    plain.send_raw(code::START_TLS, &[]);
+    assert_eq!(plain.receive().unwrap().0, code::START_TLS);
+
+    let ca = std::fs::read_to_string(pki.join("ca.pem")).unwrap();
+    let config = std::sync::Arc::new(dynkv::net::tls::client_config(&ca).unwrap());
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let tls = rustls::ClientConnection::new(config, name).unwrap();
+    let mut secure = rustls::StreamOwned::new(tls, plain.0);
+    let mut call = |code: u8, body: Vec<u8>| -> (u8, Vec<u8>) {
+        let mut frame = ((body.len() + 1) as u32).to_be_bytes().to_vec();
+        frame.push(code);
+        frame.extend_from_slice(&body);
+        secure.write_all(&frame).unwrap();
+        let mut header = [0u8; 4];
+        secure.read_exact(&mut header).unwrap();
+        let mut frame = vec![0u8; u32::from_be_bytes(header) as usize];
+        secure.read_exact(&mut frame).unwrap();
+        let body = frame.split_off(1);
+        (frame[0], body)
+    };
+    let wrong = RpbAuthReq {
+        user: b"anyone".to_vec(),
+        password: b"guess".to_vec(),
+    };
+    let (answer, body) = call(code::AUTH_REQ, wrong.encode_to_vec());
+    assert!(error_text(answer, &body).contains("authentication failed"));
+    let (answer, body) = call(code::GET_REQ, get.encode_to_vec());
+    assert!(error_text(answer, &body).contains("requires authentication"));
+    let right = RpbAuthReq {
+        user: b"anyone".to_vec(),
+        password: b"pb-secret".to_vec(),
+    };
+    assert_eq!(
+        call(code::AUTH_REQ, right.encode_to_vec()).0,
+        code::AUTH_RESP
+    );
+    let (answer, body) = call(code::GET_REQ, get.encode_to_vec());
+    assert_eq!(answer, code::GET_RESP, "{body:?}");
+    assert!(
+        RpbGetResp::decode(body.as_slice())
+            .unwrap()
+            .content
+            .is_empty()
+    );
+    let (answer, body) = call(code::START_TLS, Vec::new());
+    assert!(error_text(answer, &body).contains("already TLS"));
 }

@@ -33,6 +33,9 @@ pub struct ServerArgs {
     /// Riak's Protocol Buffers API address [default: 127.0.0.1:8087].
     #[arg(long)]
     pb_listen: Option<SocketAddr>,
+    /// Let RpbStartTls upgrade Protocol Buffers connections to TLS [default: false].
+    #[arg(long)]
+    pb_tls: Option<bool>,
     /// Require `Authorization: Bearer TOKEN` on every HTTP request except /ping
     /// [default: none; env DYNKV_HTTP_TOKEN].
     #[arg(long, env = "DYNKV_HTTP_TOKEN", hide_env_values = true)]
@@ -117,6 +120,7 @@ pub fn effective_config(args: ServerArgs) -> Result<(Config, bool)> {
     apply!(args.http_listen => http_listen);
     apply!(args.http_tls => http_tls);
     apply!(args.pb_listen => pb_listen);
+    apply!(args.pb_tls => pb_tls);
     if args.http_token.is_some() {
         config.http_token = args.http_token;
     }

@@ -361,10 +361,11 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
     })?;
 
     let pb_tls = if config.pb_tls {
-        Some(Arc::new(
-            tls::client_facing_server_config(&node_identity)
-                .map_err(|error| ServerError::Tls(error.to_string()))?,
-        ))
+        let mut tls_config = tls::client_facing_server_config(&node_identity)
+            .map_err(|error| ServerError::Tls(error.to_string()))?;
+        // Riak clients start TLS inside the protocol and negotiate no application protocol.
+        tls_config.alpn_protocols = Vec::new();
+        Some(Arc::new(tls_config))
     } else {
         None
     };
