@@ -87,6 +87,15 @@ struct RunArgs {
     /// measure what it costs against a run with it on.
     #[arg(long)]
     local_no_aae: bool,
+    /// The API the workload and its ceiling run over: `native` (QUIC) or `pb` (Riak's
+    /// Protocol Buffers API, one connection per worker, to each node's PB address in the dev
+    /// cluster's cluster.toml or `--pb-node`). The preload always writes over `native`.
+    #[arg(long, default_value = "native")]
+    protocol: BenchProtocol,
+    /// A node's Protocol Buffers address for `--protocol pb`; repeat for several [default:
+    /// every node of the dev cluster].
+    #[arg(long = "pb-node")]
+    pb_nodes: Vec<SocketAddr>,
     /// a (50% read), b (95% read), c (read only), w (write only) or read=PERCENT.
     #[arg(long, default_value = "a")]
     workload: Workload,
@@ -156,6 +165,12 @@ pub async fn run(args: Box<BenchArgs>) -> Result<()> {
         None => run_workload(args.run).await,
         Some(BenchCommand::Compare(compare)) => run_compare(compare).await,
     }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum BenchProtocol {
+    Native,
+    Pb,
 }
 
 /// A `dynkv dev` child started by `--local`; stopped (SIGTERM) and removed on drop.
@@ -441,11 +456,63 @@ async fn execute(
     }
 }
 
+/// What a Protocol Buffers failure counts as.
+fn pb_error_kind(error: &dynkv::pb::client::PbClientError) -> String {
+    use dynkv::pb::client::PbClientError;
+    match error {
+        PbClientError::Io(_) => "connection",
+        PbClientError::Refused(_) => "refused",
+        PbClientError::Unexpected { .. }
+        | PbClientError::TooLarge(_)
+        | PbClientError::Undecodable(_) => "protocol",
+    }
+    .to_string()
+}
+
+/// [`execute`] over Riak's Protocol Buffers API.
+async fn execute_pb(
+    pb: &mut dynkv::pb::client::PbClient,
+    plan: &Plan,
+    operation: Operation,
+    record: u64,
+) -> Result<(), dynkv::pb::client::PbClientError> {
+    match operation {
+        Operation::Ping => pb.ping().await,
+        Operation::Read => {
+            let key = record_key(record);
+            let vclock = pb.get(&plan.bucket, &key, plan.read_options.r).await?;
+            if let (Some(contexts), Some(vclock)) = (&plan.contexts, vclock) {
+                contexts.set(record, vclock);
+            }
+            Ok(())
+        }
+        Operation::Update => {
+            let key = record_key(record);
+            let context = plan.contexts.as_ref().and_then(|c| c.get(record));
+            let vclock = pb
+                .put(
+                    &plan.bucket,
+                    &key,
+                    context,
+                    plan.value.clone(),
+                    plan.write_options.w,
+                    plan.write_options.dw,
+                )
+                .await?;
+            if let (Some(contexts), Some(vclock)) = (&plan.contexts, vclock) {
+                contexts.set(record, vclock);
+            }
+            Ok(())
+        }
+    }
+}
+
 /// Runs `workers` closed-loop workers until the limit; prints a live progress line on a
 /// terminal. Returns what they measured and how long it took.
 async fn run_phase(
     name: &str,
     clients: &[Client],
+    pb_nodes: &[SocketAddr],
     workers: usize,
     plan: Arc<Plan>,
     limit: Limit,
@@ -467,6 +534,15 @@ async fn run_phase(
     let mut tasks = Vec::with_capacity(workers);
     for worker in 0..workers {
         let client = clients[worker % clients.len()].clone();
+        // Over Protocol Buffers each worker has its own connection, as Riak clients do.
+        let mut pb = match pb_nodes.get(worker % pb_nodes.len().max(1)) {
+            Some(address) => Some(
+                dynkv::pb::client::PbClient::connect(*address)
+                    .await
+                    .with_context(|| format!("cannot connect to {address} (Protocol Buffers)"))?,
+            ),
+            None => None,
+        };
         let plan = plan.clone();
         let (done, failed, claimed) = (done.clone(), failed.clone(), claimed.clone());
         tasks.push(tokio::spawn(async move {
@@ -488,10 +564,18 @@ async fn run_phase(
                     Mix::Ping => (Operation::Ping, 0),
                 };
                 let begun = Instant::now();
-                match execute(&client, &plan, operation, record).await {
+                let outcome = match &mut pb {
+                    Some(pb) => execute_pb(pb, &plan, operation, record)
+                        .await
+                        .map_err(|error| pb_error_kind(&error)),
+                    None => execute(&client, &plan, operation, record)
+                        .await
+                        .map_err(|error| error_kind(&error)),
+                };
+                match outcome {
                     Ok(()) => recorder.record(operation, begun.elapsed()),
-                    Err(error) => {
-                        recorder.error(&error_kind(&error));
+                    Err(kind) => {
+                        recorder.error(&kind);
                         failed.fetch_add(1, Ordering::Relaxed);
                     }
                 }
@@ -578,6 +662,7 @@ async fn preload(args: &RunArgs, clients: &[Client], degraded: bool) -> Result<(
     let report = run_phase(
         "preload",
         clients,
+        &[],
         args.workers,
         plan,
         Limit::Operations(args.records),
@@ -591,7 +676,11 @@ async fn preload(args: &RunArgs, clients: &[Client], degraded: bool) -> Result<(
     Ok(())
 }
 
-async fn ceiling(args: &RunArgs, clients: &[Client]) -> Result<Option<PhaseReport>> {
+async fn ceiling(
+    args: &RunArgs,
+    clients: &[Client],
+    pb_nodes: &[SocketAddr],
+) -> Result<Option<PhaseReport>> {
     if args.no_ceiling {
         return Ok(None);
     }
@@ -599,6 +688,7 @@ async fn ceiling(args: &RunArgs, clients: &[Client]) -> Result<Option<PhaseRepor
     let report = run_phase(
         "ceiling (ping)",
         clients,
+        pb_nodes,
         args.workers,
         plan,
         args.limit(),
@@ -688,6 +778,33 @@ async fn start_local(args: &RunArgs) -> Result<Option<LocalCluster>> {
     }
 }
 
+/// The Protocol Buffers addresses the workload runs against (none: the native API).
+fn pb_nodes(args: &RunArgs, local_dir: Option<&Path>) -> Result<Vec<SocketAddr>> {
+    if args.protocol == BenchProtocol::Native {
+        return Ok(Vec::new());
+    }
+    if !args.pb_nodes.is_empty() {
+        return Ok(args.pb_nodes.clone());
+    }
+    let dir = local_dir
+        .map(Path::to_path_buf)
+        .or_else(|| args.dev_dir.clone())
+        .unwrap_or_else(super::dev::default_dev_dir);
+    let cluster = super::dev::DevCluster::load(&dir)?;
+    let nodes: Vec<SocketAddr> = cluster
+        .nodes
+        .iter()
+        .filter_map(|node| node.pb_addr)
+        .collect();
+    if nodes.is_empty() {
+        bail!(
+            "the dev cluster in {} names no Protocol Buffers address; give --pb-node",
+            dir.display()
+        );
+    }
+    Ok(nodes)
+}
+
 async fn run_workload(args: RunArgs) -> Result<()> {
     args.validate()?;
     let local = start_local(&args).await?;
@@ -705,8 +822,9 @@ async fn run_workload(args: RunArgs) -> Result<()> {
         args.w,
         settings.nodes.join(" ")
     );
+    let pb_nodes = pb_nodes(&args, local.as_ref().map(|cluster| cluster.dir.as_path()))?;
     preload(&args, &clients, degraded).await?;
-    let ceiling = ceiling(&args, &clients).await?;
+    let ceiling = ceiling(&args, &clients, &pb_nodes).await?;
     let plan = Arc::new(args.plan(Mix::Workload(args.workload), args.r, args.w));
     let name = format!("workload {}", args.workload);
     let dev_dir = local
@@ -715,7 +833,16 @@ async fn run_workload(args: RunArgs) -> Result<()> {
         .or_else(|| args.dev_dir.clone());
     let node_pids = dev_dir.as_deref().map(node_pids).unwrap_or_default();
     let cpu_before = CpuSample::take(&node_pids);
-    let result = run_phase(&name, &clients, args.workers, plan, args.limit(), args.seed).await?;
+    let result = run_phase(
+        &name,
+        &clients,
+        &pb_nodes,
+        args.workers,
+        plan,
+        args.limit(),
+        args.seed,
+    )
+    .await?;
     let cpu = cpu_before.and_then(|before| before.report_since(result.operations));
     print!("{}", result.render());
     if let Some(cpu) = &cpu {
@@ -821,7 +948,7 @@ async fn run_compare(compare: CompareArgs) -> Result<()> {
         settings.nodes.join(" ")
     );
     preload(&args, &clients, degraded).await?;
-    let ceiling = ceiling(&args, &clients).await?;
+    let ceiling = ceiling(&args, &clients, &[]).await?;
     let run_id = std::process::id();
     let mut reports = Vec::new();
     for (w, r) in configs {
@@ -858,6 +985,7 @@ async fn run_compare(compare: CompareArgs) -> Result<()> {
         let result = run_phase(
             &label,
             &clients,
+            &[],
             args.workers,
             plan,
             args.limit(),

@@ -14,6 +14,7 @@
 //! certificate when `pb_tls = true`; with `http_token` set, `RpbAuthReq` must carry it as the
 //! password before anything but ping, server info and TLS is served.
 
+pub mod client;
 pub mod messages;
 
 use crate::core::object::Content;
