@@ -301,25 +301,6 @@ impl Node {
         let mut reaped = 0;
         for chunk in tombstones.chunks(MAX_REAP_KEYS) {
             // Check: every primary holds the identical tombstone, durably.
-            let names: Vec<(Vec<u8>, Vec<u8>)> = chunk
-                .iter()
-                .map(|tombstone| (tombstone.bucket.clone(), tombstone.key.clone()))
-                .collect();
-            let ours = self
-                .inner
-                .store
-                .durable_summaries(partition, &names)
-                .await
-                .map_err(|error| error.to_string())?;
-            let mut same: Vec<bool> = chunk
-                .iter()
-                .zip(ours)
-                .map(|(tombstone, ours)| {
-                    ours.is_some_and(|summary| {
-                        summary.digest == tombstone.digest && summary.tombstone_since.is_some()
-                    })
-                })
-                .collect();
             let keys: Vec<ReapKey> = chunk
                 .iter()
                 .map(|tombstone| ReapKey {
@@ -328,6 +309,7 @@ impl Node {
                     digest: tombstone.digest,
                 })
                 .collect();
+            let mut same = self.holds_tombstones(partition, &keys).await?;
             for peer in &peers {
                 let request = PeerRequest::ReapCheck {
                     partition,
@@ -391,6 +373,34 @@ impl Node {
         Ok(reaped)
     }
 
+    /// For each key, whether this node holds that very tombstone (the digest named, every
+    /// sibling a tombstone), read once durable.
+    async fn holds_tombstones(
+        &self,
+        partition: PartitionId,
+        keys: &[ReapKey],
+    ) -> Result<Vec<bool>, String> {
+        let names: Vec<(Vec<u8>, Vec<u8>)> = keys
+            .iter()
+            .map(|key| (key.bucket.clone(), key.key.clone()))
+            .collect();
+        let summaries = self
+            .inner
+            .store
+            .durable_summaries(partition, &names)
+            .await
+            .map_err(|error| error.to_string())?;
+        Ok(keys
+            .iter()
+            .zip(summaries)
+            .map(|(key, summary)| {
+                summary.is_some_and(|summary| {
+                    summary.digest == key.digest && summary.tombstone_since.is_some()
+                })
+            })
+            .collect())
+    }
+
     /// A reaper's check: for each key, whether this node holds that very tombstone, durably.
     pub(super) async fn serve_reap_check(
         &self,
@@ -402,28 +412,10 @@ impl Node {
                 message: format!("{} keys asked; at most {MAX_REAP_KEYS}", keys.len()),
             };
         }
-        let names: Vec<(Vec<u8>, Vec<u8>)> = keys
-            .iter()
-            .map(|key| (key.bucket.clone(), key.key.clone()))
-            .collect();
-        let summaries = match self.inner.store.durable_summaries(partition, &names).await {
-            Ok(summaries) => summaries,
-            Err(error) => {
-                return PeerResponse::Failed {
-                    message: error.to_string(),
-                };
-            }
-        };
-        let answers = keys
-            .iter()
-            .zip(summaries)
-            .map(|(key, summary)| {
-                summary.is_some_and(|summary| {
-                    summary.digest == key.digest && summary.tombstone_since.is_some()
-                })
-            })
-            .collect();
-        PeerResponse::ReapCheck(answers)
+        match self.holds_tombstones(partition, &keys).await {
+            Ok(answers) => PeerResponse::ReapCheck(answers),
+            Err(message) => PeerResponse::Failed { message },
+        }
     }
 
     /// A reaper's order: delete each copy that is still the tombstone named.
