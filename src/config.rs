@@ -60,7 +60,7 @@
 //! rebuild_interval_secs = 86400        # trees are rebuilt from a scan this often (and at start)
 //!
 //! [tombstones]                         # what becomes of a deleted key's tombstone
-//! mode = "reap"                        # "reap": removed once safe (needs aae); "keep": kept forever
+//! mode = "keep"                        # "keep": kept forever (safe); "reap": removed once the checks pass (needs aae; see ARCHITECTURE.md)
 //! grace_secs = 14400                   # kept at least this long (4 h; more than hint_window_secs);
 //!                                      # a bucket's tombstone_grace_secs overrides it
 //! max_reaps_per_pass = 1000            # tombstones one pass over a partition reaps at most
@@ -326,7 +326,10 @@ pub struct TombstonesConfig {
 impl Default for TombstonesConfig {
     fn default() -> Self {
         TombstonesConfig {
-            mode: TombstoneMode::Reap,
+            // Reaping is built but off until the randomized simulation runs clean with it: it
+            // found deleted versions live again in 2 of about 4,000 schedules (see
+            // ARCHITECTURE.md, "Tombstone reaping"). Keeping tombstones is always safe.
+            mode: TombstoneMode::Keep,
             grace_secs: 4 * 3600,
             max_reaps_per_pass: 1000,
         }
@@ -765,6 +768,7 @@ mod tests {
         // A grace period no longer than the hint window could reap a tombstone while a
         // silent primary's hints are still coming; with tombstones kept it does not matter.
         let mut config = valid();
+        config.tombstones.mode = TombstoneMode::Reap;
         config.tombstones.grace_secs = config.hint_window_secs;
         assert_eq!(field_of(&config), "tombstones.grace_secs");
         config.tombstones.mode = TombstoneMode::Keep;
@@ -775,6 +779,7 @@ mod tests {
         let parsed: Config =
             toml::from_str("[tombstones]\nmode = \"keep\"\ngrace_secs = 20000\n").unwrap();
         assert_eq!(parsed.tombstones.mode, TombstoneMode::Keep);
+        assert_eq!(Config::default().tombstones.mode, TombstoneMode::Keep);
         assert!(toml::from_str::<Config>("[tombstones]\nmode = \"never\"\n").is_err());
     }
 

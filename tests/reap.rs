@@ -65,6 +65,7 @@ fn get(key: &str) -> ClientRequest {
 async fn cluster(nodes: usize, seed: u64) -> SimCluster {
     let mut settings = default_settings();
     settings.aae.exchange_interval = INTERVAL;
+    settings.tombstones.reap = true;
     settings.tombstones.grace = GRACE;
     let cluster = SimCluster::start_gossiping(nodes, seed, settings).await;
     tokio::time::sleep(Duration::from_secs(3)).await;

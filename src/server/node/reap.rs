@@ -39,7 +39,7 @@ pub struct TombstoneSettings {
 impl Default for TombstoneSettings {
     fn default() -> Self {
         TombstoneSettings {
-            reap: true,
+            reap: false,
             grace: Duration::from_secs(4 * 3600),
             max_reaps_per_pass: 1000,
         }
@@ -189,10 +189,8 @@ impl Node {
             if matches!(member.state.as_str(), "down" | "joining") {
                 continue;
             }
-            // A leaver that has exited is gone; one still running is asked.
-            if member.state == "exiting" && !member.up {
-                continue;
-            }
+            // A leaver (`exiting`) is asked like any member: it may still hold hints it took
+            // as a fallback before the ring flipped, and hand them back when it restarts.
             if !member.up {
                 return Err(format!("{} is down", member.node));
             }
