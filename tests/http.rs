@@ -221,7 +221,10 @@ fn riak_examples_store_fetch_siblings_resolve_delete_and_list() {
             .iter()
             .all(|(head, _)| head.contains("Content-Type: text/plain"))
     );
-    // One sibling by its vtag.
+    // One sibling by its vtag; a vtag no sibling has is a plain 404, not a deleted key.
+    let reply = curl(&[&format!("{url}?vtag=NoSuchVtag")]);
+    assert_eq!(reply.status, 404);
+    assert!(reply.header("x-riak-deleted").is_none());
     let reply = curl(&[&format!("{url}?vtag={}", vtags[0])]);
     assert_eq!(reply.status, 200);
     assert!(["left", "right"].contains(&reply.text().as_str()));

@@ -272,7 +272,9 @@ pub(super) fn render_siblings(
     let chosen = match vtag_wanted {
         Some(wanted) => match siblings.iter().find(|sibling| vtag(sibling) == wanted) {
             Some(sibling) => Some(sibling),
-            None => return not_found(Some(context)),
+            // A plain 404, as Riak's: the key exists, only that sibling does not (no
+            // X-Riak-Deleted, which clients read as "the key was deleted").
+            None => return not_found(None),
         },
         None if siblings.len() == 1 => siblings.first(),
         None => None,
