@@ -492,6 +492,21 @@ fn ping_resources_stats_metrics_and_bad_input() {
         200
     );
 
+    // A `+` in a path is a space, as Riak reads paths (clients encode with quote_plus);
+    // `%2B` is a plus.
+    let node2 = cluster.http_addr(2);
+    let reply = put_text(&format!("{node1}/buckets/enc/keys/a+b"), "spaced", None);
+    assert_eq!(reply.status, 204, "{}", reply.text());
+    assert_eq!(
+        curl(&[&format!("{node2}/buckets/enc/keys/a%20b")]).text(),
+        "spaced"
+    );
+    assert_eq!(
+        curl(&[&format!("{node2}/buckets/enc/keys/a%2Bb")]).status,
+        404
+    );
+    let listed = curl(&[&format!("{node1}/buckets/enc/keys?keys=true")]).json();
+    assert_eq!(listed["keys"], serde_json::json!(["a b"]));
     // Status: valid JSON in Riak's shape.
     let reply = curl(&[&format!("{node1}/stats")]);
     assert_eq!(reply.status, 200);

@@ -137,7 +137,7 @@ async fn require_token(
 
 /// The whole API as a router.
 pub(crate) fn router(state: AppState, token: Option<Arc<str>>) -> Router {
-    Router::new()
+    let api = Router::new()
         .merge(object_routes())
         .nest("/types/default", object_routes())
         .route(
@@ -150,7 +150,33 @@ pub(crate) fn router(state: AppState, token: Option<Arc<str>>) -> Router {
         .route("/", get(list_resources))
         .fallback(not_found)
         .with_state(state)
-        .layer(axum::middleware::from_fn_with_state(token, require_token))
+        .layer(axum::middleware::from_fn_with_state(token, require_token));
+    // Outside the API's routing, so the rewritten path is the one routed.
+    Router::new()
+        .fallback_service(api)
+        .layer(axum::middleware::map_request(plus_as_space))
+}
+
+/// A `+` in a path is a space, as Riak decodes paths (mochiweb's unquote; `%2B` is a plus):
+/// Riak clients encode names with quote_plus, so a key "a b" arrives as `a+b`.
+async fn plus_as_space(mut request: axum::extract::Request) -> axum::extract::Request {
+    let uri = request.uri();
+    if !uri.path().contains('+') {
+        return request;
+    }
+    let path = uri.path().replace('+', "%20");
+    let path_and_query = match uri.query() {
+        Some(query) => format!("{path}?{query}"),
+        None => path,
+    };
+    let mut parts = uri.clone().into_parts();
+    if let Ok(path_and_query) = path_and_query.parse() {
+        parts.path_and_query = Some(path_and_query);
+        if let Ok(rewritten) = axum::http::Uri::from_parts(parts) {
+            *request.uri_mut() = rewritten;
+        }
+    }
+    request
 }
 
 /// At most `limit` requests are served at once; one more is answered at once with 503

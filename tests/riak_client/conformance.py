@@ -173,6 +173,16 @@ def _():
     assert keys == ["k%d" % index for index in range(5)], keys
 
 
+@check("keys with spaces and plus signs")
+def _():
+    b = bucket("names")
+    b.new("a b", data="spaced").store()
+    b.new("c+d", data="plus").store()
+    assert b.get("a b").data == "spaced"
+    assert b.get("c+d").data == "plus"
+    assert sorted(b.get_keys()) == ["a b", "c+d"], sorted(b.get_keys())
+
+
 @check("list buckets")
 def _():
     bucket("listed").new("k", data=1).store()
