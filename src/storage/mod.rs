@@ -596,9 +596,8 @@ impl Store {
         };
         let trees = self.inner.trees.clone();
         let position = crate::core::ring::key_position(bucket, key);
-        let result = self
-            .inner
-            .submit::<bool, std::convert::Infallible>(move |answer| {
+        self.inner
+            .submit_storage(move |answer| {
                 match keyspace.get(&stored_key) {
                     Ok(Some(current)) if current == expected => {}
                     Ok(_) => return answer.when_durable(false, false),
@@ -614,12 +613,7 @@ impl Store {
                 }
                 answer.when_durable(true, true)
             })
-            .await;
-        match result {
-            Ok(deleted) => Ok(deleted),
-            Err(UpdateError::Storage { source }) => Err(source),
-            Err(UpdateError::Rejected { source }) => match source {},
-        }
+            .await
     }
 
     /// The [`RecordSummary`](crate::core::tictac::RecordSummary) of each `(bucket, key)` of
@@ -638,9 +632,8 @@ impl Store {
         let Some(keyspace) = self.inner.existing_partition(partition) else {
             return Ok(vec![None; keys.len()]);
         };
-        let result = self
-            .inner
-            .submit::<_, std::convert::Infallible>(move |answer| {
+        self.inner
+            .submit_storage(move |answer| {
                 let mut summaries = Vec::with_capacity(stored_keys.len());
                 for stored_key in &stored_keys {
                     match keyspace.get(stored_key) {
@@ -655,12 +648,7 @@ impl Store {
                 }
                 answer.when_durable(false, summaries)
             })
-            .await;
-        match result {
-            Ok(summaries) => Ok(summaries),
-            Err(UpdateError::Storage { source }) => Err(source),
-            Err(UpdateError::Rejected { source }) => match source {},
-        }
+            .await
     }
 
     /// Reaps the tombstone of each `(bucket, key, digest)` of `partition` whose copy is still
@@ -686,9 +674,8 @@ impl Store {
             return Ok(0);
         };
         let trees = self.inner.trees.clone();
-        let result = self
-            .inner
-            .submit::<u64, std::convert::Infallible>(move |answer| {
+        self.inner
+            .submit_storage(move |answer| {
                 let mut reaped = 0;
                 for (stored_key, position, digest) in targets {
                     let current = match keyspace.get(&stored_key) {
@@ -720,12 +707,7 @@ impl Store {
                 }
                 answer.when_durable(reaped > 0, reaped)
             })
-            .await;
-        match result {
-            Ok(reaped) => Ok(reaped),
-            Err(UpdateError::Storage { source }) => Err(source),
-            Err(UpdateError::Rejected { source }) => match source {},
-        }
+            .await
     }
 
     /// Up to `limit` keys of `partition` held as tombstones only, with their record digest
@@ -790,7 +772,7 @@ impl Store {
             let builder = trees.clone();
             let done = self
                 .inner
-                .submit::<bool, std::convert::Infallible>(move |answer| {
+                .submit_storage(move |answer| {
                     let Some(cursor) = builder.build_cursor(partition) else {
                         return answer.now(Ok(true));
                     };
@@ -833,11 +815,10 @@ impl Store {
             match done {
                 Ok(true) => return Ok(true),
                 Ok(false) => {}
-                Err(UpdateError::Storage { source }) => {
+                Err(source) => {
                     trees.abandon_build(partition);
                     return Err(source);
                 }
-                Err(UpdateError::Rejected { source }) => match source {},
             }
         }
     }
@@ -996,6 +977,18 @@ impl Inner {
         }
         tracing::debug!(partition, "partition created");
         Ok(keyspace)
+    }
+
+    /// [`Self::submit`] for a job that nothing rejects: only storage errors remain.
+    async fn submit_storage<T: Send + 'static>(
+        &self,
+        job: impl FnOnce(Answer<T, std::convert::Infallible>) -> JobDone + Send + 'static,
+    ) -> Result<T, StorageError> {
+        match self.submit(job).await {
+            Ok(output) => Ok(output),
+            Err(UpdateError::Storage { source }) => Err(source),
+            Err(UpdateError::Rejected { source }) => match source {},
+        }
     }
 
     /// Queues `job` to the writer and waits for its answer. `job` gets an [`Answer`] to give

@@ -405,10 +405,8 @@ impl Node {
         partition: PartitionId,
         keys: Vec<ReapKey>,
     ) -> PeerResponse {
-        if keys.len() > MAX_REAP_KEYS {
-            return PeerResponse::Failed {
-                message: format!("{} keys asked; at most {MAX_REAP_KEYS}", keys.len()),
-            };
+        if let Some(refusal) = too_many_reap_keys(&keys) {
+            return refusal;
         }
         match self.holds_tombstones(partition, &keys).await {
             Ok(answers) => PeerResponse::ReapCheck(answers),
@@ -422,10 +420,8 @@ impl Node {
         partition: PartitionId,
         keys: Vec<ReapKey>,
     ) -> PeerResponse {
-        if keys.len() > MAX_REAP_KEYS {
-            return PeerResponse::Failed {
-                message: format!("{} keys sent; at most {MAX_REAP_KEYS}", keys.len()),
-            };
+        if let Some(refusal) = too_many_reap_keys(&keys) {
+            return refusal;
         }
         match self.reap_own_copies(partition, &keys).await {
             Ok(reaped) => PeerResponse::Reaped { reaped },
@@ -439,4 +435,11 @@ impl Node {
             trees.status().iter().map(|tree| tree.tombstones).sum()
         })
     }
+}
+
+/// The refusal of a peer's reap request naming more than [`MAX_REAP_KEYS`] keys.
+fn too_many_reap_keys(keys: &[ReapKey]) -> Option<PeerResponse> {
+    (keys.len() > MAX_REAP_KEYS).then(|| PeerResponse::Failed {
+        message: format!("{} keys named; at most {MAX_REAP_KEYS}", keys.len()),
+    })
 }
