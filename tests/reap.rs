@@ -225,12 +225,17 @@ async fn a_hint_for_the_partition_holds_its_tombstones_back() {
         matches!(stored, ClientResponse::Stored { .. }),
         "{stored:?}"
     );
-    let hints: u64 = cluster
-        .running_nodes()
-        .iter()
-        .map(|node| node.store().hint_count().unwrap())
-        .sum();
-    assert_eq!(hints, 1, "n4 should hold a hint for {absent}");
+    // The write was acknowledged by w=2 replies; the fallback's hint may land just after.
+    let hinted = wait_for(50, async || {
+        let hints: u64 = cluster
+            .running_nodes()
+            .iter()
+            .map(|node| node.store().hint_count().unwrap())
+            .sum();
+        hints == 1
+    })
+    .await;
+    assert!(hinted, "n4 should hold a hint for {absent}");
     // `absent` is back for everyone but n4, which keeps the hint it cannot hand back.
     cluster.network.rejoin(&absent);
     cluster.network.cut(&node("n4"), &absent);
