@@ -562,6 +562,12 @@ pub enum PeerRequest {
     HintCount {
         partition: PartitionId,
     },
+    /// How long ago the receiver's oldest operation in flight on `partition` began (a
+    /// reaper waits until each began after every primary held the tombstones), and
+    /// whether it may hold stray copies.
+    InFlight {
+        partition: PartitionId,
+    },
     /// Set this node's `transfer_limit` until it restarts.
     SetTransferLimit {
         limit: u32,
@@ -665,6 +671,13 @@ pub enum PeerResponse {
     },
     /// Answer to [`PeerRequest::HintCount`].
     HintCount(u64),
+    /// Answer to [`PeerRequest::InFlight`]: the oldest operation's age in milliseconds
+    /// (rounded up), if any is in flight, and whether the receiver may still hold copies
+    /// it no longer replicates (its cleanup after the last ring change has not finished).
+    InFlight {
+        oldest_age_ms: Option<u64>,
+        strays: bool,
+    },
     /// A page of [`PeerRequest::ListKeys`]; `next` is where the following page starts, `None`
     /// at the end of the partition.
     Keys {

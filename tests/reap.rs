@@ -304,3 +304,105 @@ async fn a_hint_for_the_partition_holds_its_tombstones_back() {
     let gone = wait_for(300, async || copies(&cluster, &key).await.is_empty()).await;
     assert!(gone, "left: {:?}", copies(&cluster, &key).await);
 }
+
+/// A write that read a copy before a delete reached every replica may carry the deleted
+/// versions for as long as it is in flight (here a put that catches up from the replicas
+/// and waits out its timeout for one it cannot reach). Reaping while it is in flight would
+/// let it store them again; the reaper waits until every operation on the partition began
+/// after every primary held the tombstone.
+#[tokio::test(start_paused = true)]
+async fn a_write_in_flight_since_before_the_delete_holds_its_tombstone_back() {
+    let cluster = cluster(3, 11).await;
+    let key = "k0";
+    let primaries = cluster.replicas_of(BUCKET, key.as_bytes());
+    let partition = cluster
+        .current_ring()
+        .partition_for_key(BUCKET, key.as_bytes());
+    let (reaper, writer, cut_off) = (&primaries[0], &primaries[1], &primaries[2]);
+    // v1 and a concurrent v1b reach the reaper and `cut_off` only.
+    cluster.network.isolate(writer);
+    let stored = cluster
+        .client(reaper, put(key, "v1", None, Quorum::Count(2)))
+        .await;
+    let ClientResponse::Stored { context, .. } = stored else {
+        panic!("{stored:?}");
+    };
+    let stored = cluster
+        .client(reaper, put(key, "v1b", None, Quorum::Count(2)))
+        .await;
+    assert!(
+        matches!(stored, ClientResponse::Stored { .. }),
+        "{stored:?}"
+    );
+    // `writer` puts v2 with v1's context, which its empty copy does not know: it catches up
+    // from the others, gets (v1, v1b) from the reaper at once and waits for `cut_off` until
+    // its 20 s timeout.
+    cluster.network.cut(writer, cut_off);
+    cluster.network.rejoin(writer);
+    let mut request = put(key, "v2", Some(context), Quorum::One);
+    if let ClientRequest::Put { options, .. } = &mut request {
+        options.timeout_ms = Some(20_000);
+    }
+    let writing = {
+        let node = cluster.node(writer).unwrap();
+        tokio::spawn(async move { node.handle_client(request).await })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Meanwhile a delete covering v1 and v1b reaches every replica, and its grace passes.
+    let deleted = cluster.client(reaper, delete(key, Quorum::All)).await;
+    assert!(
+        matches!(deleted, ClientResponse::Stored { .. }),
+        "{deleted:?}"
+    );
+    tokio::time::sleep(GRACE + Duration::from_secs(1)).await;
+    let ClientResponse::Aae(info) = cluster
+        .client(
+            reaper,
+            ClientRequest::AaeRepair {
+                partition: Some(partition),
+            },
+        )
+        .await
+    else {
+        panic!("admin aae repair failed");
+    };
+    let reap = info
+        .partitions
+        .iter()
+        .find(|info| info.partition == partition)
+        .and_then(|info| info.last_reap.as_ref())
+        .map(|reap| reap.result.clone());
+    assert!(
+        reap.as_deref()
+            .is_some_and(|result| result.contains("still in flight on")),
+        "the reaper should wait for {writer}'s write: {reap:?}"
+    );
+    // The catch-up used the whole timeout, so the write may time out after its local step;
+    // either way, v2 may live and the deleted versions may not.
+    let written = writing.await.unwrap();
+    assert!(
+        matches!(
+            written,
+            ClientResponse::Stored { .. } | ClientResponse::Error(_)
+        ),
+        "{written:?}"
+    );
+    cluster.network.heal_all();
+    let mut values = BTreeSet::new();
+    for _ in 0..50 {
+        tokio::time::sleep(INTERVAL).await;
+        for node in &primaries {
+            if let Some(copy) = cluster.replica(node, BUCKET, key.as_bytes()).await {
+                for content in copy.values() {
+                    if !content.deleted {
+                        values.insert(String::from_utf8_lossy(&content.value).into_owned());
+                    }
+                }
+            }
+        }
+    }
+    assert!(
+        values.is_subset(&BTreeSet::from(["v2".to_string()])),
+        "the deleted versions came back: {values:?} (the write: {written:?})"
+    );
+}

@@ -266,8 +266,10 @@ async fn run_faults(schedule: Schedule) -> usize {
         for (node, _, crashed) in ended {
             let mut cluster = schedule.cluster.lock().unwrap();
             if crashed {
+                tracing::info!(target: "sim", node = %node, "restart");
                 cluster.restart(&node);
             } else {
+                tracing::info!(target: "sim", node = %node, "rejoin");
                 cluster.network.rejoin(&node);
             }
         }
@@ -302,6 +304,7 @@ async fn run_faults(schedule: Schedule) -> usize {
                 } else {
                     rng.random_range(1..6)
                 };
+                tracing::info!(target: "sim", node = %node, seconds, "crash");
                 let weak = schedule.cluster.lock().unwrap().crash(&node);
                 if let Some(weak) = weak {
                     if claimant_mid_change.as_ref() == Some(&node) {
@@ -325,6 +328,7 @@ async fn run_faults(schedule: Schedule) -> usize {
                 }
                 schedule.cluster.lock().unwrap().network.isolate(&node);
                 let seconds = rng.random_range(2..15);
+                tracing::info!(target: "sim", node = %node, seconds, "isolate");
                 outages.push((node, now + Duration::from_secs(seconds), false));
                 faults += 1;
             }
@@ -334,6 +338,7 @@ async fn run_faults(schedule: Schedule) -> usize {
                     ids[rng.random_range(0..ids.len())].clone(),
                 );
                 if a != b {
+                    tracing::info!(target: "sim", a = %a, b = %b, "cut");
                     schedule.cluster.lock().unwrap().network.cut(&a, &b);
                 }
             }
@@ -346,7 +351,10 @@ async fn run_faults(schedule: Schedule) -> usize {
                     .network
                     .set_delay(Duration::ZERO, Duration::from_millis(max_delay));
             }
-            7 if outages.is_empty() => schedule.cluster.lock().unwrap().network.heal_all(),
+            7 if outages.is_empty() => {
+                tracing::info!(target: "sim", "heal all");
+                schedule.cluster.lock().unwrap().network.heal_all()
+            }
             9 if !joined && rng.random_bool(0.5) => {
                 // A node started to join the running cluster: it learns the ring by gossip,
                 // owns nothing, and takes client requests like any other from now on.
@@ -410,7 +418,9 @@ async fn run_faults(schedule: Schedule) -> usize {
             8 if rng.random_bool(0.3) => {
                 // A clock jump: every timer, deadline and failure detector sees the time
                 // pass at once (outages and hint windows included).
-                tokio::time::advance(Duration::from_secs(rng.random_range(1..90))).await;
+                let seconds = rng.random_range(1..90);
+                tracing::info!(target: "sim", seconds, "clock jump");
+                tokio::time::advance(Duration::from_secs(seconds)).await;
             }
             _ => {}
         }
@@ -447,6 +457,7 @@ async fn commit_change(schedule: &Schedule, rng: &mut StdRng, change: ClusterReq
         let node = schedule.random_up_node(rng)?;
         Some(node.handle_client(ClientRequest::Cluster(request)).await)
     };
+    tracing::info!(target: "sim", ?change, "staging");
     let staged = ask(change).await;
     if std::env::var("DYNKV_SIM_DEBUG").is_ok() {
         eprintln!("stage: {staged:?}");
@@ -471,6 +482,7 @@ async fn commit_change(schedule: &Schedule, rng: &mut StdRng, change: ClusterReq
             false
         }
     };
+    tracing::info!(target: "sim", committed, "commit");
     if !committed {
         let _ = ask(ClusterRequest::Clear).await;
     }
@@ -703,14 +715,39 @@ async fn randomized_schedule(seed: u64) -> Vec<String> {
 fn run_schedules(seeds: Vec<u64>) -> Vec<(u64, Vec<String>)> {
     let mut failures = Vec::new();
     for seed in seeds {
+        if std::env::var("DYNKV_SIM_PROGRESS").is_ok() {
+            eprintln!("seed {seed}: start");
+        }
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .start_paused(true)
             .build()
             .expect("runtime");
+        // `DYNKV_SIM_TRACE=1` keeps each schedule's log (simulated time) and writes that of
+        // a failing one to target/sim-trace-SEED.log.
+        let trace = std::env::var("DYNKV_SIM_TRACE")
+            .is_ok()
+            .then(|| Arc::new(Mutex::new(Vec::<u8>::new())));
+        let _guard = trace.clone().map(|buffer| {
+            let subscriber = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new(
+                    "info,sim=info,dynkv::server::node::reap=debug",
+                ))
+                .with_ansi(false)
+                .with_timer(SimulatedTime(std::time::Instant::now()))
+                .with_writer(move || TraceWriter(buffer.clone()))
+                .finish();
+            tracing::subscriber::set_default(subscriber)
+        });
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             runtime.block_on(randomized_schedule(seed))
         }));
+        let failed = !matches!(&outcome, Ok(problems) if problems.is_empty());
+        if let Some(buffer) = trace.filter(|_| failed) {
+            let path = format!("{}/sim-trace-{seed}.log", env!("CARGO_TARGET_TMPDIR"));
+            let _ = std::fs::write(&path, &*buffer.lock().unwrap());
+            eprintln!("seed {seed}: trace in {path}");
+        }
         match outcome {
             Ok(problems) if problems.is_empty() => {}
             Ok(problems) => failures.push((seed, problems)),
@@ -725,6 +762,37 @@ fn run_schedules(seeds: Vec<u64>) -> Vec<(u64, Vec<String>)> {
         }
     }
     failures
+}
+
+/// A schedule's log lines, kept in memory.
+struct TraceWriter(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for TraceWriter {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Log times in the schedule's simulated time (tokio's paused clock, clock jumps included).
+struct SimulatedTime(std::time::Instant);
+
+impl tracing_subscriber::fmt::time::FormatTime for SimulatedTime {
+    fn format_time(
+        &self,
+        writer: &mut tracing_subscriber::fmt::format::Writer<'_>,
+    ) -> std::fmt::Result {
+        let now = tokio::time::Instant::now().into_std();
+        write!(
+            writer,
+            "{:10.3}",
+            now.saturating_duration_since(self.0).as_secs_f64()
+        )
+    }
 }
 
 /// The randomized schedules (DESIGN §9.2). `DYNKV_SIM_SEEDS=N` runs N of them (default

@@ -44,12 +44,14 @@ mod cluster;
 mod coverage;
 mod get;
 mod handoff;
+mod inflight;
 mod put;
 mod reap;
 mod replica;
 mod transfer;
 pub use aae::AaeSettings;
 pub use buckets::{BucketProps, MAX_TOMBSTONE_GRACE_SECS, PROPS_BUCKET};
+use inflight::InFlightGuard;
 use put::Write;
 pub use reap::TombstoneSettings;
 
@@ -173,6 +175,8 @@ struct NodeInner {
     /// Anti-entropy exchanges this node ran.
     aae: aae::AaeState,
     reap: reap::ReapState,
+    /// Operations that may write copies, by partition (a reaper waits them out).
+    in_flight: Arc<inflight::InFlight>,
 }
 
 /// A node's request handler; cheap to clone.
@@ -280,6 +284,7 @@ impl Node {
                 transfers: transfer::Transfers::new(settings.transfer_limit),
                 aae: aae::AaeState::default(),
                 reap: reap::ReapState::default(),
+                in_flight: Arc::default(),
                 key_actors,
                 store,
                 membership,
@@ -634,6 +639,7 @@ impl Node {
                     hint_for,
                 };
                 let durable = self.inner.settings.durable_writes;
+                let _operation = self.inner.in_flight.begin(partition);
                 match self.merge_copy(&copy, object).await {
                     Ok(()) => match newer_ring {
                         Some(ring) => PeerResponse::StoredOnNewerRing { durable, ring },
@@ -733,6 +739,14 @@ impl Node {
                 self.serve_reap_check(partition, keys).await
             }
             PeerRequest::Reap { partition, keys } => self.serve_reap(partition, keys).await,
+            PeerRequest::InFlight { partition } => PeerResponse::InFlight {
+                oldest_age_ms: self
+                    .inner
+                    .in_flight
+                    .oldest_age(partition)
+                    .map(|age| age.as_micros().div_ceil(1000) as u64),
+                strays: self.may_hold_strays(),
+            },
             PeerRequest::HintCount { partition } => PeerResponse::HintCount(
                 self.inner
                     .store

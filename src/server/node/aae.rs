@@ -176,7 +176,7 @@ impl Node {
             };
             match &outcome {
                 ExchangeOutcome::Repaired(keys) => {
-                    info!(partition, peer = %peer, keys, "anti-entropy repaired keys")
+                    info!(node = %self.inner.id, partition, peer = %peer, keys, "anti-entropy repaired keys")
                 }
                 ExchangeOutcome::Failed(reason) => {
                     debug!(partition, peer = %peer, reason = %reason, "anti-entropy exchange stopped")
@@ -197,6 +197,8 @@ impl Node {
 
     /// One exchange of `partition`'s tree with `peer`, to its repairs.
     async fn exchange_with(&self, partition: PartitionId, peer: &NodeId) -> ExchangeOutcome {
+        // Its repairs write copies read from both sides: a reaper waits for it.
+        let _operation = self.inner.in_flight.begin(partition);
         let Some(trees) = self.inner.store.aae_trees() else {
             return ExchangeOutcome::Failed("anti-entropy trees are off".into());
         };

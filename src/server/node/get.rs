@@ -34,6 +34,9 @@ impl Node {
         let sloppy = options.sloppy_quorum.unwrap_or(true);
         let routed_by = self.routing_version();
         let (partition, targets) = self.placement(&bucket, &key, props.n_val, sloppy);
+        // Its read repair may write versions read before a delete reached every replica: a
+        // reaper waits for it (see `inflight`).
+        let operation = self.inner.in_flight.begin(partition);
         let quorum = ReadQuorum {
             r: quorum.r.min(targets.len() as u32),
             pr: quorum.pr.min(targets.len() as u32),
@@ -151,6 +154,7 @@ impl Node {
         let node = self.clone();
         tokio::spawn(
             async move {
+                let _operation = operation;
                 while !coordinator.complete() {
                     match tokio::time::timeout_at(deadline, replies.recv()).await {
                         Ok(Some((index, reply))) => {

@@ -132,6 +132,9 @@ impl Node {
                 }
                 let node = self.clone();
                 sends.spawn(async move {
+                    // A hint may be older than a tombstone its primaries hold: a reaper
+                    // waits for its delivery to be answered (see `inflight`).
+                    let _operation = node.inner.in_flight.begin(key.partition);
                     let deadline = Instant::now() + node.inner.settings.request_timeout;
                     let mut delivered = true;
                     for destination in &destinations {

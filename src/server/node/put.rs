@@ -67,6 +67,9 @@ impl Node {
         let routed_by = self.routing_version();
         let (partition, targets, replica_sets) =
             self.write_placement(&write.bucket, &write.key, props.n_val, sloppy);
+        // Until its last replica write is answered, this write may carry versions read
+        // before a delete reached every replica: a reaper waits for it (see `inflight`).
+        let operation = self.inner.in_flight.begin(partition);
         let membership = &self.inner.membership;
         let local = match route_put(&targets, &self.inner.id, forwarded, |node| {
             membership.is_up(node)
@@ -161,7 +164,7 @@ impl Node {
         };
 
         let (mut outcome, mut refusals) = self
-            .replicate(&mut coordinator, &local_copy, &object, deadline)
+            .replicate(&mut coordinator, &local_copy, &object, deadline, &operation)
             .await;
         if self.routing_version() > routed_by {
             // A replica routes by a newer ring, now adopted here: the write's object (already
@@ -183,7 +186,7 @@ impl Node {
                 debug!(routed_by, "write routed again by a newer ring");
                 coordinator = rerouted;
                 (outcome, refusals) = self
-                    .replicate(&mut coordinator, &local_copy, &object, deadline)
+                    .replicate(&mut coordinator, &local_copy, &object, deadline, &operation)
                     .await;
             }
         }
@@ -224,6 +227,7 @@ impl Node {
         local_copy: &Copy,
         object: &StoredObject,
         deadline: Instant,
+        operation: &Arc<InFlightGuard>,
     ) -> (QuorumOutcome, Vec<String>) {
         let mut outcome = coordinator.on_local_write(self.inner.settings.durable_writes);
         let replicas = coordinator.replicas();
@@ -237,9 +241,11 @@ impl Node {
                 ..local_copy.clone()
             };
             let (target_node, object) = (target.node.clone(), object.clone());
+            let operation = operation.clone();
             tokio::spawn(
                 async move {
                     let ack = node.replica_put(&target_node, copy, object, deadline).await;
+                    drop(operation);
                     let _ = sender.send((index, ack)).await;
                 }
                 .in_current_span(),

@@ -13,6 +13,9 @@
 //!   asked directly, and one that does not answer holds reaping back;
 //! - every primary of the key answers that it holds the *identical* tombstone (the same
 //!   record digest), read durably: a copy a crash could still roll back does not count;
+//! - no operation that began before every primary was known to hold the tombstone is still
+//!   in flight on any member: a write, read repair, exchange or hint delivery that read a
+//!   copy before the delete reached it may carry the deleted version (see `inflight`);
 //! - and then, at each primary, its copy is still that tombstone: each deletes only if it is
 //!   unchanged, in the same writer job as its anti-entropy tree update.
 //!
@@ -93,9 +96,11 @@ impl Node {
             .await;
         match &outcome {
             ReapOutcome::Reaped { reaped, .. } if *reaped > 0 => {
-                info!(partition, reaped, "tombstones reaped")
+                info!(node = %self.inner.id, partition, reaped, "tombstones reaped")
             }
-            ReapOutcome::Blocked(reason) => debug!(partition, reason = %reason, "not reaping"),
+            ReapOutcome::Blocked(reason) => {
+                debug!(node = %self.inner.id, partition, reason = %reason, "not reaping")
+            }
             _ => {}
         }
         self.inner
@@ -120,9 +125,10 @@ impl Node {
             Some(0) => return ReapOutcome::NoTombstones,
             Some(_) => {}
         }
-        if let Err(reason) = self.reaping_blocked(partition).await {
-            return ReapOutcome::Blocked(reason);
-        }
+        let members = match self.reaping_blocked(partition).await {
+            Ok(members) => members,
+            Err(reason) => return ReapOutcome::Blocked(reason),
+        };
         let candidates = match self
             .next_tombstones(partition, settings.max_reaps_per_pass)
             .await
@@ -161,7 +167,10 @@ impl Node {
         }
         let mut reaped = 0;
         for (primaries, tombstones) in groups {
-            match self.reap_group(partition, &primaries, tombstones).await {
+            match self
+                .reap_group(partition, &primaries, &members, tombstones)
+                .await
+            {
                 Ok(count) => reaped += count,
                 Err(reason) => return ReapOutcome::Blocked(reason),
             }
@@ -173,7 +182,9 @@ impl Node {
     /// may hold data is asked for its hints of the partition directly (gossip's figures can
     /// be a handoff pass old, and a member that crashed just after making a hint may still
     /// look up to the failure detector): one that does not answer holds reaping back.
-    async fn reaping_blocked(&self, partition: PartitionId) -> Result<(), String> {
+    /// Otherwise returns the other members that may coordinate requests (those asked, and
+    /// joiners that are up), for [`Node::wait_out_operations`].
+    async fn reaping_blocked(&self, partition: PartitionId) -> Result<Vec<NodeId>, String> {
         let membership = &self.inner.membership;
         let Some(gossip) = membership.gossip() else {
             return Err("membership is static: hints held elsewhere are not known".into());
@@ -183,10 +194,22 @@ impl Node {
         }
         let version = gossip.cluster_state().version();
         let mut asked = Vec::new();
+        // Members to ask what they have in flight: any node may coordinate a request.
+        let mut coordinators = Vec::new();
         for member in membership.view() {
             // Removed members never serve again; joiners own nothing (and hold no hints)
-            // until a committed change, which is then pending.
-            if matches!(member.state.as_str(), "down" | "joining") {
+            // until a committed change, which is then pending. A joiner that is up takes
+            // requests, though: it is asked what it has in flight.
+            if member.state == "down" {
+                continue;
+            }
+            if member.state == "joining" {
+                if member.up
+                    && member.node != self.inner.id.as_str()
+                    && let Ok(joiner) = NodeId::new(member.node.clone())
+                {
+                    coordinators.push(joiner);
+                }
                 continue;
             }
             // A leaver (`exiting`) is asked like any member: it may still hold hints it took
@@ -237,8 +260,92 @@ impl Node {
                     return Err(format!("{peer} did not say what hints it holds: {error}"));
                 }
             }
+            coordinators.push(peer);
         }
-        Ok(())
+        Ok(coordinators)
+    }
+
+    /// Waits until no operation on `partition` that began before `confirmed` (when every
+    /// primary was known to hold the tombstones) is in flight on this node or on any of
+    /// `members`: such an operation may carry a version the tombstones deleted, read
+    /// before they reached every replica (see `inflight`). Gives up after the request
+    /// timeout (and a second): an operation that old holds reaping back until a later pass.
+    /// A member whose cleanup after the last ring change has not finished holds it back
+    /// too: a stale copy it keeps would be a replica's again if a later change gave the
+    /// partition back to it.
+    async fn wait_out_operations(
+        &self,
+        partition: PartitionId,
+        confirmed: Instant,
+        members: &[NodeId],
+    ) -> Result<(), String> {
+        let timeout = self.inner.settings.request_timeout;
+        let give_up = Instant::now() + timeout + Duration::from_secs(1);
+        let mut waiting: Vec<Option<&NodeId>> = std::iter::once(None)
+            .chain(members.iter().map(Some))
+            .collect();
+        loop {
+            let mut still = Vec::new();
+            for member in waiting {
+                // Ages are measured when the member answers, later than now: an operation
+                // younger than this began after `confirmed`.
+                let since_confirmed = confirmed.elapsed();
+                let (oldest, strays) = match member {
+                    None => (
+                        self.inner.in_flight.oldest_age(partition),
+                        self.may_hold_strays(),
+                    ),
+                    Some(peer) => match self
+                        .inner
+                        .peers
+                        .call(peer, PeerRequest::InFlight { partition }, timeout)
+                        .await
+                    {
+                        Ok(PeerResponse::InFlight {
+                            oldest_age_ms,
+                            strays,
+                        }) => (oldest_age_ms.map(Duration::from_millis), strays),
+                        Ok(other) => {
+                            return Err(format!(
+                                "{peer} answered the in-flight question with {other:?}"
+                            ));
+                        }
+                        Err(error) => {
+                            return Err(format!(
+                                "{peer} did not say what it has in flight: {error}"
+                            ));
+                        }
+                    },
+                };
+                let holder = || member.map_or_else(|| self.inner.id.to_string(), NodeId::to_string);
+                match oldest {
+                    Some(age) if age >= since_confirmed => still.push((
+                        member,
+                        format!(
+                            "an operation on the partition that began before the tombstones were confirmed is still in flight on {} ({} ms old)",
+                            holder(),
+                            age.as_millis()
+                        ),
+                    )),
+                    _ if strays => still.push((
+                        member,
+                        format!(
+                            "{} has not finished deleting the copies it no longer replicates",
+                            holder()
+                        ),
+                    )),
+                    _ => {}
+                }
+            }
+            let Some((_, reason)) = still.first() else {
+                return Ok(());
+            };
+            if Instant::now() >= give_up {
+                return Err(reason.clone());
+            }
+            waiting = still.into_iter().map(|(member, _)| member).collect();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// The next tombstones of `partition` after the last pass's cursor (wrapping around at
@@ -289,6 +396,7 @@ impl Node {
         &self,
         partition: PartitionId,
         primaries: &[NodeId],
+        members: &[NodeId],
         tombstones: Vec<Tombstone>,
     ) -> Result<u64, String> {
         let timeout = self.inner.settings.request_timeout;
@@ -323,6 +431,7 @@ impl Node {
                     Err(error) => return Err(format!("{peer} did not answer the check: {error}")),
                 }
             }
+            let confirmed = Instant::now();
             let keys: Vec<ReapKey> = keys
                 .into_iter()
                 .zip(&same)
@@ -331,8 +440,16 @@ impl Node {
             if keys.is_empty() {
                 continue;
             }
+            self.wait_out_operations(partition, confirmed, members)
+                .await?;
             // Whatever changed while the primaries were asked stops the pass.
             self.reaping_blocked(partition).await?;
+            debug!(
+                node = %self.inner.id,
+                partition,
+                keys = ?keys.iter().map(|key| String::from_utf8_lossy(&key.key)).collect::<Vec<_>>(),
+                "reaping from every primary"
+            );
             for peer in &peers {
                 let request = PeerRequest::Reap {
                     partition,

@@ -279,6 +279,7 @@ impl Node {
         bytes: usize,
     ) -> Result<(), String> {
         let count = records.len() as u64;
+        let _operation = self.inner.in_flight.begin(handoff.partition);
         let response = if handoff.to == self.inner.id {
             self.receive_handoff(handoff.partition, records).await
         } else {
@@ -560,6 +561,17 @@ impl Node {
                 }
             }
         }
+    }
+
+    /// Whether this node may still hold copies it no longer replicates: its cleanup after
+    /// the current ring's flip has not finished (since it started, if it restarted: a crash
+    /// can undo deletes not yet synced). A reaper waits for it, since a stale copy here
+    /// would become a replica's again if a later change gave the partition back.
+    pub(super) fn may_hold_strays(&self) -> bool {
+        self.inner.membership.gossip().is_some_and(|gossip| {
+            self.inner.transfers.cleaned_version.load(Ordering::Relaxed)
+                < gossip.cluster_state().version()
+        })
     }
 
     pub(super) fn set_transfer_limit(&self, limit: u32) {
