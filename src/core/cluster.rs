@@ -308,10 +308,33 @@ impl ClusterState {
         match other.version().cmp(&self.version()) {
             std::cmp::Ordering::Greater => true,
             std::cmp::Ordering::Less => false,
-            std::cmp::Ordering::Equal => {
-                (other.ring.owners(), &other.members) > (self.ring.owners(), &self.members)
-            }
+            std::cmp::Ordering::Equal => other.tie_break_key() > self.tie_break_key(),
         }
+    }
+
+    /// Two states of one version made apart (a claimant cut off from the others staged a
+    /// change while another did) are ordered by everything they hold, so that every node
+    /// keeps the same one: ordered by owners and members alone, two states differing only in
+    /// their staged changes stayed apart for good, each node planning its own.
+    #[allow(clippy::type_complexity)]
+    fn tie_break_key(
+        &self,
+    ) -> (
+        &[NodeId],
+        &BTreeMap<NodeId, MemberState>,
+        &BTreeMap<NodeId, StagedChange>,
+        Option<&[NodeId]>,
+        &[Handoff],
+        u64,
+    ) {
+        (
+            self.ring.owners(),
+            &self.members,
+            &self.staged,
+            self.pending.as_ref().map(Ring::owners),
+            &self.handoffs,
+            self.routed_at,
+        )
     }
 
     pub fn staged(&self) -> &BTreeMap<NodeId, StagedChange> {
@@ -885,6 +908,21 @@ mod tests {
             real.is_superseded_by(&twin),
             twin.is_superseded_by(&real),
             "exactly one of two same-version states wins"
+        );
+        // Two claimants that could not see each other staged different changes at one
+        // version, over the same owners and members: still exactly one wins.
+        let mut leave = real.clone();
+        leave
+            .staged
+            .insert(NodeId::new("n3").unwrap(), StagedChange::Leave);
+        let mut remove = real.clone();
+        remove
+            .staged
+            .insert(NodeId::new("n2").unwrap(), StagedChange::Remove);
+        assert_ne!(
+            leave.is_superseded_by(&remove),
+            remove.is_superseded_by(&leave),
+            "exactly one of two same-version stagings wins"
         );
     }
 
