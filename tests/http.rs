@@ -212,6 +212,10 @@ fn riak_examples_store_fetch_siblings_resolve_delete_and_list() {
     // With Accept: multipart/mixed: every sibling in one body.
     let reply = curl(&["-H", "Accept: multipart/mixed", &url_all]);
     assert_eq!(reply.status, 300);
+    // Both bodies of a 300 depend on Accept; caches are told so, as Riak does.
+    for reply in [&listing, &reply] {
+        assert_eq!(reply.header("vary"), Some("Accept, Accept-Encoding"));
+    }
     let parts = multipart_parts(&reply);
     let mut values: Vec<&str> = parts.iter().map(|(_, body)| body.as_str()).collect();
     values.sort();

@@ -142,9 +142,15 @@ fn last_modified(content: &Content) -> SystemTime {
     UNIX_EPOCH + Duration::from_micros(content.last_modified_micros)
 }
 
+/// A bucket or key as a path segment, as Riak writes it in Link and Location headers
+/// (mochiweb's `quote_plus`: a space becomes `+`, which dynkv's paths read back as a space).
+fn quote_plus(segment: &str) -> String {
+    form_urlencoded::byte_serialize(segment.as_bytes()).collect()
+}
+
 /// The links of a sibling: the ones its writer gave (except the `up` link, always added).
 fn links(bucket: &str, content: &Content) -> String {
-    let up = format!("</buckets/{bucket}>; rel=\"up\"");
+    let up = format!("</buckets/{}>; rel=\"up\"", quote_plus(bucket));
     let stored = content
         .user_metadata
         .iter()
@@ -317,6 +323,10 @@ pub(super) fn render_siblings(
         if let Ok(value) = HeaderValue::from_str(&format!("multipart/mixed; boundary={boundary}")) {
             response.headers_mut().insert(header::CONTENT_TYPE, value);
         }
+        response.headers_mut().insert(
+            header::VARY,
+            HeaderValue::from_static("Accept, Accept-Encoding"),
+        );
         response
     } else {
         let mut text = String::from("Siblings:\n");
@@ -325,9 +335,13 @@ pub(super) fn render_siblings(
             text.push('\n');
         }
         let mut response = (StatusCode::MULTIPLE_CHOICES, text).into_response();
-        response
-            .headers_mut()
-            .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        // The body depends on Accept, as Riak says of its 300s.
+        headers.insert(
+            header::VARY,
+            HeaderValue::from_static("Accept, Accept-Encoding"),
+        );
         response
     };
     insert_headers(&mut response, &[vclock_header]);
@@ -535,7 +549,7 @@ async fn store_object(
         StatusCode::NO_CONTENT.into_response()
     };
     if created {
-        let location = format!("/buckets/{bucket}/keys/{key}");
+        let location = format!("/buckets/{}/keys/{}", quote_plus(bucket), quote_plus(key));
         if let Ok(value) = HeaderValue::from_str(&location) {
             response.headers_mut().insert(header::LOCATION, value);
         }
@@ -697,6 +711,12 @@ mod tests {
         assert_eq!(
             links,
             "</buckets/a/keys/b>; riaktag=\"x,y\", </buckets/b1>; rel=\"up\""
+        );
+        // A bucket name is a path segment there, as Riak quotes it.
+        let quoted = super::links("a b/ü", &content("a"));
+        assert!(
+            quoted.ends_with("</buckets/a+b%2F%C3%BC>; rel=\"up\""),
+            "{quoted}"
         );
     }
 }
