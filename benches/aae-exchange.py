@@ -125,7 +125,6 @@ def run(binary, work, servers, args):
         text = open(path).read()
         text = re.sub(r"(?m)^read_repair_chance = .*$", "read_repair_chance = 0.0", text)
         text = re.sub(r"(?m)^exchange_interval_ms = .*$", "exchange_interval_ms = 3600000", text)
-        text = re.sub(r'(?m)^mode = "keep"$', 'mode = "reap"', text)
         open(path, "w").write(text)
     for index in (1, 2, 3):
         servers[f"n{index}"] = start_server(binary, work, f"n{index}")

@@ -60,7 +60,7 @@
 //! rebuild_interval_secs = 86400        # trees are rebuilt from a scan this often (and at start)
 //!
 //! [tombstones]                         # what becomes of a deleted key's tombstone
-//! mode = "keep"                        # "keep": kept forever (safe); "reap": removed once the checks pass (needs aae; see ARCHITECTURE.md)
+//! mode = "reap"                        # "reap": removed once the checks pass (needs aae; see ARCHITECTURE.md); "keep": kept forever
 //! grace_secs = 14400                   # kept at least this long (4 h; more than hint_window_secs);
 //!                                      # a bucket's tombstone_grace_secs overrides it
 //! max_reaps_per_pass = 1000            # tombstones one pass over a partition reaps at most
@@ -309,7 +309,8 @@ pub enum TombstoneMode {
 /// removes a tombstone from every primary once all of these hold: `grace_secs` (or the
 /// bucket's `tombstone_grace_secs`) have passed since the delete; every member is up and
 /// holds the same ring, with no change pending; no member reports a hint for the partition;
-/// every primary holds the identical tombstone, durably. Each primary removes its copy only
+/// every primary holds the identical tombstone, durably; no operation that began before that
+/// is still in flight on any member. Each primary removes its copy only
 /// if it is still that tombstone. Reaping runs after the partition's anti-entropy exchange,
 /// so it needs `aae.enabled`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -326,10 +327,7 @@ pub struct TombstonesConfig {
 impl Default for TombstonesConfig {
     fn default() -> Self {
         TombstonesConfig {
-            // Reaping is built but off until the randomized simulation runs clean with it: it
-            // found deleted versions live again in 2 of about 4,000 schedules (see
-            // ARCHITECTURE.md, "Tombstone reaping"). Keeping tombstones is always safe.
-            mode: TombstoneMode::Keep,
+            mode: TombstoneMode::Reap,
             grace_secs: 4 * 3600,
             max_reaps_per_pass: 1000,
         }
@@ -779,7 +777,7 @@ mod tests {
         let parsed: Config =
             toml::from_str("[tombstones]\nmode = \"keep\"\ngrace_secs = 20000\n").unwrap();
         assert_eq!(parsed.tombstones.mode, TombstoneMode::Keep);
-        assert_eq!(Config::default().tombstones.mode, TombstoneMode::Keep);
+        assert_eq!(Config::default().tombstones.mode, TombstoneMode::Reap);
         assert!(toml::from_str::<Config>("[tombstones]\nmode = \"never\"\n").is_err());
     }
 

@@ -42,7 +42,7 @@ pub struct TombstoneSettings {
 impl Default for TombstoneSettings {
     fn default() -> Self {
         TombstoneSettings {
-            reap: false,
+            reap: true,
             grace: Duration::from_secs(4 * 3600),
             max_reaps_per_pass: 1000,
         }
