@@ -298,6 +298,18 @@ fn riak_examples_store_fetch_siblings_resolve_delete_and_list() {
     assert_eq!(reply.status, 200);
     let buckets: Vec<String> = serde_json::from_value(reply.json()["buckets"].clone()).unwrap();
     assert_eq!(buckets, vec!["test"]);
+    // Without keys= (or buckets=), which defaults to false, Riak lists nothing: 200, {}.
+    for path in [
+        "buckets/test/keys",
+        "buckets/test/keys?keys=false",
+        "buckets",
+    ] {
+        let reply = curl(&[&format!("{node1}/{path}")]);
+        assert_eq!(reply.status, 200, "{path}: {}", reply.text());
+        assert_eq!(reply.json(), serde_json::json!({}), "{path}");
+    }
+    let reply = curl(&[&format!("{node1}/buckets/test/keys?keys=yes")]);
+    assert_eq!(reply.status, 400, "{}", reply.text());
 }
 
 #[test]
@@ -314,6 +326,9 @@ fn bucket_properties_change_n_val_and_allow_mult_cluster_wide() {
     assert_eq!(props["n_val"], 3);
     assert_eq!(props["allow_mult"], true);
     assert_eq!(props["r"], "quorum");
+    assert_eq!(props["precommit"], serde_json::json!([]));
+    assert_eq!(props["postcommit"], serde_json::json!([]));
+    assert_eq!(props["dvv_enabled"], true);
 
     // Set Bucket Properties on one node; another node serves them.
     let reply = curl(&[
@@ -596,7 +611,7 @@ fn ping_resources_stats_metrics_and_bad_input() {
         &format!("{node1}/buckets/s/keys/k"),
     ]);
     assert_eq!(reply.status, 400);
-    let reply = curl(&[&format!("{node1}/buckets/s/keys")]);
+    let reply = curl(&[&format!("{node1}/buckets/s/keys?keys=all")]);
     assert_eq!(reply.status, 400);
     assert!(reply.text().contains("keys=true"), "{}", reply.text());
     let reply = curl(&["-X", "PUT", "-d", "{}", &format!("{node1}/buckets/s/props")]);

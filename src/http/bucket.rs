@@ -43,6 +43,11 @@ fn props_json(bucket: &str, props: &BucketProps) -> Value {
             "notfound_ok": props.notfound_ok,
             "basic_quorum": props.basic_quorum,
             "tombstone_grace_secs": props.tombstone_grace_secs,
+            // Riak's fixed properties that hold for dynkv too: no commit hooks, and
+            // versions are dotted version vectors.
+            "precommit": [],
+            "postcommit": [],
+            "dvv_enabled": true,
         }
     })
 }
@@ -328,8 +333,10 @@ async fn coverage(
             });
             Ok(streamed_response(body))
         }
-        _ => Err(HttpError::bad_request(format!(
-            "{field}=true or {field}=stream is required"
+        // As Riak: without the parameter (it defaults to false), no listing.
+        None | Some("false") => Ok(json_response(StatusCode::OK, &json!({}))),
+        Some(other) => Err(HttpError::bad_request(format!(
+            "{field}={other:?}: use {field}=true or {field}=stream to list, or leave it out"
         ))),
     }
 }
