@@ -528,10 +528,18 @@ impl Node {
     /// write's answer carries the newer ring too: the write may be missing from replicas
     /// only that ring names (a node it is being handed to), which the coordinator then
     /// writes as well.
-    fn newer_ring_than(&self, ring_version: u64) -> Option<Box<ClusterState>> {
+    ///
+    /// A sender on this node's own routing version is checked the same way, since it may
+    /// have chosen its targets by the ring before (it adopted this one between placing the
+    /// request and sending it): a copy stored here then would be a stray that this node's
+    /// cleanup, already done, never deletes, and a stray's stale versions can come back once
+    /// their tombstone is reaped. Returns the state and whether it is newer than the
+    /// sender's.
+    fn ring_for_sender(&self, ring_version: u64) -> Option<(Arc<ClusterState>, bool)> {
         let state = self.inner.membership.gossip()?.cluster_state();
-        (ring_version != 0 && ring_version < state.routing_version())
-            .then(|| Box::new((*state).clone()))
+        let routing_version = state.routing_version();
+        (ring_version != 0 && ring_version <= routing_version)
+            .then_some((state, ring_version < routing_version))
     }
 
     /// Serves one request from a peer node.
@@ -567,7 +575,7 @@ impl Node {
             ring_version,
             ..
         } = &request
-            && let Some(newer) = self.newer_ring_than(*ring_version)
+            && let Some((state, newer)) = self.ring_for_sender(*ring_version)
         {
             let writing = matches!(request, PeerRequest::ReplicaPut { .. });
             let n_val = match self.bucket_props(bucket).await {
@@ -578,17 +586,19 @@ impl Node {
                     };
                 }
             };
-            let pending = writing.then(|| newer.pending()).flatten();
+            let pending = writing.then(|| state.pending()).flatten();
             if !crate::core::handoff::keeps(
-                newer.ring(),
+                state.ring(),
                 pending,
                 *partition,
                 n_val,
                 &self.inner.id,
             ) {
-                return PeerResponse::StaleRing(newer);
+                return PeerResponse::StaleRing(Box::new((*state).clone()));
             }
-            newer_ring = Some(newer);
+            if newer {
+                newer_ring = Some(Box::new((*state).clone()));
+            }
         }
         match request {
             PeerRequest::Ping => PeerResponse::Pong,
