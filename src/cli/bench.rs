@@ -21,7 +21,6 @@ use dynkv::protocol::{GetOptions, NewContent, PutOptions};
 use parking_lot::Mutex;
 use rand::SeedableRng;
 use rand::rngs::SmallRng;
-use std::collections::HashMap;
 use std::io::{BufRead, BufReader, IsTerminal, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -149,6 +148,11 @@ struct RunArgs {
     /// every such write adds a sibling.
     #[arg(long)]
     blind_writes: bool,
+    /// Most records whose causal context the client keeps for their next update (a
+    /// direct-mapped cache, so the client's memory does not grow with --records). An update
+    /// of a record whose context was evicted writes without one, like --blind-writes.
+    #[arg(long, default_value_t = 1_000_000)]
+    context_cache_records: u64,
     /// Write the results as JSON to this file.
     #[arg(long)]
     json_out: Option<PathBuf>,
@@ -273,26 +277,50 @@ async fn connect(args: &RunArgs, dev_dir: Option<&Path>) -> Result<(Vec<Client>,
 /// The latest causal context seen per record, so that updates supersede what the key holds
 /// instead of piling up siblings (a client reading before writing does the same).
 struct Contexts {
-    shards: Vec<Mutex<HashMap<u64, Vec<u8>>>>,
+    shards: Vec<Mutex<Vec<Option<(u64, Vec<u8>)>>>>,
+    slots_per_shard: u64,
 }
 
+/// Shards of the context cache, so that workers seldom wait on one another's lock.
+const CONTEXT_SHARDS: u64 = 64;
+
 impl Contexts {
-    fn new() -> Self {
+    /// A direct-mapped cache of at most `records` contexts: a record's slot is fixed, and a
+    /// newer record mapped to it evicts the older. Its memory is bounded whatever the number
+    /// of records, so a run over 10 million records costs the client no more than one over
+    /// one million.
+    fn new(records: u64) -> Self {
+        let slots_per_shard = records.div_ceil(CONTEXT_SHARDS).max(1);
         Contexts {
-            shards: (0..64).map(|_| Mutex::new(HashMap::new())).collect(),
+            shards: (0..CONTEXT_SHARDS)
+                .map(|_| Mutex::new(Vec::new()))
+                .collect(),
+            slots_per_shard,
         }
     }
 
-    fn shard(&self, record: u64) -> &Mutex<HashMap<u64, Vec<u8>>> {
-        &self.shards[(record % self.shards.len() as u64) as usize]
+    fn slot(&self, record: u64) -> (&Mutex<Vec<Option<(u64, Vec<u8>)>>>, usize) {
+        let shard = &self.shards[(record % CONTEXT_SHARDS) as usize];
+        let index = (record / CONTEXT_SHARDS) % self.slots_per_shard;
+        (shard, index as usize)
     }
 
     fn get(&self, record: u64) -> Option<Vec<u8>> {
-        self.shard(record).lock().get(&record).cloned()
+        let (shard, index) = self.slot(record);
+        match shard.lock().get(index) {
+            Some(Some((cached, context))) if *cached == record => Some(context.clone()),
+            _ => None,
+        }
     }
 
     fn set(&self, record: u64, context: Vec<u8>) {
-        self.shard(record).lock().insert(record, context);
+        let (shard, index) = self.slot(record);
+        let mut slots = shard.lock();
+        if slots.len() <= index {
+            // Slots are made as records reach them, so a small run allocates little.
+            slots.resize(index + 1, None);
+        }
+        slots[index] = Some((record, context));
     }
 }
 
@@ -350,7 +378,9 @@ impl RunArgs {
                 timeout_ms: self.timeout_ms,
                 ..Default::default()
             },
-            contexts: (!self.blind_writes).then(Contexts::new),
+            // The preload writes each record once: it has no later update to give a context to.
+            contexts: (!self.blind_writes && !matches!(mix, Mix::Preload))
+                .then(|| Contexts::new(self.context_cache_records)),
         }
     }
 
@@ -1032,6 +1062,23 @@ async fn run_compare(compare: CompareArgs) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_context_cache_keeps_at_most_its_capacity_and_the_latest_of_each_slot() {
+        let contexts = Contexts::new(128);
+        for record in 0..10_000u64 {
+            contexts.set(record, record.to_le_bytes().to_vec());
+        }
+        let kept: Vec<u64> = (0..10_000u64)
+            .filter(|record| contexts.get(*record).is_some())
+            .collect();
+        assert_eq!(kept.len(), 128, "one record per slot");
+        // Each slot holds the last record written to it, with that record's own context.
+        assert!(kept.iter().all(|record| *record >= 10_000 - 128));
+        assert_eq!(contexts.get(9_999), Some(9_999u64.to_le_bytes().to_vec()));
+        let slots: usize = contexts.shards.iter().map(|shard| shard.lock().len()).sum();
+        assert_eq!(slots, 128);
+    }
 
     #[test]
     fn configs_parse_as_w_over_r() {
