@@ -39,16 +39,20 @@ def figures(side):
         report = json.load(open(f"{work}/{side}-{run}.json"))
         result, cpu = report["result"], report.get("cpu") or {}
         rows.append((result["throughput_ops_per_sec"], result["latency_ms"]["p99"],
-                     cpu.get("total_us_per_op", float("nan"))))
+                     cpu.get("total_us_per_op", float("nan")),
+                     cpu.get("node_us_per_op", float("nan")),
+                     cpu.get("client_us_per_op", float("nan"))))
     return rows
 print(f"workload {workload}, {runs} interleaved runs each")
-print("| build | ops/s median (min–max) | p99 ms median (min–max) | CPU µs/op median (min–max) |")
-print("|---|---|---|---|")
+print("| build | ops/s median (min–max) | p99 ms median (min–max) | CPU µs/op median (min–max) | of which nodes, client (medians) |")
+print("|---|---|---|---|---|")
 for side in ("base", "new"):
     rows = figures(side)
     cells = []
     for index, digits in ((0, 0), (1, 2), (2, 1)):
         values = [row[index] for row in rows]
         cells.append(f"{statistics.median(values):,.{digits}f} ({min(values):,.{digits}f}–{max(values):,.{digits}f})")
+    cells.append(f"{statistics.median(row[3] for row in rows):.1f}, "
+                 f"{statistics.median(row[4] for row in rows):.1f}")
     print(f"| {side} | " + " | ".join(cells) + " |")
 PY
