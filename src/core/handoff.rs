@@ -80,7 +80,7 @@ pub fn handoffs_between(
     is_removed: impl Fn(&NodeId) -> bool,
 ) -> Vec<Handoff> {
     let mut handoffs = BTreeSet::new();
-    let largest = MAX_N_VAL.min(old.members().len().max(next.members().len()));
+    let largest = MAX_N_VAL.min(old.member_count().max(next.member_count()));
     for partition in 0..old.partition_count().min(next.partition_count()) {
         let longest_after = replicas(next, partition, largest);
         for n_val in 1..=largest {

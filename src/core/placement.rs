@@ -20,7 +20,7 @@ pub fn targets(
     is_up: impl Fn(&NodeId) -> bool,
     mut may_stand_in: impl FnMut(&NodeId) -> bool,
 ) -> Vec<Target> {
-    let member_count = ring.members().len();
+    let member_count = ring.member_count();
     let walk: Vec<NodeId> = ring
         .preference_list(partition, member_count)
         .into_iter()

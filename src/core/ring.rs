@@ -105,6 +105,10 @@ pub struct Ring {
     version: u64,
     /// `owners[p]` owns partition `p`; the length is the partition count.
     owners: Vec<NodeId>,
+    /// The distinct owners, sorted: derived from `owners` once, because every request's
+    /// placement asks how many there are.
+    #[serde(skip)]
+    members: Vec<NodeId>,
 }
 
 /// The wire shape of [`Ring`] before validation, so decoding cannot build an invalid ring.
@@ -117,10 +121,7 @@ struct UncheckedRing {
 impl TryFrom<UncheckedRing> for Ring {
     type Error = RingError;
     fn try_from(unchecked: UncheckedRing) -> Result<Self, Self::Error> {
-        let ring = Ring {
-            version: unchecked.version,
-            owners: unchecked.owners,
-        };
+        let ring = Ring::assemble(unchecked.version, unchecked.owners);
         ring.validate()?;
         Ok(ring)
     }
@@ -161,7 +162,7 @@ impl Ring {
             .into_iter()
             .map(|member| members[member].clone())
             .collect();
-        Ok(Ring { version: 1, owners })
+        Ok(Ring::assemble(1, owners))
     }
 
     /// Claim for a changed member set, starting from `self`: version + 1, and as few moved
@@ -229,13 +230,13 @@ impl Ring {
                 }
             }
         };
-        let ring = Ring {
+        let ring = Ring::assemble(
             version,
-            owners: owners
+            owners
                 .into_iter()
                 .map(|member| members[member].clone())
                 .collect(),
-        };
+        );
         Ok(Claim {
             ring,
             incremental_violations,
@@ -251,9 +252,20 @@ impl Ring {
 
     /// A ring of the given owners (one per partition) and version.
     pub fn from_owners(version: u64, owners: Vec<NodeId>) -> Result<Ring, RingError> {
-        let ring = Ring { version, owners };
+        let ring = Ring::assemble(version, owners);
         ring.validate()?;
         Ok(ring)
+    }
+
+    /// A ring of these owners, with its member list derived from them (not validated).
+    fn assemble(version: u64, owners: Vec<NodeId>) -> Ring {
+        let distinct: BTreeSet<&NodeId> = owners.iter().collect();
+        let members = distinct.into_iter().cloned().collect();
+        Ring {
+            version,
+            owners,
+            members,
+        }
     }
 
     /// The same owners under another version (the cluster state sets it).
@@ -295,8 +307,12 @@ impl Ring {
 
     /// Every node owning at least one partition, sorted and distinct.
     pub fn members(&self) -> Vec<NodeId> {
-        let distinct: BTreeSet<&NodeId> = self.owners.iter().collect();
-        distinct.into_iter().cloned().collect()
+        self.members.clone()
+    }
+
+    /// How many distinct nodes own partitions.
+    pub fn member_count(&self) -> usize {
+        self.members.len()
     }
 
     pub fn partitions_owned_by(&self, node: &NodeId) -> Vec<PartitionId> {
@@ -353,7 +369,7 @@ impl Ring {
     /// appears twice: 0 means every such window maps to `n_val` distinct nodes, so the first
     /// `n_val` partitions walked from any partition are already the whole preference list.
     pub fn spacing_violations(&self, n_val: usize) -> usize {
-        let members = self.members();
+        let members = &self.members;
         let owners: Vec<usize> = self
             .owners
             .iter()
@@ -973,7 +989,7 @@ mod tests {
     }
 
     fn assert_preference_lists_distinct(ring: &Ring, n_val: usize) {
-        let member_count = ring.members().len();
+        let member_count = ring.member_count();
         for partition in 0..ring.partition_count() {
             let list = ring.preference_list(partition, n_val);
             let distinct: BTreeSet<&NodeId> = list.iter().map(|(_, owner)| owner).collect();
@@ -1149,7 +1165,7 @@ mod tests {
         let mut fallbacks = Vec::new();
         let mut moves = Vec::new();
         for member_count in (2..=16).chain((1..=15).rev()) {
-            let previous_count = ring.members().len();
+            let previous_count = ring.member_count();
             let members = &all[..member_count];
             let claim = ring.claim(members, n_val).unwrap();
             assert_balanced(&claim.ring, member_count);
@@ -1304,33 +1320,21 @@ mod tests {
         assert_eq!(decoded, ring);
         assert_eq!(decoded.validate(), Ok(()));
 
-        let too_few = Ring {
-            version: 1,
-            owners: nodes(4),
-        };
+        let too_few = Ring::assemble(1, nodes(4));
         assert_eq!(
             too_few.validate(),
             Err(RingError::BadPartitionCount { partition_count: 4 })
         );
-        let not_power = Ring {
-            version: 1,
-            owners: [nodes(8), nodes(4)].concat(),
-        };
+        let not_power = Ring::assemble(1, [nodes(8), nodes(4)].concat());
         assert_eq!(
             not_power.validate(),
             Err(RingError::BadPartitionCount {
                 partition_count: 12
             })
         );
-        let empty = Ring {
-            version: 1,
-            owners: Vec::new(),
-        };
+        let empty = Ring::assemble(1, Vec::new());
         assert_eq!(empty.validate(), Err(RingError::NoMembers));
-        let too_many = Ring {
-            version: 1,
-            owners: vec![node("a"); 8192],
-        };
+        let too_many = Ring::assemble(1, vec![node("a"); 8192]);
         assert_eq!(
             too_many.validate(),
             Err(RingError::BadPartitionCount {

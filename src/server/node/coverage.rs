@@ -232,7 +232,7 @@ impl Node {
     ) -> Result<(), ClientError> {
         let deadline = Instant::now() + self.timeout_of(timeout_ms);
         let ring = self.inner.membership.ring();
-        let member_count = ring.members().len();
+        let member_count = ring.member_count();
         let (pages_sender, mut pages) = mpsc::channel::<Vec<Entry>>(SCAN_PARALLELISM);
         let mut remaining = 0..ring.partition_count();
         let mut scans = JoinSet::new();
