@@ -35,7 +35,12 @@ for records in $counts; do
   rm -rf "$dev_dir"
   "$bin" dev --fresh --dir "$dev_dir" >"$work/dev.log" 2>&1 &
   dev_pid=$!
-  for _ in $(seq 100); do "$bin" ping --dev-dir "$dev_dir" >/dev/null 2>&1 && break; sleep 0.2; done
+  up=
+  for _ in $(seq 150); do
+    "$bin" ping --dev-dir "$dev_dir" >/dev/null 2>&1 && { up=1; break; }
+    sleep 0.2
+  done
+  [ -n "$up" ] || { echo "the dev cluster did not start:" >&2; cat "$work/dev.log" >&2; exit 1; }
   common=(--dev-dir "$dev_dir" --workers 50 --value-bytes "$value_bytes" --records "$records"
           --keys uniform --duration-secs "$seconds" --no-ceiling)
   # The preload runs with workload A's phase; its progress line goes to the terminal.
@@ -73,5 +78,6 @@ PY
   kill "$dev_pid" 2>/dev/null; wait "$dev_pid" 2>/dev/null || true
   pkill -f "$bin server --config $dev_dir/" 2>/dev/null || true
   dev_pid=
-  sleep 1
+  # The next cluster takes the same ports: wait until every node of this one is gone.
+  for _ in $(seq 300); do pgrep -f "$bin server --config $dev_dir/" >/dev/null || break; sleep 0.1; done
 done
