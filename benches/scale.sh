@@ -4,7 +4,9 @@
 # uniform keys, and the script reports per count: ops/s, p99 and CPU per operation of each
 # workload, resident memory per node, bytes on disk per key (one node's data directory over
 # the record count: with N=3 on 3 nodes every node holds every key), and the seconds a node
-# holding every key takes from a restart to answering a read again.
+# holding every key takes from a restart to answering a read again. Between the preload and
+# the runs it waits until the nodes are idle. SCALE_PERF_DIR=DIR records a `perf` profile of
+# 8 s of each workload A run there.
 #
 # Usage: benches/scale.sh [RECORD_COUNTS] [SECONDS_PER_RUN] [VALUE_BYTES]
 #        (defaults: "10000 1000000", 20 s, 100 bytes; 10,000,000 takes about a quarter of an
@@ -28,6 +30,15 @@ cleanup() {
 trap cleanup EXIT
 
 node_pid() { pgrep -f "$bin server --config $dev_dir/$1/dynkv.toml" | head -1; }
+# CPU time (user + system, in clock ticks) of the three nodes so far.
+node_cpu_ticks() {
+  local total=0 pid
+  for node in n1 n2 n3; do
+    pid=$(node_pid $node)
+    total=$((total + $(awk '{print $14 + $15}' "/proc/$pid/stat")))
+  done
+  echo $total
+}
 
 echo "| records | workload | ops/s | p99 ms | CPU µs/op | RSS per node MiB | disk bytes/key | restart to first read s |"
 echo "|---|---|---|---|---|---|---|---|"
@@ -43,8 +54,30 @@ for records in $counts; do
   [ -n "$up" ] || { echo "the dev cluster did not start:" >&2; cat "$work/dev.log" >&2; exit 1; }
   common=(--dev-dir "$dev_dir" --workers 50 --value-bytes "$value_bytes" --records "$records"
           --keys uniform --duration-secs "$seconds" --no-ceiling)
-  # The preload runs with workload A's phase; its progress line goes to the terminal.
-  "$bin" bench "${common[@]}" --workload a --r quorum --w quorum --json-out "$work/a.json" >&2
+  # The preload (a live progress line on a terminal), and one operation after it.
+  "$bin" bench "${common[@]}" --workload a --operations 1 >&2
+  # Then wait until the nodes are idle (flushes and compactions of the preload done, at most
+  # 10 minutes), so the runs measure the workload, not the preload's compaction debt.
+  settle_started=$(date +%s)
+  quiet=0
+  last=$(node_cpu_ticks)
+  while [ "$quiet" -lt 3 ] && [ $(( $(date +%s) - settle_started )) -lt 600 ]; do
+    sleep 1
+    now=$(node_cpu_ticks)
+    # Under a tenth of a core over the three nodes, in clock ticks (100 per second).
+    if [ $((now - last)) -lt 10 ]; then quiet=$((quiet + 1)); else quiet=0; fi
+    last=$now
+  done
+  echo "records $records: nodes idle $(( $(date +%s) - settle_started )) s after the preload" >&2
+  profiler=
+  if [ -n "${SCALE_PERF_DIR:-}" ]; then
+    (sleep 5; perf record -F 499 -a -g -o "$SCALE_PERF_DIR/perf-a-$records.data" -- sleep 8 \
+      >/dev/null 2>&1) &
+    profiler=$!
+  fi
+  "$bin" bench "${common[@]}" --workload a --r quorum --w quorum --no-preload \
+    --json-out "$work/a.json" >&2
+  [ -z "$profiler" ] || wait "$profiler"
   "$bin" bench "${common[@]}" --workload c --r one --no-preload --json-out "$work/c.json" >&2
   rss=0
   for node in n1 n2 n3; do

@@ -53,12 +53,8 @@ enum Command {
 /// A multi-threaded runtime with `worker_threads` threads (0: tokio's default, one per core
 /// or `TOKIO_WORKER_THREADS`).
 fn build_runtime(worker_threads: usize) -> Result<tokio::runtime::Runtime> {
-    let mut builder = if worker_threads == 1 {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
-    };
-    if worker_threads > 1 {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if worker_threads > 0 {
         builder.worker_threads(worker_threads);
     }
     builder
@@ -89,7 +85,11 @@ pub fn run(cli: Cli) -> Result<()> {
         // One thread drives every worker of the bench, as redis-benchmark's one event loop
         // does: the closed-loop workers wait on the network, and a second runtime thread
         // would only add wake-ups between the two (measured: no more throughput).
-        Command::Bench(args) => build_runtime(1)?.block_on(bench::run(args)),
+        Command::Bench(args) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the async runtime")?
+            .block_on(bench::run(args)),
         Command::Cert(command) => cert::run(command),
         Command::Demo(command) => runtime()?.block_on(demo::run(command)),
     }
