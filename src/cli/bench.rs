@@ -276,8 +276,11 @@ async fn connect(args: &RunArgs, dev_dir: Option<&Path>) -> Result<(Vec<Client>,
 
 /// The latest causal context seen per record, so that updates supersede what the key holds
 /// instead of piling up siblings (a client reading before writing does the same).
+/// One shard's slots: the record each slot holds, with its context.
+type ContextSlots = Vec<Option<(u64, Vec<u8>)>>;
+
 struct Contexts {
-    shards: Vec<Mutex<Vec<Option<(u64, Vec<u8>)>>>>,
+    shards: Vec<Mutex<ContextSlots>>,
     slots_per_shard: u64,
 }
 
@@ -299,7 +302,7 @@ impl Contexts {
         }
     }
 
-    fn slot(&self, record: u64) -> (&Mutex<Vec<Option<(u64, Vec<u8>)>>>, usize) {
+    fn slot(&self, record: u64) -> (&Mutex<ContextSlots>, usize) {
         let shard = &self.shards[(record % CONTEXT_SHARDS) as usize];
         let index = (record / CONTEXT_SHARDS) % self.slots_per_shard;
         (shard, index as usize)
