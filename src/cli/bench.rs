@@ -274,11 +274,11 @@ async fn connect(args: &RunArgs, dev_dir: Option<&Path>) -> Result<(Vec<Client>,
     Ok((clients, !unreachable.is_empty()))
 }
 
-/// The latest causal context seen per record, so that updates supersede what the key holds
-/// instead of piling up siblings (a client reading before writing does the same).
 /// One shard's slots: the record each slot holds, with its context.
 type ContextSlots = Vec<Option<(u64, Vec<u8>)>>;
 
+/// The latest causal context seen per record, so that updates supersede what the key holds
+/// instead of piling up siblings (a client reading before writing does the same).
 struct Contexts {
     shards: Vec<Mutex<ContextSlots>>,
     slots_per_shard: u64,

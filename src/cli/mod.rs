@@ -84,7 +84,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Admin(command) => runtime()?.block_on(admin::run(command)),
         // One thread drives every worker of the bench, as redis-benchmark's one event loop
         // does: the closed-loop workers wait on the network, and a second runtime thread
-        // would only add wake-ups between the two (measured: no more throughput).
+        // only adds wake-ups between the two (measured: the client's CPU per workload A
+        // operation fell from 14.5 to 11.8 µs on one thread).
         Command::Bench(args) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
