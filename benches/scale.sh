@@ -6,7 +6,8 @@
 # the record count: with N=3 on 3 nodes every node holds every key), and the seconds a node
 # holding every key takes from a restart to answering a read again. Between the preload and
 # the runs it waits until the nodes are idle. SCALE_PERF_DIR=DIR records a `perf` profile of
-# 8 s of each workload A run there.
+# 8 s of each workload A run there; SCALE_DEV_ARGS adds `dynkv dev` options (e.g.
+# "--cache-mib 1024").
 #
 # Usage: benches/scale.sh [RECORD_COUNTS] [SECONDS_PER_RUN] [VALUE_BYTES]
 #        (defaults: "10000 1000000", 20 s, 100 bytes; 10,000,000 takes about a quarter of an
@@ -44,7 +45,7 @@ echo "| records | workload | ops/s | p99 ms | CPU µs/op | RSS per node MiB | di
 echo "|---|---|---|---|---|---|---|---|"
 for records in $counts; do
   rm -rf "$dev_dir"
-  "$bin" dev --fresh --dir "$dev_dir" >"$work/dev.log" 2>&1 &
+  "$bin" dev --fresh --dir "$dev_dir" ${SCALE_DEV_ARGS:-} >"$work/dev.log" 2>&1 &
   dev_pid=$!
   up=
   for _ in $(seq 150); do

@@ -51,6 +51,10 @@ pub struct DevArgs {
     /// kept), e.g. to measure what it costs.
     #[arg(long)]
     no_aae: bool,
+    /// Each node's block cache in MiB (`storage.cache_mib`), e.g. to measure data sets
+    /// larger than the default cache.
+    #[arg(long, default_value_t = dynkv::config::StorageSettings::default().cache_mib)]
+    cache_mib: u64,
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -183,6 +187,10 @@ fn prepare(args: &DevArgs, dir: &Path) -> Result<DevCluster> {
             },
             aae: dynkv::config::AaeConfig {
                 enabled: !args.no_aae,
+                ..Default::default()
+            },
+            storage: dynkv::config::StorageSettings {
+                cache_mib: args.cache_mib,
                 ..Default::default()
             },
             ..Config::default()
