@@ -354,15 +354,8 @@ pub fn transport_config() -> quinn::TransportConfig {
     transport.receive_window(quinn::VarInt::from_u32(CONNECTION_RECEIVE_WINDOW_BYTES));
     // The protocol never uses unidirectional streams; refusing them closes a door.
     transport.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
-    let mut acks = quinn::AckFrequencyConfig::default();
-    acks.ack_eliciting_threshold(quinn::VarInt::from_u32(ACK_ELICITING_THRESHOLD));
-    transport.ack_frequency_config(Some(acks));
     transport
 }
-
-/// Ack-eliciting packets a peer may receive before it must acknowledge (RFC 9000's default
-/// is 1: an ACK for every second packet).
-const ACK_ELICITING_THRESHOLD: u32 = 8;
 
 /// Wraps a rustls server configuration for quinn, with [`transport_config`].
 pub fn quic_server_config(tls: rustls::ServerConfig) -> Result<quinn::ServerConfig, TlsError> {
