@@ -592,6 +592,11 @@ pub enum PeerRequest {
         /// The sender's ring version, so the receiver answers with its ring when it is newer.
         #[serde(default)]
         ring_version: u64,
+        /// The sender's [`ClusterState::fingerprint`]: at an equal version, a different one
+        /// means the two states were made apart, and the receiver answers with its own (0:
+        /// a sender that does not say).
+        #[serde(default)]
+        ring_fingerprint: u64,
     },
     /// Gossip step 3: the records the receiver asked for, and the sender's ring when the
     /// receiver's was older.
@@ -640,6 +645,9 @@ pub enum PeerResponse {
         /// The receiver's ring version, so the sender pushes its ring when it is newer.
         #[serde(default)]
         ring_version: u64,
+        /// The receiver's [`ClusterState::fingerprint`] (0: a receiver that does not say).
+        #[serde(default)]
+        ring_fingerprint: u64,
     },
     /// The replica could not do what was asked.
     Failed {

@@ -1766,3 +1766,53 @@ async fn key_listing_streams_bounded_pages_and_covers_a_partition_whose_first_ow
     assert_eq!(listed.len(), listed_set.len(), "no key is listed twice");
     assert_eq!(listed_set, written);
 }
+
+/// Two claimants cut off from each other can each make the same ring version (DESIGN §6);
+/// the tie rule keeps one of them, so every node must end up holding that one. Gossip that
+/// compared versions alone left the nodes apart for good, and a ring change whose handoffs
+/// were recorded on the other side never finished (randomized seed 382).
+#[tokio::test(start_paused = true)]
+async fn states_of_one_version_made_apart_converge_on_the_one_the_tie_rule_keeps() {
+    use dynkv::core::cluster::StagedChange;
+    let cluster = SimCluster::start_gossiping(3, 24, default_settings()).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let (n1, n2, n3) = (node("n1"), node("n2"), node("n3"));
+    let base = cluster.cluster_state(&n1).expect("n1 gossips");
+    let apart = base.stage(&n3, StagedChange::Leave).expect("stage on n1");
+    let rest = base.stage(&n2, StagedChange::Leave).expect("stage on n2");
+    assert_eq!(apart.version(), rest.version());
+    assert_ne!(apart.fingerprint(), rest.fingerprint());
+    let kept = if rest.is_superseded_by(&apart) {
+        apart.fingerprint()
+    } else {
+        rest.fingerprint()
+    };
+    cluster.network.isolate(&n1);
+    let gossip_of = |id: &NodeId| cluster.node(id).expect("running");
+    assert!(
+        gossip_of(&n1)
+            .membership()
+            .gossip()
+            .unwrap()
+            .offer_cluster_state(apart)
+    );
+    assert!(
+        gossip_of(&n2)
+            .membership()
+            .gossip()
+            .unwrap()
+            .offer_cluster_state(rest)
+    );
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    cluster.network.rejoin(&n1);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    for id in [&n1, &n2, &n3] {
+        let held = cluster.cluster_state(id).expect("gossips");
+        assert_eq!(
+            held.fingerprint(),
+            kept,
+            "{id} holds another state of version {}",
+            held.version()
+        );
+    }
+}

@@ -292,6 +292,18 @@ impl ClusterState {
         &self.cluster
     }
 
+    /// Whether a peer that gossips `version` and `fingerprint` should be sent this state:
+    /// it is older, or of this version but made apart from it (a fingerprint of 0 is a peer
+    /// that does not say). The receiver keeps whichever [`ClusterState::is_superseded_by`]
+    /// prefers.
+    pub fn is_news_to(&self, version: u64, fingerprint: u64) -> bool {
+        self.is_committed()
+            && (version < self.version()
+                || (version == self.version()
+                    && fingerprint != 0
+                    && fingerprint != self.fingerprint()))
+    }
+
     /// Whether a node holding `self` should take `other` instead: a state of the same cluster
     /// (or any committed one, while `self` is provisional) with a higher version, or at one
     /// version the greater owner list (a deterministic choice every node makes alike).
@@ -335,6 +347,21 @@ impl ClusterState {
             &self.handoffs,
             self.routed_at,
         )
+    }
+
+    /// A digest of everything [`ClusterState::is_superseded_by`] orders by, version
+    /// included: two nodes that gossip equal versions but different fingerprints hold states
+    /// made apart (two claimants at once) and exchange them, so that both keep the one the
+    /// tie rule prefers. Comparing versions alone left them apart for good.
+    pub fn fingerprint(&self) -> u64 {
+        let mut hasher = blake3::Hasher::new();
+        // Writing to a hasher cannot fail, and every field serializes.
+        let _ = rmp_serde::encode::write(&mut hasher, &(self.version(), self.tie_break_key()));
+        let digest = hasher.finalize();
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&digest.as_bytes()[..8]);
+        // 0 is what a peer that does not send fingerprints appears to send.
+        u64::from_le_bytes(first).max(1)
     }
 
     pub fn staged(&self) -> &BTreeMap<NodeId, StagedChange> {

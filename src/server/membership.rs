@@ -467,7 +467,10 @@ impl GossipMembership {
                     state.digests(),
                 )
             };
-            let ring_version = self.cluster_state().version();
+            let (ring_version, ring_fingerprint) = {
+                let ours = self.cluster_state();
+                (ours.version(), ours.fingerprint())
+            };
             for peer in peers {
                 let membership = self.clone();
                 let transport = transport.clone();
@@ -482,6 +485,7 @@ impl GossipMembership {
                                 PeerRequest::GossipDigest {
                                     digests,
                                     ring_version,
+                                    ring_fingerprint,
                                 },
                                 timeout,
                             )
@@ -492,6 +496,7 @@ impl GossipMembership {
                                 requests,
                                 ring,
                                 ring_version: their_version,
+                                ring_fingerprint: their_fingerprint,
                             }) => {
                                 if crate::core::gossip::check_entry_count(
                                     records.len().max(requests.len()),
@@ -506,9 +511,9 @@ impl GossipMembership {
                                     membership.offer_cluster_state(*ring);
                                 }
                                 let ours = membership.cluster_state();
-                                let push_ring = (ours.is_committed()
-                                    && their_version < ours.version())
-                                .then(|| Box::new((*ours).clone()));
+                                let push_ring = ours
+                                    .is_news_to(their_version, their_fingerprint)
+                                    .then(|| Box::new((*ours).clone()));
                                 if !requests.is_empty() || push_ring.is_some() {
                                     let records = membership.records_for(&requests);
                                     let _ = transport

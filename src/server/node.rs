@@ -700,17 +700,20 @@ impl Node {
             PeerRequest::GossipDigest {
                 digests,
                 ring_version,
+                ring_fingerprint,
             } => match self.inner.membership.gossip() {
                 Some(gossip) if crate::core::gossip::check_entry_count(digests.len()).is_ok() => {
                     let (records, requests) = gossip.answer(&digests);
                     let ours = gossip.cluster_state();
-                    let ring = (ours.is_committed() && ring_version < ours.version())
+                    let ring = ours
+                        .is_news_to(ring_version, ring_fingerprint)
                         .then(|| Box::new((*ours).clone()));
                     PeerResponse::GossipReply {
                         records,
                         requests,
                         ring,
                         ring_version: ours.version(),
+                        ring_fingerprint: ours.fingerprint(),
                     }
                 }
                 Some(_) => PeerResponse::Failed {

@@ -168,6 +168,7 @@ impl Node {
                 PeerRequest::GossipDigest {
                     digests: Vec::new(),
                     ring_version: 0,
+                    ring_fingerprint: 0,
                 },
                 self.inner.settings.request_timeout,
             )

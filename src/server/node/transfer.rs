@@ -28,8 +28,8 @@ const REPORT_AGAIN_AFTER: Duration = Duration::from_secs(10);
 pub(super) struct Transfers {
     limit: AtomicU32,
     running: parking_lot::Mutex<HashMap<Handoff, Progress>>,
-    /// The ring version whose stray copies this node has deleted.
-    cleaned_version: AtomicU64,
+    /// The ring (version and fingerprint) whose stray copies this node has deleted.
+    cleaned: parking_lot::Mutex<(u64, u64)>,
     cleaning: AtomicBool,
     /// The ring version of the last plan this node showed as claimant (0: none), which a
     /// `commit` takes.
@@ -41,7 +41,7 @@ impl Transfers {
         Transfers {
             limit: AtomicU32::new(limit),
             running: parking_lot::Mutex::default(),
-            cleaned_version: AtomicU64::new(0),
+            cleaned: parking_lot::Mutex::new((0, 0)),
             cleaning: AtomicBool::new(false),
             planned_version: AtomicU64::new(0),
         }
@@ -568,10 +568,18 @@ impl Node {
     /// can undo deletes not yet synced). A reaper waits for it, since a stale copy here
     /// would become a replica's again if a later change gave the partition back.
     pub(super) fn may_hold_strays(&self) -> bool {
-        self.inner.membership.gossip().is_some_and(|gossip| {
-            self.inner.transfers.cleaned_version.load(Ordering::Relaxed)
-                < gossip.cluster_state().version()
-        })
+        self.inner
+            .membership
+            .gossip()
+            .is_some_and(|gossip| !self.cleaned_up_after(&gossip.cluster_state()))
+    }
+
+    /// Whether this node's cleanup after `state`'s flip is done: for it, or for a newer one.
+    /// A state of the same version made apart (a tie another claimant won) is not `state`.
+    fn cleaned_up_after(&self, state: &ClusterState) -> bool {
+        let (version, fingerprint) = *self.inner.transfers.cleaned.lock();
+        version > state.version()
+            || (version == state.version() && fingerprint == state.fingerprint())
     }
 
     pub(super) fn set_transfer_limit(&self, limit: u32) {
@@ -584,9 +592,7 @@ impl Node {
     /// it did not change since it was read.
     fn clean_up_if_converged(&self, state: &Arc<ClusterState>) {
         let transfers = &self.inner.transfers;
-        if transfers.cleaned_version.load(Ordering::Relaxed) >= state.version()
-            || !state.is_committed()
-        {
+        if self.cleaned_up_after(state) || !state.is_committed() {
             return;
         }
         let behind = self.inner.membership.view().into_iter().any(|member| {
@@ -603,10 +609,7 @@ impl Node {
                     if deleted > 0 {
                         info!(node = %node.inner.id, deleted, version = state.version(), "deleted copies this node no longer replicates");
                     }
-                    node.inner
-                        .transfers
-                        .cleaned_version
-                        .store(state.version(), Ordering::Relaxed);
+                    *node.inner.transfers.cleaned.lock() = (state.version(), state.fingerprint());
                 }
                 Err(error) => {
                     warn!(node = %node.inner.id, error = %error, "cleanup after a ring change failed; it will run again")
@@ -619,7 +622,7 @@ impl Node {
         });
     }
 
-    async fn delete_strays(&self, state: &ClusterState) -> Result<u64, String> {
+    async fn delete_strays(&self, state: &Arc<ClusterState>) -> Result<u64, String> {
         let ring = state.ring();
         let mut deleted = 0;
         let mut n_vals: HashMap<Vec<u8>, u32> = HashMap::new();
@@ -650,14 +653,19 @@ impl Node {
                             n_val
                         }
                     };
-                    // Whatever changed meanwhile decides: a newer ring stops this pass.
+                    // Whatever changed meanwhile decides: any other ring stops this pass, a
+                    // newer one or one of this version made apart that the tie rule prefers.
                     let now = self
                         .inner
                         .membership
                         .gossip()
                         .map(|gossip| gossip.cluster_state());
-                    if now.is_some_and(|now| now.version() != state.version()) {
-                        return Ok(deleted);
+                    // It is not done for this version: a state of the same version that
+                    // replaced this one is cleaned up by a pass of its own.
+                    if now.is_some_and(|now| !Arc::ptr_eq(&now, state)) {
+                        return Err(format!(
+                            "the ring changed during the cleanup, after {deleted} deletes"
+                        ));
                     }
                     if handoff::keeps(ring, None, partition, n_val as usize, &self.inner.id) {
                         continue;
