@@ -73,6 +73,7 @@
 //! cache_mib = 64
 //! min_free_mib = 256                  # below this much free disk, writes are refused (507)
 //! write_buffer_mib = 256              # memtables over all partitions (each gets its share)
+//! row_cache_slots = 16384              # latest record of recently written keys (key and record <= 1 KiB); 0: off
 //! ```
 
 use crate::core::ids::NodeId;
@@ -350,6 +351,11 @@ pub struct StorageSettings {
     /// least 1 MiB). A memtable being flushed is still in memory while the next fills, so
     /// memtables take up to twice this.
     pub write_buffer_mib: u64,
+    /// Slots of the row cache in front of fjall: the latest record of recently written keys
+    /// (key and record at most 1 KiB together), so a get or a read-before-write of a hot key
+    /// skips fjall's memtable and index lookups. Direct-mapped, so its memory stays under
+    /// `slots × 1 KiB`. 0 turns it off.
+    pub row_cache_slots: u64,
 }
 
 impl Default for StorageSettings {
@@ -359,6 +365,7 @@ impl Default for StorageSettings {
             cache_mib: 64,
             min_free_mib: 256,
             write_buffer_mib: 256,
+            row_cache_slots: 16384,
         }
     }
 }
@@ -412,6 +419,9 @@ pub enum ConfigError {
     #[error("config field `{field}` is invalid: {reason}")]
     Invalid { field: String, reason: String },
 }
+
+/// The most row cache slots (`storage.row_cache_slots`): 4 GiB of records at most.
+pub const MAX_ROW_CACHE_SLOTS: u64 = 1 << 22;
 
 /// The most handoffs one node may send at once (`transfer_limit`).
 pub const MAX_TRANSFER_LIMIT: u32 = 64;
@@ -684,6 +694,12 @@ impl Config {
             return Err(invalid(
                 "limits.max_frame_bytes",
                 "must exceed limits.max_merged_object_bytes by at least 1 MiB, so a full object fits a frame",
+            ));
+        }
+        if self.storage.row_cache_slots > MAX_ROW_CACHE_SLOTS {
+            return Err(invalid(
+                "storage.row_cache_slots",
+                format!("must be at most {MAX_ROW_CACHE_SLOTS} (each slot may hold 1 KiB)"),
             ));
         }
         if self.storage.write_buffer_mib == 0 {

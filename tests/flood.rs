@@ -29,6 +29,7 @@ struct Limits {
     max_in_flight_requests: u64,
     cache_mib: u64,
     write_buffer_mib: u64,
+    row_cache_slots: u64,
 }
 
 const LIMITS: Limits = Limits {
@@ -42,6 +43,7 @@ const LIMITS: Limits = Limits {
     max_in_flight_requests: 32,
     cache_mib: 16,
     write_buffer_mib: 64,
+    row_cache_slots: 16384,
 };
 
 impl Limits {
@@ -51,7 +53,7 @@ impl Limits {
              max_frame_bytes = {}\nmax_in_flight_bytes = {}\nmax_client_connections = {}\n\
              max_http_connections = {}\nhttp_concurrency = {}\nmax_requests_per_connection = {}\n\
              max_in_flight_requests = {}\n[storage]\ncache_mib = {}\n\
-             write_buffer_mib = {}\n",
+             write_buffer_mib = {}\nrow_cache_slots = {}\n",
             self.max_value_bytes,
             4 * self.max_value_bytes,
             6 * self.max_value_bytes,
@@ -64,6 +66,7 @@ impl Limits {
             self.max_in_flight_requests,
             self.cache_mib,
             self.write_buffer_mib,
+            self.row_cache_slots,
         )
     }
 
@@ -72,7 +75,7 @@ impl Limits {
     /// once (the frame or body as read, the decoded value, the encoded record in the storage
     /// batch). Each connection costs its TLS and QUIC state and buffers (1 MiB each,
     /// generously), and a QUIC one its flow-control window of unread data. The store adds its block cache and its memtables: the write buffer, and as
-    /// much again while memtables are flushed.
+    /// much again while memtables are flushed, and its row cache.
     fn memory_bound_bytes(&self) -> u64 {
         let request_bytes = self.max_in_flight_bytes + self.http_concurrency * self.max_value_bytes;
         // A QUIC connection also buffers what its sender sent and the node has not read yet,
@@ -80,7 +83,9 @@ impl Limits {
         let quic_window = u64::from(dynkv::net::tls::CONNECTION_RECEIVE_WINDOW_BYTES);
         let connections = (self.max_client_connections + self.max_http_connections) * MIB
             + self.max_client_connections * quic_window;
-        let store = (self.cache_mib + 2 * self.write_buffer_mib) * MIB;
+        // The row cache holds at most 1 KiB of key and record per slot.
+        let store =
+            (self.cache_mib + 2 * self.write_buffer_mib) * MIB + self.row_cache_slots * 1024;
         3 * request_bytes + connections + store
     }
 }

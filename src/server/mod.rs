@@ -135,6 +135,7 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
             hints_max_bytes: config.hints.max_bytes,
             memtable_bytes: config.memtable_bytes(),
             aae_trees: config.aae.enabled,
+            row_cache_slots: usize::try_from(config.storage.row_cache_slots).unwrap_or(usize::MAX),
         },
     )
     .map_err(|error| ServerError::Storage {

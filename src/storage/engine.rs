@@ -44,6 +44,15 @@ pub(super) enum Space {
 }
 
 impl Engine {
+    /// Fails as a read of this engine's keyspaces would when the store is detached (a
+    /// simulated crash), so that what the row cache answers obeys the same crash model.
+    pub(super) fn check_attached(&self) -> Result<(), EngineError> {
+        match self {
+            Engine::Fjall(..) => Ok(()),
+            Engine::Memory(disk) => disk.with(|_| ()),
+        }
+    }
+
     pub(super) fn keyspace(&self, name: &str) -> Result<Space, EngineError> {
         match self {
             Engine::Fjall(database, memtable_bytes) => {

@@ -829,3 +829,52 @@ async fn aae_trees_can_be_turned_off() {
     assert!(store.aae_trees().is_none());
     assert!(!store.build_tree(1).await.unwrap());
 }
+
+/// Every change of a key reaches what a get and a read-before-write see, with the row cache
+/// on (one slot, so keys also evict each other) and off: a write, a larger record than the
+/// cache keeps, a delete of an unchanged copy, a dropped partition.
+async fn the_row_cache_follows_every_change(kind: Engine) {
+    for slots in [1, 0] {
+        let dir = Disk::new(kind);
+        let store = dir.open_with(StorageConfig {
+            row_cache_slots: slots,
+            ..StorageConfig::default()
+        });
+        let current = |store: &Store| {
+            let store = store.clone();
+            async move {
+                store
+                    .update(2, b"b", b"k", |current| {
+                        Ok::<_, Refused>((None, current.map(<[u8]>::to_vec)))
+                    })
+                    .await
+                    .unwrap()
+            }
+        };
+        put(&store, 2, b"b", b"k", b"v1").await;
+        put(&store, 2, b"b", b"k", b"v2").await;
+        assert_eq!(store.get(2, b"b", b"k").unwrap(), Some(b"v2".to_vec()));
+        assert_eq!(current(&store).await, Some(b"v2".to_vec()));
+        put(&store, 2, b"b", b"other", b"o").await;
+        assert_eq!(store.get(2, b"b", b"k").unwrap(), Some(b"v2".to_vec()));
+        let large = vec![9u8; 2 * rows::MAX_CACHED_ROW_BYTES];
+        put(&store, 2, b"b", b"k", &large).await;
+        assert_eq!(store.get(2, b"b", b"k").unwrap(), Some(large.clone()));
+        assert_eq!(current(&store).await, Some(large.clone()));
+        put(&store, 2, b"b", b"k", b"v3").await;
+        assert!(
+            store
+                .delete_if_unchanged(2, b"b", b"k", b"v3".to_vec())
+                .await
+                .unwrap()
+        );
+        assert_eq!(store.get(2, b"b", b"k").unwrap(), None, "slots {slots}");
+        assert_eq!(current(&store).await, None);
+        put(&store, 9, b"b", b"k", b"in 9").await;
+        assert!(store.drop_partition(9).unwrap());
+        assert_eq!(store.get(9, b"b", b"k").unwrap(), None, "slots {slots}");
+        assert_eq!(store.get(2, b"b", b"other").unwrap(), Some(b"o".to_vec()));
+    }
+}
+
+on_both_engines!(the_row_cache_follows_every_change; flavor = "current_thread");
