@@ -131,7 +131,7 @@ impl Space {
         }
     }
 
-    pub(super) fn insert(&self, key: Vec<u8>, value: Vec<u8>) -> Result<(), EngineError> {
+    pub(super) fn insert(&self, key: &[u8], value: Vec<u8>) -> Result<(), EngineError> {
         match self {
             Space::Fjall(keyspace) => Ok(keyspace.insert(key, value)?),
             Space::Memory { disk, name } => disk.with(|state| {
@@ -139,7 +139,7 @@ impl Space {
                     .volatile
                     .entry(name.clone())
                     .or_default()
-                    .insert(key, value);
+                    .insert(key.to_vec(), value);
             }),
         }
     }

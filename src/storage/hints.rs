@@ -118,7 +118,7 @@ impl Store {
                             return answer.now(Err(UpdateError::from(full)));
                         }
                         let size = bytes.len();
-                        (hints.insert(hint_key.clone(), bytes), Some(size))
+                        (hints.insert(&hint_key, bytes), Some(size))
                     }
                     HintWrite::Delete => (hints.remove(hint_key.clone()), None),
                 };

@@ -571,7 +571,7 @@ impl Store {
                 if let Some(rows) = &rows {
                     rows.stored(partition, &stored_key, &new_value);
                 }
-                if let Err(source) = keyspace.insert(stored_key.clone(), new_value) {
+                if let Err(source) = keyspace.insert(&stored_key, new_value) {
                     if let Some(rows) = &rows {
                         rows.removed(partition, &stored_key);
                     }
