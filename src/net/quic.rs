@@ -62,7 +62,10 @@ impl QuicServer {
         Resp: Serialize + Send + 'static,
     {
         limits.validate()?;
-        let config = tls::quic_server_config(tls)?;
+        let mut config = tls::quic_server_config(tls)?;
+        config.transport_config(Arc::new(tls::transport_config_acking_every(
+            limits.ack_eliciting_threshold,
+        )));
         let endpoint = quinn::Endpoint::server(config, address)
             .map_err(|source| QuicError::Bind { address, source })?;
         let local_addr = endpoint
@@ -227,7 +230,11 @@ where
             address: bind,
             source,
         })?;
-        endpoint.set_default_client_config(tls::quic_client_config(tls)?);
+        let mut config = tls::quic_client_config(tls)?;
+        config.transport_config(Arc::new(tls::transport_config_acking_every(
+            limits.ack_eliciting_threshold,
+        )));
+        endpoint.set_default_client_config(config);
         Ok(QuicPeers {
             inner: Arc::new(PeersInner {
                 endpoint,

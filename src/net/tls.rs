@@ -357,6 +357,19 @@ pub fn transport_config() -> quinn::TransportConfig {
     transport
 }
 
+/// [`transport_config`], and asking the peer to acknowledge only every `threshold`
+/// ack-eliciting packets (QUIC's ACK frequency extension; quinn advertises support for it on
+/// every connection). A threshold of 1 leaves the RFC 9000 default and asks nothing.
+pub fn transport_config_acking_every(threshold: u32) -> quinn::TransportConfig {
+    let mut transport = transport_config();
+    if threshold > 1 {
+        let mut acks = quinn::AckFrequencyConfig::default();
+        acks.ack_eliciting_threshold(quinn::VarInt::from_u32(threshold));
+        transport.ack_frequency_config(Some(acks));
+    }
+    transport
+}
+
 /// Wraps a rustls server configuration for quinn, with [`transport_config`].
 pub fn quic_server_config(tls: rustls::ServerConfig) -> Result<quinn::ServerConfig, TlsError> {
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(config_error)?;

@@ -9,7 +9,7 @@ use crate::config::Config;
 use crate::core::gossip::{GossipConfig, MemberRecord};
 use crate::net::quic::{QuicPeers, QuicServer};
 use crate::net::tls;
-use crate::net::{BoxFuture, RpcLimits};
+use crate::net::{BoxFuture, PEER_ACK_ELICITING_THRESHOLD, RpcLimits};
 use crate::protocol::{ClientRequest, ClientResponse, PeerRequest, PeerResponse};
 use crate::storage::{StorageConfig, Store};
 use membership::{GossipMembership, GossipSetup, load_members};
@@ -147,8 +147,14 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         .map_err(|error| ServerError::Tls(error.to_string()))?;
     // Outgoing peer connections leave from the peer address's IP, with any free port.
     let outgoing = SocketAddr::new(config.peer_listen.ip(), 0);
+    // Node-to-node connections ask for sparser ACKs both ways (client connections keep QUIC's
+    // default: see `RpcLimits::ack_eliciting_threshold`).
+    let peer_limits = RpcLimits {
+        ack_eliciting_threshold: PEER_ACK_ELICITING_THRESHOLD,
+        ..limits.clone()
+    };
     let peers =
-        QuicPeers::<PeerRequest, PeerResponse>::new(outgoing, peer_client_tls, limits.clone())
+        QuicPeers::<PeerRequest, PeerResponse>::new(outgoing, peer_client_tls, peer_limits.clone())
             .map_err(|error| ServerError::Listen {
                 address: outgoing,
                 reason: error.to_string(),
@@ -260,7 +266,7 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         RpcLimits {
             max_connections: config.limits.max_peer_connections as usize,
             limit_name: "limits.max_peer_connections",
-            ..limits.clone()
+            ..peer_limits
         },
     )
     .map_err(|error| ServerError::Listen {
