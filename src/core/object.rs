@@ -44,7 +44,7 @@ pub const MAX_KEY_BYTES: usize = 65_000;
 pub const MAX_CONTEXT_ACTORS: usize = 1024;
 
 /// One version of a value, with the metadata a Riak client expects to see per sibling.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 pub struct Content {
     #[serde(with = "serde_bytes")]
     pub value: Vec<u8>,
@@ -55,6 +55,21 @@ pub struct Content {
     pub last_modified_micros: u64,
     /// A tombstone: the key was deleted by this write.
     pub deleted: bool,
+}
+
+// Encoded positionally, as a clock is (see `Serialize for DvvSet` in `core::version`): the
+// derived `Deserialize` still reads the named map older peers send.
+impl Serialize for Content {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeTuple;
+        let mut fields = serializer.serialize_tuple(5)?;
+        fields.serialize_element(serde_bytes::Bytes::new(&self.value))?;
+        fields.serialize_element(&self.content_type)?;
+        fields.serialize_element(&self.user_metadata)?;
+        fields.serialize_element(&self.last_modified_micros)?;
+        fields.serialize_element(&self.deleted)?;
+        fields.end()
+    }
 }
 
 impl Content {
@@ -449,6 +464,94 @@ mod tests {
             last_modified_micros: at,
             deleted: false,
         }
+    }
+
+    /// What the derived, named encoding of a stored object looked like before objects were
+    /// encoded positionally; peers of older builds still send it.
+    #[derive(Serialize)]
+    struct NamedContent<'a> {
+        #[serde(with = "serde_bytes")]
+        value: &'a [u8],
+        content_type: &'a str,
+        user_metadata: &'a [(String, String)],
+        last_modified_micros: u64,
+        deleted: bool,
+    }
+
+    #[derive(Serialize)]
+    struct NamedEntry<'a> {
+        actor: Actor,
+        counter: u64,
+        values: Vec<NamedContent<'a>>,
+    }
+
+    #[derive(Serialize)]
+    struct NamedObject<'a> {
+        entries: Vec<NamedEntry<'a>>,
+        anonymous: Vec<NamedContent<'a>>,
+    }
+
+    fn named_content(content: &Content) -> NamedContent<'_> {
+        NamedContent {
+            value: &content.value,
+            content_type: &content.content_type,
+            user_metadata: &content.user_metadata,
+            last_modified_micros: content.last_modified_micros,
+            deleted: content.deleted,
+        }
+    }
+
+    fn named(object: &StoredObject) -> NamedObject<'_> {
+        let content = named_content;
+        NamedObject {
+            entries: object
+                .entries()
+                .iter()
+                .map(|entry| NamedEntry {
+                    actor: entry.actor(),
+                    counter: entry.counter(),
+                    values: entry.values().iter().map(content).collect(),
+                })
+                .collect(),
+            anonymous: object.anonymous().iter().map(content).collect(),
+        }
+    }
+
+    #[test]
+    fn objects_travel_without_field_names_and_the_named_form_still_decodes() {
+        let first = coordinate_put(None, None, content("a", 1), 7, true);
+        let object = first.sync(&coordinate_put(None, None, content("b", 2), 9, true));
+        assert_eq!(object.entries().len(), 2);
+        // The wire's encoder names struct fields; a stored object's are left out.
+        let positional = rmp_serde::to_vec_named(&object).unwrap();
+        for name in [
+            &b"content_type"[..],
+            b"user_metadata",
+            b"entries",
+            b"counter",
+        ] {
+            assert!(
+                !positional.windows(name.len()).any(|window| window == name),
+                "{} is on the wire",
+                String::from_utf8_lossy(name)
+            );
+        }
+        assert_eq!(
+            rmp_serde::from_slice::<StoredObject>(&positional).unwrap(),
+            object
+        );
+        // What an older peer sends, with every field named, decodes to the same object.
+        let legacy = rmp_serde::to_vec_named(&named(&object)).unwrap();
+        assert!(legacy.len() > positional.len());
+        assert_eq!(
+            rmp_serde::from_slice::<StoredObject>(&legacy).unwrap(),
+            object
+        );
+        // The disk format was positional already: its bytes are unchanged.
+        assert_eq!(
+            rmp_serde::to_vec(&named(&object)).unwrap(),
+            encode_object(&object)
+        );
     }
 
     #[test]

@@ -152,7 +152,7 @@ impl VersionVector {
 ///
 /// Dots up to `counter - values.len()` are all superseded: a context is downward closed, so
 /// a write always supersedes a prefix of each actor's dots, and this shape is exact.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 pub struct Entry<V> {
     actor: Actor,
     counter: Counter,
@@ -196,7 +196,7 @@ impl<V> Entry<V> {
 /// `sync` unless the other side's history is strictly newer. With them `sync` stays commutative
 /// and idempotent, but cannot be associative, since one history is shared by all of them.
 /// Equality treats them as a set, because `sync` may list them in either order.
-#[derive(Clone, Debug, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Eq, Deserialize)]
 #[serde(
     try_from = "DvvSetWire<V>",
     bound(deserialize = "V: Deserialize<'de> + PartialEq")
@@ -204,6 +204,33 @@ impl<V> Entry<V> {
 pub struct DvvSet<V> {
     entries: Vec<Entry<V>>,
     anonymous: Vec<V>,
+}
+
+// A clock and its entries are encoded positionally (a MessagePack array of the fields in
+// declaration order), even where the wire names the fields of other structs: they are in
+// every replica message and every stored record, and their field names were a good part of
+// the decoding work. The derived `Deserialize` reads both shapes, so a peer that still sends
+// the named map is understood, and the array is what the disk format always held. A new field
+// here therefore needs a new wire and record version.
+impl<V: Serialize> Serialize for Entry<V> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeTuple;
+        let mut fields = serializer.serialize_tuple(3)?;
+        fields.serialize_element(&self.actor)?;
+        fields.serialize_element(&self.counter)?;
+        fields.serialize_element(&self.values)?;
+        fields.end()
+    }
+}
+
+impl<V: Serialize> Serialize for DvvSet<V> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeTuple;
+        let mut fields = serializer.serialize_tuple(2)?;
+        fields.serialize_element(&self.entries)?;
+        fields.serialize_element(&self.anonymous)?;
+        fields.end()
+    }
 }
 
 /// The encoded shape of a [`DvvSet`], checked before it becomes one.
