@@ -9,6 +9,7 @@
 
 use super::AppState;
 use crate::core::object::Content;
+use crate::core::quorum::Quorum;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -57,7 +58,21 @@ pub fn install_prometheus() -> Option<&'static PrometheusHandle> {
         .as_ref()
 }
 
-/// Records one request of either interface for `/metrics`.
+/// The series of one label set: its counter and latency histogram.
+type Series = (metrics::Counter, metrics::Histogram);
+
+/// Labels of a request series: interface, operation, consistency, outcome.
+type SeriesLabels = (&'static str, &'static str, &'static str, &'static str);
+
+/// Handles of every series recorded so far. Registering a series by its labels costs a
+/// dozen allocations and a hash of the whole key in the recorder, on every request; the
+/// label sets are few (interfaces × operations × levels × outcomes, every label a static
+/// string), so each is registered once and then recorded through its handles.
+static SERIES: OnceLock<parking_lot::Mutex<std::collections::HashMap<SeriesLabels, Series>>> =
+    OnceLock::new();
+
+/// Records one request of either interface for `/metrics`. `consistency` is text a user
+/// sent (an HTTP query parameter, a level's spelling); see [`consistency_label`].
 pub fn record_metrics(
     interface: &'static str,
     operation: &'static str,
@@ -65,33 +80,89 @@ pub fn record_metrics(
     outcome: &'static str,
     elapsed: Duration,
 ) {
-    let consistency = consistency_label(consistency);
-    let labels = [
-        ("interface", interface.to_string()),
-        ("operation", operation.to_string()),
-        ("consistency", consistency.to_string()),
-    ];
-    metrics::counter!(
-        "dynkv_requests_total",
-        &[
-            ("interface", interface.to_string()),
-            ("operation", operation.to_string()),
-            ("consistency", consistency.to_string()),
-            ("outcome", outcome.to_string()),
-        ]
-    )
-    .increment(1);
-    metrics::histogram!("dynkv_request_duration_seconds", &labels).record(elapsed.as_secs_f64());
+    record_series(
+        (
+            interface,
+            operation,
+            consistency_label(consistency),
+            outcome,
+        ),
+        elapsed,
+    );
 }
 
-/// A level as a label value: its canonical spelling, or `invalid` for text that is not a
-/// level (so that user input cannot grow the number of series without bound).
-fn consistency_label(text: &str) -> String {
-    match text.parse::<crate::core::quorum::Quorum>() {
-        Ok(crate::core::quorum::Quorum::Count(count)) if count > 16 => "invalid".to_string(),
-        Ok(level) => level.to_string(),
-        Err(_) if text == "none" || text == "all" => text.to_string(),
-        Err(_) => "invalid".to_string(),
+/// [`record_metrics`] for a request that names its level as a [`Quorum`] (or none).
+pub fn record_level_metrics(
+    interface: &'static str,
+    operation: &'static str,
+    level: Option<Quorum>,
+    outcome: &'static str,
+    elapsed: Duration,
+) {
+    let consistency = level.map_or("none", level_label);
+    record_series((interface, operation, consistency, outcome), elapsed);
+}
+
+fn record_series(labels: SeriesLabels, elapsed: Duration) {
+    let seconds = elapsed.as_secs_f64();
+    // Handles taken before the recorder is installed would record nowhere for good, so they
+    // are kept only once it is.
+    if !matches!(PROMETHEUS.get(), Some(Some(_))) {
+        let (counter, histogram) = register_series(labels);
+        counter.increment(1);
+        histogram.record(seconds);
+        return;
+    }
+    let mut series = SERIES.get_or_init(Default::default).lock();
+    let (counter, histogram) = series
+        .entry(labels)
+        .or_insert_with(|| register_series(labels));
+    counter.increment(1);
+    histogram.record(seconds);
+}
+
+fn register_series((interface, operation, consistency, outcome): SeriesLabels) -> Series {
+    let labels = [
+        ("interface", interface),
+        ("operation", operation),
+        ("consistency", consistency),
+    ];
+    let counter = metrics::counter!(
+        "dynkv_requests_total",
+        &[
+            ("interface", interface),
+            ("operation", operation),
+            ("consistency", consistency),
+            ("outcome", outcome),
+        ]
+    );
+    let histogram = metrics::histogram!("dynkv_request_duration_seconds", &labels);
+    (counter, histogram)
+}
+
+/// A level as a label value: its canonical spelling; counts past 16 are `invalid`, so that
+/// user input cannot grow the number of series without bound.
+fn level_label(level: Quorum) -> &'static str {
+    const COUNTS: [&str; 17] = [
+        "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16",
+    ];
+    match level {
+        Quorum::One => "one",
+        Quorum::Quorum => "quorum",
+        Quorum::All => "all",
+        Quorum::Default => "default",
+        Quorum::Count(count) => COUNTS.get(count as usize).copied().unwrap_or("invalid"),
+    }
+}
+
+/// A level's text as a label value: [`level_label`] of the level it spells, `none` and `all`
+/// as they are, and `invalid` for any other text.
+fn consistency_label(text: &str) -> &'static str {
+    match text.parse::<Quorum>() {
+        Ok(level) => level_label(level),
+        Err(_) if text == "none" => "none",
+        Err(_) if text == "all" => "all",
+        Err(_) => "invalid",
     }
 }
 
@@ -422,4 +493,46 @@ pub(crate) async fn prometheus() -> Response {
         None => String::new(),
     };
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn levels_become_bounded_labels() {
+        assert_eq!(consistency_label("quorum"), "quorum");
+        assert_eq!(consistency_label("3"), "3");
+        assert_eq!(consistency_label("16"), "16");
+        assert_eq!(consistency_label("17"), "invalid");
+        assert_eq!(consistency_label("banana"), "invalid");
+        assert_eq!(consistency_label("none"), "none");
+        assert_eq!(level_label(Quorum::Count(4)), "4");
+        assert_eq!(level_label(Quorum::Count(u32::MAX)), "invalid");
+    }
+
+    #[test]
+    fn every_request_of_a_series_is_counted_through_its_kept_handles() {
+        let Some(handle) = install_prometheus() else {
+            panic!("this test process has no other recorder");
+        };
+        // A label set only this test uses, recorded three times: once to register it, then
+        // through the kept handles.
+        for _ in 0..3 {
+            record_level_metrics(
+                "native",
+                "test_series",
+                Some(Quorum::Count(2)),
+                "ok",
+                Duration::from_millis(1),
+            );
+        }
+        let text = handle.render();
+        let counted = text.lines().find(|line| {
+            line.starts_with("dynkv_requests_total{")
+                && line.contains("operation=\"test_series\"")
+                && line.contains("consistency=\"2\"")
+        });
+        assert_eq!(counted.and_then(|line| line.rsplit(' ').next()), Some("3"));
+    }
 }

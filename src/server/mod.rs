@@ -288,19 +288,19 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
                     Err(error) => return ClientResponse::Error(error),
                 };
                 let started = std::time::Instant::now();
-                let (operation, consistency) = match &request {
-                    ClientRequest::Ping => ("ping", String::from("none")),
+                let (operation, level) = match &request {
+                    ClientRequest::Ping => ("ping", None),
                     ClientRequest::Members
                     | ClientRequest::Status
                     | ClientRequest::Ring
                     | ClientRequest::Transfers
                     | ClientRequest::Aae
                     | ClientRequest::AaeRepair { .. }
-                    | ClientRequest::Cluster(_) => ("admin", String::from("none")),
-                    ClientRequest::Get { options, .. } => ("get", options.r.to_string()),
-                    ClientRequest::Put { options, .. } => ("put", options.w.to_string()),
-                    ClientRequest::Delete { options, .. } => ("delete", options.w.to_string()),
-                    ClientRequest::WithToken { .. } => ("invalid", String::from("none")),
+                    | ClientRequest::Cluster(_) => ("admin", None),
+                    ClientRequest::Get { options, .. } => ("get", Some(options.r)),
+                    ClientRequest::Put { options, .. } => ("put", Some(options.w)),
+                    ClientRequest::Delete { options, .. } => ("delete", Some(options.w)),
+                    ClientRequest::WithToken { .. } => ("invalid", None),
                 };
                 let response = node.handle_client(request).await;
                 let outcome = match &response {
@@ -316,10 +316,10 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
                     },
                     _ => "ok",
                 };
-                crate::http::stats::record_metrics(
+                crate::http::stats::record_level_metrics(
                     "native",
                     operation,
-                    &consistency,
+                    level,
                     outcome,
                     started.elapsed(),
                 );
