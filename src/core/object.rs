@@ -502,7 +502,6 @@ mod tests {
     }
 
     fn named(object: &StoredObject) -> NamedObject<'_> {
-        let content = named_content;
         NamedObject {
             entries: object
                 .entries()
@@ -510,10 +509,10 @@ mod tests {
                 .map(|entry| NamedEntry {
                     actor: entry.actor(),
                     counter: entry.counter(),
-                    values: entry.values().iter().map(content).collect(),
+                    values: entry.values().iter().map(named_content).collect(),
                 })
                 .collect(),
-            anonymous: object.anonymous().iter().map(content).collect(),
+            anonymous: object.anonymous().iter().map(named_content).collect(),
         }
     }
 
