@@ -20,7 +20,9 @@ pub(super) const MAX_CACHED_ROW_BYTES: usize = 1024;
 struct Row {
     partition: u32,
     stored_key: Box<[u8]>,
-    record: Box<[u8]>,
+    /// A `Vec` so that a newer record of the same key reuses its buffer: its capacity is at
+    /// most the largest record this slot held for the key, within `MAX_CACHED_ROW_BYTES`.
+    record: Vec<u8>,
 }
 
 pub(super) struct RowCache {
@@ -74,11 +76,24 @@ impl RowCache {
             }
             return;
         }
-        *slot = Some(Row {
-            partition,
-            stored_key: stored_key.into(),
-            record: record.into(),
-        });
+        match &mut *slot {
+            // The usual case under updates: the slot holds this key already, so its buffers
+            // are reused (no allocation, no free).
+            Some(row) if row.partition == partition && *row.stored_key == *stored_key => {
+                row.record.clear();
+                // Exact, so that the capacity never passes the largest record (a plain
+                // extend may double it).
+                row.record.reserve_exact(record.len());
+                row.record.extend_from_slice(record);
+            }
+            other => {
+                *other = Some(Row {
+                    partition,
+                    stored_key: stored_key.into(),
+                    record: record.to_vec(),
+                });
+            }
+        }
     }
 
     /// Called by the writer after it removed `stored_key`.
