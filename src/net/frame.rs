@@ -107,6 +107,9 @@ pub struct Frame {
     pub body: Bytes,
 }
 
+/// Bytes an encoded frame's buffer starts with.
+const INITIAL_FRAME_CAPACITY: usize = 512;
+
 /// Encodes `body` as MessagePack into a complete frame (header included).
 ///
 /// Fails with [`FrameError::TooLarge`] when the body exceeds `max_frame_bytes`, so an oversize
@@ -117,7 +120,9 @@ pub fn encode_frame<T: Serialize + ?Sized>(
     body: &T,
     max_frame_bytes: u32,
 ) -> Result<Bytes, FrameError> {
-    let mut buffer = BytesMut::with_capacity(HEADER_BYTES + 64).writer();
+    // Room for the usual message (a get, or a put of a small value is 100 to 300 bytes), so
+    // that encoding it does not grow and copy the buffer twice on the way.
+    let mut buffer = BytesMut::with_capacity(INITIAL_FRAME_CAPACITY).writer();
     buffer.get_mut().put_slice(&[0u8; HEADER_BYTES]);
     rmp_serde::encode::write_named(&mut buffer, body).map_err(|error| FrameError::Encode {
         reason: error.to_string(),
