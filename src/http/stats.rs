@@ -104,21 +104,21 @@ pub fn record_level_metrics(
 }
 
 fn record_series(labels: SeriesLabels, elapsed: Duration) {
-    let seconds = elapsed.as_secs_f64();
+    let record = |(counter, histogram): &Series| {
+        counter.increment(1);
+        histogram.record(elapsed.as_secs_f64());
+    };
     // Handles taken before the recorder is installed would record nowhere for good, so they
     // are kept only once it is.
     if !matches!(PROMETHEUS.get(), Some(Some(_))) {
-        let (counter, histogram) = register_series(labels);
-        counter.increment(1);
-        histogram.record(seconds);
-        return;
+        return record(&register_series(labels));
     }
     let mut series = SERIES.get_or_init(Default::default).lock();
-    let (counter, histogram) = series
-        .entry(labels)
-        .or_insert_with(|| register_series(labels));
-    counter.increment(1);
-    histogram.record(seconds);
+    record(
+        series
+            .entry(labels)
+            .or_insert_with(|| register_series(labels)),
+    );
 }
 
 fn register_series((interface, operation, consistency, outcome): SeriesLabels) -> Series {

@@ -231,26 +231,31 @@ mod tests {
     #[test]
     fn default_limits_are_valid_and_bad_ones_name_the_field() {
         assert_eq!(RpcLimits::default().validate(), Ok(()));
-        let error = RpcLimits {
-            streams_per_connection: 0,
-            ..RpcLimits::default()
+        let defaults = RpcLimits::default;
+        for (limits, field) in [
+            (
+                RpcLimits {
+                    streams_per_connection: 0,
+                    ..defaults()
+                },
+                "streams_per_connection",
+            ),
+            (
+                RpcLimits {
+                    max_frame_bytes: 0,
+                    ..defaults()
+                },
+                "max_frame_bytes",
+            ),
+            (
+                RpcLimits {
+                    ack_eliciting_threshold: 0,
+                    ..defaults()
+                },
+                "ack_eliciting_threshold",
+            ),
+        ] {
+            assert_eq!(limits.validate().unwrap_err().field, field);
         }
-        .validate()
-        .unwrap_err();
-        assert_eq!(error.field, "streams_per_connection");
-        let error = RpcLimits {
-            max_frame_bytes: 0,
-            ..RpcLimits::default()
-        }
-        .validate()
-        .unwrap_err();
-        assert_eq!(error.field, "max_frame_bytes");
-        let error = RpcLimits {
-            ack_eliciting_threshold: 0,
-            ..RpcLimits::default()
-        }
-        .validate()
-        .unwrap_err();
-        assert_eq!(error.field, "ack_eliciting_threshold");
     }
 }
