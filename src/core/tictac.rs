@@ -21,6 +21,15 @@
 //! keys whose digests differ between the two sides, each marked with what the other side
 //! lacks; the shell fetches both copies, merges them (DVVSet sync) and writes the merge where
 //! it is behind.
+//!
+//! Segments that differ are compared a second time after a pause, and only those that differ
+//! both times go on to the key step (Riak's tictac exchange also compares twice and keeps
+//! what differed in both). Under writes the two trees are read moments apart, so a segment
+//! holding a write that one replica has applied and the other has not yet differs without
+//! anything to repair; and the key step reads every record of the partition on both sides
+//! (there is no by-segment index), which at 10M keys is most of what anti-entropy costs. A
+//! segment that is really out of sync still differs after the pause: a write that changes
+//! another of its keys in between cannot make it equal.
 
 use crate::core::ring::key_position;
 use std::collections::BTreeMap;
@@ -179,6 +188,40 @@ impl TicTacTree {
     }
 }
 
+/// The segments whose hashes differ under `branches`, given both sides' segment hashes of
+/// each branch in the same order.
+fn differing_segments(
+    branches: &[Branch],
+    ours: &[Vec<u32>],
+    theirs: &[Vec<u32>],
+) -> Result<Vec<Segment>, ExchangeError> {
+    if ours.len() != branches.len() || theirs.len() != branches.len() {
+        return Err(ExchangeError::Malformed(format!(
+            "segments of {} and {} branches for {} asked",
+            ours.len(),
+            theirs.len(),
+            branches.len()
+        )));
+    }
+    let mut segments = Vec::new();
+    for ((branch, ours), theirs) in branches.iter().zip(ours).zip(theirs) {
+        if ours.len() != SEGMENTS_PER_BRANCH || theirs.len() != SEGMENTS_PER_BRANCH {
+            return Err(ExchangeError::Malformed(format!(
+                "branch {branch}: {} and {} segments, expected {SEGMENTS_PER_BRANCH}",
+                ours.len(),
+                theirs.len()
+            )));
+        }
+        let first = branch * SEGMENTS_PER_BRANCH as u16;
+        segments.extend(
+            differing(ours, theirs)
+                .into_iter()
+                .map(|offset| first + offset),
+        );
+    }
+    Ok(segments)
+}
+
 /// The indexes at which two equally long hash lists differ.
 fn differing(ours: &[u32], theirs: &[u32]) -> Vec<u16> {
     ours.iter()
@@ -222,6 +265,9 @@ pub enum ExchangeError {
 pub enum ExchangeStep {
     /// Ask the peer for its segment hashes under these branches.
     AskSegments(Vec<Branch>),
+    /// Segments differed under these branches: after a pause, take both sides' segment
+    /// hashes under them again and pass them to [`Exchange::on_segments_again`].
+    ConfirmSegments(Vec<Branch>),
     /// Ask both sides for the key digests in these segments.
     AskKeys(Vec<Segment>),
     /// Repair these keys; the exchange is over.
@@ -240,7 +286,7 @@ pub struct Exchange {
     max_repairs: usize,
     /// Most segments whose keys one exchange compares: bounds the keys read per exchange.
     max_segments: usize,
-    /// Segments found differing, asked for next.
+    /// Segments found differing: to be confirmed, then asked for.
     segments: Vec<Segment>,
 }
 
@@ -281,37 +327,35 @@ impl Exchange {
         ours: &[Vec<u32>],
         theirs: &[Vec<u32>],
     ) -> Result<ExchangeStep, ExchangeError> {
-        if ours.len() != branches.len() || theirs.len() != branches.len() {
-            return Err(ExchangeError::Malformed(format!(
-                "segments of {} and {} branches for {} asked",
-                ours.len(),
-                theirs.len(),
-                branches.len()
-            )));
-        }
-        let mut segments = Vec::new();
-        for ((branch, ours), theirs) in branches.iter().zip(ours).zip(theirs) {
-            if ours.len() != SEGMENTS_PER_BRANCH || theirs.len() != SEGMENTS_PER_BRANCH {
-                return Err(ExchangeError::Malformed(format!(
-                    "branch {branch}: {} and {} segments, expected {SEGMENTS_PER_BRANCH}",
-                    ours.len(),
-                    theirs.len()
-                )));
-            }
-            let first = branch * SEGMENTS_PER_BRANCH as u16;
-            segments.extend(
-                differing(ours, theirs)
-                    .into_iter()
-                    .map(|offset| first + offset),
-            );
-        }
+        let mut segments = differing_segments(branches, ours, theirs)?;
         segments.truncate(self.max_segments);
-        self.segments = segments.clone();
-        Ok(if segments.is_empty() {
+        let mut branches: Vec<Branch> =
+            segments.iter().map(|segment| branch_of(*segment)).collect();
+        branches.dedup();
+        self.segments = segments;
+        Ok(if branches.is_empty() {
             // The branches differed but no segment does: a tree changed between the steps.
             ExchangeStep::InSync
         } else {
-            ExchangeStep::AskKeys(segments)
+            ExchangeStep::ConfirmSegments(branches)
+        })
+    }
+
+    /// Step 2b: both sides' segment hashes under the branches of
+    /// [`ExchangeStep::ConfirmSegments`], taken again after a pause. Only the segments that
+    /// differed the first time and differ again are asked for.
+    pub fn on_segments_again(
+        &mut self,
+        branches: &[Branch],
+        ours: &[Vec<u32>],
+        theirs: &[Vec<u32>],
+    ) -> Result<ExchangeStep, ExchangeError> {
+        let again = differing_segments(branches, ours, theirs)?;
+        self.segments.retain(|segment| again.contains(segment));
+        Ok(if self.segments.is_empty() {
+            ExchangeStep::InSync
+        } else {
+            ExchangeStep::AskKeys(self.segments.clone())
         })
     }
 
@@ -417,6 +461,17 @@ mod tests {
                 .on_segments(branches, &of(ours.0), &of(theirs.0))
                 .unwrap();
         }
+        if let ExchangeStep::ConfirmSegments(branches) = &step {
+            let of = |tree: &TicTacTree| -> Vec<Vec<u32>> {
+                branches
+                    .iter()
+                    .map(|branch| tree.segments_of(*branch).to_vec())
+                    .collect()
+            };
+            step = exchange
+                .on_segments_again(branches, &of(ours.0), &of(theirs.0))
+                .unwrap();
+        }
         if let ExchangeStep::AskKeys(segments) = &step {
             step = exchange.on_keys(digests(ours.1, segments), digests(theirs.1, segments));
         }
@@ -519,9 +574,93 @@ mod tests {
         let step = exchange
             .on_segments(&branches, &segments(&tree), &segments(&theirs_tree))
             .unwrap();
+        assert_eq!(step, ExchangeStep::ConfirmSegments(branches.clone()));
+        let step = exchange
+            .on_segments_again(&branches, &segments(&tree), &segments(&theirs_tree))
+            .unwrap();
         assert_eq!(
             step,
             ExchangeStep::AskKeys(vec![segment_of(b"b", &missing)])
+        );
+    }
+
+    /// A segment that differed only while a write was in flight (equal on the second look)
+    /// costs no key step; one that still differs, and one that a write changed in between
+    /// but that is still out of sync, are asked for.
+    #[test]
+    fn only_segments_that_differ_twice_reach_the_key_step() {
+        let mut ours = Contents::new();
+        let mut tree = TicTacTree::new();
+        for index in 0..100_000u32 {
+            apply(&mut tree, &mut ours, index.to_be_bytes().to_vec(), Some(1));
+        }
+        let (mut theirs_tree, mut theirs) = (tree.clone(), ours.clone());
+        // Three keys in three different branches.
+        let mut keys: Vec<Vec<u8>> = Vec::new();
+        for index in 0..100_000u32 {
+            let key = index.to_be_bytes().to_vec();
+            let branch = branch_of(segment_of(b"b", &key));
+            if keys
+                .iter()
+                .all(|k| branch_of(segment_of(b"b", k)) != branch)
+            {
+                keys.push(key);
+            }
+            if keys.len() == 3 {
+                break;
+            }
+        }
+        let [in_flight, missing, rewritten] = [keys[0].clone(), keys[1].clone(), keys[2].clone()];
+        // First look: their copy lacks a write in flight and a write it really missed; ours
+        // lacks one of the third key.
+        apply(&mut tree, &mut ours, in_flight.clone(), Some(2));
+        apply(&mut theirs_tree, &mut theirs, missing.clone(), None);
+        apply(&mut tree, &mut ours, rewritten.clone(), Some(3));
+        let mut exchange = Exchange::new(10, SEGMENTS);
+        let ExchangeStep::AskSegments(branches) = exchange
+            .on_branches(tree.branches(), theirs_tree.branches())
+            .unwrap()
+        else {
+            panic!("the trees differ");
+        };
+        let of = |t: &TicTacTree, branches: &[Branch]| -> Vec<Vec<u32>> {
+            branches
+                .iter()
+                .map(|b| t.segments_of(*b).to_vec())
+                .collect()
+        };
+        let step = exchange
+            .on_segments(
+                &branches,
+                &of(&tree, &branches),
+                &of(&theirs_tree, &branches),
+            )
+            .unwrap();
+        let ExchangeStep::ConfirmSegments(confirm) = step else {
+            panic!("{step:?}");
+        };
+        assert_eq!(confirm.len(), 3);
+        // Second look: the write in flight has landed on their side; both sides wrote the
+        // third key again, and ours still differs from theirs.
+        apply(&mut theirs_tree, &mut theirs, in_flight.clone(), Some(2));
+        apply(&mut tree, &mut ours, rewritten.clone(), Some(4));
+        apply(&mut theirs_tree, &mut theirs, rewritten.clone(), Some(5));
+        let step = exchange
+            .on_segments_again(&confirm, &of(&tree, &confirm), &of(&theirs_tree, &confirm))
+            .unwrap();
+        let mut expected = vec![segment_of(b"b", &missing), segment_of(b"b", &rewritten)];
+        expected.sort();
+        assert_eq!(step, ExchangeStep::AskKeys(expected));
+        // And once in sync, a second look ends the exchange.
+        let mut exchange = Exchange::new(10, SEGMENTS);
+        exchange
+            .on_segments(&confirm, &of(&tree, &confirm), &of(&theirs_tree, &confirm))
+            .unwrap();
+        assert_eq!(
+            exchange
+                .on_segments_again(&confirm, &of(&tree, &confirm), &of(&tree, &confirm))
+                .unwrap(),
+            ExchangeStep::InSync
         );
     }
 

@@ -1,7 +1,9 @@
 //! Active anti-entropy (`core::tictac`, `storage::AaeTrees`): on a jittered schedule this
 //! node takes the next partition it is the first owner of and exchanges its tree with each
-//! other primary of it: branches, then the segments under differing branches, then the key
-//! digests in differing segments. Each differing key is read from both sides, merged (DVVSet
+//! other primary of it: branches, then the segments under differing branches, the same
+//! segments again after a pause (a quarter of the exchange interval: what differed only by
+//! writes in flight is dropped), then the key digests in the segments that differed both
+//! times. Each differing key is read from both sides, merged (DVVSet
 //! sync, as read repair does) and written where it was behind. At most
 //! `aae.max_repairs_per_exchange` keys are repaired per exchange; the rest wait for the next.
 //!
@@ -251,6 +253,30 @@ impl Node {
                 Err(error) => return ExchangeOutcome::Failed(error.to_string()),
             };
         }
+        if let ExchangeStep::ConfirmSegments(branches) = &step {
+            // Writes in flight settle within milliseconds; a quarter of the exchange interval
+            // (250 ms by default) lets them land on both sides before the second look.
+            tokio::time::sleep(self.inner.settings.aae.exchange_interval / 4).await;
+            let theirs = match ask(PeerRequest::AaeSegments {
+                partition,
+                branches: branches.clone(),
+            })
+            .await
+            {
+                Ok(PeerResponse::AaeSegments(Some(segments))) => {
+                    self.count_exchanged(segments.iter().map(|branch| 4 * branch.len()).sum());
+                    segments
+                }
+                other => return failed_step(peer, "segments", other),
+            };
+            let Some(ours) = trees.segments(partition, branches) else {
+                return ExchangeOutcome::Failed("this node's tree is not built".into());
+            };
+            step = match exchange.on_segments_again(branches, &ours, &theirs) {
+                Ok(step) => step,
+                Err(error) => return ExchangeOutcome::Failed(error.to_string()),
+            };
+        }
         if let ExchangeStep::AskKeys(segments) = &step {
             self.inner
                 .aae
@@ -307,7 +333,9 @@ impl Node {
                     ExchangeOutcome::Repaired(repaired)
                 }
             }
-            ExchangeStep::AskSegments(_) | ExchangeStep::AskKeys(_) => {
+            ExchangeStep::AskSegments(_)
+            | ExchangeStep::ConfirmSegments(_)
+            | ExchangeStep::AskKeys(_) => {
                 ExchangeOutcome::Failed("the exchange stopped early".into())
             }
         }
