@@ -233,20 +233,9 @@ impl Node {
             Err(error) => return ExchangeOutcome::Failed(error.to_string()),
         };
         if let ExchangeStep::AskSegments(branches) = &step {
-            let theirs = match ask(PeerRequest::AaeSegments {
-                partition,
-                branches: branches.clone(),
-            })
-            .await
-            {
-                Ok(PeerResponse::AaeSegments(Some(segments))) => {
-                    self.count_exchanged(segments.iter().map(|branch| 4 * branch.len()).sum());
-                    segments
-                }
-                other => return failed_step(peer, "segments", other),
-            };
-            let Some(ours) = trees.segments(partition, branches) else {
-                return ExchangeOutcome::Failed("this node's tree is not built".into());
+            let (ours, theirs) = match self.segments_of_both(partition, peer, branches).await {
+                Ok(both) => both,
+                Err(outcome) => return outcome,
             };
             step = match exchange.on_segments(branches, &ours, &theirs) {
                 Ok(step) => step,
@@ -257,20 +246,9 @@ impl Node {
             // Writes in flight settle within milliseconds; a quarter of the exchange interval
             // (250 ms by default) lets them land on both sides before the second look.
             tokio::time::sleep(self.inner.settings.aae.exchange_interval / 4).await;
-            let theirs = match ask(PeerRequest::AaeSegments {
-                partition,
-                branches: branches.clone(),
-            })
-            .await
-            {
-                Ok(PeerResponse::AaeSegments(Some(segments))) => {
-                    self.count_exchanged(segments.iter().map(|branch| 4 * branch.len()).sum());
-                    segments
-                }
-                other => return failed_step(peer, "segments", other),
-            };
-            let Some(ours) = trees.segments(partition, branches) else {
-                return ExchangeOutcome::Failed("this node's tree is not built".into());
+            let (ours, theirs) = match self.segments_of_both(partition, peer, branches).await {
+                Ok(both) => both,
+                Err(outcome) => return outcome,
             };
             step = match exchange.on_segments_again(branches, &ours, &theirs) {
                 Ok(step) => step,
@@ -339,6 +317,35 @@ impl Node {
                 ExchangeOutcome::Failed("the exchange stopped early".into())
             }
         }
+    }
+
+    /// Our segment hashes under `branches` of `partition` and `peer`'s, or how the exchange
+    /// ends when either side cannot give them.
+    async fn segments_of_both(
+        &self,
+        partition: PartitionId,
+        peer: &NodeId,
+        branches: &[crate::core::tictac::Branch],
+    ) -> Result<(Vec<Vec<u32>>, Vec<Vec<u32>>), ExchangeOutcome> {
+        let request = PeerRequest::AaeSegments {
+            partition,
+            branches: branches.to_vec(),
+        };
+        let timeout = self.inner.settings.request_timeout;
+        let theirs = match self.inner.peers.call(peer, request, timeout).await {
+            Ok(PeerResponse::AaeSegments(Some(segments))) => {
+                self.count_exchanged(segments.iter().map(|branch| 4 * branch.len()).sum());
+                segments
+            }
+            other => return Err(failed_step(peer, "segments", other)),
+        };
+        let ours = self
+            .inner
+            .store
+            .aae_trees()
+            .and_then(|trees| trees.segments(partition, branches))
+            .ok_or_else(|| ExchangeOutcome::Failed("this node's tree is not built".into()))?;
+        Ok((ours, theirs))
     }
 
     fn count_exchanged(&self, bytes: usize) {
