@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::sim::{SimCluster, default_settings, wait_until_stopped};
+use common::sim::{SimCluster, default_settings, node_copies_by_holder, wait_until_stopped};
 use dynkv::core::ids::NodeId;
 use dynkv::core::object::live_siblings;
 use dynkv::core::quorum::Quorum;
@@ -507,29 +507,19 @@ fn get_one(key: &str) -> ClientRequest {
 /// copy and each hint it keeps for another node.
 async fn copies_by_node(cluster: &SimCluster, key: &str) -> Vec<String> {
     let ids: Vec<NodeId> = ["n1", "n2", "n3", "n4"].into_iter().map(node).collect();
-    let partition = key_partition(cluster, key.as_bytes());
+    let ring = cluster.current_ring();
     let mut copies = Vec::new();
     for id in &ids {
         let Some(running) = cluster.node(id) else {
             continue;
         };
-        let kinds = std::iter::once(None).chain(ids.iter().map(|other| Some(other.clone())));
-        for hint_for in kinds {
-            let answer = running
-                .handle_peer(dynkv::protocol::PeerRequest::ReplicaGet {
-                    partition,
-                    bucket: BUCKET.to_vec(),
-                    key: key.as_bytes().to_vec(),
-                    hint_for: hint_for.clone(),
-                    ring_version: 0,
-                })
-                .await;
-            if matches!(answer, dynkv::protocol::PeerResponse::Object(Some(_))) {
-                copies.push(match hint_for {
-                    None => format!("{id}"),
-                    Some(primary) => format!("{id} (hint for {primary})"),
-                });
-            }
+        for (hint_for, _) in
+            node_copies_by_holder(&running, &ring, &ids, BUCKET, key.as_bytes()).await
+        {
+            copies.push(match hint_for {
+                None => format!("{id}"),
+                Some(primary) => format!("{id} (hint for {primary})"),
+            });
         }
     }
     copies

@@ -343,6 +343,21 @@ pub async fn node_copies(
     bucket: &[u8],
     key: &[u8],
 ) -> Vec<StoredObject> {
+    node_copies_by_holder(node, ring, ids, bucket, key)
+        .await
+        .into_iter()
+        .map(|(_, copy)| copy)
+        .collect()
+}
+
+/// [`node_copies`], each with the primary its hint is kept for (`None`: the replica copy).
+pub async fn node_copies_by_holder(
+    node: &Node,
+    ring: &Ring,
+    ids: &[NodeId],
+    bucket: &[u8],
+    key: &[u8],
+) -> Vec<(Option<NodeId>, StoredObject)> {
     let partition = ring.partition_for_key(bucket, key);
     let mut copies = Vec::new();
     let holders = std::iter::once(None).chain(
@@ -356,12 +371,12 @@ pub async fn node_copies(
                 partition,
                 bucket: bucket.to_vec(),
                 key: key.to_vec(),
-                hint_for,
+                hint_for: hint_for.clone(),
                 ring_version: 0,
             })
             .await;
         if let PeerResponse::Object(Some(object)) = response {
-            copies.push(object);
+            copies.push((hint_for, object));
         }
     }
     copies
