@@ -224,6 +224,13 @@ pub struct NodeStatus {
     pub handoff_keys_sent: u64,
     #[serde(default)]
     pub handoff_bytes_sent: u64,
+    /// Stray copies (of keys this node no longer replicates after a flip) that the cleanups
+    /// since it started deleted, and those of them a new replica lacked, so they were handed
+    /// to it first.
+    #[serde(default)]
+    pub stray_keys_deleted: u64,
+    #[serde(default)]
+    pub stray_keys_handed: u64,
     /// Anti-entropy since the node started: exchanges it ran, segments found differing,
     /// keys repaired (on either side) and the bytes of objects written by repairs.
     #[serde(default)]
@@ -466,11 +473,12 @@ pub const MAX_AAE_SEGMENTS: usize = 256;
 /// Most key digests an answer carries.
 pub const MAX_AAE_DIGESTS: usize = 200_000;
 
-/// Most keys one [`PeerRequest::ReapCheck`] or [`PeerRequest::Reap`] names.
+/// Most keys one [`PeerRequest::ReapCheck`], [`PeerRequest::Reap`] or
+/// [`PeerRequest::CopyCheck`] names.
 pub const MAX_REAP_KEYS: usize = 1000;
 
-/// A tombstone a reaper names: the key and the record digest
-/// ([`crate::core::tictac::record_digest`]) of the tombstone it holds.
+/// A key and the record digest ([`crate::core::tictac::record_digest`]) of a copy: the
+/// tombstone a reaper holds, or the stray a cleanup is about to delete.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReapKey {
     #[serde(with = "serde_bytes")]
@@ -622,6 +630,13 @@ pub enum PeerRequest {
         #[serde(with = "serde_bytes")]
         props: Vec<u8>,
     },
+    /// A stray cleanup's check before it deletes copies it no longer replicates (DESIGN §6):
+    /// for each key (at most [`MAX_REAP_KEYS`]), whether the receiver holds a copy with that
+    /// record digest, read once durable. The sender hands the others to it first.
+    CopyCheck {
+        partition: PartitionId,
+        keys: Vec<ReapKey>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -692,6 +707,8 @@ pub enum PeerResponse {
         entries: Vec<(serde_bytes::ByteBuf, serde_bytes::ByteBuf)>,
         next: Option<(serde_bytes::ByteBuf, serde_bytes::ByteBuf)>,
     },
+    /// Answer to [`PeerRequest::CopyCheck`], one per key asked.
+    CopyCheck(Vec<bool>),
 }
 
 /// One key's object in a [`PeerRequest::Handoff`] batch.

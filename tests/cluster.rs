@@ -833,6 +833,12 @@ fn a_node_added_to_a_dev_cluster_takes_its_share_with_every_key_then_a_leave_and
         missing.is_empty(),
         "missed at r=one through n4 once it owns its share: {missing:?}"
     );
+    // After the flip n1, n2 and n3 each delete the copies they no longer replicate, each only
+    // once its new replicas hold it. Every key was written to all three before the join and
+    // handed to n4, so the copy check (over QUIC) finds nothing missing: no stray is sent.
+    for status in statuses_once_strays_deleted(&cluster, &[1, 2, 3]) {
+        assert_eq!(status["stray_keys_handed"], 0, "{status}");
+    }
 
     // n2 leaves (staged with `dev leave`); then n3 dies and is removed.
     let left = std::process::Command::new(common::process::binary())
@@ -885,8 +891,28 @@ fn a_node_added_to_a_dev_cluster_takes_its_share_with_every_key_then_a_leave_and
     );
 }
 
-/// Shows the plan, commits it, and waits until `admin transfers --watch` exits on `no
-/// transfers` (the handoffs are done and the ring has flipped).
+/// `admin status` of each of `nodes`, once every one has deleted stray copies.
+fn statuses_once_strays_deleted(cluster: &DevCluster, nodes: &[u16]) -> Vec<serde_json::Value> {
+    let started = Instant::now();
+    loop {
+        let statuses: Vec<serde_json::Value> = nodes
+            .iter()
+            .map(|node| admin_json(cluster, "status", *node))
+            .collect();
+        if statuses
+            .iter()
+            .all(|status| status["stray_keys_deleted"].as_u64() > Some(0))
+        {
+            return statuses;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "not every node deleted its strays: {statuses:?}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
 /// How many partitions `node` owns in `admin ring --json` output.
 fn partitions_owned(ring: &serde_json::Value, node: &str) -> usize {
     ring["owners"]
@@ -897,6 +923,8 @@ fn partitions_owned(ring: &serde_json::Value, node: &str) -> usize {
         .count()
 }
 
+/// Shows the plan, commits it, and waits until `admin transfers` says `no transfers` (the
+/// handoffs are done and the ring has flipped).
 fn commit_and_wait_for_no_transfers(cluster: &DevCluster) {
     let plan = cluster.cli(&["admin", "cluster", "plan"]);
     assert!(plan.status.success(), "plan: {}", stderr(&plan));

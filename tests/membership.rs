@@ -781,3 +781,135 @@ async fn a_committed_join_hands_off_every_key_before_the_ring_flips() {
         keys.len()
     );
 }
+
+/// Joins `n4` (already added and gossiping) through the claimant: stages the join, waits
+/// until every member knows it, shows the plan and commits it. Returns the committed ring.
+async fn join_and_commit(cluster: &SimCluster, joiner: &NodeId) -> dynkv::protocol::RingInfo {
+    use dynkv::protocol::ClusterRequest;
+    let response = cluster
+        .client(
+            joiner,
+            ClientRequest::Cluster(ClusterRequest::Join { node: None }),
+        )
+        .await;
+    assert!(matches!(response, ClientResponse::Ring(_)), "{response:?}");
+    let staged = until(Duration::from_secs(30), || {
+        cluster.node(&node("n1")).is_some_and(|n| {
+            n.membership()
+                .view()
+                .iter()
+                .all(|member| member.ring_version == 2)
+        })
+    })
+    .await;
+    assert!(staged.is_some(), "every member hears of the staged join");
+    let response = cluster
+        .client(&node("n2"), ClientRequest::Cluster(ClusterRequest::Plan))
+        .await;
+    assert!(matches!(response, ClientResponse::Plan(_)), "{response:?}");
+    let response = cluster
+        .client(
+            &node("n3"),
+            ClientRequest::Cluster(ClusterRequest::Commit { ring_version: None }),
+        )
+        .await;
+    let ClientResponse::Ring(ring) = response else {
+        panic!("commit: {response:?}");
+    };
+    ring
+}
+
+/// Whether `id` may still hold copies it no longer replicates (its cleanup after the last
+/// flip has not finished).
+async fn may_hold_strays(cluster: &SimCluster, id: &NodeId) -> bool {
+    match cluster
+        .node(id)
+        .unwrap()
+        .handle_peer(dynkv::protocol::PeerRequest::InFlight { partition: 0 })
+        .await
+    {
+        dynkv::protocol::PeerResponse::InFlight { strays, .. } => strays,
+        other => panic!("{id} answered InFlight with {other:?}"),
+    }
+}
+
+/// DESIGN §6: the old owner drops only what the new owner holds. While the join's handoffs
+/// run, the coordinator n2 cannot reach the joiner n4, so writes to the partitions n4 takes
+/// from n1 are acknowledged by n2 and n3 (a quorum of both replica sets) after n1's handoff
+/// to n4 has passed them: n4 never gets them. After the flip, n1's copy is the only one
+/// outside n2 and n3. Its cleanup must hand it to n4 before deleting it, so that every key
+/// ends with a copy on each of its three replicas (anti-entropy and read repair are off, so
+/// nothing else could put it there).
+#[tokio::test(start_paused = true)]
+async fn an_old_owner_deletes_a_stray_only_once_every_new_replica_holds_it() {
+    let mut settings = default_settings();
+    settings.aae.enabled = false;
+    settings.read_repair_chance = 0.0;
+    let mut cluster = SimCluster::start_gossiping(3, 43, settings).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let joiner = node("n4");
+    cluster.add_node(&joiner);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let ring = join_and_commit(&cluster, &joiner).await;
+    assert!(!ring.transfers.is_empty(), "handoffs are pending");
+    cluster.network.cut(&node("n2"), &joiner);
+    let mut keys = Vec::new();
+    for index in 0..200 {
+        let key = format!("cut{index}");
+        let response = cluster
+            .client(&node("n2"), put(&key, "v", Quorum::Quorum, Quorum::Default))
+            .await;
+        assert!(
+            matches!(response, ClientResponse::Stored { .. }),
+            "{key}: {response:?}"
+        );
+        keys.push(key);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    cluster.network.heal(&node("n2"), &joiner);
+    let ids: Vec<NodeId> = ["n1", "n2", "n3", "n4"].into_iter().map(node).collect();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let flipped = ids.iter().all(|id| {
+            cluster
+                .cluster_state(id)
+                .is_some_and(|state| state.pending().is_none() && state.version() > ring.version)
+        });
+        let mut cleaned = flipped;
+        for id in &ids {
+            cleaned = cleaned && !may_hold_strays(&cluster, id).await;
+        }
+        if cleaned {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the ring flipped ({flipped}) but some node still holds strays"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let mut moved_to_joiner = 0;
+    let mut short = Vec::new();
+    for key in &keys {
+        let replicas = cluster.replicas_of(BUCKET, key.as_bytes());
+        if replicas.contains(&joiner) {
+            moved_to_joiner += 1;
+        }
+        let copies = copies_by_node(&cluster, key).await;
+        let missing: Vec<&NodeId> = replicas
+            .iter()
+            .filter(|replica| !copies.contains(&replica.to_string()))
+            .collect();
+        if !missing.is_empty() {
+            short.push(format!("{key}: replicas {replicas:?}, copies {copies:?}"));
+        }
+    }
+    assert!(moved_to_joiner > 0, "no key moved to the joiner");
+    assert!(
+        short.is_empty(),
+        "{} of {} keys lack a replica copy after the cleanup: {:?}",
+        short.len(),
+        keys.len(),
+        &short[..short.len().min(5)]
+    );
+}

@@ -444,6 +444,8 @@ static RING_CHANGES_COMMITTED: std::sync::atomic::AtomicU64 = std::sync::atomic:
 static AAE_KEYS_REPAIRED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 /// Tombstones reaped (counted on the nodes running at the end, each its own copies).
 static TOMBSTONES_REAPED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// Stray copies a cleanup after a flip handed to a new replica that lacked them.
+static STRAY_KEYS_HANDED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 /// Crashes of the claimant while a committed change was still pending, over all schedules.
 static CLAIMANTS_CRASHED_MID_CHANGE: std::sync::atomic::AtomicU64 =
     std::sync::atomic::AtomicU64::new(0);
@@ -636,6 +638,10 @@ async fn randomized_schedule(seed: u64) -> Vec<String> {
         );
         TOMBSTONES_REAPED.fetch_add(
             node.status().map_or(0, |status| status.tombstones_reaped),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        STRAY_KEYS_HANDED.fetch_add(
+            node.status().map_or(0, |status| status.stray_keys_handed),
             std::sync::atomic::Ordering::Relaxed,
         );
         let held = node.store().hint_count().unwrap_or(0);
@@ -836,8 +842,9 @@ fn randomized_schedules_lose_no_acknowledged_write() {
     let claimants = CLAIMANTS_CRASHED_MID_CHANGE.load(std::sync::atomic::Ordering::Relaxed);
     let aae_repaired = AAE_KEYS_REPAIRED.load(std::sync::atomic::Ordering::Relaxed);
     let reaped = TOMBSTONES_REAPED.load(std::sync::atomic::Ordering::Relaxed);
+    let strays_handed = STRAY_KEYS_HANDED.load(std::sync::atomic::Ordering::Relaxed);
     eprintln!(
-        "{count} schedules committed {committed} ring changes (joins, leaves, removes); the claimant crashed mid-change {claimants} times; anti-entropy repaired {aae_repaired} keys; {reaped} tombstone copies were reaped"
+        "{count} schedules committed {committed} ring changes (joins, leaves, removes); the claimant crashed mid-change {claimants} times; anti-entropy repaired {aae_repaired} keys; {reaped} tombstone copies were reaped; cleanups handed {strays_handed} strays to replicas that lacked them"
     );
     assert!(count < 20 || reaped > 0, "no schedule reaped a tombstone");
     assert!(

@@ -540,6 +540,10 @@ pub async fn run(command: AdminCommand) -> Result<()> {
                 human_bytes(status.handoff_bytes_sent)
             );
             println!(
+                "strays deleted:    {}, {} of them first sent to a replica that lacked them",
+                status.stray_keys_deleted, status.stray_keys_handed
+            );
+            println!(
                 "anti-entropy:      {} exchanges, {} segments differing, {} keys repaired ({}), {} of hashes and digests received",
                 status.aae_exchanges,
                 status.aae_segments_differing,

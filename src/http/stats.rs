@@ -408,6 +408,14 @@ pub(crate) async fn riak_stats(State(state): State<AppState>, headers: HeaderMap
             json!(status.handoff_bytes_sent),
         );
         fields.insert(
+            "dynkv_stray_keys_deleted_total".into(),
+            json!(status.stray_keys_deleted),
+        );
+        fields.insert(
+            "dynkv_stray_keys_handed_total".into(),
+            json!(status.stray_keys_handed),
+        );
+        fields.insert(
             "dynkv_aae_exchanges_total".into(),
             json!(status.aae_exchanges),
         );

@@ -136,6 +136,8 @@ struct Counters {
     dot_collisions: AtomicU64,
     handoff_keys_sent: AtomicU64,
     handoff_bytes_sent: AtomicU64,
+    stray_keys_deleted: AtomicU64,
+    stray_keys_handed: AtomicU64,
 }
 
 /// Hands out this incarnation's key actors (see `core::epoch`); shared with the store's
@@ -503,6 +505,16 @@ impl Node {
                 .counters
                 .handoff_bytes_sent
                 .load(Ordering::Relaxed),
+            stray_keys_deleted: self
+                .inner
+                .counters
+                .stray_keys_deleted
+                .load(Ordering::Relaxed),
+            stray_keys_handed: self
+                .inner
+                .counters
+                .stray_keys_handed
+                .load(Ordering::Relaxed),
             aae_exchanges: self.inner.aae.exchanges.load(Ordering::Relaxed),
             aae_segments_differing: self.inner.aae.segments_differing.load(Ordering::Relaxed),
             aae_keys_repaired: self.inner.aae.keys_repaired.load(Ordering::Relaxed),
@@ -782,6 +794,9 @@ impl Node {
             PeerRequest::BucketPropsChanged { bucket, props } => {
                 self.learn_bucket_props(&bucket, &props);
                 PeerResponse::Pong
+            }
+            PeerRequest::CopyCheck { partition, keys } => {
+                self.serve_copy_check(partition, keys).await
             }
         }
     }

@@ -495,6 +495,18 @@ impl Node {
         partition: PartitionId,
         keys: &[ReapKey],
     ) -> Result<Vec<bool>, String> {
+        self.holds_copies(partition, keys, |summary| summary.tombstone_since.is_some())
+            .await
+    }
+
+    /// For each key, whether this node holds a copy with the digest named that also passes
+    /// `also`, read once durable.
+    pub(super) async fn holds_copies(
+        &self,
+        partition: PartitionId,
+        keys: &[ReapKey],
+        also: impl Fn(&crate::core::tictac::RecordSummary) -> bool,
+    ) -> Result<Vec<bool>, String> {
         let names: Vec<(Vec<u8>, Vec<u8>)> = keys
             .iter()
             .map(|key| (key.bucket.clone(), key.key.clone()))
@@ -509,9 +521,7 @@ impl Node {
             .iter()
             .zip(summaries)
             .map(|(key, summary)| {
-                summary.is_some_and(|summary| {
-                    summary.digest == key.digest && summary.tombstone_since.is_some()
-                })
+                summary.is_some_and(|summary| summary.digest == key.digest && also(&summary))
             })
             .collect())
     }
@@ -554,8 +564,9 @@ impl Node {
     }
 }
 
-/// The refusal of a peer's reap request naming more than [`MAX_REAP_KEYS`] keys.
-fn too_many_reap_keys(keys: &[ReapKey]) -> Option<PeerResponse> {
+/// The refusal of a peer's reap request (or copy check) naming more than [`MAX_REAP_KEYS`]
+/// keys.
+pub(super) fn too_many_reap_keys(keys: &[ReapKey]) -> Option<PeerResponse> {
     (keys.len() > MAX_REAP_KEYS).then(|| PeerResponse::Failed {
         message: format!("{} keys named; at most {MAX_REAP_KEYS}", keys.len()),
     })

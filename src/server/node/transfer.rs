@@ -11,8 +11,9 @@
 use super::*;
 use crate::core::cluster::{ClusterState, MemberState};
 use crate::core::handoff::{self, Handoff};
-use crate::protocol::{HandoffRecord, TransferInfo};
-use std::collections::HashMap;
+use crate::protocol::{HandoffRecord, ReapKey, TransferInfo};
+use crate::storage::ScannedRecord;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU32};
 
 /// Records per handoff batch.
@@ -279,46 +280,50 @@ impl Node {
         bytes: usize,
     ) -> Result<(), String> {
         let count = records.len() as u64;
-        let _operation = self.inner.in_flight.begin(handoff.partition);
-        let response = if handoff.to == self.inner.id {
-            self.receive_handoff(handoff.partition, records).await
+        self.merge_records_into(&handoff.to, handoff.partition, records)
+            .await?;
+        self.update_progress(handoff, |progress| {
+            progress.keys_sent += count;
+            progress.bytes_sent += bytes as u64;
+        });
+        let counters = &self.inner.counters;
+        counters
+            .handoff_keys_sent
+            .fetch_add(count, Ordering::Relaxed);
+        counters
+            .handoff_bytes_sent
+            .fetch_add(bytes as u64, Ordering::Relaxed);
+        metrics::counter!("dynkv_handoff_keys_sent_total").increment(count);
+        metrics::counter!("dynkv_handoff_bytes_sent_total").increment(bytes as u64);
+        Ok(())
+    }
+
+    /// Has `to` merge `records` of `partition` (a [`PeerRequest::Handoff`]); `Ok` once it
+    /// acknowledged them durably.
+    async fn merge_records_into(
+        &self,
+        to: &NodeId,
+        partition: PartitionId,
+        records: Vec<HandoffRecord>,
+    ) -> Result<(), String> {
+        let _operation = self.inner.in_flight.begin(partition);
+        let response = if *to == self.inner.id {
+            self.receive_handoff(partition, records).await
         } else {
-            let request = PeerRequest::Handoff {
-                partition: handoff.partition,
-                records,
-            };
+            let request = PeerRequest::Handoff { partition, records };
             self.inner
                 .peers
-                .call(
-                    &handoff.to,
-                    request,
-                    self.inner.settings.request_timeout * 4,
-                )
+                .call(to, request, self.inner.settings.request_timeout * 4)
                 .await
                 .map_err(|error| error.to_string())?
         };
         match response {
             PeerResponse::Stored { durable } if durable || !self.inner.settings.durable_writes => {
-                self.update_progress(handoff, |progress| {
-                    progress.keys_sent += count;
-                    progress.bytes_sent += bytes as u64;
-                });
-                let counters = &self.inner.counters;
-                counters
-                    .handoff_keys_sent
-                    .fetch_add(count, Ordering::Relaxed);
-                counters
-                    .handoff_bytes_sent
-                    .fetch_add(bytes as u64, Ordering::Relaxed);
-                metrics::counter!("dynkv_handoff_keys_sent_total").increment(count);
-                metrics::counter!("dynkv_handoff_bytes_sent_total").increment(bytes as u64);
                 Ok(())
             }
-            PeerResponse::Stored { .. } => {
-                Err(format!("{} did not store the batch durably", handoff.to))
-            }
-            PeerResponse::Failed { message } => Err(format!("{} refused: {message}", handoff.to)),
-            other => Err(format!("{} answered {other:?}", handoff.to)),
+            PeerResponse::Stored { .. } => Err(format!("{to} did not store the batch durably")),
+            PeerResponse::Failed { message } => Err(format!("{to} refused: {message}")),
+            other => Err(format!("{to} answered {other:?}")),
         }
     }
 
@@ -605,9 +610,9 @@ impl Node {
         let state = state.clone();
         tokio::spawn(async move {
             match node.delete_strays(&state).await {
-                Ok(deleted) => {
-                    if deleted > 0 {
-                        info!(node = %node.inner.id, deleted, version = state.version(), "deleted copies this node no longer replicates");
+                Ok((deleted, handed)) => {
+                    if deleted > 0 || handed > 0 {
+                        info!(node = %node.inner.id, deleted, handed, version = state.version(), "deleted copies this node no longer replicates, after handing the ones a replica lacked");
                     }
                     *node.inner.transfers.cleaned.lock() = (state.version(), state.fingerprint());
                 }
@@ -622,9 +627,14 @@ impl Node {
         });
     }
 
-    async fn delete_strays(&self, state: &Arc<ClusterState>) -> Result<u64, String> {
+    /// Deletes the copies this node no longer replicates under `state`'s ring, a page at a
+    /// time: each stray goes only once every current replica of its key holds it (or a copy
+    /// merged from it) durably, and only if it did not change since it was read. Returns how
+    /// many were deleted and how many had to be handed to a replica first.
+    async fn delete_strays(&self, state: &Arc<ClusterState>) -> Result<(u64, u64), String> {
         let ring = state.ring();
         let mut deleted = 0;
+        let mut handed = 0;
         let mut n_vals: HashMap<Vec<u8>, u32> = HashMap::new();
         for partition in self.inner.store.partitions() {
             if partition >= ring.partition_count() {
@@ -640,6 +650,8 @@ impl Node {
                 if page.is_empty() {
                     break;
                 }
+                // The page's strays, by the replicas their keys have now.
+                let mut strays: BTreeMap<Vec<NodeId>, Vec<ScannedRecord>> = BTreeMap::new();
                 for (bucket, key, value) in page {
                     let n_val = match n_vals.get(&bucket) {
                         Some(n_val) => *n_val,
@@ -653,35 +665,141 @@ impl Node {
                             n_val
                         }
                     };
-                    // Whatever changed meanwhile decides: any other ring stops this pass, a
-                    // newer one or one of this version made apart that the tie rule prefers.
-                    let now = self
-                        .inner
-                        .membership
-                        .gossip()
-                        .map(|gossip| gossip.cluster_state());
-                    // It is not done for this version: a state of the same version that
-                    // replaced this one is cleaned up by a pass of its own.
-                    if now.is_some_and(|now| !Arc::ptr_eq(&now, state)) {
-                        return Err(format!(
-                            "the ring changed during the cleanup, after {deleted} deletes"
-                        ));
-                    }
                     if handoff::keeps(ring, None, partition, n_val as usize, &self.inner.id) {
                         continue;
                     }
-                    if self
-                        .inner
-                        .store
-                        .delete_if_unchanged(partition, &bucket, &key, value)
-                        .await
-                        .map_err(|error| error.to_string())?
-                    {
-                        deleted += 1;
+                    let replicas = ring
+                        .preference_list(partition, n_val as usize)
+                        .into_iter()
+                        .map(|(_, node)| node)
+                        .collect();
+                    strays
+                        .entry(replicas)
+                        .or_default()
+                        .push((bucket, key, value));
+                }
+                for (replicas, records) in strays {
+                    handed += self
+                        .hand_strays_to_replicas(partition, &replicas, &records)
+                        .await?;
+                    for (bucket, key, value) in records {
+                        // Whatever changed meanwhile decides: any other ring stops this
+                        // pass, a newer one or one of this version made apart that the tie
+                        // rule prefers. It is not done for this version: a state of the
+                        // same version that replaced this one is cleaned up by a pass of
+                        // its own.
+                        let now = self
+                            .inner
+                            .membership
+                            .gossip()
+                            .map(|gossip| gossip.cluster_state());
+                        if now.is_some_and(|now| !Arc::ptr_eq(&now, state)) {
+                            return Err(format!(
+                                "the ring changed during the cleanup, after {deleted} deletes"
+                            ));
+                        }
+                        if self
+                            .inner
+                            .store
+                            .delete_if_unchanged(partition, &bucket, &key, value)
+                            .await
+                            .map_err(|error| error.to_string())?
+                        {
+                            deleted += 1;
+                            self.inner
+                                .counters
+                                .stray_keys_deleted
+                                .fetch_add(1, Ordering::Relaxed);
+                        }
                     }
                 }
             }
         }
-        Ok(deleted)
+        Ok((deleted, handed))
+    }
+
+    /// Makes sure each of `replicas` holds every one of `strays` (records of `partition`
+    /// this node is about to delete) durably, as DESIGN §6 asks of an old owner: the
+    /// handoffs before the flip sent what this node held then, but a write acknowledged by
+    /// quorums of both replica sets may have missed the new replica. Each replica is asked
+    /// which copies it holds as they are ([`PeerRequest::CopyCheck`]) and handed the others
+    /// like a handoff batch (a merge, so a newer copy there stays newer). A replica that
+    /// does not answer the check (a release without it) is handed them all; one that takes
+    /// none stops the cleanup, which keeps its strays and runs again later. Returns how many
+    /// records were handed.
+    async fn hand_strays_to_replicas(
+        &self,
+        partition: PartitionId,
+        replicas: &[NodeId],
+        strays: &[ScannedRecord],
+    ) -> Result<u64, String> {
+        let keys: Vec<ReapKey> = strays
+            .iter()
+            .map(|(bucket, key, value)| ReapKey {
+                bucket: bucket.clone(),
+                key: key.clone(),
+                digest: crate::core::tictac::record_digest(value),
+            })
+            .collect();
+        let mut handed = 0;
+        for replica in replicas.iter().filter(|node| **node != self.inner.id) {
+            let request = PeerRequest::CopyCheck {
+                partition,
+                keys: keys.clone(),
+            };
+            let timeout = self.inner.settings.request_timeout;
+            let held = match self.inner.peers.call(replica, request, timeout).await {
+                Ok(PeerResponse::CopyCheck(held)) if held.len() == keys.len() => held,
+                answer => {
+                    debug!(node = %self.inner.id, partition, %replica, ?answer, "copy check not answered; handing every stray");
+                    vec![false; keys.len()]
+                }
+            };
+            let mut missing = Vec::new();
+            let mut missing_bytes = 0;
+            let lacked = strays.iter().zip(held).filter(|(_, held)| !held);
+            let last = lacked.clone().count();
+            for (index, ((bucket, key, value), _)) in lacked.enumerate() {
+                let object = decode_record(value).map_err(|error| {
+                    format!("a stored record of partition {partition} is unreadable: {error}")
+                })?;
+                missing.push(HandoffRecord {
+                    bucket: bucket.clone(),
+                    key: key.clone(),
+                    object,
+                });
+                missing_bytes += value.len();
+                if missing_bytes >= HANDOFF_BATCH_BYTES || index + 1 == last {
+                    let count = missing.len() as u64;
+                    missing_bytes = 0;
+                    self.merge_records_into(replica, partition, std::mem::take(&mut missing))
+                        .await
+                        .map_err(|error| format!("handing strays to {replica}: {error}"))?;
+                    handed += count;
+                    self.inner
+                        .counters
+                        .stray_keys_handed
+                        .fetch_add(count, Ordering::Relaxed);
+                    metrics::counter!("dynkv_stray_keys_handed_total").increment(count);
+                }
+            }
+        }
+        Ok(handed)
+    }
+
+    /// A cleanup's [`PeerRequest::CopyCheck`]: for each key, whether this node holds a copy
+    /// with that record digest, durably.
+    pub(super) async fn serve_copy_check(
+        &self,
+        partition: PartitionId,
+        keys: Vec<ReapKey>,
+    ) -> PeerResponse {
+        if let Some(refusal) = super::reap::too_many_reap_keys(&keys) {
+            return refusal;
+        }
+        match self.holds_copies(partition, &keys, |_| true).await {
+            Ok(held) => PeerResponse::CopyCheck(held),
+            Err(message) => PeerResponse::Failed { message },
+        }
     }
 }
