@@ -25,6 +25,10 @@ const HANDOFF_BATCH_BYTES: usize = 4 * 1024 * 1024;
 /// again.
 const REPORT_AGAIN_AFTER: Duration = Duration::from_secs(10);
 
+/// How long a cleanup that had to keep strays (a replica of theirs down or not taking them)
+/// waits before its next pass, instead of rescanning them every transfer check.
+const CLEANUP_RETRY_AFTER: Duration = Duration::from_secs(10);
+
 /// This node's handoffs as sender, and its cleanup after a flip.
 pub(super) struct Transfers {
     limit: AtomicU32,
@@ -32,6 +36,9 @@ pub(super) struct Transfers {
     /// The ring (version and fingerprint) whose stray copies this node has deleted.
     cleaned: parking_lot::Mutex<(u64, u64)>,
     cleaning: AtomicBool,
+    /// When a cleanup that kept strays may run again, and how many it kept (so that an
+    /// unchanged count is not logged again at every pass).
+    cleanup_retry: parking_lot::Mutex<(Option<Instant>, u64)>,
     /// The ring version of the last plan this node showed as claimant (0: none), which a
     /// `commit` takes.
     pub(super) planned_version: AtomicU64,
@@ -44,9 +51,23 @@ impl Transfers {
             running: parking_lot::Mutex::default(),
             cleaned: parking_lot::Mutex::new((0, 0)),
             cleaning: AtomicBool::new(false),
+            cleanup_retry: parking_lot::Mutex::new((None, 0)),
             planned_version: AtomicU64::new(0),
         }
     }
+}
+
+/// What one cleanup pass after a flip did.
+#[derive(Debug, Default)]
+struct Cleanup {
+    /// Strays deleted.
+    deleted: u64,
+    /// Strays a replica lacked, handed to it before they were deleted.
+    handed: u64,
+    /// Strays kept because a replica of theirs could not be checked or handed them, with
+    /// the first reason.
+    kept: u64,
+    kept_because: Option<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -603,18 +624,39 @@ impl Node {
         let behind = self.inner.membership.view().into_iter().any(|member| {
             member.up && member.ring_version < state.version() && member.state != "down"
         });
-        if behind || transfers.cleaning.swap(true, Ordering::AcqRel) {
+        let waiting = transfers
+            .cleanup_retry
+            .lock()
+            .0
+            .is_some_and(|at| Instant::now() < at);
+        if behind || waiting || transfers.cleaning.swap(true, Ordering::AcqRel) {
             return;
         }
         let node = self.clone();
         let state = state.clone();
         tokio::spawn(async move {
             match node.delete_strays(&state).await {
-                Ok((deleted, handed)) => {
+                Ok(cleanup) => {
+                    let Cleanup {
+                        deleted,
+                        handed,
+                        kept,
+                        ..
+                    } = cleanup;
                     if deleted > 0 || handed > 0 {
                         info!(node = %node.inner.id, deleted, handed, version = state.version(), "deleted copies this node no longer replicates, after handing the ones a replica lacked");
                     }
-                    *node.inner.transfers.cleaned.lock() = (state.version(), state.fingerprint());
+                    let mut retry = node.inner.transfers.cleanup_retry.lock();
+                    if let Some(reason) = cleanup.kept_because {
+                        if kept != retry.1 {
+                            info!(node = %node.inner.id, kept, reason = %reason, "kept copies this node no longer replicates until their replicas can take them");
+                        }
+                        *retry = (Some(Instant::now() + CLEANUP_RETRY_AFTER), kept);
+                    } else {
+                        *retry = (None, 0);
+                        *node.inner.transfers.cleaned.lock() =
+                            (state.version(), state.fingerprint());
+                    }
                 }
                 Err(error) => {
                     warn!(node = %node.inner.id, error = %error, "cleanup after a ring change failed; it will run again")
@@ -629,12 +671,11 @@ impl Node {
 
     /// Deletes the copies this node no longer replicates under `state`'s ring, a page at a
     /// time: each stray goes only once every current replica of its key holds it (or a copy
-    /// merged from it) durably, and only if it did not change since it was read. Returns how
-    /// many were deleted and how many had to be handed to a replica first.
-    async fn delete_strays(&self, state: &Arc<ClusterState>) -> Result<(u64, u64), String> {
+    /// merged from it) durably, and only if it did not change since it was read. Strays of
+    /// a replica that is down or does not take them are kept (and counted); the others go.
+    async fn delete_strays(&self, state: &Arc<ClusterState>) -> Result<Cleanup, String> {
         let ring = state.ring();
-        let mut deleted = 0;
-        let mut handed = 0;
+        let mut cleanup = Cleanup::default();
         let mut n_vals: HashMap<Vec<u8>, u32> = HashMap::new();
         for partition in self.inner.store.partitions() {
             if partition >= ring.partition_count() {
@@ -679,9 +720,17 @@ impl Node {
                         .push((bucket, key, value));
                 }
                 for (replicas, records) in strays {
-                    handed += self
+                    match self
                         .hand_strays_to_replicas(partition, &replicas, &records)
-                        .await?;
+                        .await
+                    {
+                        Ok(handed) => cleanup.handed += handed,
+                        Err(reason) => {
+                            cleanup.kept += records.len() as u64;
+                            cleanup.kept_because.get_or_insert(reason);
+                            continue;
+                        }
+                    }
                     for (bucket, key, value) in records {
                         // Whatever changed meanwhile decides: any other ring stops this
                         // pass, a newer one or one of this version made apart that the tie
@@ -695,7 +744,8 @@ impl Node {
                             .map(|gossip| gossip.cluster_state());
                         if now.is_some_and(|now| !Arc::ptr_eq(&now, state)) {
                             return Err(format!(
-                                "the ring changed during the cleanup, after {deleted} deletes"
+                                "the ring changed during the cleanup, after {} deletes",
+                                cleanup.deleted
                             ));
                         }
                         if self
@@ -705,7 +755,7 @@ impl Node {
                             .await
                             .map_err(|error| error.to_string())?
                         {
-                            deleted += 1;
+                            cleanup.deleted += 1;
                             self.inner
                                 .counters
                                 .stray_keys_deleted
@@ -715,7 +765,7 @@ impl Node {
                 }
             }
         }
-        Ok((deleted, handed))
+        Ok(cleanup)
     }
 
     /// Makes sure each of `replicas` holds every one of `strays` (records of `partition`
@@ -741,8 +791,19 @@ impl Node {
                 digest: crate::core::tictac::record_digest(value),
             })
             .collect();
+        let others: Vec<&NodeId> = replicas
+            .iter()
+            .filter(|node| **node != self.inner.id)
+            .collect();
+        // A replica seen down is not asked: its strays wait for it (no call, no timeout).
+        if let Some(down) = others
+            .iter()
+            .find(|node| !self.inner.membership.is_up(node))
+        {
+            return Err(format!("{down} is down"));
+        }
         let mut handed = 0;
-        for replica in replicas.iter().filter(|node| **node != self.inner.id) {
+        for replica in others {
             let request = PeerRequest::CopyCheck {
                 partition,
                 keys: keys.clone(),
