@@ -967,10 +967,10 @@ async fn strays_wait_for_a_replica_that_is_down_and_go_once_it_is_back() {
             "every handoff finished within one poll; this seed cannot test the case"
         );
         let done = |name: &str| !state.handoffs().iter().any(|h| h.from == node(name));
-        if let Some(done) = ["n2", "n3"].into_iter().find(|name| done(name)) {
-            if state.handoffs().iter().any(|h| h.from != node(done)) {
-                break node(done);
-            }
+        if let Some(done) = ["n2", "n3"].into_iter().find(|name| done(name))
+            && state.handoffs().iter().any(|h| h.from != node(done))
+        {
+            break node(done);
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
