@@ -644,7 +644,7 @@ impl Node {
                         ..
                     } = cleanup;
                     if deleted > 0 || handed > 0 {
-                        info!(node = %node.inner.id, deleted, handed, version = state.version(), "deleted copies this node no longer replicates, after handing the ones a replica lacked");
+                        info!(node = %node.inner.id, deleted, handed, version = state.version(), "deleted copies this node no longer replicates (handed: those a replica lacked, sent to it first)");
                     }
                     let mut retry = node.inner.transfers.cleanup_retry.lock();
                     if let Some(reason) = cleanup.kept_because {
