@@ -540,28 +540,11 @@ async fn a_committed_join_hands_off_every_key_before_the_ring_flips() {
     settings.read_repair_chance = 0.0;
     let mut cluster = SimCluster::start_gossiping(3, 41, settings).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let mut keys: Vec<String> = Vec::new();
-    for index in 0..300 {
-        let key = format!("before{index}");
-        let response = cluster
-            .client(&node("n1"), put(&key, "v", Quorum::Quorum, Quorum::Default))
-            .await;
-        assert!(
-            matches!(response, ClientResponse::Stored { .. }),
-            "{response:?}"
-        );
-        keys.push(key);
-    }
+    let mut keys = put_keys(&cluster, "n1", "before", 300, Quorum::Quorum).await;
     let joiner = node("n4");
     cluster.add_node(&joiner);
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let response = cluster
-        .client(
-            &joiner,
-            ClientRequest::Cluster(ClusterRequest::Join { node: None }),
-        )
-        .await;
-    assert!(matches!(response, ClientResponse::Ring(_)), "{response:?}");
+    stage_join(&cluster, &joiner).await;
     // A commit before any plan was shown is refused with what to do.
     let response = cluster
         .client(
@@ -573,29 +556,7 @@ async fn a_committed_join_hands_off_every_key_before_the_ring_flips() {
         panic!("commit without a plan: {response:?}");
     };
     assert!(error.message.contains("plan"), "{}", error.message);
-    let converged = until(Duration::from_secs(30), || {
-        cluster.node(&node("n1")).is_some_and(|n| {
-            n.membership()
-                .view()
-                .iter()
-                .all(|member| member.ring_version == 2)
-        })
-    })
-    .await;
-    assert!(converged.is_some());
-    let response = cluster
-        .client(&node("n2"), ClientRequest::Cluster(ClusterRequest::Plan))
-        .await;
-    assert!(matches!(response, ClientResponse::Plan(_)), "{response:?}");
-    let response = cluster
-        .client(
-            &node("n3"),
-            ClientRequest::Cluster(ClusterRequest::Commit { ring_version: None }),
-        )
-        .await;
-    let ClientResponse::Ring(ring) = response else {
-        panic!("commit: {response:?}");
-    };
+    let ring = plan_and_commit(&cluster).await;
     assert_eq!(ring.version, 3);
     assert!(!ring.transfers.is_empty(), "handoffs are pending");
     // A replica write routed by the ring before the commit is stored by a replica that keeps
@@ -760,9 +721,8 @@ async fn a_committed_join_hands_off_every_key_before_the_ring_flips() {
     );
 }
 
-/// Joins `n4` (already added and gossiping) through the claimant: stages the join, waits
-/// until every member knows it, shows the plan and commits it. Returns the committed ring.
-async fn join_and_commit(cluster: &SimCluster, joiner: &NodeId) -> dynkv::protocol::RingInfo {
+/// Stages `joiner`'s join (it is added and gossiping already) through itself.
+async fn stage_join(cluster: &SimCluster, joiner: &NodeId) {
     use dynkv::protocol::ClusterRequest;
     let response = cluster
         .client(
@@ -771,6 +731,12 @@ async fn join_and_commit(cluster: &SimCluster, joiner: &NodeId) -> dynkv::protoc
         )
         .await;
     assert!(matches!(response, ClientResponse::Ring(_)), "{response:?}");
+}
+
+/// Waits until every member holds the staged change (ring version 2), shows the plan
+/// through n2 and commits it through n3. Returns the committed ring.
+async fn plan_and_commit(cluster: &SimCluster) -> dynkv::protocol::RingInfo {
+    use dynkv::protocol::ClusterRequest;
     let staged = until(Duration::from_secs(30), || {
         cluster.node(&node("n1")).is_some_and(|n| {
             n.membership()
@@ -780,7 +746,7 @@ async fn join_and_commit(cluster: &SimCluster, joiner: &NodeId) -> dynkv::protoc
         })
     })
     .await;
-    assert!(staged.is_some(), "every member hears of the staged join");
+    assert!(staged.is_some(), "every member hears of the staged change");
     let response = cluster
         .client(&node("n2"), ClientRequest::Cluster(ClusterRequest::Plan))
         .await;
@@ -797,6 +763,43 @@ async fn join_and_commit(cluster: &SimCluster, joiner: &NodeId) -> dynkv::protoc
     ring
 }
 
+/// Stages `joiner`'s join, then shows and commits the plan. Returns the committed ring.
+async fn join_and_commit(cluster: &SimCluster, joiner: &NodeId) -> dynkv::protocol::RingInfo {
+    stage_join(cluster, joiner).await;
+    plan_and_commit(cluster).await
+}
+
+/// Writes `count` keys `{prefix}{index}` through `via` at `w`, each acknowledged.
+async fn put_keys(
+    cluster: &SimCluster,
+    via: &str,
+    prefix: &str,
+    count: usize,
+    w: Quorum,
+) -> Vec<String> {
+    let mut keys = Vec::new();
+    for index in 0..count {
+        let key = format!("{prefix}{index}");
+        let response = cluster
+            .client(&node(via), put(&key, "v", w, Quorum::Default))
+            .await;
+        assert!(
+            matches!(response, ClientResponse::Stored { .. }),
+            "{key}: {response:?}"
+        );
+        keys.push(key);
+    }
+    keys
+}
+
+/// The replicas of `key` by `ring` (n_val 3).
+fn replicas_in(ring: &Ring, key: &str) -> Vec<NodeId> {
+    ring.preference_list(ring.partition_for_key(BUCKET, key.as_bytes()), 3)
+        .into_iter()
+        .map(|(_, node)| node)
+        .collect()
+}
+
 /// The copies of `keys` that the nodes n1..n4 hold by `ring` (n_val 3): each (key, node)
 /// holding a copy it does not replicate, and how many replica copies there are.
 fn stored_copies(
@@ -808,11 +811,7 @@ fn stored_copies(
     let mut held = 0;
     for key in keys {
         let partition = ring.partition_for_key(BUCKET, key.as_bytes());
-        let replicas: Vec<NodeId> = ring
-            .preference_list(partition, 3)
-            .into_iter()
-            .map(|(_, node)| node)
-            .collect();
+        let replicas = replicas_in(ring, key);
         for name in ["n1", "n2", "n3", "n4"] {
             let id = node(name);
             let Some(running) = cluster.node(&id) else {
@@ -941,18 +940,7 @@ async fn strays_wait_for_a_replica_that_is_down_and_go_once_it_is_back() {
     settings.transfer_max_bytes_per_sec = 1000;
     let mut cluster = SimCluster::start_gossiping(3, 47, settings).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let mut keys = Vec::new();
-    for index in 0..300 {
-        let key = format!("kept{index}");
-        let response = cluster
-            .client(&node("n1"), put(&key, "v", Quorum::All, Quorum::Default))
-            .await;
-        assert!(
-            matches!(response, ClientResponse::Stored { .. }),
-            "{key}: {response:?}"
-        );
-        keys.push(key);
-    }
+    let keys = put_keys(&cluster, "n1", "kept", 300, Quorum::All).await;
     let joiner = node("n4");
     cluster.add_node(&joiner);
     tokio::time::sleep(Duration::from_secs(5)).await;
@@ -1001,12 +989,7 @@ async fn strays_wait_for_a_replica_that_is_down_and_go_once_it_is_back() {
         "the others kept no stray while {down} was down"
     );
     for (key, holder) in &on_others {
-        let partition = current.partition_for_key(BUCKET, key.as_bytes());
-        let replicas: Vec<NodeId> = current
-            .preference_list(partition, 3)
-            .into_iter()
-            .map(|(_, node)| node)
-            .collect();
+        let replicas = replicas_in(&current, key);
         assert!(
             replicas.contains(&down),
             "{holder} kept {key}, whose replicas {replicas:?} are all up"
