@@ -607,13 +607,7 @@ async fn a_committed_join_hands_off_every_key_before_the_ring_flips() {
     let mut during = 0;
     let flipped = loop {
         let key = format!("during{during}");
-        let response = cluster
-            .client(&node("n2"), put(&key, "v", Quorum::Quorum, Quorum::Default))
-            .await;
-        assert!(
-            matches!(response, ClientResponse::Stored { .. }),
-            "{key}: {response:?}"
-        );
+        put_acknowledged(&cluster, "n2", &key, Quorum::Quorum).await;
         keys.push(key);
         during += 1;
         let state = cluster.cluster_state(&node("n1")).unwrap();
@@ -780,16 +774,21 @@ async fn put_keys(
     let mut keys = Vec::new();
     for index in 0..count {
         let key = format!("{prefix}{index}");
-        let response = cluster
-            .client(&node(via), put(&key, "v", w, Quorum::Default))
-            .await;
-        assert!(
-            matches!(response, ClientResponse::Stored { .. }),
-            "{key}: {response:?}"
-        );
+        put_acknowledged(cluster, via, &key, w).await;
         keys.push(key);
     }
     keys
+}
+
+/// Writes `key` through `via` at `w` and checks that it was acknowledged.
+async fn put_acknowledged(cluster: &SimCluster, via: &str, key: &str, w: Quorum) {
+    let response = cluster
+        .client(&node(via), put(key, "v", w, Quorum::Default))
+        .await;
+    assert!(
+        matches!(response, ClientResponse::Stored { .. }),
+        "{key}: {response:?}"
+    );
 }
 
 /// The replicas of `key` by `ring` (n_val 3).
@@ -869,13 +868,7 @@ async fn an_old_owner_deletes_a_stray_only_once_every_new_replica_holds_it() {
     let mut keys = Vec::new();
     for index in 0..200 {
         let key = format!("cut{index}");
-        let response = cluster
-            .client(&node("n2"), put(&key, "v", Quorum::Quorum, Quorum::Default))
-            .await;
-        assert!(
-            matches!(response, ClientResponse::Stored { .. }),
-            "{key}: {response:?}"
-        );
+        put_acknowledged(&cluster, "n2", &key, Quorum::Quorum).await;
         keys.push(key);
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
