@@ -774,9 +774,9 @@ impl Node {
     /// quorums of both replica sets may have missed the new replica. Each replica is asked
     /// which copies it holds as they are ([`PeerRequest::CopyCheck`]) and handed the others
     /// like a handoff batch (a merge, so a newer copy there stays newer). A replica that
-    /// does not answer the check (a release without it) is handed them all; one that takes
-    /// none stops the cleanup, which keeps its strays and runs again later. Returns how many
-    /// records were handed.
+    /// does not answer the check (a release without it) is handed them all. An error (a
+    /// replica seen down, or one that did not take them) means the caller keeps these
+    /// strays for a later pass. Returns how many records were handed.
     async fn hand_strays_to_replicas(
         &self,
         partition: PartitionId,
