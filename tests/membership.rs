@@ -793,10 +793,7 @@ async fn put_acknowledged(cluster: &SimCluster, via: &str, key: &str, w: Quorum)
 
 /// The replicas of `key` by `ring` (n_val 3).
 fn replicas_in(ring: &Ring, key: &str) -> Vec<NodeId> {
-    ring.preference_list(ring.partition_for_key(BUCKET, key.as_bytes()), 3)
-        .into_iter()
-        .map(|(_, node)| node)
-        .collect()
+    dynkv::core::handoff::replicas(ring, ring.partition_for_key(BUCKET, key.as_bytes()), 3)
 }
 
 /// The copies of `keys` that the nodes n1..n4 hold by `ring` (n_val 3): each (key, node)

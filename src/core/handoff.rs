@@ -38,7 +38,9 @@ pub struct Handoff {
     pub to: NodeId,
 }
 
-fn replicas(ring: &Ring, partition: PartitionId, n_val: usize) -> Vec<NodeId> {
+/// The replicas of `partition`'s keys of buckets with `n_val` under `ring`, in preference
+/// order.
+pub fn replicas(ring: &Ring, partition: PartitionId, n_val: usize) -> Vec<NodeId> {
     ring.preference_list(partition, n_val)
         .into_iter()
         .map(|(_, node)| node)

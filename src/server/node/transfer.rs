@@ -706,14 +706,10 @@ impl Node {
                             n_val
                         }
                     };
-                    if handoff::keeps(ring, None, partition, n_val as usize, &self.inner.id) {
+                    let replicas = handoff::replicas(ring, partition, n_val as usize);
+                    if replicas.contains(&self.inner.id) {
                         continue;
                     }
-                    let replicas = ring
-                        .preference_list(partition, n_val as usize)
-                        .into_iter()
-                        .map(|(_, node)| node)
-                        .collect();
                     strays
                         .entry(replicas)
                         .or_default()
@@ -783,14 +779,6 @@ impl Node {
         replicas: &[NodeId],
         strays: &[ScannedRecord],
     ) -> Result<u64, String> {
-        let keys: Vec<ReapKey> = strays
-            .iter()
-            .map(|(bucket, key, value)| ReapKey {
-                bucket: bucket.clone(),
-                key: key.clone(),
-                digest: crate::core::tictac::record_digest(value),
-            })
-            .collect();
         let others: Vec<&NodeId> = replicas
             .iter()
             .filter(|node| **node != self.inner.id)
@@ -802,6 +790,14 @@ impl Node {
         {
             return Err(format!("{down} is down"));
         }
+        let keys: Vec<ReapKey> = strays
+            .iter()
+            .map(|(bucket, key, value)| ReapKey {
+                bucket: bucket.clone(),
+                key: key.clone(),
+                digest: crate::core::tictac::record_digest(value),
+            })
+            .collect();
         let mut handed = 0;
         for replica in others {
             let request = PeerRequest::CopyCheck {
