@@ -68,13 +68,15 @@ def read_samples(path):
 def group_of(command, stack):
     if not stack:
         return "unknown"
-    symbols = " ".join(symbol for symbol, _ in stack)
     leaf, dso = stack[0]
-    if command == "swapper" or re.search(r"cpuidle|default_idle|safe_halt", symbols):
+    # Only the kernel's own frames name a kernel group: user frames above the system call
+    # (`quinn_udp::…`, say) would otherwise pull a futex wake into the UDP group.
+    kernel = " ".join(symbol for symbol, frame_dso in stack if "kallsyms" in frame_dso)
+    if command == "swapper" or re.search(r"cpuidle|default_idle|safe_halt", kernel):
         return "idle"
     if "kallsyms" in dso:
         for name, pattern in KERNEL_GROUPS:
-            if re.search(pattern, symbols):
+            if re.search(pattern, kernel):
                 return name
         return "kernel: other"
     for name, pattern in USER_GROUPS:
