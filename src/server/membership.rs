@@ -123,6 +123,15 @@ pub struct GossipMembership {
     /// knows the cluster without its seeds.
     members_file: Option<PathBuf>,
     ring_file: Option<PathBuf>,
+    /// Held while the member table is written. Gossip tasks merge records at once, and
+    /// each write goes through the one temporary file beside the table: unserialized, two
+    /// writers shared it (one's rename failing, or one's bytes landing in the other's file)
+    /// and an older table could be renamed over a newer one.
+    members_write: Mutex<()>,
+    /// Held while the ring file is written or removed, for the same reasons: two gossip
+    /// tasks adopting rings at once left the older ring on disk or failed with "No such file
+    /// or directory" (seen in the container suite).
+    ring_write: Mutex<()>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -254,8 +263,10 @@ impl GossipMembership {
             address_book,
             members_file: members_file_dir.as_ref().map(|dir| dir.join(MEMBERS_FILE)),
             ring_file: members_file_dir.map(|dir| dir.join(RING_FILE)),
+            members_write: Mutex::new(()),
+            ring_write: Mutex::new(()),
         };
-        membership.save_ring(&membership.cluster_state());
+        membership.save_ring();
         Ok(membership)
     }
 
@@ -295,7 +306,7 @@ impl GossipMembership {
         // After the ring lock is released: no path holds both locks.
         let version = self.cluster_state().version();
         self.state.lock().set_local_ring_version(version);
-        self.save_ring(&self.cluster_state());
+        self.save_ring();
         true
     }
 
@@ -340,20 +351,18 @@ impl GossipMembership {
             }
         }
         self.state.lock().set_local_ring_version(0);
-        if let Some(path) = &self.ring_file
-            && let Err(error) = std::fs::remove_file(path)
-            && error.kind() != std::io::ErrorKind::NotFound
-        {
-            return Err(format!("cannot remove {}: {error}", path.display()));
+        if let Some(path) = &self.ring_file {
+            let _writing = self.ring_write.lock();
+            if let Err(error) = std::fs::remove_file(path)
+                && error.kind() != std::io::ErrorKind::NotFound
+            {
+                return Err(format!("cannot remove {}: {error}", path.display()));
+            }
         }
         (self.address_book)(&peer);
         let now_ms = self.now_ms();
-        let table = {
-            let mut state = self.state.lock();
-            state.remember(vec![peer], now_ms);
-            state.records()
-        };
-        self.save(&table);
+        self.state.lock().remember(vec![peer], now_ms);
+        self.save_members();
         Ok(())
     }
 
@@ -362,16 +371,20 @@ impl GossipMembership {
         (self.address_book)(&MemberRecord::unheard(node.clone(), peer_addr));
     }
 
-    /// Saves a committed cluster state (a provisional one is not worth keeping).
-    fn save_ring(&self, state: &ClusterState) {
+    /// Saves the cluster state held now, if committed (a provisional one is not worth
+    /// keeping). Read under the write lock, so the last write is of the newest state whatever
+    /// order the callers come in.
+    fn save_ring(&self) {
         let Some(path) = &self.ring_file else {
             return;
         };
+        let _writing = self.ring_write.lock();
+        let state = self.cluster_state();
         if !state.is_committed() {
             return;
         }
         let mut bytes = vec![RING_FORMAT_VERSION];
-        if let Err(error) = rmp_serde::encode::write_named(&mut bytes, state) {
+        if let Err(error) = rmp_serde::encode::write_named(&mut bytes, &*state) {
             warn!(error = %error, "cannot encode the ring");
             return;
         }
@@ -426,15 +439,18 @@ impl GossipMembership {
                 (self.address_book)(record);
             }
         }
-        self.save(&table);
+        self.save_members();
     }
 
-    fn save(&self, table: &[MemberRecord]) {
+    /// Saves the member table held now, read under the write lock (as [`Self::save_ring`]).
+    fn save_members(&self) {
         let Some(path) = &self.members_file else {
             return;
         };
+        let _writing = self.members_write.lock();
+        let table = self.state.lock().records();
         let mut bytes = vec![MEMBERS_FORMAT_VERSION];
-        if let Err(error) = rmp_serde::encode::write(&mut bytes, table) {
+        if let Err(error) = rmp_serde::encode::write(&mut bytes, &table) {
             warn!(error = %error, "cannot encode the member table");
             return;
         }
@@ -604,5 +620,80 @@ impl Membership for GossipMembership {
 
     fn gossip(&self) -> Option<&GossipMembership> {
         Some(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::cluster::StagedChange;
+
+    fn node(name: &str) -> NodeId {
+        NodeId::new(name).expect("a valid node id")
+    }
+
+    fn membership_saving_in(dir: &std::path::Path, members: &[NodeId]) -> GossipMembership {
+        let mut local = MemberRecord::unheard(members[0].clone(), "127.0.0.1:1");
+        local.generation = 1;
+        GossipMembership::new(GossipSetup {
+            local,
+            config: GossipConfig::default(),
+            seeds: members.to_vec(),
+            known: Vec::new(),
+            partition_count: 16,
+            n_val: 3,
+            address_book: Box::new(|_| {}),
+            members_file_dir: Some(dir.to_path_buf()),
+        })
+        .expect("membership starts")
+    }
+
+    /// Gossip tasks adopt rings at once (each peer's answer on its own task). Whatever order
+    /// their saves run in, the file on disk must hold the newest ring adopted, and no save
+    /// may fail: before the saves were serialized, they shared one temporary file.
+    #[test]
+    fn rings_adopted_by_many_threads_at_once_leave_the_newest_on_disk() {
+        const THREADS: usize = 6;
+        let members = [node("n1"), node("n2"), node("n3")];
+        let joiner = node("n4");
+        let mut states = vec![ClusterState::bootstrap(16, &members, 3).expect("bootstrap")];
+        for step in 0..60 {
+            let last = states.last().expect("one state at least");
+            let next = if step % 2 == 0 {
+                last.stage(&joiner, StagedChange::Join)
+            } else {
+                last.clear()
+            };
+            states.push(next.expect("a staging step"));
+        }
+        let newest = states.last().expect("states").version();
+        for round in 0..30 {
+            let dir = tempfile::tempdir().expect("a temporary directory");
+            let membership = membership_saving_in(dir.path(), &members);
+            std::thread::scope(|scope| {
+                for thread in 0..THREADS {
+                    let membership = &membership;
+                    let states = &states;
+                    scope.spawn(move || {
+                        for state in states.iter().skip(1 + thread).step_by(THREADS) {
+                            membership.offer_cluster_state(state.clone());
+                        }
+                    });
+                }
+            });
+            assert_eq!(membership.cluster_state().version(), newest);
+            let saved = load_ring(dir.path())
+                .expect("the saved ring reads back")
+                .expect("a ring was saved");
+            assert_eq!(
+                saved.version(),
+                newest,
+                "round {round}: the ring on disk is older than the one adopted"
+            );
+            assert!(
+                !dir.path().join("ring.tmp").exists(),
+                "round {round}: a temporary ring file was left behind"
+            );
+        }
     }
 }
