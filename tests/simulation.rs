@@ -897,6 +897,12 @@ async fn w_all_fails_with_counts_while_quorum_succeeds_with_a_replica_cut_off() 
         "{}",
         error.message
     );
+    // The counts do not say which replica failed; the message does.
+    assert!(
+        error.message.contains("n3 did not answer in time"),
+        "{}",
+        error.message
+    );
     let response = cluster
         .client(&node("n1"), put("k", "v2", None, Quorum::Quorum))
         .await;

@@ -163,7 +163,7 @@ impl Node {
             }
         };
 
-        let (mut outcome, mut refusals) = self
+        let (mut outcome, mut failures) = self
             .replicate(&mut coordinator, &local_copy, &object, deadline, &operation)
             .await;
         if self.routing_version() > routed_by {
@@ -185,15 +185,15 @@ impl Node {
             {
                 debug!(routed_by, "write routed again by a newer ring");
                 coordinator = rerouted;
-                (outcome, refusals) = self
+                (outcome, failures) = self
                     .replicate(&mut coordinator, &local_copy, &object, deadline, &operation)
                     .await;
             }
         }
-        let reasons = if refusals.is_empty() {
+        let reasons = if failures.is_empty() {
             String::new()
         } else {
-            format!("; {}", refusals.join("; "))
+            format!("; {}", failures.join("; "))
         };
         match outcome {
             QuorumOutcome::Won => {
@@ -219,8 +219,9 @@ impl Node {
     }
 
     /// Sends `object` (stored here already) to the coordinator's other targets and waits for
-    /// the quorum; with the outcome, what refusing replicas said (for the client's error:
-    /// counts alone do not say why).
+    /// the quorum; with the outcome, why each replica that failed did (for the client's
+    /// error: counts alone do not say why, and a quorum lost early counts only the acks
+    /// that came before the failure that lost it).
     async fn replicate(
         &self,
         coordinator: &mut PutCoordinator,
@@ -252,22 +253,27 @@ impl Node {
             );
         }
         drop(acks_sender);
-        let mut refusals: Vec<String> = Vec::new();
+        let mut failures: Vec<String> = Vec::new();
+        let mut unanswered = coordinator.replicas();
         while outcome == QuorumOutcome::Pending {
             match tokio::time::timeout_at(deadline, acks.recv()).await {
                 Ok(Some((index, ack))) => {
-                    if let Err(
-                        refusal @ (ReplicaError::Refused { .. } | ReplicaError::StaleRing { .. }),
-                    ) = &ack
-                    {
-                        refusals.push(refusal.to_string());
+                    unanswered.retain(|pending| *pending != index);
+                    if let Err(failure) = &ack {
+                        failures.push(failure.to_string());
                     }
                     outcome = coordinator.on_ack(index, ack);
                 }
                 Ok(None) | Err(_) => break,
             }
         }
-        (outcome, refusals)
+        if outcome == QuorumOutcome::Pending {
+            for index in unanswered {
+                let node = &coordinator.targets()[index].node;
+                failures.push(format!("{node} did not answer in time"));
+            }
+        }
+        (outcome, failures)
     }
 
     /// The coordinator's local step: read, supersede what the context covers, add the new
