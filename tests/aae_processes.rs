@@ -143,11 +143,12 @@ fn a_replica_that_missed_writes_holds_them_after_exchanges_with_read_repair_off(
     while repaired() < keys.len() as u64 {
         assert!(
             started.elapsed() < Duration::from_secs(60),
-            "exchanges repaired {} of {} keys in 60 s:\n{}\n{}",
+            "exchanges repaired {} of {} keys in 60 s:\n{}\n{}\nn3: {}",
             repaired(),
             keys.len(),
             text(&on(1, &["admin", "aae"])),
-            text(&on(1, &["admin", "status", "--json"]))
+            text(&on(1, &["admin", "status", "--json"])),
+            text(&on(3, &["admin", "status", "--json"]))
         );
         std::thread::sleep(Duration::from_millis(200));
     }
