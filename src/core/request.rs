@@ -99,6 +99,9 @@ pub struct PutCoordinator {
     local: usize,
     /// Each replica set: the indexes of its targets and its acknowledgements.
     sets: Vec<(Vec<usize>, WriteTracker)>,
+    /// Per target: whether it has answered (acknowledged or failed), so a timeout can name
+    /// the ones that did not.
+    answered: Vec<bool>,
 }
 
 impl PutCoordinator {
@@ -143,6 +146,7 @@ impl PutCoordinator {
             trackers.push((set, WriteTracker::new(capped, asked, primaries)));
         }
         Ok(PutCoordinator {
+            answered: vec![false; targets.len()],
             targets,
             local,
             sets: trackers,
@@ -166,6 +170,9 @@ impl PutCoordinator {
     }
 
     fn record(&mut self, index: usize, acked: bool, durable: bool) -> QuorumOutcome {
+        if let Some(answered) = self.answered.get_mut(index) {
+            *answered = true;
+        }
         let primary = self.targets.get(index).is_some_and(|target| target.primary);
         for (set, tracker) in &mut self.sets {
             if set.contains(&index) {
@@ -202,16 +209,25 @@ impl PutCoordinator {
     }
 
     /// What a put that ran out of time answers: "timed out after T ms: 2 of 3 replicas
-    /// acknowledged, 3 required (w)", with the first unmet requirement.
+    /// acknowledged, 3 required (w); n3 did not answer in time", with the first unmet
+    /// requirement and each target that had not answered (the counts alone do not say which).
     pub fn timeout(&self, timeout_ms: u128) -> (Option<QuorumShortfall>, String) {
         let shortfall = self
             .sets
             .iter()
             .find_map(|(_, tracker)| tracker.timeout_shortfall());
-        let message = match &shortfall {
+        let mut message = match &shortfall {
             Some(shortfall) => format!("timed out after {timeout_ms} ms: {shortfall}"),
             None => format!("timed out after {timeout_ms} ms"),
         };
+        for (target, _) in self
+            .targets
+            .iter()
+            .zip(&self.answered)
+            .filter(|(_, answered)| !**answered)
+        {
+            message.push_str(&format!("; {} did not answer in time", target.node));
+        }
         (shortfall, message)
     }
 }
@@ -483,6 +499,10 @@ mod tests {
         );
         assert!(
             message.contains("2 of 3 replicas acknowledged, 3 required (w)"),
+            "{message}"
+        );
+        assert!(
+            message.ends_with("; n4 did not answer in time"),
             "{message}"
         );
         assert!(matches!(

@@ -221,7 +221,8 @@ impl Node {
     /// Sends `object` (stored here already) to the coordinator's other targets and waits for
     /// the quorum; with the outcome, why each replica that failed did (for the client's
     /// error: counts alone do not say why, and a quorum lost early counts only the acks
-    /// that came before the failure that lost it).
+    /// that came before the failure that lost it). A timeout's message names the replicas
+    /// that did not answer ([`PutCoordinator::timeout`]).
     async fn replicate(
         &self,
         coordinator: &mut PutCoordinator,
@@ -254,23 +255,15 @@ impl Node {
         }
         drop(acks_sender);
         let mut failures: Vec<String> = Vec::new();
-        let mut unanswered = coordinator.replicas();
         while outcome == QuorumOutcome::Pending {
             match tokio::time::timeout_at(deadline, acks.recv()).await {
                 Ok(Some((index, ack))) => {
-                    unanswered.retain(|pending| *pending != index);
                     if let Err(failure) = &ack {
                         failures.push(failure.to_string());
                     }
                     outcome = coordinator.on_ack(index, ack);
                 }
                 Ok(None) | Err(_) => break,
-            }
-        }
-        if outcome == QuorumOutcome::Pending {
-            for index in unanswered {
-                let node = &coordinator.targets()[index].node;
-                failures.push(format!("{node} did not answer in time"));
             }
         }
         (outcome, failures)
