@@ -8,7 +8,9 @@
 
 mod common;
 
-use common::process::{base_port, make_pki, spawn_server_with_config};
+use common::process::{
+    make_pki, server_command_with_config, spawn_server_with_config, start_servers,
+};
 use std::process::Output;
 use std::time::{Duration, Instant};
 
@@ -47,37 +49,45 @@ fn a_replica_that_missed_writes_holds_them_after_exchanges_with_read_repair_off(
         ]);
         assert!(issued.status.success(), "{}", text(&issued));
     }
-    let base = base_port(0);
-    let port = |node: u16, offset: u16| format!("127.0.0.1:{}", base + offset + node - 1);
-    let members: String = (1..=3)
-        .map(|node| {
-            format!(
-                "[[members]]\nid = \"n{node}\"\npeer_addr = \"{}\"\n",
-                port(node, 100)
-            )
-        })
-        .collect();
-    let mut servers = Vec::new();
-    for node in 1..=3u16 {
-        let dir = root.path().join(format!("n{node}"));
-        std::fs::create_dir_all(&dir).unwrap();
-        let config = format!(
-            "node_id = \"n{node}\"\ndata_dir = \"{data}\"\nclient_listen = \"{client}\"\n\
-             peer_listen = \"{peer}\"\nhttp_listen = \"{http}\"\npb_listen = \"{pb}\"\nread_repair_chance = 0.0\n\
-             gossip_interval_ms = 200\nrequest_timeout_ms = 2000\n{members}\n\
-             [tls]\nca_cert = \"{pki}/ca.pem\"\nnode_cert = \"{pki}/n{node}.pem\"\nnode_key = \"{pki}/n{node}.key\"\n\
-             [aae]\nexchange_interval_ms = 200\n",
-            data = dir.join("data").display(),
-            client = port(node, 0),
-            peer = port(node, 100),
-            http = port(node, 200),
-            pb = port(node, 300),
-            pki = pki.display(),
-        );
-        let path = dir.join("dynkv.toml");
-        std::fs::write(&path, config).unwrap();
-        servers.push(spawn_server_with_config(&path));
-    }
+    let port_at =
+        |base: u16, node: u16, offset: u16| format!("127.0.0.1:{}", base + offset + node - 1);
+    let (mut servers, base) = start_servers(0, |base| {
+        let port = |node: u16, offset: u16| port_at(base, node, offset);
+        let members: String = (1..=3)
+            .map(|node| {
+                format!(
+                    "[[members]]\nid = \"n{node}\"\npeer_addr = \"{}\"\n",
+                    port(node, 100)
+                )
+            })
+            .collect();
+        (1..=3u16)
+            .map(|node| {
+                let dir = root.path().join(format!("n{node}"));
+                // A start on another band begins with no data from the one before.
+                let _ = std::fs::remove_dir_all(&dir);
+                std::fs::create_dir_all(&dir).unwrap();
+                let config = format!(
+                    "node_id = \"n{node}\"\ndata_dir = \"{data}\"\nclient_listen = \"{client}\"\n\
+                     peer_listen = \"{peer}\"\nhttp_listen = \"{http}\"\npb_listen = \"{pb}\"\nread_repair_chance = 0.0\n\
+                     gossip_interval_ms = 200\nrequest_timeout_ms = 2000\n{members}\n\
+                     [tls]\nca_cert = \"{pki}/ca.pem\"\nnode_cert = \"{pki}/n{node}.pem\"\nnode_key = \"{pki}/n{node}.key\"\n\
+                     [aae]\nexchange_interval_ms = 200\n",
+                    data = dir.join("data").display(),
+                    client = port(node, 0),
+                    peer = port(node, 100),
+                    http = port(node, 200),
+                    pb = port(node, 300),
+                    pki = pki.display(),
+                );
+                let path = dir.join("dynkv.toml");
+                std::fs::write(&path, config).unwrap();
+                let pb_address = port(node, 300).parse().unwrap();
+                (server_command_with_config(&path), pb_address)
+            })
+            .collect()
+    });
+    let port = |node: u16, offset: u16| port_at(base, node, offset);
     let ca = pki.join("ca.pem").display().to_string();
     let on = |node: u16, args: &[&str]| {
         let address = port(node, 0);

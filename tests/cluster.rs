@@ -414,8 +414,6 @@ fn three_servers_started_by_hand_with_one_seed_each_agree_on_members() {
         assert!(output.status.success(), "{args:?}: {}", stderr(&output));
     };
     run(&["cert", "ca", "--dir", pki.to_str().unwrap()]);
-    let base = common::process::base_port(4);
-    let mut children = Vec::new();
     for index in 1..=3u16 {
         let id = format!("n{index}");
         run(&[
@@ -428,42 +426,51 @@ fn three_servers_started_by_hand_with_one_seed_each_agree_on_members() {
             "--host",
             "127.0.0.1",
         ]);
-        // n1 seeds itself; n2 and n3 know only n1 (n3 learns n2 by gossip).
-        let seed = format!("n1=127.0.0.1:{}", base + 100);
-        let child = Command::new(binary)
-            .args(["server", "--node-id", &id])
-            .arg("--data-dir")
-            .arg(dir.path().join(&id))
-            .args([
-                "--peer-listen",
-                &format!("127.0.0.1:{}", base + 100 + index - 1),
-            ])
-            .args([
-                "--client-listen",
-                &format!("127.0.0.1:{}", base + index - 1),
-            ])
-            .args([
-                "--http-listen",
-                &format!("127.0.0.1:{}", base + 200 + index - 1),
-            ])
-            .args([
-                "--pb-listen",
-                &format!("127.0.0.1:{}", base + 300 + index - 1),
-            ])
-            .args(["--member", &seed])
-            .arg("--ca-cert")
-            .arg(pki.join("ca.pem"))
-            .arg("--node-cert")
-            .arg(pki.join(format!("{id}.pem")))
-            .arg("--node-key")
-            .arg(pki.join(format!("{id}.key")))
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        children.push(child);
     }
+    let (children, base) = common::process::start_servers(4, |base| {
+        (1..=3u16)
+            .map(|index| {
+                let id = format!("n{index}");
+                let _ = std::fs::remove_dir_all(dir.path().join(&id));
+                // n1 seeds itself; n2 and n3 know only n1 (n3 learns n2 by gossip).
+                let seed = format!("n1=127.0.0.1:{}", base + 100);
+                let mut command = Command::new(binary);
+                command
+                    .args(["server", "--node-id", &id])
+                    .arg("--data-dir")
+                    .arg(dir.path().join(&id))
+                    .args([
+                        "--peer-listen",
+                        &format!("127.0.0.1:{}", base + 100 + index - 1),
+                    ])
+                    .args([
+                        "--client-listen",
+                        &format!("127.0.0.1:{}", base + index - 1),
+                    ])
+                    .args([
+                        "--http-listen",
+                        &format!("127.0.0.1:{}", base + 200 + index - 1),
+                    ])
+                    .args([
+                        "--pb-listen",
+                        &format!("127.0.0.1:{}", base + 300 + index - 1),
+                    ])
+                    .args(["--member", &seed])
+                    .arg("--ca-cert")
+                    .arg(pki.join("ca.pem"))
+                    .arg("--node-cert")
+                    .arg(pki.join(format!("{id}.pem")))
+                    .arg("--node-key")
+                    .arg(pki.join(format!("{id}.key")))
+                    .env("RUST_LOG", "warn")
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::inherit());
+                common::process::die_with_this_thread(&mut command);
+                let pb = format!("127.0.0.1:{}", base + 300 + index - 1);
+                (command, pb.parse().unwrap())
+            })
+            .collect()
+    });
     // `dynkv admin ARGS --json` against node `index`.
     let admin_output = |args: &[&str], index: u16| {
         Command::new(binary)
@@ -530,10 +537,7 @@ fn three_servers_started_by_hand_with_one_seed_each_agree_on_members() {
         .arg(pki.join("ca.pem"))
         .output()
         .unwrap();
-    for child in &mut children {
-        let _ = child.kill();
-        let _ = child.wait();
-    }
+    drop(children);
     let agreed = agreed.expect("three servers did not agree on the member list within 30 s");
     println!("three hand-started servers agreed on 3 members after {agreed:?}");
     for ring in &rings {
@@ -1015,7 +1019,13 @@ fn a_node_started_alone_joins_through_a_peer_address() {
     // n4's ports follow the dev cluster's pattern (client BASE+3, peer +103, HTTP +203).
     let start_n4 = || {
         common::process::NodeProcess(
-            common::process::server_command_for("n4", &pki, &data_dir, cluster.base_port + 3)
+            cluster
+                .in_group(&mut common::process::server_command_for(
+                    "n4",
+                    &pki,
+                    &data_dir,
+                    cluster.base_port + 3,
+                ))
                 .spawn()
                 .unwrap(),
         )

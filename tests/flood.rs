@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::process::{NodeProcess, base_port, make_pki, server_command};
+use common::process::{make_pki, pb_address, server_command, start_servers};
 use dynkv::client::{Client, ClientConfig};
 use dynkv::protocol::{GetOptions, NewContent, PutOptions};
 use std::net::SocketAddr;
@@ -140,15 +140,14 @@ async fn a_flood_is_refused_by_the_named_limits_while_the_node_serves_and_stays_
     let pki = make_pki(&root.path().join("pki"), "n1");
     let config = root.path().join("dynkv.toml");
     std::fs::write(&config, LIMITS.toml()).unwrap();
-    let base = base_port(8);
+    let (mut servers, base) = start_servers(8, |base| {
+        let mut command = server_command(&pki, &root.path().join("data"), base);
+        command.arg("--config").arg(&config);
+        vec![(command, pb_address(base))]
+    });
+    let mut server = servers.remove(0);
     let quic: SocketAddr = format!("127.0.0.1:{base}").parse().unwrap();
     let web: SocketAddr = format!("127.0.0.1:{}", base + 200).parse().unwrap();
-    let child = server_command(&pki, &root.path().join("data"), base)
-        .arg("--config")
-        .arg(&config)
-        .spawn()
-        .expect("dynkv server starts");
-    let mut server = NodeProcess(child);
     let pid = server.0.id();
     let ca = std::fs::read_to_string(pki.join("ca.pem")).unwrap();
 

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::process::{NodeProcess, base_port, make_pki, server_command};
+use common::process::{make_pki, pb_address, server_command, start_servers};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -45,14 +45,13 @@ fn a_full_disk_refuses_writes_keeps_reads_and_recovers_by_itself() {
     let pki = make_pki(&root.path().join("pki"), "n1");
     let config = root.path().join("dynkv.toml");
     std::fs::write(&config, "[storage]\nmin_free_mib = 16\ncache_mib = 8\n").unwrap();
-    let base = base_port(7);
+    let (mut servers, base) = start_servers(7, |base| {
+        let mut command = server_command(&pki, &disk.join("data"), base);
+        command.arg("--config").arg(&config);
+        vec![(command, pb_address(base))]
+    });
+    let mut server = servers.remove(0);
     let address = |offset: u16| format!("127.0.0.1:{}", base + offset);
-    let child = server_command(&pki, &disk.join("data"), base)
-        .arg("--config")
-        .arg(&config)
-        .spawn()
-        .expect("dynkv server starts");
-    let mut server = NodeProcess(child);
     let ca = pki.join("ca.pem").display().to_string();
     let node = address(0);
     let client = |args: &[&str]| {

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::process::{DevCluster, NodeProcess, base_port, binary, make_pki, server_command};
+use common::process::{DevCluster, binary, make_pki, pb_address, server_command, start_servers};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -685,14 +685,17 @@ fn ping_resources_stats_metrics_and_bad_input() {
 fn https_with_a_bearer_token_and_a_client_token_on_the_quic_port() {
     let dir = tempfile::tempdir().expect("temporary directory");
     let pki = make_pki(&dir.path().join("pki"), "n1");
-    let base = base_port(3);
+    let (_server, base) = start_servers(3, |base| {
+        let mut command = server_command(&pki, &dir.path().join("data"), base);
+        command.args(["--http-tls", "true"]).args([
+            "--http-token",
+            "s3cret",
+            "--client-token",
+            "quic-t0ken",
+        ]);
+        vec![(command, pb_address(base))]
+    });
     let address = |offset: u16| format!("127.0.0.1:{}", base + offset);
-    let child = server_command(&pki, &dir.path().join("data"), base)
-        .args(["--http-tls", "true"])
-        .args(["--http-token", "s3cret", "--client-token", "quic-t0ken"])
-        .spawn()
-        .expect("dynkv server starts");
-    let _server = NodeProcess(child);
     let ca = pki.join("ca.pem").display().to_string();
     let url = |path: &str| format!("https://{}{path}", address(200));
 

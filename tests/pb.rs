@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::process::{DevCluster, NodeProcess, base_port, make_pki, server_command};
+use common::process::{DevCluster, make_pki, pb_address, server_command, start_servers};
 use dynkv::pb::messages::*;
 use prost::Message;
 use std::io::{Read, Write};
@@ -218,13 +218,11 @@ fn start_tls_and_authentication_over_protocol_buffers() {
     dynkv::net::tls::install_crypto_provider();
     let root = tempfile::tempdir().unwrap();
     let pki = make_pki(&root.path().join("pki"), "n1");
-    let base = base_port(1);
-    let _server = NodeProcess(
-        server_command(&pki, &root.path().join("data"), base)
-            .args(["--pb-tls", "true", "--http-token", "pb-secret"])
-            .spawn()
-            .unwrap(),
-    );
+    let (_server, base) = start_servers(1, |base| {
+        let mut command = server_command(&pki, &root.path().join("data"), base);
+        command.args(["--pb-tls", "true", "--http-token", "pb-secret"]);
+        vec![(command, pb_address(base))]
+    });
     let address = format!("127.0.0.1:{}", base + 300);
     let stream = (0..200)
         .find_map(|_| {

@@ -236,20 +236,73 @@ fn spawn_node(node: &DevNode) -> Result<Child> {
         .append(true)
         .open(&log_path)
         .with_context(|| format!("cannot open {}", log_path.display()))?;
-    let child = Command::new(executable)
+    let mut command = Command::new(executable);
+    command
         .arg("server")
         .arg("--config")
         .arg(&node.config)
         .stdin(std::process::Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
-        .kill_on_drop(true)
+        .kill_on_drop(true);
+    stop_when_supervisor_dies(&mut command);
+    let child = command
         .spawn()
         .with_context(|| format!("cannot start node {}", node.id))?;
     if let Some(pid) = child.id() {
         std::fs::write(node_dir.join("pid"), format!("{pid}\n"))?;
     }
     Ok(child)
+}
+
+/// Makes a node receive SIGTERM (a clean stop) when this supervisor dies, even by SIGKILL,
+/// so that no node outlives its `dynkv dev`. Linux sends it when the thread that spawned the
+/// node ends: nodes are spawned from the runtime's worker threads or the main thread, which
+/// live as long as the supervisor.
+fn stop_when_supervisor_dies(command: &mut Command) {
+    let supervisor = std::process::id() as libc::pid_t;
+    // SAFETY: between fork and exec the closure calls only prctl(2) and getppid(2), both
+    // async-signal-safe, and allocates nothing.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The supervisor may have died before prctl took effect: then no signal comes.
+            if libc::getppid() != supervisor {
+                return Err(std::io::Error::other("dynkv dev is gone"));
+            }
+            Ok(())
+        })
+    };
+}
+
+/// Stops every node at once: SIGTERM to all, then up to 10 s for all of them together,
+/// then SIGKILL to any still running. Stopping them one after another could take 10 s per
+/// node, long enough for whoever stops `dynkv dev` to give up and kill it.
+async fn stop_nodes(children: &mut [Child]) {
+    for child in children.iter() {
+        signal(child, libc::SIGTERM);
+    }
+    // Every node was signalled at once, so waiting for them in turn under one deadline
+    // waits for them together.
+    let all_exited = async {
+        for child in children.iter_mut() {
+            let _ = child.wait().await;
+        }
+    };
+    if tokio::time::timeout(Duration::from_secs(10), all_exited)
+        .await
+        .is_err()
+    {
+        for child in children.iter_mut() {
+            if !matches!(child.try_wait(), Ok(Some(_))) {
+                warn!(pid = ?child.id(), "node did not stop within 10 s; killing it");
+                signal(child, libc::SIGKILL);
+                let _ = child.wait().await;
+            }
+        }
+    }
 }
 
 async fn wait_until_ready(cluster: &DevCluster, children: &mut [Child]) -> Result<()> {
@@ -399,18 +452,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
         }
     }
     println!("stopping {} nodes", children.len());
-    for child in &children {
-        signal(child, libc::SIGTERM);
-    }
-    for child in children.iter_mut() {
-        if tokio::time::timeout(Duration::from_secs(10), child.wait())
-            .await
-            .is_err()
-        {
-            signal(child, libc::SIGKILL);
-            let _ = child.wait().await;
-        }
-    }
+    stop_nodes(&mut children).await;
     Ok(())
 }
 

@@ -3,12 +3,44 @@
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub fn binary() -> &'static str {
     env!("CARGO_BIN_EXE_dynkv")
+}
+
+/// Makes the process `command` starts receive SIGKILL when the thread that starts it ends
+/// (`PR_SET_PDEATHSIG`). libtest runs each test on a thread of its own, so a process started
+/// from a test dies with the test even when the test binary itself is killed and no `Drop`
+/// runs; the guards' `Drop` still stops it first, gracefully, in every ordinary case.
+pub fn die_with_this_thread(command: &mut Command) -> &mut Command {
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: between fork and exec the closure calls only prctl(2) and getppid(2), both
+    // async-signal-safe, and allocates nothing.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent may have died before prctl took effect: then no signal would come.
+            if libc::getppid() != parent {
+                return Err(std::io::Error::other("the test process is gone"));
+            }
+            Ok(())
+        })
+    };
+    command
+}
+
+/// Sends `signal` to every process of group `group`; false when none is left.
+fn signal_group(group: u32, signal: i32) -> bool {
+    // SAFETY: kill(2) with a negative pid signals a process group; no memory is touched.
+    unsafe { libc::kill(-(group as libc::pid_t), signal) == 0 }
 }
 
 /// Ports a test may use lie below the kernel's ephemeral range (read from
@@ -135,7 +167,13 @@ pub fn server_command_for(node_id: &str, pki: &Path, data_dir: &Path, base: u16)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit());
+    die_with_this_thread(&mut command);
     command
+}
+
+/// The Protocol Buffers address of a server that [`server_command`] starts at `base`.
+pub fn pb_address(base: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], base + 300))
 }
 
 /// Runs the `dynkv` CLI with `args` (without a token from the environment) to its end.
@@ -147,19 +185,101 @@ pub fn run_dynkv(args: &[&str]) -> std::process::Output {
         .expect("dynkv runs")
 }
 
+/// `dynkv server --config CONFIG`, logging warnings to stderr, not yet spawned.
+pub fn server_command_with_config(config: &Path) -> Command {
+    let mut command = Command::new(binary());
+    command
+        .arg("server")
+        .arg("--config")
+        .arg(config)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    die_with_this_thread(&mut command);
+    command
+}
+
 /// `dynkv server --config CONFIG`, logging warnings to stderr, spawned.
 pub fn spawn_server_with_config(config: &Path) -> NodeProcess {
     NodeProcess(
-        Command::new(binary())
-            .arg("server")
-            .arg("--config")
-            .arg(config)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+        server_command_with_config(config)
             .spawn()
             .expect("dynkv server starts"),
     )
+}
+
+/// Starts hand-made servers on a band of ports of their own, as [`DevCluster::start`] does:
+/// `commands(base)` gives each server's command for base port `base` and the address of its
+/// Protocol Buffers listener, the last one a server binds. When a server exits because one
+/// of its ports is taken (by another test process, or a process a killed test left), every
+/// server of that attempt is stopped and all start again on another band. Returns the
+/// servers, each listening on every port, and the base port they use.
+pub fn start_servers(
+    slot: u16,
+    commands: impl Fn(u16) -> Vec<(Command, SocketAddr)>,
+) -> (Vec<NodeProcess>, u16) {
+    const ATTEMPTS: u32 = 4;
+    let mut failures = String::new();
+    for attempt in 0..ATTEMPTS {
+        let base = base_port_for_attempt(slot, attempt);
+        let mut started = Vec::new();
+        let mut taken = false;
+        for (mut command, pb_address) in commands(base) {
+            let stderr = Arc::new(Mutex::new(String::new()));
+            let mut child = command
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("dynkv server starts");
+            let pipe = child.stderr.take().expect("stderr piped");
+            let lines = Arc::clone(&stderr);
+            // Passes the server's warnings on to the test's stderr, keeping a copy.
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    eprintln!("{line}");
+                    let mut kept = lines.lock().unwrap_or_else(|poison| poison.into_inner());
+                    kept.push_str(&line);
+                    kept.push('\n');
+                }
+            });
+            let mut process = NodeProcess(child);
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                if let Ok(Some(status)) = process.0.try_wait() {
+                    // Let the reader thread take the last lines.
+                    std::thread::sleep(Duration::from_millis(200));
+                    let text = stderr
+                        .lock()
+                        .unwrap_or_else(|poison| poison.into_inner())
+                        .clone();
+                    failures.push_str(&format!(
+                        "attempt {attempt} at base port {base}: exited ({status}):\n{text}\n"
+                    ));
+                    taken = text.contains("Address already in use");
+                    if !taken {
+                        panic!("a dynkv server exited during start-up\n{failures}");
+                    }
+                    break;
+                }
+                if TcpStream::connect_timeout(&pb_address, Duration::from_millis(200)).is_ok() {
+                    started.push(process);
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "a dynkv server did not open {pb_address} within 60 s"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            if taken {
+                break;
+            }
+        }
+        if !taken {
+            return (started, base);
+        }
+        // `started` drops here: the servers of this attempt are killed before the next.
+    }
+    panic!("every band of ports was taken\n{failures}");
 }
 
 /// A `dynkv server` process started by a test; killed and reaped on drop.
@@ -172,10 +292,16 @@ impl Drop for NodeProcess {
     }
 }
 
+/// A `dynkv dev` cluster started by a test. `dynkv dev` leads a process group of its own,
+/// which its nodes and the nodes the test restarts by hand join; on drop (at the test's end,
+/// on a panic or a failed assertion) `dynkv dev` is asked to stop its nodes, and whatever
+/// is left of the group after that is killed.
 pub struct DevCluster {
     pub dir: tempfile::TempDir,
     pub base_port: u16,
     child: Child,
+    /// The process group of `dynkv dev` and every node of this cluster.
+    group: u32,
 }
 
 impl DevCluster {
@@ -206,7 +332,8 @@ impl DevCluster {
     /// One start at `base_port`; on failure, the directory and the tails of the node logs.
     fn try_start(nodes: u16, base_port: u16) -> Result<DevCluster, (tempfile::TempDir, String)> {
         let dir = tempfile::tempdir().expect("temporary directory");
-        let mut child = Command::new(binary())
+        let mut command = Command::new(binary());
+        command
             .args([
                 "dev",
                 "--nodes",
@@ -220,8 +347,11 @@ impl DevCluster {
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
+            .process_group(0);
+        let mut child = die_with_this_thread(&mut command)
             .spawn()
             .expect("dynkv dev starts");
+        let group = child.id();
         let stdout = child.stdout.take().expect("stdout piped");
         let mut lines = BufReader::new(stdout).lines();
         let mut up = false;
@@ -238,6 +368,7 @@ impl DevCluster {
         if !up {
             let _ = child.kill();
             let _ = child.wait();
+            signal_group(group, libc::SIGKILL);
             let logs = format!("dev printed:\n{printed}{}", node_log_tails(dir.path(), 20));
             return Err((dir, logs));
         }
@@ -247,11 +378,18 @@ impl DevCluster {
             dir,
             base_port,
             child,
+            group,
         })
     }
 
     pub fn path(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// Makes a process the test starts beside this cluster (a node on its ports) a member
+    /// of the cluster's process group, so that it is stopped with the cluster.
+    pub fn in_group<'a>(&self, command: &'a mut Command) -> &'a mut Command {
+        command.process_group(self.group as i32)
     }
 
     pub fn client_addr(&self, node: u16) -> String {
@@ -322,13 +460,8 @@ impl DevCluster {
     // The child is reaped by the guard's Drop, which clippy cannot see.
     #[allow(clippy::zombie_processes)]
     pub fn restart_node(&self, node: u16) -> NodeProcess {
-        let mut child = Command::new(binary())
-            .arg("server")
-            .arg("--config")
-            .arg(self.node_config(node))
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+        let mut child = self
+            .in_group(&mut server_command_with_config(&self.node_config(node)))
             .spawn()
             .expect("dynkv server starts");
         // As `dynkv dev` does, so that `kill_node` (and the README's `kill`) find it.
@@ -352,11 +485,12 @@ impl DevCluster {
 
 impl Drop for DevCluster {
     fn drop(&mut self) {
-        // SIGTERM lets dev stop its nodes; wait for it so no process outlives the test.
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(15);
+        // SIGTERM lets dev stop its nodes (in parallel, each within 10 s); then anything left
+        // of the group (a node dev could not stop, one restarted by hand) is killed, and the
+        // drop waits until the group is gone so that its ports are free for the next test.
+        // SAFETY: kill(2) on the pid of our own child; no memory is touched.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             match self.child.try_wait() {
                 Ok(Some(_)) => break,
@@ -367,6 +501,13 @@ impl Drop for DevCluster {
                 }
                 _ => std::thread::sleep(Duration::from_millis(50)),
             }
+        }
+        signal_group(self.group, libc::SIGKILL);
+        // Nodes restarted by hand are this test's children and stay zombies until their
+        // guards reap them, so the wait is bounded rather than until the group is empty.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while signal_group(self.group, 0) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 }
