@@ -49,7 +49,7 @@
 //! max_peer_connections = 256          # QUIC peer port
 //! http_concurrency = 512              # HTTP requests at once; past it 503
 //! max_http_connections = 1024         # HTTP connections open at once; past it 503
-//! max_in_flight_bytes = 268435456     # QUIC request bytes held per listener; then wait
+//! max_in_flight_bytes = 67108864      # request bodies held at once (QUIC client port, HTTP, PB)
 //! max_requests_per_connection = 1024  # QUIC requests run at once per connection; then wait
 //! max_in_flight_requests = 4096       # QUIC requests run at once per listener; then wait
 //!
@@ -218,8 +218,10 @@ pub struct LimitsConfig {
     pub http_concurrency: u32,
     /// HTTP connections kept open at once; one more gets a 503 naming this field.
     pub max_http_connections: u32,
-    /// Bytes of QUIC request frames each listener holds at once (from header to answer);
-    /// past it, no more request bodies are read until earlier ones finish. At least
+    /// Bytes of request bodies held at once (from header to answer) by the client-facing
+    /// listeners together (QUIC client port, HTTP, Protocol Buffers), and by the peer
+    /// listener on its own; past it, no more bodies are read until earlier ones finish (HTTP
+    /// and PB refuse, naming this field, after the request timeout). At least
     /// `max_frame_bytes`.
     pub max_in_flight_bytes: u64,
     /// QUIC requests run at once for one connection; past it, that connection's requests are
@@ -242,7 +244,7 @@ impl Default for LimitsConfig {
             max_peer_connections: 256,
             http_concurrency: 512,
             max_http_connections: 1024,
-            max_in_flight_bytes: 256 * 1024 * 1024,
+            max_in_flight_bytes: 64 * 1024 * 1024,
             max_requests_per_connection: 1024,
             max_in_flight_requests: 4096,
         }

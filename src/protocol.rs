@@ -270,6 +270,9 @@ pub enum ErrorKind {
     /// The node's disk is nearly full (`storage.min_free_mib`): writes are refused until
     /// space returns (HTTP 507).
     InsufficientStorage,
+    /// The node no longer coordinates requests: it has finished leaving the cluster, or is
+    /// finishing (HTTP 503); another member serves them.
+    NotServing,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
@@ -636,6 +639,12 @@ pub enum PeerRequest {
     CopyCheck {
         partition: PartitionId,
         keys: Vec<ReapKey>,
+    },
+    /// To the claimant: exiting member `node` (the sender) finished its leave: it holds no
+    /// hint and no copy it does not replicate, refuses client requests and has none in
+    /// flight. The claimant records it as `left`.
+    LeaveFinished {
+        node: NodeId,
     },
 }
 

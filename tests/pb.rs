@@ -292,3 +292,54 @@ fn start_tls_and_authentication_over_protocol_buffers() {
     let (answer, body) = call(code::START_TLS, Vec::new());
     assert!(error_text(answer, &body).contains("already TLS"));
 }
+
+/// PB frames take their bytes from the client-facing listeners' budget
+/// (`limits.max_in_flight_bytes`) before they are read: while a half-sent frame holds all of
+/// it, a large put waits for the request timeout, is answered with an error naming the
+/// limit and skipped unread (the connection stays in step: a ping after it is answered), and
+/// once the budget is free again the same put is stored.
+#[test]
+fn protocol_buffers_frames_wait_for_the_shared_byte_budget_and_are_refused_naming_it() {
+    let root = tempfile::tempdir().unwrap();
+    let pki = make_pki(&root.path().join("pki"), "n1");
+    let config = root.path().join("limits.toml");
+    std::fs::write(
+        &config,
+        "request_timeout_ms = 500\n[limits]\nmax_value_bytes = 524288\nmax_object_bytes = 1048576\n\
+         max_merged_object_bytes = 1048576\nmax_frame_bytes = 2097152\nmax_in_flight_bytes = 2097152\n",
+    )
+    .unwrap();
+    let (_server, base) = start_servers(2, |base| {
+        let mut command = server_command(&pki, &root.path().join("data"), base);
+        command.arg("--config").arg(&config);
+        vec![(command, pb_address(base))]
+    });
+    let connect = || {
+        let stream = TcpStream::connect(pb_address(base)).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        Connection(stream)
+    };
+    // A frame of the whole budget, announced and left half-sent.
+    let mut hog = connect();
+    let announced: u32 = 2 * 1024 * 1024;
+    let mut head = announced.to_be_bytes().to_vec();
+    head.push(code::PUT_REQ);
+    hog.0.write_all(&head).unwrap();
+    hog.0.write_all(&[0u8; 100]).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+
+    let mut client = connect();
+    let large = put("b", "large", &"v".repeat(500 * 1024));
+    let (answer, body) = client.call(code::PUT_REQ, &large);
+    let message = error_text(answer, &body);
+    assert!(message.contains("limits.max_in_flight_bytes"), "{message}");
+    client.send_raw(code::PING_REQ, &[]);
+    assert_eq!(client.receive().unwrap().0, code::PING_RESP);
+
+    drop(hog);
+    std::thread::sleep(Duration::from_millis(300));
+    let (answer, _) = client.call(code::PUT_REQ, &large);
+    assert_eq!(answer, code::PUT_RESP, "stored once the budget is free");
+}

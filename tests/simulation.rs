@@ -8,6 +8,7 @@ mod common;
 
 use common::checker::{History, WriteRecord, describe, dump};
 use common::sim::{SimCluster, default_settings, node_copies, replica_copy, wait_until_stopped};
+use dynkv::core::cluster::MemberState;
 use dynkv::core::ids::NodeId;
 use dynkv::core::object::{Context, StoredObject, live_siblings, object_size_bytes};
 use dynkv::core::quorum::Quorum;
@@ -105,6 +106,19 @@ impl Schedule {
         }
     }
 
+    /// `node`'s state in the newest cluster state a running node holds (`None`: not a
+    /// member).
+    fn newest_state_of(&self, node: &str) -> Option<MemberState> {
+        let node = NodeId::new(node).unwrap();
+        let cluster = self.cluster.lock().unwrap();
+        cluster
+            .up_nodes()
+            .iter()
+            .filter_map(|viewer| cluster.cluster_state(viewer))
+            .max_by_key(|state| state.version())
+            .and_then(|state| state.state_of(&node))
+    }
+
     fn random_up_node(&self, rng: &mut StdRng) -> Option<Node> {
         let cluster = self.cluster.lock().unwrap();
         let up = cluster.up_nodes();
@@ -178,8 +192,9 @@ async fn run_client(client: usize, operations: usize, schedule: Schedule) {
                 let response = node
                     .handle_client(put(&key, &value, Some(foreign), level))
                     .await;
+                // (A node that finished its leave refuses every request unread.)
                 assert!(
-                    matches!(&response, ClientResponse::Error(error) if error.kind == ErrorKind::InvalidRequest),
+                    matches!(&response, ClientResponse::Error(error) if matches!(error.kind, ErrorKind::InvalidRequest | ErrorKind::NotServing)),
                     "seed {}: a put with another key's context was not refused: {response:?}",
                     schedule.seed
                 );
@@ -255,6 +270,12 @@ async fn run_faults(schedule: Schedule) -> usize {
     let mut left = false;
     // A crashed node removed for good (`admin cluster remove`): never started again.
     let mut removed: Option<NodeId> = None;
+    // The member that left, once it finished its leave and was switched off for good.
+    let mut leaver: Option<NodeId> = None;
+    let mut switched_off: Option<NodeId> = None;
+    // The joiner died before its join was committed and never comes back; the join is
+    // then dropped by `clear` or by removing the joiner.
+    let mut joiner_died = false;
     let mut faults = 0;
     // A schedule has at least three crashes or isolations, however the dice fall.
     while tokio::time::Instant::now() < end || faults < 3 {
@@ -273,10 +294,37 @@ async fn run_faults(schedule: Schedule) -> usize {
                 cluster.network.rejoin(&node);
             }
         }
+        // The normal end of a leave: once the leaver finished (it is `left`), the operator
+        // switches it off, cleanly or not, and never starts it again.
+        if let Some(node) = leaver.clone().filter(|_| switched_off.is_none())
+            && outages.iter().all(|(other, ..)| *other != node)
+            && rng.random_bool(0.5)
+        {
+            let finished = {
+                let cluster = schedule.cluster.lock().unwrap();
+                cluster.up_nodes().iter().any(|viewer| {
+                    cluster
+                        .cluster_state(viewer)
+                        .is_some_and(|state| state.state_of(&node) == Some(MemberState::Left))
+                })
+            };
+            if finished {
+                tracing::info!(target: "sim", node = %node, "switched off after its leave");
+                let weak = schedule.cluster.lock().unwrap().crash(&node);
+                if let Some(weak) = weak {
+                    wait_until_stopped(weak).await;
+                }
+                LEAVERS_SWITCHED_OFF.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                switched_off = Some(node);
+            }
+        }
         let room = outages.len() < most_outages;
         let free = |node: &NodeId, outages: &[(NodeId, tokio::time::Instant, bool)]| {
-            outages.iter().all(|(other, ..)| other != node) && removed.as_ref() != Some(node)
+            outages.iter().all(|(other, ..)| other != node)
+                && removed.as_ref() != Some(node)
+                && switched_off.as_ref() != Some(node)
         };
+
         match rng.random_range(0..12) {
             0..=3 if room => {
                 // While a ring change is pending, the claimant (which records handoffs and
@@ -355,6 +403,34 @@ async fn run_faults(schedule: Schedule) -> usize {
                 tracing::info!(target: "sim", "heal all");
                 schedule.cluster.lock().unwrap().network.heal_all()
             }
+            9 if joined
+                && !join_committed
+                && !joiner_died
+                && schedule
+                    .newest_state_of("n6")
+                    .is_none_or(|state| state == MemberState::Joining)
+                && rng.random_bool(0.3) =>
+            {
+                // The joiner's join is staged, and the joiner dies before the commit, for
+                // good: a later change must not wait for it. (Only while no commit made it
+                // valid: a commit whose answer was lost may have taken it.)
+                let joiner = NodeId::new("n6").unwrap();
+                let staged = match schedule.random_up_node(&mut rng) {
+                    Some(via) => {
+                        via.handle_client(ClientRequest::Cluster(ClusterRequest::Join {
+                            node: Some(joiner.to_string()),
+                        }))
+                        .await
+                    }
+                    None => continue,
+                };
+                tracing::info!(target: "sim", ?staged, "joiner staged, then dies");
+                let weak = schedule.cluster.lock().unwrap().crash(&joiner);
+                if let Some(weak) = weak {
+                    wait_until_stopped(weak).await;
+                }
+                joiner_died = true;
+            }
             9 if !joined && rng.random_bool(0.5) => {
                 // A node started to join the running cluster: it learns the ring by gossip,
                 // owns nothing, and takes client requests like any other from now on.
@@ -379,6 +455,35 @@ async fn run_faults(schedule: Schedule) -> usize {
                     .iter()
                     .find(|(node, _, crashed)| *crashed && node.as_str() != "n1")
                     .map(|(node, ..)| node.clone());
+                if joined && !join_committed && joiner_died {
+                    // Drop the dead joiner: by `clear`, or by removing it (which also takes
+                    // it if a commit whose answer was lost made it valid after all).
+                    let state = schedule.newest_state_of("n6");
+                    let dropped = if state.is_none() {
+                        true
+                    } else if state != Some(MemberState::Joining) || rng.random_bool(0.5) {
+                        let change = ClusterRequest::Remove {
+                            node: "n6".to_string(),
+                        };
+                        commit_change(&schedule, &mut rng, change).await
+                    } else {
+                        match schedule.random_up_node(&mut rng) {
+                            Some(via) => {
+                                let cleared = via
+                                    .handle_client(ClientRequest::Cluster(ClusterRequest::Clear))
+                                    .await;
+                                tracing::info!(target: "sim", ?cleared, "clear");
+                                matches!(cleared, ClientResponse::Ring(_))
+                            }
+                            None => false,
+                        }
+                    };
+                    if dropped {
+                        DEAD_JOINERS_DROPPED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        join_committed = true;
+                    }
+                    continue;
+                }
                 let change = if joined && !join_committed {
                     ClusterRequest::Join {
                         node: Some("n6".into()),
@@ -405,10 +510,14 @@ async fn run_faults(schedule: Schedule) -> usize {
                     }
                     continue;
                 }
-                let leaving = matches!(change, ClusterRequest::Leave { .. });
+                let leaving = match &change {
+                    ClusterRequest::Leave { node: Some(node) } => NodeId::new(node.clone()).ok(),
+                    _ => None,
+                };
                 if commit_change(&schedule, &mut rng, change).await {
                     RING_CHANGES_COMMITTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    if leaving {
+                    if leaving.is_some() {
+                        leaver = leaving;
                         left = true;
                     } else {
                         join_committed = true;
@@ -446,6 +555,10 @@ static AAE_KEYS_REPAIRED: std::sync::atomic::AtomicU64 = std::sync::atomic::Atom
 static TOMBSTONES_REAPED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 /// Stray copies a cleanup after a flip handed to a new replica that lacked them.
 static STRAY_KEYS_HANDED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// Leavers switched off for good once they finished their leave.
+static LEAVERS_SWITCHED_OFF: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// Joiners that died before their join was committed, dropped by `clear` or `remove`.
+static DEAD_JOINERS_DROPPED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 /// Crashes of the claimant while a committed change was still pending, over all schedules.
 static CLAIMANTS_CRASHED_MID_CHANGE: std::sync::atomic::AtomicU64 =
     std::sync::atomic::AtomicU64::new(0);
@@ -843,8 +956,14 @@ fn randomized_schedules_lose_no_acknowledged_write() {
     let aae_repaired = AAE_KEYS_REPAIRED.load(std::sync::atomic::Ordering::Relaxed);
     let reaped = TOMBSTONES_REAPED.load(std::sync::atomic::Ordering::Relaxed);
     let strays_handed = STRAY_KEYS_HANDED.load(std::sync::atomic::Ordering::Relaxed);
+    let switched_off = LEAVERS_SWITCHED_OFF.load(std::sync::atomic::Ordering::Relaxed);
+    let joiners_dropped = DEAD_JOINERS_DROPPED.load(std::sync::atomic::Ordering::Relaxed);
     eprintln!(
-        "{count} schedules committed {committed} ring changes (joins, leaves, removes); the claimant crashed mid-change {claimants} times; anti-entropy repaired {aae_repaired} keys; {reaped} tombstone copies were reaped; cleanups handed {strays_handed} strays to replicas that lacked them"
+        "{count} schedules committed {committed} ring changes (joins, leaves, removes); the claimant crashed mid-change {claimants} times; {switched_off} leavers were switched off after their leave; {joiners_dropped} joiners that died before the commit were dropped; anti-entropy repaired {aae_repaired} keys; {reaped} tombstone copies were reaped; cleanups handed {strays_handed} strays to replicas that lacked them"
+    );
+    assert!(
+        count < 100 || (switched_off > 0 && joiners_dropped > 0),
+        "no schedule switched a leaver off, or none dropped a dead joiner"
     );
     assert!(count < 20 || reaped > 0, "no schedule reaped a tombstone");
     assert!(

@@ -159,11 +159,11 @@ pub async fn run(config: Config, print_only: bool) -> Result<()> {
     let store = server.node.store().clone();
     tokio::select! {
         _ = wait_for_shutdown_signal() => {}
-        version = server.node.removed_from_cluster() => {
+        (version, state) = server.node.removed_from_cluster() => {
             let node = server.node.id().clone();
-            tracing::error!(node = %node, ring_version = version, "this node was removed from the cluster; stopping");
+            tracing::warn!(node = %node, ring_version = version, state = state.as_str(), "this node is no longer a member of the cluster; stopping");
             server.shutdown().await;
-            anyhow::bail!("{node} was removed from the cluster (`dynkv admin cluster remove {node}`, ring version {version}); the other members no longer route to it, so it stopped. To use it again, start it with an empty data directory and join it (`dynkv admin cluster join`)");
+            anyhow::bail!("{}", dynkv::server::ServerError::Departed { node, state: state.as_str(), version });
         }
         reason = store.failed() => {
             // No clean shutdown: nothing more is acknowledged or served, the store is not

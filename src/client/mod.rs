@@ -19,7 +19,7 @@ use crate::net::RpcLimits;
 use crate::net::rpc::RpcClient;
 use crate::net::tls;
 use crate::protocol::{
-    ClientError, ClientRequest, ClientResponse, GetOptions, NewContent, PutOptions,
+    ClientError, ClientRequest, ClientResponse, ErrorKind, GetOptions, NewContent, PutOptions,
 };
 use parking_lot::Mutex;
 use std::net::SocketAddr;
@@ -113,6 +113,9 @@ pub struct Client {
     /// Held while connecting, so that concurrent requests of a client without a connection
     /// wait for one attempt instead of each opening a connection of its own.
     connecting: Arc<tokio::sync::Mutex<()>>,
+    /// Nodes that answered that they no longer serve requests (they left the cluster):
+    /// tried last.
+    not_serving: Arc<Mutex<Vec<SocketAddr>>>,
 }
 
 impl Client {
@@ -137,6 +140,7 @@ impl Client {
             endpoint,
             current: Arc::new(Mutex::new(None)),
             connecting: Arc::new(tokio::sync::Mutex::new(())),
+            not_serving: Arc::new(Mutex::new(Vec::new())),
         };
         client.connection().await?;
         Ok(client)
@@ -160,7 +164,13 @@ impl Client {
             return Ok(connected);
         }
         let mut last = String::new();
-        for address in &self.config.nodes {
+        let avoided = self.not_serving.lock().clone();
+        let (serving, others): (Vec<&SocketAddr>, Vec<&SocketAddr>) = self
+            .config
+            .nodes
+            .iter()
+            .partition(|address| !avoided.contains(address));
+        for address in serving.into_iter().chain(others) {
             // Nodes' certificates name their IP addresses, so the address is the server name.
             let server_name = address.ip().to_string();
             let attempt = async {
@@ -206,18 +216,48 @@ impl Client {
             },
             None => request,
         };
-        let connected = self.connection().await?;
-        match connected
+        let mut connected = self.connection().await?;
+        // A node that left the cluster refuses without doing anything: the request goes to
+        // the next node (each at most once).
+        for _ in 1..self.config.nodes.len() {
+            match connected
+                .rpc
+                .call(&request, self.config.request_timeout)
+                .await
+            {
+                Ok(ClientResponse::Error(error)) if error.kind == ErrorKind::NotServing => {
+                    self.not_serving.lock().push(connected.address);
+                    {
+                        let mut current = self.current.lock();
+                        if current.as_ref().is_some_and(|c| Arc::ptr_eq(c, &connected)) {
+                            *current = None;
+                        }
+                    }
+                    connected = self.connection().await?;
+                }
+                answer => return self.answered(answer, &connected),
+            }
+        }
+        let answer = connected
             .rpc
             .call(&request, self.config.request_timeout)
-            .await
-        {
+            .await;
+        self.answered(answer, &connected)
+    }
+
+    /// A call's answer as the caller sees it; a transport failure drops the connection.
+    fn answered(
+        &self,
+        answer: Result<ClientResponse, crate::net::rpc::RpcError>,
+        connected: &Arc<Connected>,
+    ) -> Result<ClientResponse, ClientLibError> {
+        match answer {
             Ok(ClientResponse::Error(error)) => Err(ClientLibError::Server(error)),
             Ok(response) => Ok(response),
             Err(error) => {
                 // Drop the connection so the next call tries the nodes again.
                 let mut current = self.current.lock();
-                if current.as_ref().is_some_and(|c| Arc::ptr_eq(c, &connected)) {
+                if current.as_ref().is_some_and(|c| Arc::ptr_eq(c, connected)) {
                     *current = None;
                 }
                 Err(ClientLibError::Transport(error.to_string()))

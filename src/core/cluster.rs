@@ -45,11 +45,16 @@ pub enum MemberState {
     Valid,
     /// Staged to leave: hands its partitions to the others, then exits.
     Leaving,
-    /// Has handed everything over and may stop.
+    /// Owns nothing more: finishing its leave (delivering the hints it holds, deleting the
+    /// copies it no longer replicates).
     Exiting,
     /// Removed by force (`remove`): its partitions are rebuilt from the other replicas, and
     /// a restart of it is refused.
     Down,
+    /// Has finished its leave: it owns nothing, holds no hint and no copy, and coordinates
+    /// nothing more, so the others no longer wait for it (reaping, commits) when it is
+    /// switched off; a restart of it is refused. Riak takes such a node out of the ring.
+    Left,
 }
 
 impl MemberState {
@@ -60,7 +65,14 @@ impl MemberState {
             MemberState::Leaving => "leaving",
             MemberState::Exiting => "exiting",
             MemberState::Down => "down",
+            MemberState::Left => "left",
         }
+    }
+
+    /// Whether the member is gone for good (removed, or its leave finished): it is never
+    /// waited for, and a restart of it is refused.
+    pub fn is_gone(self) -> bool {
+        matches!(self, MemberState::Down | MemberState::Left)
     }
 }
 
@@ -167,6 +179,10 @@ pub enum ChangeError {
     PlanChanged { planned: u64, current: u64 },
     #[error("this node's ring is provisional; it has not joined a cluster yet")]
     Provisional,
+    #[error("{node} is staged to replace {old}; clear the staged changes before removing it")]
+    ReplacementStaged { node: NodeId, old: NodeId },
+    #[error("{node} is {state}, not exiting: only a node that owns nothing can finish a leave")]
+    NotExiting { node: NodeId, state: &'static str },
     #[error(transparent)]
     Ring(#[from] RingError),
 }
@@ -424,6 +440,20 @@ impl ClusterState {
                     });
                 }
             }
+            StagedChange::Remove
+                if matches!(state, Some(MemberState::Joining | MemberState::Exiting)) =>
+            {
+                // A joiner that died before its join was committed, or a leaver switched off
+                // before it finished: neither owns anything, so removing it moves nothing.
+                if let Some((old, _)) = self.staged.iter().find(
+                    |(_, staged)| matches!(staged, StagedChange::Replace { by } if by == node),
+                ) {
+                    return Err(ChangeError::ReplacementStaged {
+                        node: node.clone(),
+                        old: old.clone(),
+                    });
+                }
+            }
             StagedChange::Leave | StagedChange::Remove | StagedChange::Replace { .. } => {
                 if state != Some(MemberState::Valid) {
                     return Err(ChangeError::NotValid {
@@ -458,12 +488,44 @@ impl ClusterState {
         })
     }
 
-    /// Drops every staged change (joining nodes stay known, owning nothing).
+    /// Drops every staged change and every joining member (as Riak's `cluster clear`): a
+    /// joiner owns nothing until a commit, so forgetting it moves nothing, and a joiner that
+    /// died no longer holds every later commit back. A live one can join again.
     pub fn clear(&self) -> Result<Self, ChangeError> {
-        if self.staged.is_empty() {
+        let joiners: Vec<NodeId> = self
+            .members
+            .iter()
+            .filter(|(_, state)| **state == MemberState::Joining)
+            .map(|(node, _)| node.clone())
+            .collect();
+        if self.staged.is_empty() && joiners.is_empty() {
             return Err(ChangeError::NothingStaged);
         }
-        self.next_version(|next| next.staged.clear())
+        self.next_version(|next| {
+            next.staged.clear();
+            for joiner in &joiners {
+                next.members.remove(joiner);
+            }
+        })
+    }
+
+    /// Records that exiting member `node` finished its leave: it holds no hint and no copy
+    /// and coordinates nothing more (it said so itself), so it is `left`.
+    pub fn leave_finished(&self, node: &NodeId) -> Result<Self, ChangeError> {
+        match self.state_of(node) {
+            Some(MemberState::Exiting) => {}
+            // Recorded before: a retried report.
+            Some(MemberState::Left) => return Ok(self.clone()),
+            _ => {
+                return Err(ChangeError::NotExiting {
+                    node: node.clone(),
+                    state: self.state_name(node),
+                });
+            }
+        }
+        self.next_version(|next| {
+            next.members.insert(node.clone(), MemberState::Left);
+        })
     }
 
     /// What committing the staged changes would move. Joins and leaves go through the claim
@@ -798,6 +860,76 @@ mod tests {
         assert_eq!(done.ring().spacing_violations(3), 0);
         let bytes = rmp_serde::to_vec_named(&done).unwrap();
         assert_eq!(rmp_serde::from_slice::<ClusterState>(&bytes).unwrap(), done);
+    }
+
+    #[test]
+    fn a_joiner_that_died_is_dropped_by_clear_or_removed_and_moves_nothing() {
+        let staged = three().stage(&node("n4"), StagedChange::Join).unwrap();
+        // `clear` forgets the joiner with the staged join.
+        let cleared = staged.clear().unwrap();
+        assert_eq!(cleared.state_of(&node("n4")), None);
+        assert!(cleared.staged().is_empty());
+        assert_eq!(cleared.clear(), Err(ChangeError::NothingStaged));
+        // `remove` takes a joiner: committed, it is down and nothing moves.
+        let removing = staged.stage(&node("n4"), StagedChange::Remove).unwrap();
+        let leaving = removing.stage(&node("n2"), StagedChange::Leave).unwrap();
+        let plan = leaving.plan(3).unwrap();
+        assert!(plan.transfers.iter().all(|t| t.to != node("n4")));
+        let committed = leaving.commit(&plan).unwrap();
+        assert_eq!(committed.state_of(&node("n4")), Some(MemberState::Down));
+        assert_eq!(committed.state_of(&node("n2")), Some(MemberState::Leaving));
+        let done = complete_all(committed);
+        assert_eq!(done.state_of(&node("n2")), Some(MemberState::Exiting));
+        assert!(done.ring().partitions_owned_by(&node("n4")).is_empty());
+        // A joiner named as a replacement cannot be removed behind the replacement's back.
+        let replacing = three()
+            .stage(&node("n3"), StagedChange::Replace { by: node("n5") })
+            .unwrap();
+        assert_eq!(
+            replacing.stage(&node("n5"), StagedChange::Remove),
+            Err(ChangeError::ReplacementStaged {
+                node: node("n5"),
+                old: node("n3")
+            })
+        );
+    }
+
+    #[test]
+    fn only_an_exiting_member_finishes_its_leave_and_a_left_one_is_gone() {
+        let state = three();
+        assert!(matches!(
+            state.leave_finished(&node("n3")),
+            Err(ChangeError::NotExiting { .. })
+        ));
+        let staged = state.stage(&node("n3"), StagedChange::Leave).unwrap();
+        let committed = staged.commit(&staged.plan(3).unwrap()).unwrap();
+        assert!(
+            committed.leave_finished(&node("n3")).is_err(),
+            "a leaver that still owns partitions has not finished"
+        );
+        let exiting = complete_all(committed);
+        assert_eq!(exiting.state_of(&node("n3")), Some(MemberState::Exiting));
+        let left = exiting.leave_finished(&node("n3")).unwrap();
+        assert_eq!(left.version(), exiting.version() + 1);
+        assert_eq!(left.state_of(&node("n3")), Some(MemberState::Left));
+        assert!(MemberState::Left.is_gone() && !MemberState::Exiting.is_gone());
+        assert_eq!(
+            left.leave_finished(&node("n3")).unwrap(),
+            left,
+            "idempotent"
+        );
+        // A member switched off before it finished can be removed instead.
+        let removed = exiting.stage(&node("n3"), StagedChange::Remove).unwrap();
+        let removed = removed.commit(&removed.plan(3).unwrap()).unwrap();
+        assert_eq!(removed.state_of(&node("n3")), Some(MemberState::Down));
+        // A left member neither joins again under its old name nor claims.
+        assert!(matches!(
+            left.stage(&node("n3"), StagedChange::Join),
+            Err(ChangeError::AlreadyMember { .. })
+        ));
+        assert_eq!(left.claimant(|_| true), Some(&node("n1")));
+        let bytes = rmp_serde::to_vec_named(&left).unwrap();
+        assert_eq!(rmp_serde::from_slice::<ClusterState>(&bytes).unwrap(), left);
     }
 
     #[test]

@@ -17,6 +17,7 @@ pub mod stats;
 
 pub(crate) use object::random_name;
 
+use crate::net::budget::ByteBudget;
 use crate::protocol::{ClientError, ErrorKind};
 use crate::server::node::Node;
 use axum::Router;
@@ -62,7 +63,9 @@ impl From<ClientError> for HttpError {
         let status = match error.kind {
             ErrorKind::InvalidRequest => StatusCode::BAD_REQUEST,
             ErrorKind::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            ErrorKind::QuorumUnmet(_) | ErrorKind::Timeout(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::QuorumUnmet(_) | ErrorKind::Timeout(_) | ErrorKind::NotServing => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             ErrorKind::Unauthorized => StatusCode::UNAUTHORIZED,
             ErrorKind::InsufficientStorage => StatusCode::INSUFFICIENT_STORAGE,
@@ -209,6 +212,52 @@ async fn limit_concurrency(
     next.run(request).await
 }
 
+/// The byte budget request bodies take from before they are read.
+#[derive(Clone)]
+struct BodyBudget {
+    budget: ByteBudget,
+    max_body_bytes: u64,
+    wait: std::time::Duration,
+}
+
+/// A request with a body takes its bytes from the shared budget before the body is read
+/// (its announced length, or the largest body allowed when it announces none), and gives
+/// them back once answered; without room in time it is answered 503 naming
+/// `limits.max_in_flight_bytes`, its body unread.
+async fn take_body_budget(
+    axum::extract::State(bodies): axum::extract::State<BodyBudget>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let headers = request.headers();
+    let announced = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok());
+    let chunked = headers.contains_key(header::TRANSFER_ENCODING);
+    let body_bytes = match announced {
+        // A longer body is refused (413) before it is read.
+        Some(length) => length.min(bodies.max_body_bytes),
+        None if chunked => bodies.max_body_bytes,
+        None => 0,
+    };
+    match bodies.budget.take(body_bytes, bodies.wait).await {
+        Ok(_permit) => next.run(request).await,
+        Err(error) => {
+            let mut response =
+                HttpError::new(StatusCode::SERVICE_UNAVAILABLE, error.to_string()).into_response();
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            // The body is not read: the connection cannot be used again.
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            response
+        }
+    }
+}
+
 /// [`router`] behind the concurrency limit.
 fn limited(router: Router, limit: usize) -> Router {
     let concurrency = Concurrency {
@@ -277,6 +326,11 @@ pub struct HttpSettings {
     pub address: SocketAddr,
     /// Largest request body read (`limits.max_value_bytes`).
     pub max_body_bytes: u64,
+    /// Where a request body takes its bytes before it is read (shared with the other
+    /// client-facing listeners: `limits.max_in_flight_bytes`).
+    pub body_budget: ByteBudget,
+    /// How long a body waits for room in the budget before a 503 (the request timeout).
+    pub budget_wait: std::time::Duration,
     /// Serve HTTPS with this config; plain HTTP when `None`.
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// Required bearer token, if any.
@@ -305,8 +359,15 @@ impl HttpServer {
             stats: Arc::new(stats::Stats::new()),
             max_body_bytes: settings.max_body_bytes,
         };
+        let bodies = BodyBudget {
+            budget: settings.body_budget,
+            max_body_bytes: settings.max_body_bytes,
+            wait: settings.budget_wait,
+        };
         let app = limited(
-            router(state, settings.token.map(Arc::from)),
+            router(state, settings.token.map(Arc::from)).layer(
+                axum::middleware::from_fn_with_state(bodies, take_body_budget),
+            ),
             settings.concurrency.max(1),
         );
         let (stop, mut stopped) = watch::channel(false);

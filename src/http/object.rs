@@ -385,16 +385,19 @@ async fn read_body(body: Body, headers: &HeaderMap, limit: u64) -> Result<Vec<u8
             ),
         )
     };
-    if let Some(length) = headers
+    let announced = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.parse::<u64>().ok())
+        .and_then(|value| value.parse::<u64>().ok());
+    if let Some(length) = announced
         && length > limit
     {
         return Err(too_large(length.to_string()));
     }
     let mut body = body;
-    let mut bytes = Vec::new();
+    // Sized once from the announced length (within the limit, so within the budget the body
+    // took), instead of doubling past it as the body arrives.
+    let mut bytes = Vec::with_capacity(announced.unwrap_or(0) as usize);
     while let Some(frame) =
         std::future::poll_fn(|cx| http_body::Body::poll_frame(std::pin::Pin::new(&mut body), cx))
             .await

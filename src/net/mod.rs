@@ -31,6 +31,7 @@
 //! | 12..16 | body length | u32 big-endian; checked against [`RpcLimits::max_frame_bytes`] before any allocation |
 //! | 16.. | body | MessagePack (rmp-serde, structs as maps so fields can be added later) |
 
+pub mod budget;
 pub mod frame;
 pub mod memory;
 pub mod quic;

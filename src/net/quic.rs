@@ -7,6 +7,7 @@
 //! also proves the peer is the node it claims to be.
 
 use crate::core::ids::NodeId;
+use crate::net::budget::ByteBudget;
 use crate::net::rpc::{self, BoxFuture, Handler, RpcClient, RpcError};
 use crate::net::tls::{self, TlsError};
 use crate::net::{LimitsError, RpcLimits, Transport, TransportError};
@@ -50,12 +51,30 @@ pub struct QuicServer {
 
 impl QuicServer {
     /// Binds `address` (port 0 picks a free port; see [`QuicServer::local_addr`]) and starts
-    /// accepting. Must be called inside a tokio runtime.
+    /// accepting, with a byte budget of its own (`limits.max_in_flight_bytes`). Must be
+    /// called inside a tokio runtime.
     pub fn bind<Req, Resp>(
         address: SocketAddr,
         tls: rustls::ServerConfig,
         handler: Handler<Req, Resp>,
         limits: RpcLimits,
+    ) -> Result<Self, QuicError>
+    where
+        Req: DeserializeOwned + Send + 'static,
+        Resp: Serialize + Send + 'static,
+    {
+        let bytes = ByteBudget::new(limits.max_in_flight_bytes);
+        Self::bind_sharing(address, tls, handler, limits, bytes)
+    }
+
+    /// [`QuicServer::bind`] taking request bodies' bytes from `bytes`, a budget it shares with
+    /// other listeners.
+    pub fn bind_sharing<Req, Resp>(
+        address: SocketAddr,
+        tls: rustls::ServerConfig,
+        handler: Handler<Req, Resp>,
+        limits: RpcLimits,
+        bytes: ByteBudget,
     ) -> Result<Self, QuicError>
     where
         Req: DeserializeOwned + Send + 'static,
@@ -73,8 +92,9 @@ impl QuicServer {
             .map_err(|source| QuicError::Bind { address, source })?;
         let (stop, stopped) = watch::channel(false);
         let span = info_span!("quic_server", address = %local_addr);
-        let accept_loop =
-            tokio::spawn(accept_loop(endpoint.clone(), handler, limits, stopped).instrument(span));
+        let accept_loop = tokio::spawn(
+            accept_loop(endpoint.clone(), handler, limits, bytes, stopped).instrument(span),
+        );
         info!(address = %local_addr, "QUIC server listening");
         Ok(QuicServer {
             endpoint,
@@ -124,6 +144,7 @@ async fn accept_loop<Req, Resp>(
     endpoint: quinn::Endpoint,
     handler: Handler<Req, Resp>,
     limits: RpcLimits,
+    bytes: ByteBudget,
     mut stopped: watch::Receiver<bool>,
 ) where
     Req: DeserializeOwned + Send + 'static,
@@ -131,7 +152,7 @@ async fn accept_loop<Req, Resp>(
 {
     let mut connections = JoinSet::new();
     // Request bytes and requests in flight over every connection of this server.
-    let budget = rpc::ServerBudget::new(&limits);
+    let budget = rpc::ServerBudget::new(&limits, &bytes);
     loop {
         let incoming = tokio::select! {
             _ = stopped.changed() => break,

@@ -493,20 +493,13 @@ pub struct ServerBudget {
 }
 
 impl ServerBudget {
-    pub fn new(limits: &RpcLimits) -> Self {
-        let byte_units = limits
-            .max_in_flight_bytes
-            .div_ceil(u64::from(crate::net::frame::BUDGET_UNIT_BYTES));
-        let permits = |count: u64| {
-            usize::try_from(count)
-                .unwrap_or(usize::MAX)
-                .min(Semaphore::MAX_PERMITS)
-        };
+    /// The requests of `limits` and the bytes of `bytes` (which other listeners may share).
+    pub fn new(limits: &RpcLimits, bytes: &crate::net::budget::ByteBudget) -> Self {
         ServerBudget {
-            bytes: Arc::new(Semaphore::new(permits(byte_units))),
-            requests: Arc::new(Semaphore::new(permits(
-                limits.max_in_flight_requests as u64,
-            ))),
+            bytes: bytes.permits().clone(),
+            requests: Arc::new(Semaphore::new(
+                limits.max_in_flight_requests.min(Semaphore::MAX_PERMITS),
+            )),
         }
     }
 }

@@ -38,6 +38,12 @@ pub struct PbSettings {
     /// Longest frame accepted (`limits.max_frame_bytes`); a longer one closes the connection
     /// after an error naming the limit.
     pub max_frame_bytes: usize,
+    /// Where a frame takes its bytes before it is read (shared with the other client-facing
+    /// listeners: `limits.max_in_flight_bytes`).
+    pub body_budget: crate::net::budget::ByteBudget,
+    /// How long a frame waits for room in the budget before it is refused (the request
+    /// timeout); meanwhile it is not read, and TCP holds the sender back.
+    pub budget_wait: std::time::Duration,
     /// Connections served at once; one more is closed at once.
     pub max_connections: usize,
     /// `RpbStartTls` upgrades to this; `None` refuses it.
@@ -178,6 +184,26 @@ impl Session {
                 write_frames(stream, &error_frame(&message)).await?;
                 return Ok(Next::Closed);
             }
+            // The frame's bytes come from the shared budget before it is read; held until
+            // its answer is written.
+            let _permit = match self
+                .settings
+                .body_budget
+                .take(length as u64, self.settings.budget_wait)
+                .await
+            {
+                Ok(permit) => permit,
+                Err(error) => {
+                    // Skipped unread (never allocated) to keep the stream in step.
+                    tokio::io::copy(
+                        &mut (&mut *stream).take(length as u64),
+                        &mut tokio::io::sink(),
+                    )
+                    .await?;
+                    write_frames(stream, &error_frame(&error.to_string())).await?;
+                    continue;
+                }
+            };
             let mut frame = vec![0u8; length];
             stream.read_exact(&mut frame).await?;
             let code = frame[0];

@@ -7,6 +7,8 @@ pub mod node;
 
 use crate::config::Config;
 use crate::core::gossip::{GossipConfig, MemberRecord};
+use crate::core::ids::NodeId;
+use crate::net::budget::ByteBudget;
 use crate::net::quic::{QuicPeers, QuicServer};
 use crate::net::tls;
 use crate::net::{BoxFuture, PEER_ACK_ELICITING_THRESHOLD, RpcLimits};
@@ -29,8 +31,28 @@ pub enum ServerError {
     Storage { path: String, reason: String },
     #[error("cannot start membership: {0}")]
     Membership(#[from] membership::MembershipError),
+    #[error("{}", departed_message(node, state, *version))]
+    Departed {
+        node: NodeId,
+        state: &'static str,
+        version: u64,
+    },
     #[error("cannot listen on {address}: {reason}")]
     Listen { address: SocketAddr, reason: String },
+}
+
+/// What a node that is no longer a member says when it stops or is started again.
+fn departed_message(node: &NodeId, state: &str, version: u64) -> String {
+    let why = if state == "left" {
+        format!("{node} finished leaving the cluster (ring version {version})")
+    } else {
+        format!(
+            "{node} was removed from the cluster (`dynkv admin cluster remove {node}`, ring version {version})"
+        )
+    };
+    format!(
+        "{why}; the other members no longer route to it or wait for it, so it serves nothing. To use this machine again, start it with an empty data directory and join it (`dynkv admin cluster join`)"
+    )
 }
 
 /// A running node. Dropping it does not stop it; call [`RunningServer::shutdown`].
@@ -227,6 +249,15 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         peers.clone(),
         settings,
     );
+    // A node that was removed, or that finished its leave, serves nothing more: its saved
+    // ring says so, and the others no longer wait for it (nor take its requests).
+    if let Some((version, state)) = node.gone_from_cluster() {
+        return Err(ServerError::Departed {
+            node: validated.node_id.clone(),
+            state: state.as_str(),
+            version,
+        });
+    }
     // Peer selection only needs to differ between nodes and runs.
     let gossip_seed = node.store().actor() ^ wall_seconds;
     let background = vec![
@@ -309,7 +340,8 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
                         crate::protocol::ErrorKind::InvalidRequest
                         | crate::protocol::ErrorKind::TooLarge
                         | crate::protocol::ErrorKind::Unauthorized => "client_error",
-                        crate::protocol::ErrorKind::InsufficientStorage => "unavailable",
+                        crate::protocol::ErrorKind::InsufficientStorage
+                        | crate::protocol::ErrorKind::NotServing => "unavailable",
                         crate::protocol::ErrorKind::QuorumUnmet(_)
                         | crate::protocol::ErrorKind::Timeout(_) => "unavailable",
                         crate::protocol::ErrorKind::Internal => "error",
@@ -327,7 +359,11 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
             })
         },
     );
-    let client_server = QuicServer::bind(
+    // One byte budget for the request bodies of every client-facing listener (the peer
+    // listener keeps its own, so a coordinator never waits on budget its replicas need).
+    let client_bodies = ByteBudget::new(config.limits.max_in_flight_bytes);
+    let budget_wait = Duration::from_millis(config.request_timeout_ms);
+    let client_server = QuicServer::bind_sharing(
         config.client_listen,
         client_config,
         client_handler,
@@ -336,6 +372,7 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
             limit_name: "limits.max_client_connections",
             ..limits
         },
+        client_bodies.clone(),
     )
     .map_err(|error| ServerError::Listen {
         address: config.client_listen,
@@ -355,6 +392,8 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         crate::http::HttpSettings {
             address: config.http_listen,
             max_body_bytes: config.limits.max_value_bytes,
+            body_budget: client_bodies.clone(),
+            budget_wait,
             concurrency: config.limits.http_concurrency as usize,
             max_connections: config.limits.max_http_connections as usize,
             tls: http_tls,
@@ -381,6 +420,8 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         crate::pb::PbSettings {
             address: config.pb_listen,
             max_frame_bytes: config.limits.max_frame_bytes as usize,
+            body_budget: client_bodies,
+            budget_wait,
             max_connections: config.limits.max_client_connections as usize,
             tls: pb_tls,
             token: config.http_token.clone(),

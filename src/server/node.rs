@@ -279,7 +279,7 @@ impl Node {
             Some(seed) => rand::SeedableRng::seed_from_u64(seed ^ key_actors.epoch.base),
             None => rand::SeedableRng::from_os_rng(),
         };
-        Node {
+        let node = Node {
             inner: Arc::new(NodeInner {
                 id,
                 rng: parking_lot::Mutex::new(rng),
@@ -296,7 +296,11 @@ impl Node {
                 bucket_cache: buckets::BucketCache::default(),
                 forwarded: put::ForwardedWrites::default(),
             }),
-        }
+        };
+        // A node started on the data of one that was removed or finished leaving serves
+        // nothing (`dynkv server` refuses to start it at all).
+        node.stop_serving_if_gone();
+        node
     }
 
     pub fn id(&self) -> &NodeId {
@@ -336,6 +340,26 @@ impl Node {
 
     async fn client_request(&self, request: ClientRequest, forwarded: bool) -> ClientResponse {
         let node = &self.inner.id;
+        // Reads (their repairs) and writes may carry old versions: a node that finished
+        // leaving coordinates none, so the others need not wait for it once it is off.
+        let _serving = if matches!(
+            request,
+            ClientRequest::Get { .. } | ClientRequest::Put { .. } | ClientRequest::Delete { .. }
+        ) {
+            match self.inner.transfers.begin_client_request() {
+                Some(guard) => Some(guard),
+                None => {
+                    return ClientResponse::Error(ClientError {
+                        kind: crate::protocol::ErrorKind::NotServing,
+                        message: format!(
+                            "{node} has left the cluster (or is finishing its leave) and no longer serves requests; send them to another member"
+                        ),
+                    });
+                }
+            }
+        } else {
+            None
+        };
         match request {
             ClientRequest::Ping => ClientResponse::Pong {
                 node: node.to_string(),
@@ -756,6 +780,10 @@ impl Node {
             PeerRequest::Handoff { partition, records } => {
                 self.receive_handoff(partition, records).await
             }
+            PeerRequest::LeaveFinished { node } => match self.record_leave_finished(&node) {
+                Ok(()) => PeerResponse::Pong,
+                Err(message) => PeerResponse::Failed { message },
+            },
             PeerRequest::HandoffDone { handoff } => match self.record_handoff_done(&handoff) {
                 Ok(()) => PeerResponse::Pong,
                 Err(message) => PeerResponse::Failed { message },

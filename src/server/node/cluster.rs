@@ -324,7 +324,9 @@ impl Node {
         }
         let view = self.inner.membership.view();
         for (member, member_state) in state.members() {
-            if matches!(member_state, MemberState::Down | MemberState::Exiting)
+            // Exiting and left members own nothing and take no part in a change.
+            if matches!(member_state, MemberState::Exiting)
+                || member_state.is_gone()
                 || state.staged().get(member) == Some(&StagedChange::Remove)
                 || member == &self.inner.id
             {

@@ -48,6 +48,11 @@ impl InFlight {
         })
     }
 
+    /// Whether no operation is in flight on any partition.
+    pub(super) fn is_empty(&self) -> bool {
+        self.running.lock().is_empty()
+    }
+
     /// How long ago the oldest operation on `partition` still in flight began.
     pub(super) fn oldest_age(&self, partition: PartitionId) -> Option<Duration> {
         let running = self.running.lock();

@@ -200,7 +200,9 @@ impl Node {
             // Removed members never serve again; joiners own nothing (and hold no hints)
             // until a committed change, which is then pending. A joiner that is up takes
             // requests, though: it is asked what it has in flight.
-            if member.state == "down" {
+            // A member that finished its leave holds no hint and coordinates nothing more
+            // (it stopped serving before it said it was done).
+            if member.state == "down" || member.state == "left" {
                 continue;
             }
             if member.state == "joining" {
@@ -214,6 +216,12 @@ impl Node {
             }
             // A leaver (`exiting`) is asked like any member: it may still hold hints it took
             // as a fallback before the ring flipped, and hand them back when it restarts.
+            if !member.up && member.state == "exiting" {
+                return Err(format!(
+                    "{} is down before it finished its leave (it may hold hints): start it again to finish, or `dynkv admin cluster remove {}`",
+                    member.node, member.node
+                ));
+            }
             if !member.up {
                 return Err(format!("{} is down", member.node));
             }

@@ -42,6 +42,12 @@ pub(super) struct Transfers {
     /// The ring version of the last plan this node showed as claimant (0: none), which a
     /// `commit` takes.
     pub(super) planned_version: AtomicU64,
+    /// Set once this exiting node holds nothing the cluster needs: from then on it
+    /// coordinates no client request (see [`Node::finish_leave_if_done`]).
+    pub(super) serving_stopped: AtomicBool,
+    /// Client requests this node is coordinating (counted before `serving_stopped` is
+    /// read, so that a leave waits for every request that read it unset).
+    pub(super) client_requests: AtomicU64,
 }
 
 impl Transfers {
@@ -53,7 +59,28 @@ impl Transfers {
             cleaning: AtomicBool::new(false),
             cleanup_retry: parking_lot::Mutex::new((None, 0)),
             planned_version: AtomicU64::new(0),
+            serving_stopped: AtomicBool::new(false),
+            client_requests: AtomicU64::new(0),
         }
+    }
+
+    /// Registers a client request for this node to coordinate; `None` once it has stopped
+    /// serving (it finished, or is finishing, its leave).
+    pub(super) fn begin_client_request(&self) -> Option<ClientRequestGuard<'_>> {
+        // SeqCst on both sides: either the leave sees this request counted, or this
+        // request sees `serving_stopped` set.
+        self.client_requests.fetch_add(1, Ordering::SeqCst);
+        let guard = ClientRequestGuard(&self.client_requests);
+        (!self.serving_stopped.load(Ordering::SeqCst)).then_some(guard)
+    }
+}
+
+/// A client request being coordinated; uncounted on drop.
+pub(super) struct ClientRequestGuard<'a>(&'a AtomicU64);
+
+impl Drop for ClientRequestGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -122,6 +149,94 @@ impl Node {
         }
         self.inner.transfers.running.lock().clear();
         self.clean_up_if_converged(&state);
+        self.finish_leave_if_done(&state).await;
+        self.stop_serving_if_gone();
+    }
+
+    /// A node the cluster holds removed or left coordinates no client request.
+    pub(super) fn stop_serving_if_gone(&self) {
+        if self.gone_from_cluster().is_some() {
+            self.inner
+                .transfers
+                .serving_stopped
+                .store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// An exiting member (it owns nothing more) finishes its leave once it holds nothing
+    /// the cluster still needs: its cleanup after the flip has handed and deleted every copy
+    /// it no longer replicates, and every hint it took as a fallback is delivered. It then
+    /// stops coordinating client requests, waits until none it began is in flight, and
+    /// tells the claimant, which records it as `left`. From then on no request, hint or
+    /// copy of it can bring an old version back, so the others stop waiting for it (to
+    /// reap, to commit) once it is switched off.
+    async fn finish_leave_if_done(&self, state: &Arc<ClusterState>) {
+        if state.state_of(&self.inner.id) != Some(MemberState::Exiting)
+            || !self.cleaned_up_after(state)
+        {
+            return;
+        }
+        let hints = self.inner.store.hint_tally().count;
+        if hints > 0 {
+            debug!(node = %self.inner.id, hints, "leave not finished: hints to deliver");
+            return;
+        }
+        let transfers = &self.inner.transfers;
+        if !transfers.serving_stopped.swap(true, Ordering::SeqCst) {
+            info!(node = %self.inner.id, "this node owns nothing and holds no hint or stray copy: it no longer coordinates client requests");
+        }
+        if transfers.client_requests.load(Ordering::SeqCst) > 0 || !self.inner.in_flight.is_empty()
+        {
+            return;
+        }
+        match self.report_leave_finished().await {
+            Ok(()) => info!(node = %self.inner.id, "leave finished; told the claimant"),
+            Err(error) => {
+                warn!(node = %self.inner.id, error = %error, "cannot report the finished leave yet; trying again")
+            }
+        }
+    }
+
+    /// Tells the claimant that this node finished its leave.
+    async fn report_leave_finished(&self) -> Result<(), String> {
+        let (_, claimant) = self.claimant_now()?;
+        let claimant = claimant.ok_or("no claimant is up")?;
+        let request = PeerRequest::LeaveFinished {
+            node: self.inner.id.clone(),
+        };
+        match self
+            .inner
+            .peers
+            .call(&claimant, request, self.inner.settings.request_timeout)
+            .await
+        {
+            Ok(PeerResponse::Pong) => Ok(()),
+            Ok(PeerResponse::Failed { message }) => Err(message),
+            Ok(other) => Err(format!("the claimant answered {other:?}")),
+            Err(error) => Err(error.to_string()),
+        }
+    }
+
+    /// The claimant's side of [`PeerRequest::LeaveFinished`].
+    pub(super) fn record_leave_finished(&self, node: &NodeId) -> Result<(), String> {
+        let (state, claimant) = self.claimant_now()?;
+        if claimant.as_ref() != Some(&self.inner.id) {
+            return Err(format!(
+                "{} is not the claimant ({})",
+                self.inner.id,
+                claimant.map_or("none".to_string(), |node| node.to_string())
+            ));
+        }
+        let next = state
+            .leave_finished(node)
+            .map_err(|error| error.to_string())?;
+        if next.version() > state.version()
+            && let Some(gossip) = self.inner.membership.gossip()
+        {
+            info!(node = %self.inner.id, left = %node, version = next.version(), "member finished its leave");
+            gossip.offer_cluster_state(next);
+        }
+        Ok(())
     }
 
     fn start_handoffs(&self, state: &Arc<ClusterState>) {
@@ -576,17 +691,24 @@ impl Node {
     /// Returns once this node learns that it was removed from the cluster (`admin cluster
     /// remove`): the ring version that says so. A removed node must not serve: its copies
     /// were rebuilt elsewhere and it is no longer routed to.
-    pub async fn removed_from_cluster(&self) -> u64 {
+    pub async fn removed_from_cluster(&self) -> (u64, MemberState) {
         let mut ticker = tokio::time::interval(Duration::from_millis(500));
         loop {
             ticker.tick().await;
-            if let Some(gossip) = self.inner.membership.gossip() {
-                let state = gossip.cluster_state();
-                if state.state_of(&self.inner.id) == Some(MemberState::Down) {
-                    return state.version();
-                }
+            if let Some(gone) = self.gone_from_cluster() {
+                return gone;
             }
         }
+    }
+
+    /// The ring version and this node's state when the cluster holds it removed (`down`)
+    /// or finished with its leave (`left`): such a node must serve nothing more.
+    pub fn gone_from_cluster(&self) -> Option<(u64, MemberState)> {
+        let state = self.inner.membership.gossip()?.cluster_state();
+        state
+            .state_of(&self.inner.id)
+            .filter(|member| member.is_gone())
+            .map(|member| (state.version(), member))
     }
 
     /// Whether this node may still hold copies it no longer replicates: its cleanup after
@@ -622,7 +744,10 @@ impl Node {
             return;
         }
         let behind = self.inner.membership.view().into_iter().any(|member| {
-            member.up && member.ring_version < state.version() && member.state != "down"
+            member.up
+                && member.ring_version < state.version()
+                && member.state != "down"
+                && member.state != "left"
         });
         let waiting = transfers
             .cleanup_retry
