@@ -277,6 +277,13 @@ fn stop_when_supervisor_dies(command: &mut Command) {
     };
 }
 
+/// The reason a node gave for stopping: the `error:` line it printed last to its log.
+fn stop_reason(node: &DevNode) -> Option<String> {
+    let log = std::fs::read_to_string(node.config.with_file_name("node.log")).ok()?;
+    let last = log.lines().rev().find(|line| !line.trim().is_empty())?;
+    last.strip_prefix("error: ").map(str::to_string)
+}
+
 /// Stops every node at once: SIGTERM to all, then up to 10 s for all of them together,
 /// then SIGKILL to any still running. Stopping them one after another could take 10 s per
 /// node, long enough for whoever stops `dynkv dev` to give up and kill it.
@@ -444,7 +451,12 @@ pub async fn run(args: DevArgs) -> Result<()> {
                 }
                 for ((node, child), reported) in cluster.nodes.iter().zip(children.iter_mut()).zip(reported.iter_mut()) {
                     if !*reported && let Ok(Some(status)) = child.try_wait() {
-                        warn!(node = %node.id, %status, "node exited; restart it with `dynkv server --config {}`", node.config.display());
+                        match stop_reason(node) {
+                            // The node said why it stopped (it left, was removed, its
+                            // storage failed): a restart would not help.
+                            Some(reason) => warn!(node = %node.id, %status, "node stopped: {reason}"),
+                            None => warn!(node = %node.id, %status, "node exited; restart it with `dynkv server --config {}`", node.config.display()),
+                        }
                         *reported = true;
                     }
                 }
