@@ -483,9 +483,14 @@ fn an_http_flood_of_large_bodies_stays_within_the_client_byte_budget() {
     );
     assert!(
         other.is_empty(),
-        "answers other than 204 or a clear 503: {other:?}"
+        "answers other than 204 or a refusal naming why: {other:?}"
     );
-    assert!(stored > 0, "no upload was stored");
+    // The budget refuses only what finds no room: alone, a large upload is stored. (The
+    // flood itself may store none on a loaded machine: 8 MiB written to three replicas can
+    // outlast the dev cluster's 2 s request timeout.)
+    let stored_alone = (0..5)
+        .any(|_| blocking_put(web, "/buckets/flood/keys/alone", &body).starts_with("HTTP/1.1 204"));
+    assert!(stored_alone, "a lone upload after the flood was not stored");
     assert!(
         peak_kib < 1024 * 1024,
         "peak resident memory {peak_kib} KiB is over 1 GiB"
