@@ -689,8 +689,8 @@ impl Node {
     }
 
     /// Returns once this node learns that it was removed from the cluster (`admin cluster
-    /// remove`): the ring version that says so. A removed node must not serve: its copies
-    /// were rebuilt elsewhere and it is no longer routed to.
+    /// remove`) or finished its leave: the ring version that says so, and which. Such a node
+    /// must not serve: it is no longer routed to, and the others no longer wait for it.
     pub async fn removed_from_cluster(&self) -> (u64, MemberState) {
         let mut ticker = tokio::time::interval(Duration::from_millis(500));
         loop {
