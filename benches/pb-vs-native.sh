@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Riak's Protocol Buffers API against dynkv's native QUIC API on the same 3-node `dynkv dev`
-# cluster (issue 15): alternating runs of one workload, each client path in turn, then the
+# cluster: alternating runs of one workload, each client path in turn, then the
 # median ops/s and p99 of each. Loopback only; the cluster is stopped at the end.
 #
 # Usage: benches/pb-vs-native.sh [BINARY] [RUNS_EACH] [WORKLOAD] [SECONDS]

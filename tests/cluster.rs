@@ -882,19 +882,20 @@ fn a_node_added_to_a_dev_cluster_takes_its_share_with_every_key_then_a_leave_and
     );
 
     // The removed node, started again, learns that it was removed and exits saying so.
+    assert_restart_refused(&cluster, 3, "n3 was removed from the cluster");
+}
+
+/// Starts `node` again on its old data and checks that it refuses, saying `why`.
+fn assert_restart_refused(cluster: &DevCluster, node: u16, why: &str) {
     let restarted = std::process::Command::new(common::process::binary())
         .arg("server")
         .arg("--config")
-        .arg(cluster.node_config(3))
+        .arg(cluster.node_config(node))
         .env("RUST_LOG", "error")
         .output()
         .unwrap();
     assert!(!restarted.status.success());
-    assert!(
-        stderr(&restarted).contains("n3 was removed from the cluster"),
-        "{}",
-        stderr(&restarted)
-    );
+    assert!(stderr(&restarted).contains(why), "{}", stderr(&restarted));
 }
 
 /// `admin status` of each of `nodes`, once every one has deleted stray copies.
@@ -1213,19 +1214,7 @@ fn a_node_that_left_and_was_switched_off_does_not_hold_reaping_back() {
         std::thread::sleep(Duration::from_secs(1));
     }
 
-    let restarted = std::process::Command::new(common::process::binary())
-        .arg("server")
-        .arg("--config")
-        .arg(cluster.node_config(3))
-        .env("RUST_LOG", "error")
-        .output()
-        .unwrap();
-    assert!(!restarted.status.success());
-    assert!(
-        stderr(&restarted).contains("n3 finished leaving the cluster"),
-        "{}",
-        stderr(&restarted)
-    );
+    assert_restart_refused(&cluster, 3, "n3 finished leaving the cluster");
 }
 
 /// A joiner that dies before the commit holds no change back: `admin cluster clear` drops

@@ -1,6 +1,6 @@
 //! CPU time per operation: the CPU seconds that the nodes and the bench client spent during
 //! a run, divided by its operations. Far less noisy than ops/s on a shared machine, so a
-//! change is judged by it (issue 10). The shell reads `/proc/PID/stat`; this module parses it
+//! change is judged by it. The shell reads `/proc/PID/stat`; this module parses it
 //! and does the arithmetic.
 
 use serde::Serialize;

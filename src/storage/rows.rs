@@ -2,7 +2,7 @@
 //!
 //! Every get and every read-before-write of the store looks its key up in fjall, which walks
 //! the memtables' skiplists and, past them, the tables' indexes: on a node under workload A
-//! about 8% of its CPU (ARCHITECTURE, issue 16). Cassandra keeps a row cache for the same
+//! about 8% of its CPU (ARCHITECTURE, "Profile"). Cassandra keeps a row cache for the same
 //! reason. Here it is direct-mapped (one slot per key hash, a newer key takes the slot) and
 //! filled only by the store's writer, which makes every change of a partition keyspace: a
 //! slot is set after an insert and cleared after a remove, in the same writer job. Readers

@@ -199,11 +199,16 @@ impl Node {
 
     /// Tells the claimant that this node finished its leave.
     async fn report_leave_finished(&self) -> Result<(), String> {
+        self.tell_claimant(PeerRequest::LeaveFinished {
+            node: self.inner.id.clone(),
+        })
+        .await
+    }
+
+    /// Sends a report to the claimant this node sees up; `Ok` once it answered `Pong`.
+    async fn tell_claimant(&self, request: PeerRequest) -> Result<(), String> {
         let (_, claimant) = self.claimant_now()?;
         let claimant = claimant.ok_or("no claimant is up")?;
-        let request = PeerRequest::LeaveFinished {
-            node: self.inner.id.clone(),
-        };
         match self
             .inner
             .peers
@@ -217,8 +222,8 @@ impl Node {
         }
     }
 
-    /// The claimant's side of [`PeerRequest::LeaveFinished`].
-    pub(super) fn record_leave_finished(&self, node: &NodeId) -> Result<(), String> {
+    /// The cluster state, when this node is the claimant; otherwise why it cannot record.
+    fn state_as_claimant(&self) -> Result<Arc<ClusterState>, String> {
         let (state, claimant) = self.claimant_now()?;
         if claimant.as_ref() != Some(&self.inner.id) {
             return Err(format!(
@@ -227,6 +232,12 @@ impl Node {
                 claimant.map_or("none".to_string(), |node| node.to_string())
             ));
         }
+        Ok(state)
+    }
+
+    /// The claimant's side of [`PeerRequest::LeaveFinished`].
+    pub(super) fn record_leave_finished(&self, node: &NodeId) -> Result<(), String> {
+        let state = self.state_as_claimant()?;
         let next = state
             .leave_finished(node)
             .map_err(|error| error.to_string())?;
@@ -552,36 +563,18 @@ impl Node {
     /// Tells the claimant that `handoff` is done.
     async fn report_handoff_done(&self, handoff: &Handoff) -> Result<(), String> {
         let (_, claimant) = self.claimant_now()?;
-        let claimant = claimant.ok_or("no claimant is up")?;
-        if claimant == self.inner.id {
+        if claimant.as_ref() == Some(&self.inner.id) {
             return self.record_handoff_done(handoff);
         }
-        let request = PeerRequest::HandoffDone {
+        self.tell_claimant(PeerRequest::HandoffDone {
             handoff: handoff.clone(),
-        };
-        match self
-            .inner
-            .peers
-            .call(&claimant, request, self.inner.settings.request_timeout)
-            .await
-        {
-            Ok(PeerResponse::Pong) => Ok(()),
-            Ok(PeerResponse::Failed { message }) => Err(message),
-            Ok(other) => Err(format!("the claimant answered {other:?}")),
-            Err(error) => Err(error.to_string()),
-        }
+        })
+        .await
     }
 
     /// The claimant's side of [`PeerRequest::HandoffDone`].
     pub(super) fn record_handoff_done(&self, handoff: &Handoff) -> Result<(), String> {
-        let (state, claimant) = self.claimant_now()?;
-        if claimant.as_ref() != Some(&self.inner.id) {
-            return Err(format!(
-                "{} is not the claimant ({})",
-                self.inner.id,
-                claimant.map_or("none".to_string(), |node| node.to_string())
-            ));
-        }
+        let state = self.state_as_claimant()?;
         match state.handoff_done(handoff) {
             Some(next) => {
                 if let Some(gossip) = self.inner.membership.gossip() {
