@@ -250,6 +250,10 @@ pub struct NodeStatus {
     pub tombstones_held: u64,
     #[serde(default)]
     pub tombstones_reaped: u64,
+    /// Actor entries this node removed from its copies' clocks since it started (see
+    /// `core::retire`).
+    #[serde(default)]
+    pub actors_retired: u64,
 }
 
 /// The kinds of error a client can get; each maps to one HTTP status in the HTTP API.
@@ -646,6 +650,19 @@ pub enum PeerRequest {
     LeaveFinished {
         node: NodeId,
     },
+    /// Actor retirement, step 1 (see `core::retire`): for each key (at most
+    /// [`MAX_REAP_KEYS`]), whether the receiver holds a copy with that record digest, read
+    /// once durable, and the key actor it still coordinates that copy under.
+    RetireCheck {
+        partition: PartitionId,
+        keys: Vec<ReapKey>,
+    },
+    /// Step 2: remove the named actors' idle entries from each copy that still has the
+    /// digest named.
+    Retire {
+        partition: PartitionId,
+        keys: Vec<RetireKey>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -718,6 +735,34 @@ pub enum PeerResponse {
     },
     /// Answer to [`PeerRequest::CopyCheck`], one per key asked.
     CopyCheck(Vec<bool>),
+    /// Answer to [`PeerRequest::RetireCheck`], one per key asked.
+    RetireCheck(Vec<RetireAnswer>),
+    /// Answer to [`PeerRequest::Retire`]: how many copies the receiver changed.
+    Retired {
+        retired: u64,
+    },
+}
+
+/// One key of a [`PeerRequest::Retire`]: the copy checked, and the actors to retire from it
+/// (at most [`crate::core::object::MAX_CONTEXT_ACTORS`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetireKey {
+    #[serde(with = "serde_bytes")]
+    pub bucket: Vec<u8>,
+    #[serde(with = "serde_bytes")]
+    pub key: Vec<u8>,
+    pub digest: u64,
+    pub actors: Vec<crate::core::ids::Actor>,
+}
+
+/// One key's answer to a [`PeerRequest::RetireCheck`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetireAnswer {
+    /// The receiver holds a copy with the digest named, durably.
+    pub held: bool,
+    /// The key actor the receiver would coordinate its next write of the copy under, if it
+    /// still trusts one: never to be retired.
+    pub coordinator: Option<crate::core::ids::Actor>,
 }
 
 /// One key's object in a [`PeerRequest::Handoff`] batch.

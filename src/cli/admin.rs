@@ -555,6 +555,10 @@ pub async fn run(command: AdminCommand) -> Result<()> {
                 "tombstones:        {} held, {} reaped",
                 status.tombstones_held, status.tombstones_reaped
             );
+            println!(
+                "retired actors:    {} clock entries of key actors that coordinate no more",
+                status.actors_retired
+            );
         }
     }
     Ok(())

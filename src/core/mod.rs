@@ -12,6 +12,7 @@
 //! - [`placement`]: targets of a request, with sloppy-quorum fallbacks.
 //! - [`gossip`], [`failure`]: scuttlebutt membership and phi accrual failure detection.
 //! - [`hints`]: hinted handoff record formats.
+//! - [`retire`]: which actors a key's clock may forget, and how old contexts naming them read.
 //! - [`tictac`]: tictac Merkle trees and the exchange steps of active anti-entropy.
 
 pub mod cluster;
@@ -25,6 +26,7 @@ pub mod object;
 pub mod placement;
 pub mod quorum;
 pub mod request;
+pub mod retire;
 pub mod ring;
 pub mod tictac;
 pub mod version;

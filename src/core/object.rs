@@ -3,8 +3,9 @@
 //!
 //! Record format (version 3): one byte `RECORD_FORMAT_VERSION`, then a fixed header of
 //! [`RECORD_HEADER_BYTES`] - 1 bytes, then the MessagePack encoding of the `DvvSet<Content>`.
-//! The header holds what anti-entropy and tombstone reaping read on every write without
-//! decoding the object: a flags byte (bit 0: every sibling is a tombstone), the newest
+//! The header holds what anti-entropy, tombstone reaping and actor retirement read on every
+//! write without decoding the object: a flags byte (bit 0: every sibling is a tombstone;
+//! bit 1: the clock may hold actors that no longer coordinate, see `retire`), the newest
 //! tombstone's time (u64, big-endian), and the key actor this node coordinates the key under
 //! (a presence byte, actor and incarnation as u64; local to the node, never replicated; see
 //! `epoch`). The object's bytes come last, so a digest of the replicated object is a hash of
@@ -27,6 +28,10 @@ pub const RECORD_FORMAT_VERSION: u8 = 3;
 pub const RECORD_HEADER_BYTES: usize = 1 + 1 + 8 + 1 + 8 + 8;
 /// Flag bit of a version 3 record: every sibling is a tombstone.
 const RECORD_FLAG_TOMBSTONE: u8 = 1;
+/// Flag bit of a version 3 record: this node replaced a key actor it no longer trusts, so the
+/// clock may name actors that will never coordinate again ([`LocalRecord::retiring`]). A
+/// reader that predates the bit ignores it, which is safe: it only asks for a retirement pass.
+const RECORD_FLAG_RETIRING: u8 = 2;
 /// Record format 2: MessagePack of a [`LocalRecord`].
 const RECORD_FORMAT_VERSION_2: u8 = 2;
 /// The first record format: the `DvvSet` alone.
@@ -132,12 +137,23 @@ pub enum ObjectError {
 }
 
 /// What a node stores for one key: the replicated object, and what only this node needs.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LocalRecord {
     pub object: StoredObject,
     /// The key actor this node coordinates writes of this copy under, once it has
     /// coordinated one (see `epoch`). A copy born from a merge has none yet.
     pub coordinator: Option<KeyActor>,
+    /// This node gave up a key actor of this copy (it no longer trusted it after an unclean
+    /// stop, or it rescued a version under a one-off actor): the clock may hold actors that
+    /// never coordinate again, and a retirement pass should look for ones it can fold away.
+    pub retiring: bool,
+}
+
+/// Record format 2 as it was written: the object and the key actor.
+#[derive(Deserialize)]
+struct LocalRecordV2 {
+    object: StoredObject,
+    coordinator: Option<KeyActor>,
 }
 
 impl LocalRecord {
@@ -146,6 +162,7 @@ impl LocalRecord {
         LocalRecord {
             object,
             coordinator: None,
+            retiring: false,
         }
     }
 }
@@ -156,11 +173,14 @@ pub fn encode_local_record(record: &LocalRecord) -> Vec<u8> {
         Vec::with_capacity(RECORD_HEADER_BYTES + 64 + object_size_bytes(&record.object));
     bytes.push(RECORD_FORMAT_VERSION);
     let since = tombstone_since(&record.object);
-    bytes.push(if since.is_some() {
-        RECORD_FLAG_TOMBSTONE
-    } else {
-        0
-    });
+    let mut flags = 0;
+    if since.is_some() {
+        flags |= RECORD_FLAG_TOMBSTONE;
+    }
+    if record.retiring {
+        flags |= RECORD_FLAG_RETIRING;
+    }
+    bytes.push(flags);
     bytes.extend_from_slice(&since.unwrap_or(0).to_be_bytes());
     let (present, actor, incarnation) = match record.coordinator {
         Some(key_actor) => (1u8, key_actor.actor, key_actor.incarnation),
@@ -176,17 +196,31 @@ pub fn encode_local_record(record: &LocalRecord) -> Vec<u8> {
     bytes
 }
 
-/// What a version 3 record's header says, read without decoding its object: whether every
-/// sibling is a tombstone (and the newest one's time), and the object's MessagePack bytes.
-/// `None` for other versions or a record too short to hold a header.
-pub fn record_header(bytes: &[u8]) -> Option<(Option<u64>, &[u8])> {
+/// What a version 3 record's header says, read without decoding its object.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecordHeader<'a> {
+    /// Set when every sibling is a tombstone: the newest one's time.
+    pub tombstone_since: Option<u64>,
+    /// [`LocalRecord::retiring`].
+    pub retiring: bool,
+    /// The object's MessagePack bytes.
+    pub object: &'a [u8],
+}
+
+/// The header of a version 3 record; `None` for other versions or a record too short to
+/// hold a header.
+pub fn record_header(bytes: &[u8]) -> Option<RecordHeader<'_>> {
     if bytes.len() < RECORD_HEADER_BYTES || bytes[0] != RECORD_FORMAT_VERSION {
         return None;
     }
     let mut since = [0u8; 8];
     since.copy_from_slice(&bytes[2..10]);
-    let since = (bytes[1] & RECORD_FLAG_TOMBSTONE != 0).then_some(u64::from_be_bytes(since));
-    Some((since, &bytes[RECORD_HEADER_BYTES..]))
+    Some(RecordHeader {
+        tombstone_since: (bytes[1] & RECORD_FLAG_TOMBSTONE != 0)
+            .then_some(u64::from_be_bytes(since)),
+        retiring: bytes[1] & RECORD_FLAG_RETIRING != 0,
+        object: &bytes[RECORD_HEADER_BYTES..],
+    })
 }
 
 /// The MessagePack encoding of an object, as a version 3 record holds it.
@@ -239,10 +273,19 @@ pub fn decode_local_record(bytes: &[u8]) -> Result<LocalRecord, ObjectError> {
             LocalRecord {
                 object,
                 coordinator,
+                retiring: bytes[1] & RECORD_FLAG_RETIRING != 0,
             }
         }
         RECORD_FORMAT_VERSION_2 => {
-            rmp_serde::from_slice::<LocalRecord>(body).map_err(undecodable)?
+            let LocalRecordV2 {
+                object,
+                coordinator,
+            } = rmp_serde::from_slice(body).map_err(undecodable)?;
+            LocalRecord {
+                object,
+                coordinator,
+                retiring: false,
+            }
         }
         RECORD_FORMAT_VERSION_1 => {
             LocalRecord::merged(rmp_serde::from_slice(body).map_err(undecodable)?)
@@ -325,6 +368,22 @@ impl Context {
             });
         }
         Ok(Context(wire.clock))
+    }
+
+    /// This context without its claims on actors that `known` (the history of every replica
+    /// of the key) does not name: retired actors, whose dots are superseded everywhere, or
+    /// actors of versions that have not reached a replica yet (they arrive as siblings). See
+    /// `core::retire`: dropping a claim never loses a version.
+    pub fn without_actors_unknown_to(&self, known: &VersionVector) -> Context {
+        let entries = self
+            .0
+            .entries()
+            .iter()
+            .copied()
+            .filter(|(actor, _)| known.get(*actor) > 0)
+            .collect();
+        // A subset of a valid vector's entries is still sorted, unique and non-zero.
+        Context(VersionVector::from_entries(entries).unwrap_or_default())
     }
 
     /// The entries of this context that claim more of an actor's history than `known`
@@ -575,9 +634,9 @@ mod tests {
             Err(ObjectError::UndecodableRecord { .. })
         ));
         // The header gives the object's bytes and the tombstone state without a decode.
-        let (since, object_bytes) = record_header(&bytes).unwrap();
-        assert_eq!(since, None);
-        assert_eq!(object_bytes, encode_object(&object).as_slice());
+        let header = record_header(&bytes).unwrap();
+        assert_eq!((header.tombstone_since, header.retiring), (None, false));
+        assert_eq!(header.object, encode_object(&object).as_slice());
         let deleted = coordinate_put(
             Some(&object),
             Some(&Context::of(&object)),
@@ -585,7 +644,20 @@ mod tests {
             7,
             true,
         );
-        assert_eq!(record_header(&encode_record(&deleted)).unwrap().0, Some(9));
+        assert_eq!(
+            record_header(&encode_record(&deleted))
+                .unwrap()
+                .tombstone_since,
+            Some(9)
+        );
+        let retiring = LocalRecord {
+            retiring: true,
+            ..LocalRecord::merged(deleted.clone())
+        };
+        let header_bytes = encode_local_record(&retiring);
+        let header = record_header(&header_bytes).unwrap();
+        assert_eq!((header.tombstone_since, header.retiring), (Some(9), true));
+        assert_eq!(decode_local_record(&header_bytes), Ok(retiring));
         assert_eq!(record_header(&[RECORD_FORMAT_VERSION, 0]), None);
     }
 
@@ -598,13 +670,15 @@ mod tests {
                 actor: 7,
                 incarnation: 3,
             }),
+            retiring: false,
         };
         assert_eq!(
             decode_local_record(&encode_local_record(&record)),
             Ok(record.clone())
         );
+        // Version 2 held MessagePack of (object, key actor).
         let mut version_2 = vec![RECORD_FORMAT_VERSION_2];
-        rmp_serde::encode::write(&mut version_2, &record).unwrap();
+        rmp_serde::encode::write(&mut version_2, &(&record.object, record.coordinator)).unwrap();
         assert_eq!(decode_local_record(&version_2), Ok(record.clone()));
         let mut version_1 = vec![RECORD_FORMAT_VERSION_1];
         rmp_serde::encode::write(&mut version_1, &object).unwrap();

@@ -78,6 +78,8 @@ pub struct RecordSummary {
     pub digest: u64,
     /// [`crate::core::object::tombstone_since`]: set when every sibling is a tombstone.
     pub tombstone_since: Option<u64>,
+    /// [`crate::core::object::LocalRecord::retiring`].
+    pub retiring: bool,
 }
 
 /// The [`RecordSummary`] of a stored record. A current-format record is not decoded: its
@@ -85,10 +87,11 @@ pub struct RecordSummary {
 /// decoded and their object encoded as the current format holds it, so a copy digests alike
 /// whichever format stores it.
 pub fn record_summary(record: &[u8]) -> RecordSummary {
-    if let Some((tombstone_since, object)) = crate::core::object::record_header(record) {
+    if let Some(header) = crate::core::object::record_header(record) {
         return RecordSummary {
-            digest: first_u64(blake3::hash(object).as_bytes()),
-            tombstone_since,
+            digest: first_u64(blake3::hash(header.object).as_bytes()),
+            tombstone_since: header.tombstone_since,
+            retiring: header.retiring,
         };
     }
     match crate::core::object::decode_local_record(record) {
@@ -97,11 +100,13 @@ pub fn record_summary(record: &[u8]) -> RecordSummary {
             RecordSummary {
                 digest: first_u64(blake3::hash(&object).as_bytes()),
                 tombstone_since: crate::core::object::tombstone_since(&local.object),
+                retiring: local.retiring,
             }
         }
         Err(_) => RecordSummary {
             digest: first_u64(blake3::hash(record).as_bytes()),
             tombstone_since: None,
+            retiring: false,
         },
     }
 }
@@ -721,6 +726,7 @@ mod tests {
                     actor: 42,
                     incarnation: 3,
                 }),
+                retiring: true,
             });
         assert_ne!(coordinated, encode_record(&two));
         assert_eq!(record_digest(&coordinated), digest(&two));

@@ -551,6 +551,31 @@ impl<V: Clone + PartialEq> DvvSet<V> {
         Self { entries, anonymous }
     }
 
+    /// Actors whose dots are all superseded here: their entries hold no live value.
+    pub fn idle_actors(&self) -> Vec<Actor> {
+        self.entries
+            .iter()
+            .filter(|entry| entry.values.is_empty())
+            .map(|entry| entry.actor)
+            .collect()
+    }
+
+    /// This clock without the entries of `actors` that hold no live value (entries that do
+    /// are kept whole): the same values, a shorter history. Only safe where no copy, message
+    /// or context can still bring those actors' values back and none of them issues another
+    /// dot; `core::retire` states when that holds.
+    pub fn without_idle(&self, actors: &[Actor]) -> Self {
+        Self {
+            entries: self
+                .entries
+                .iter()
+                .filter(|entry| !(entry.values.is_empty() && actors.contains(&entry.actor)))
+                .cloned()
+                .collect(),
+            anonymous: self.anonymous.clone(),
+        }
+    }
+
     /// Whether `other`'s history strictly includes this one's.
     fn strictly_precedes(&self, other: &Self) -> bool {
         other.descends(self) && !self.descends(other)

@@ -443,6 +443,10 @@ pub(crate) async fn riak_stats(State(state): State<AppState>, headers: HeaderMap
             "dynkv_tombstones_reaped_total".into(),
             json!(status.tombstones_reaped),
         );
+        fields.insert(
+            "dynkv_actors_retired_total".into(),
+            json!(status.actors_retired),
+        );
         fields.insert("dynkv_members_up".into(), json!(status.members_up));
         fields.insert("dynkv_members_down".into(), json!(status.members_down));
     }

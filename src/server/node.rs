@@ -48,6 +48,7 @@ mod inflight;
 mod put;
 mod reap;
 mod replica;
+mod retire;
 mod transfer;
 pub use aae::AaeSettings;
 pub use buckets::{BucketProps, MAX_TOMBSTONE_GRACE_SECS, PROPS_BUCKET};
@@ -177,6 +178,7 @@ struct NodeInner {
     /// Anti-entropy exchanges this node ran.
     aae: aae::AaeState,
     reap: reap::ReapState,
+    retire: retire::RetireState,
     /// Operations that may write copies, by partition (a reaper waits them out).
     in_flight: Arc<inflight::InFlight>,
 }
@@ -286,6 +288,7 @@ impl Node {
                 transfers: transfer::Transfers::new(settings.transfer_limit),
                 aae: aae::AaeState::default(),
                 reap: reap::ReapState::default(),
+                retire: retire::RetireState::default(),
                 in_flight: Arc::default(),
                 key_actors,
                 store,
@@ -546,6 +549,7 @@ impl Node {
             aae_bytes_exchanged: self.inner.aae.bytes_exchanged.load(Ordering::Relaxed),
             tombstones_held: self.tombstones_held(),
             tombstones_reaped: self.inner.reap.reaped.load(Ordering::Relaxed),
+            actors_retired: self.inner.retire.retired.load(Ordering::Relaxed),
         })
     }
 
@@ -826,6 +830,10 @@ impl Node {
             PeerRequest::CopyCheck { partition, keys } => {
                 self.serve_copy_check(partition, keys).await
             }
+            PeerRequest::RetireCheck { partition, keys } => {
+                self.serve_retire_check(partition, keys).await
+            }
+            PeerRequest::Retire { partition, keys } => self.serve_retire(partition, keys).await,
         }
     }
 

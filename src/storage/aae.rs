@@ -24,6 +24,8 @@ struct PartitionTree {
     built: Option<TicTacTree>,
     /// Keys whose every sibling is a tombstone, as the built tree counts them.
     tombstones: u64,
+    /// Keys whose record asks for an actor retirement pass, as the built tree counts them.
+    retiring: u64,
     /// A build in progress.
     building: Option<Build>,
     /// Builds completed (the first one makes the tree usable).
@@ -36,6 +38,7 @@ struct PartitionTree {
 struct Build {
     tree: TicTacTree,
     tombstones: u64,
+    retiring: u64,
     cursor: Option<Vec<u8>>,
 }
 
@@ -52,6 +55,8 @@ pub struct TreeStatus {
     pub root: Option<u32>,
     /// Keys held as tombstones only (counted once the first build is done).
     pub tombstones: u64,
+    /// Keys whose clock may hold actors to retire (counted once the first build is done).
+    pub retiring: u64,
 }
 
 /// Every partition's tree on this node.
@@ -84,10 +89,16 @@ impl AaeTrees {
         let is_tombstone = |summary: Option<tictac::RecordSummary>| {
             summary.is_some_and(|summary| summary.tombstone_since.is_some())
         };
+        let is_retiring = |summary: Option<tictac::RecordSummary>| {
+            summary.is_some_and(|summary| summary.retiring)
+        };
         let (old_tombstone, new_tombstone) = (is_tombstone(old), is_tombstone(new));
-        let count = |tombstones: &mut u64| {
+        let (old_retiring, new_retiring) = (is_retiring(old), is_retiring(new));
+        let count = |tombstones: &mut u64, retiring: &mut u64| {
             *tombstones =
                 (*tombstones + u64::from(new_tombstone)).saturating_sub(u64::from(old_tombstone));
+            *retiring =
+                (*retiring + u64::from(new_retiring)).saturating_sub(u64::from(old_retiring));
         };
         let (old, new) = (entry(old), entry(new));
         let mut trees = self.trees.lock();
@@ -95,7 +106,7 @@ impl AaeTrees {
         tree.writes_since_build += 1;
         if let Some(built) = &mut tree.built {
             built.update(segment, old, new);
-            count(&mut tree.tombstones);
+            count(&mut tree.tombstones, &mut tree.retiring);
         }
         if let Some(build) = &mut tree.building
             && build
@@ -104,7 +115,7 @@ impl AaeTrees {
                 .is_some_and(|cursor| stored_key <= cursor)
         {
             build.tree.update(segment, old, new);
-            count(&mut build.tombstones);
+            count(&mut build.tombstones, &mut build.retiring);
         }
     }
 
@@ -131,6 +142,7 @@ impl AaeTrees {
         tree.building = Some(Build {
             tree: TicTacTree::new(),
             tombstones: 0,
+            retiring: 0,
             cursor: None,
         });
         true
@@ -159,6 +171,7 @@ impl AaeTrees {
             if let Some(done) = tree.building.take() {
                 tree.built = Some(done.tree);
                 tree.tombstones = done.tombstones;
+                tree.retiring = done.retiring;
                 tree.builds += 1;
                 tree.writes_since_build = 0;
             }
@@ -172,6 +185,7 @@ impl AaeTrees {
                 Some(tictac::entry_hash(*position, summary.digest)),
             );
             build.tombstones += u64::from(summary.tombstone_since.is_some());
+            build.retiring += u64::from(summary.retiring);
             build.cursor = Some(stored_key.clone());
         }
     }
@@ -206,6 +220,14 @@ impl AaeTrees {
         )
     }
 
+    /// Keys of `partition` whose record asks for an actor retirement pass; `None` until its
+    /// first build is done.
+    pub fn retiring(&self, partition: u32) -> Option<u64> {
+        let trees = self.trees.lock();
+        let tree = trees.get(&partition)?;
+        tree.built.as_ref().map(|_| tree.retiring)
+    }
+
     /// Keys of `partition` held as tombstones only; `None` until its first build is done.
     pub fn tombstones(&self, partition: u32) -> Option<u64> {
         let trees = self.trees.lock();
@@ -226,6 +248,7 @@ impl AaeTrees {
                 writes_since_build: tree.writes_since_build,
                 root: tree.built.as_ref().map(TicTacTree::root),
                 tombstones: tree.tombstones,
+                retiring: tree.retiring,
             })
             .collect();
         status.sort_by_key(|tree| tree.partition);

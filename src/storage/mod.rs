@@ -97,6 +97,16 @@ pub struct Tombstone {
     pub since_micros: u64,
 }
 
+/// A record that asks for an actor retirement pass, found by [`Store::retiring`].
+#[derive(Clone, Debug)]
+pub struct RetiringRecord {
+    pub bucket: Vec<u8>,
+    pub key: Vec<u8>,
+    /// Its record digest ([`crate::core::tictac::record_digest`]).
+    pub digest: u64,
+    pub record: crate::core::object::LocalRecord,
+}
+
 /// How the store trades durability for latency, and how much memory it may cache.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StorageConfig {
@@ -759,6 +769,51 @@ impl Store {
         start_after: Option<(&[u8], &[u8])>,
         limit: usize,
     ) -> Result<Vec<Tombstone>, StorageError> {
+        self.scan_picking(partition, start_after, limit, |bucket, key, record| {
+            let summary = crate::core::tictac::record_summary(record);
+            summary.tombstone_since.map(|since_micros| Tombstone {
+                bucket: bucket.to_vec(),
+                key: key.to_vec(),
+                digest: summary.digest,
+                since_micros,
+            })
+        })
+    }
+
+    /// Up to `limit` records of `partition` that ask for an actor retirement pass
+    /// ([`crate::core::object::LocalRecord::retiring`]), decoded, with their record digest,
+    /// in stored-key order after `start_after` (a scan of the partition). A record that does
+    /// not decode is skipped: anti-entropy reports it.
+    pub fn retiring(
+        &self,
+        partition: u32,
+        start_after: Option<(&[u8], &[u8])>,
+        limit: usize,
+    ) -> Result<Vec<RetiringRecord>, StorageError> {
+        self.scan_picking(partition, start_after, limit, |bucket, key, record| {
+            let summary = crate::core::tictac::record_summary(record);
+            if !summary.retiring {
+                return None;
+            }
+            let record = crate::core::object::decode_local_record(record).ok()?;
+            Some(RetiringRecord {
+                bucket: bucket.to_vec(),
+                key: key.to_vec(),
+                digest: summary.digest,
+                record,
+            })
+        })
+    }
+
+    /// Up to `limit` of what `pick` makes of `partition`'s records after `start_after`, in
+    /// stored-key order.
+    fn scan_picking<T>(
+        &self,
+        partition: u32,
+        start_after: Option<(&[u8], &[u8])>,
+        limit: usize,
+        pick: impl Fn(&[u8], &[u8], &[u8]) -> Option<T>,
+    ) -> Result<Vec<T>, StorageError> {
         const PAGE: usize = 1000;
         let mut found = Vec::new();
         let mut cursor: Option<(Vec<u8>, Vec<u8>)> =
@@ -776,16 +831,10 @@ impl Store {
             };
             cursor = Some((bucket.clone(), key.clone()));
             for (bucket, key, record) in page {
-                let summary = crate::core::tictac::record_summary(&record);
-                if let Some(since_micros) = summary.tombstone_since
-                    && found.len() < limit
+                if found.len() < limit
+                    && let Some(picked) = pick(&bucket, &key, &record)
                 {
-                    found.push(Tombstone {
-                        bucket,
-                        key,
-                        digest: summary.digest,
-                        since_micros,
-                    });
+                    found.push(picked);
                 }
             }
         }

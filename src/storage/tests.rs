@@ -755,6 +755,7 @@ fn record_of(value: &[u8], deleted: bool, actor: crate::core::ids::Actor) -> Vec
     encode_local_record(&LocalRecord {
         object,
         coordinator: None,
+        retiring: false,
     })
 }
 
@@ -815,6 +816,56 @@ async fn tombstones_are_counted_and_reaped_only_unchanged(kind: Engine) {
     assert_eq!(trees.tombstones(3), Some(0));
 }
 on_both_engines!(tombstones_are_counted_and_reaped_only_unchanged; flavor = "multi_thread", worker_threads = 2);
+
+/// Trees count the records that ask for an actor retirement pass, through writes, clears,
+/// deletes and rebuilds, and a scan finds exactly those.
+async fn records_asking_for_retirement_are_counted_and_found(kind: Engine) {
+    use crate::core::object::{LocalRecord, decode_local_record, encode_local_record};
+    let dir = Disk::new(kind);
+    let store = dir.open();
+    let trees = store.aae_trees().unwrap().clone();
+    let marked = |value: &[u8], actor| {
+        let mut record = decode_local_record(&record_of(value, false, actor)).unwrap();
+        record.retiring = true;
+        encode_local_record(&record)
+    };
+    put(&store, 3, b"b", b"plain", &record_of(b"v", false, 1)).await;
+    put(&store, 3, b"b", b"marked", &marked(b"w", 2)).await;
+    put(&store, 3, b"b", b"also marked", &marked(b"x", 3)).await;
+    assert_eq!(trees.retiring(3), Some(2));
+    assert_eq!(trees.retiring(4), None, "no tree: no count");
+    let found = store.retiring(3, None, 10).unwrap();
+    let names: Vec<&[u8]> = found.iter().map(|r| r.key.as_slice()).collect();
+    assert_eq!(names, vec![b"also marked".as_slice(), b"marked".as_slice()]);
+    assert!(found.iter().all(|r| r.record.retiring));
+    let digest =
+        crate::core::tictac::record_digest(&store.get(3, b"b", b"marked").unwrap().unwrap());
+    assert_eq!(found[1].digest, digest);
+    // Paged after a cursor.
+    let rest = store
+        .retiring(3, Some((&found[0].bucket, &found[0].key)), 10)
+        .unwrap();
+    assert_eq!(rest.len(), 1);
+    assert_eq!(rest[0].key, b"marked");
+    // Clearing the mark uncounts it, an update that writes nothing keeps it, a rebuild agrees.
+    let cleared = LocalRecord {
+        retiring: false,
+        ..found[1].record.clone()
+    };
+    put(&store, 3, b"b", b"marked", &encode_local_record(&cleared)).await;
+    assert_eq!(trees.retiring(3), Some(1));
+    store
+        .update(3, b"b", b"also marked", |_| {
+            Ok::<_, std::convert::Infallible>((None, ()))
+        })
+        .await
+        .unwrap();
+    assert_eq!(trees.retiring(3), Some(1), "returning None writes nothing");
+    assert!(store.build_tree(3).await.unwrap());
+    assert_eq!(trees.retiring(3), Some(1));
+    assert_eq!(store.retiring(3, None, 10).unwrap().len(), 1);
+}
+on_both_engines!(records_asking_for_retirement_are_counted_and_found; flavor = "multi_thread", worker_threads = 2);
 
 /// With `aae_trees` off no tree is kept and no build runs.
 #[tokio::test]

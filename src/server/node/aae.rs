@@ -110,10 +110,10 @@ impl Node {
             {
                 warn!(partition, error = %error, "cannot rebuild an anti-entropy tree");
             }
-            let Some(partition) = self.next_exchange_partition() else {
-                continue;
-            };
-            self.exchange_and_reap(partition).await;
+            if let Some(partition) = self.next_exchange_partition() {
+                self.exchange_and_reap(partition).await;
+            }
+            self.retire_next_partition().await;
         }
     }
 

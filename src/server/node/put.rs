@@ -119,7 +119,7 @@ impl Node {
             hint_for: coordinator.local().hint_for.clone(),
         };
         let mut attempt = self
-            .coordinate_local(&local_copy, context, content, props.keeps_siblings())
+            .coordinate_local(&local_copy, context, content, props.keeps_siblings(), false)
             .await;
         if let Err(LocalWriteError::UnknownContext(unknown)) = attempt {
             // The client read versions this copy has not seen yet (or claims ones nobody
@@ -130,15 +130,24 @@ impl Node {
             let (answered, asked) = self
                 .catch_up(&local_copy, coordinator.targets(), deadline)
                 .await;
+            let primaries_down = coordinator
+                .targets()
+                .iter()
+                .any(|target| target.hint_for.is_some());
+            // With every primary's copy merged here, an actor none of them names is retired
+            // (or its versions are still on their way): its claim is dropped (`core::retire`).
+            let every_primary_answered = answered == asked && !primaries_down;
             attempt = match self
-                .coordinate_local(&local_copy, context, content, props.keeps_siblings())
+                .coordinate_local(
+                    &local_copy,
+                    context,
+                    content,
+                    props.keeps_siblings(),
+                    every_primary_answered,
+                )
                 .await
             {
                 Err(LocalWriteError::UnknownContext(unknown)) => {
-                    let primaries_down = coordinator
-                        .targets()
-                        .iter()
-                        .any(|target| target.hint_for.is_some());
                     return unknown_context_response(
                         &unknown.beyond,
                         answered,
@@ -270,13 +279,16 @@ impl Node {
     }
 
     /// The coordinator's local step: read, supersede what the context covers, add the new
-    /// value with a fresh dot of this node's actor, check the limits, store durably.
+    /// value with a fresh dot of this node's actor, check the limits, store durably. With
+    /// `drop_unknown_actors` (this copy holds every primary's), the context's claims on
+    /// actors the copy does not name are dropped rather than refused.
     pub(super) async fn coordinate_local(
         &self,
         copy: &Copy,
         context: Option<Context>,
         content: Content,
         allow_mult: bool,
+        drop_unknown_actors: bool,
     ) -> Result<StoredObject, LocalWriteError> {
         let max_siblings = self.inner.settings.max_siblings;
         let max_object_bytes = self.inner.settings.max_object_bytes;
@@ -285,16 +297,27 @@ impl Node {
             // The actor this copy's writes are coordinated under; a copy this node has not
             // coordinated into since it was born (or since an unclean stop) gets a fresh one,
             // so no dot is ever issued twice (see `core::epoch`).
-            let key_actor = key_actors.choose(local.as_ref().and_then(|local| local.coordinator));
+            let remembered = local.as_ref().and_then(|local| local.coordinator);
+            let key_actor = key_actors.choose(remembered);
+            // A key actor given up here never coordinates again: its entry can be retired
+            // once its values are superseded everywhere (see `core::retire`).
+            let retiring = local.as_ref().is_some_and(|local| local.retiring)
+                || remembered.is_some_and(|remembered| remembered != key_actor);
             let local = local.map(|local| local.object);
             // A context may supersede only versions that were issued: an entry beyond what
             // this copy holds is either a version the client read elsewhere (the caller
             // catches this copy up and retries) or forged, and trusting it would let this
             // write's clock cover dots its actor issues later (DESIGN §4).
-            let beyond = context.as_ref().map_or_else(Vec::new, |context| {
-                let known = local.as_ref().map(|local| local.join()).unwrap_or_default();
-                context.beyond(&known)
-            });
+            let known = local.as_ref().map(|local| local.join()).unwrap_or_default();
+            let context = match context {
+                Some(context) if drop_unknown_actors => {
+                    Some(context.without_actors_unknown_to(&known))
+                }
+                other => other,
+            };
+            let beyond = context
+                .as_ref()
+                .map_or_else(Vec::new, |context| context.beyond(&known));
             if !beyond.is_empty() {
                 return Err(LocalWriteError::UnknownContext(Box::new(UnknownContext {
                     beyond,
@@ -332,6 +355,7 @@ impl Node {
             let record = LocalRecord {
                 object: updated.clone(),
                 coordinator: Some(key_actor),
+                retiring,
             };
             Ok((Some(record), updated))
         })

@@ -73,7 +73,7 @@ impl std::fmt::Display for ReapOutcome {
 }
 
 /// A key as (bucket, key).
-type BucketAndKey = (Vec<u8>, Vec<u8>);
+pub(super) type BucketAndKey = (Vec<u8>, Vec<u8>);
 
 /// What this node remembers of its reaping passes.
 #[derive(Default)]
@@ -184,7 +184,10 @@ impl Node {
     /// look up to the failure detector): one that does not answer holds reaping back.
     /// Otherwise returns the other members that may coordinate requests (those asked, and
     /// joiners that are up), for [`Node::wait_out_operations`].
-    async fn reaping_blocked(&self, partition: PartitionId) -> Result<Vec<NodeId>, String> {
+    pub(super) async fn reaping_blocked(
+        &self,
+        partition: PartitionId,
+    ) -> Result<Vec<NodeId>, String> {
         let membership = &self.inner.membership;
         let Some(gossip) = membership.gossip() else {
             return Err("membership is static: hints held elsewhere are not known".into());
@@ -281,7 +284,7 @@ impl Node {
     /// A member whose cleanup after the last ring change has not finished holds it back
     /// too: a stale copy it keeps would be a replica's again if a later change gave the
     /// partition back to it.
-    async fn wait_out_operations(
+    pub(super) async fn wait_out_operations(
         &self,
         partition: PartitionId,
         confirmed: Instant,

@@ -65,9 +65,11 @@ impl Node {
                         let created_micros = existing
                             .as_ref()
                             .map_or_else(|| clock.now_micros(), |record| record.created_micros);
+                        // A hint copy's key actors die with it; only primaries retire.
                         let local = existing.map(|record| LocalRecord {
                             object: record.object,
                             coordinator: record.coordinator,
+                            retiring: false,
                         });
                         let (updated, output) = transform(local)?;
                         let write = match updated {
@@ -130,6 +132,9 @@ impl Node {
                     return Ok((None, 0));
                 }
                 let coordinator = local.as_ref().and_then(|local| local.coordinator);
+                // A rescued version's one-off actor never coordinates again.
+                let retiring =
+                    local.as_ref().is_some_and(|local| local.retiring) || !collisions.is_empty();
                 let mut merged = merge_replica(
                     local.as_ref().map(|local| &local.object),
                     &incoming,
@@ -159,6 +164,7 @@ impl Node {
                     Some(LocalRecord {
                         object: merged,
                         coordinator,
+                        retiring,
                     }),
                     collisions.len(),
                 ))
