@@ -85,12 +85,44 @@ async fn properties_set_on_one_node_govern_placement_and_merging_everywhere() {
     assert_eq!(copies(&cluster, "before").await, 3);
     assert!(sibling_count(&cluster.client(&node("n4"), get_all("before")).await) > 1);
 
-    // n_val = 2 and allow_mult = false, set through n1.
+    // n_val = 2 and allow_mult = false, set through n1: refused while the bucket holds a
+    // key (its third copy would never be deleted), taken once it holds none.
     let props = BucketProps {
         n_val: 2,
         allow_mult: false,
         ..defaults
     };
+    let refused = first
+        .set_bucket_props(BUCKET, Some(props))
+        .await
+        .unwrap_err();
+    assert!(
+        refused
+            .message
+            .starts_with("n_val cannot be lowered from 3 to 2 while the bucket holds keys"),
+        "{}",
+        refused.message
+    );
+    assert_eq!(first.bucket_props(BUCKET).await, Ok(defaults));
+    let response = cluster
+        .client(
+            &node("n1"),
+            ClientRequest::Delete {
+                bucket: BUCKET.to_vec(),
+                key: b"before".to_vec(),
+                context: None,
+                options: PutOptions {
+                    w: Quorum::All,
+                    r: Some(Quorum::All),
+                    ..PutOptions::default()
+                },
+            },
+        )
+        .await;
+    assert!(
+        matches!(response, ClientResponse::Stored { .. }),
+        "{response:?}"
+    );
     first.set_bucket_props(BUCKET, Some(props)).await.unwrap();
     for id in cluster.up_nodes() {
         let seen = cluster.node(&id).unwrap().bucket_props(BUCKET).await;

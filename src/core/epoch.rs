@@ -16,16 +16,21 @@
 //!   key actor with it, so a copy born again (a new hint, a merge from a replica, a handoff)
 //!   gets a fresh one on its next coordinated write.
 //! - A key actor is derived from the node's base actor (drawn with the data directory), its
-//!   **incarnation** (counted up at every start and persisted before the node serves) and a
-//!   sequence number within the incarnation, so two key actors never coincide except by a
-//!   64-bit hash collision, as with base actors.
-//! - After an unclean stop the node **trusts no key actor of an earlier incarnation**
-//!   (`trusted_from` moves to the new incarnation): what a crash lost may have left a copy
-//!   behind the counters its actor issued. After a clean stop (everything fsynced) the old key
-//!   actors stay in use, so a restart does not grow every key's clock.
+//!   **incarnation** (counted up at every start and persisted before the node serves), a
+//!   **start nonce** (64 random bits drawn at every start, never persisted) and a sequence
+//!   number within the start, so two key actors never coincide except by a 64-bit hash
+//!   collision, as with base actors. The nonce is what makes a restored backup or VM snapshot
+//!   safe: it rewinds the persisted incarnation, and without the nonce the node would mint
+//!   again the very key actors it had minted after the backup was taken.
+//! - A node **trusts only the key actors of its current start** (`trusted_from` is always the
+//!   current incarnation). After an unclean stop the copy may have lost writes its actor
+//!   issued; after a clean stop the data directory may be restored from a backup taken before
+//!   later writes under the same actor. Either way the old actor's counter can no longer be
+//!   trusted, and nothing on the node can tell these cases from a plain restart.
 //!
-//! The cost: a key's clock holds one entry per (node, copy lifetime) that coordinated it,
-//! instead of one per node.
+//! The cost: a key's clock gains one entry per (node, copy lifetime, start) that coordinated
+//! it; actor retirement (`retire`) removes the entries of actors that coordinate no more once
+//! every replica has superseded their versions.
 
 use crate::core::ids::Actor;
 use serde::{Deserialize, Serialize};
@@ -37,46 +42,39 @@ pub struct KeyActor {
     pub incarnation: u64,
 }
 
-/// What a node knows of its own lifetimes: its base actor, this start's incarnation, and the
-/// first incarnation whose key actors it still trusts.
+/// What a node knows of its own lifetimes: its base actor, this start's incarnation and
+/// nonce, and the first incarnation whose key actors it trusts (this one).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NodeEpoch {
     pub base: Actor,
     pub incarnation: u64,
-    /// The incarnation of the last unclean start (or the first start): key actors drawn
-    /// before it are never reused.
+    /// Random bits drawn at this start (by the shell): key actors of two starts never
+    /// coincide, even when a restored backup makes them share an incarnation number.
+    pub nonce: u64,
+    /// Key actors drawn before it are never reused: always this start's incarnation.
     pub trusted_from: u64,
 }
 
 impl NodeEpoch {
-    /// The epoch of the next start, given the last one persisted and whether the node
-    /// stopped cleanly after it (`None`: a new data directory).
-    pub fn next(base: Actor, previous: Option<(u64, u64)>, stopped_cleanly: bool) -> NodeEpoch {
-        let (incarnation, trusted_from) = match previous {
-            None => (1, 1),
-            Some((incarnation, trusted_from)) => {
-                let incarnation = incarnation.saturating_add(1);
-                let trusted_from = if stopped_cleanly {
-                    trusted_from
-                } else {
-                    incarnation
-                };
-                (incarnation, trusted_from)
-            }
-        };
+    /// The epoch of the next start, given the last incarnation persisted (`None`: a new data
+    /// directory) and this start's random `nonce`.
+    pub fn next(base: Actor, previous: Option<u64>, nonce: u64) -> NodeEpoch {
+        let incarnation = previous.map_or(1, |previous| previous.saturating_add(1));
         NodeEpoch {
             base,
             incarnation,
-            trusted_from,
+            nonce,
+            trusted_from: incarnation,
         }
     }
 
     /// The `sequence`-th key actor of this incarnation.
     pub fn derive(&self, sequence: u64) -> KeyActor {
         let mut hasher = blake3::Hasher::new();
-        hasher.update(b"dynkv key actor v1");
+        hasher.update(b"dynkv key actor v2");
         hasher.update(&self.base.to_le_bytes());
         hasher.update(&self.incarnation.to_le_bytes());
+        hasher.update(&self.nonce.to_le_bytes());
         hasher.update(&sequence.to_le_bytes());
         let digest = hasher.finalize();
         let mut first = [0u8; 8];
@@ -113,37 +111,42 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_clean_stop_keeps_trust_and_an_unclean_one_drops_it() {
-        let first = NodeEpoch::next(7, None, false);
+    fn only_the_current_start_is_trusted() {
+        let first = NodeEpoch::next(7, None, 11);
         assert_eq!((first.incarnation, first.trusted_from), (1, 1));
-        let clean = NodeEpoch::next(7, Some((1, 1)), true);
-        assert_eq!((clean.incarnation, clean.trusted_from), (2, 1));
-        let unclean = NodeEpoch::next(7, Some((2, 1)), false);
-        assert_eq!((unclean.incarnation, unclean.trusted_from), (3, 3));
+        let second = NodeEpoch::next(7, Some(1), 12);
+        assert_eq!((second.incarnation, second.trusted_from), (2, 2));
         let drawn_in_first = first.derive(0);
-        assert!(clean.trusts(&drawn_in_first));
-        assert!(!unclean.trusts(&drawn_in_first));
+        assert!(first.trusts(&drawn_in_first));
+        assert!(!second.trusts(&drawn_in_first));
         assert_eq!(
-            clean.choose(Some(drawn_in_first), || clean.derive(0)),
+            first.choose(Some(drawn_in_first), || first.derive(1)),
             drawn_in_first
         );
         assert_ne!(
-            unclean.choose(Some(drawn_in_first), || unclean.derive(0)),
+            second.choose(Some(drawn_in_first), || second.derive(0)),
             drawn_in_first
         );
     }
 
     #[test]
-    fn key_actors_differ_by_sequence_incarnation_and_node() {
-        let epoch = NodeEpoch::next(7, Some((4, 1)), true);
+    fn key_actors_differ_by_sequence_start_and_node() {
+        let epoch = NodeEpoch::next(7, Some(4), 100);
         let mut seen = std::collections::BTreeSet::new();
         for sequence in 0..1000 {
             assert!(seen.insert(epoch.derive(sequence).actor));
         }
-        let later = NodeEpoch::next(7, Some((5, 1)), true);
-        let other_node = NodeEpoch::next(8, Some((4, 1)), true);
+        let later = NodeEpoch::next(7, Some(5), 100);
+        let other_node = NodeEpoch::next(8, Some(4), 100);
         assert!(!seen.contains(&later.derive(0).actor));
         assert!(!seen.contains(&other_node.derive(0).actor));
+        // A start from a restored backup repeats an incarnation number; its nonce differs,
+        // and so does every key actor it mints.
+        let restored = NodeEpoch::next(7, Some(4), 101);
+        assert_eq!(restored.incarnation, epoch.incarnation);
+        for sequence in 0..1000 {
+            assert!(!seen.contains(&restored.derive(sequence).actor));
+        }
         // A key actor from a future incarnation (a copied data directory) is not trusted.
         assert!(!epoch.trusts(&later.derive(0)));
     }

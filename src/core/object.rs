@@ -143,8 +143,8 @@ pub struct LocalRecord {
     /// The key actor this node coordinates writes of this copy under, once it has
     /// coordinated one (see `epoch`). A copy born from a merge has none yet.
     pub coordinator: Option<KeyActor>,
-    /// This node gave up a key actor of this copy (it no longer trusted it after an unclean
-    /// stop, or it rescued a version under a one-off actor): the clock may hold actors that
+    /// This node gave up a key actor of this copy (it trusts no key actor of an earlier start,
+    /// or it rescued a version under a one-off actor): the clock may hold actors that
     /// never coordinate again, and a retirement pass should look for ones it can fold away.
     pub retiring: bool,
 }

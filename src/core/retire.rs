@@ -1,8 +1,9 @@
 //! Actor retirement: which actors a key's clock may forget, so that a key written through a
 //! node that crashes often keeps a short clock.
 //!
-//! Every unclean stop makes a node draw fresh key actors (see `epoch`): the old ones may
-//! have issued dots that the crash lost, so they are never used again. Without retirement
+//! Every restart makes a node draw fresh key actors (see `epoch`): the old ones may have
+//! issued dots that a crash lost or that a restored backup does not hold, so they are never
+//! used again. Without retirement
 //! each such actor keeps its entry in the key's clock for good, and a node that crashed a
 //! thousand times would push its keys' contexts past the decoding limit.
 //!

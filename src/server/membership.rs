@@ -267,6 +267,17 @@ impl GossipMembership {
             ring_write: Mutex::new(()),
         };
         membership.save_ring();
+        // This start's generation is on disk before anything is gossiped: the next start
+        // counts up from it, so a generation never goes backwards, even when the wall clock
+        // does (peers drop records whose generation is below the one they hold).
+        if let Some(path) = &membership.members_file {
+            membership
+                .write_members()
+                .map_err(|reason| MembershipError::MembersFile {
+                    path: path.clone(),
+                    reason,
+                })?;
+        }
         Ok(membership)
     }
 
@@ -444,22 +455,26 @@ impl GossipMembership {
 
     /// Saves the member table held now, read under the write lock (as [`Self::save_ring`]).
     fn save_members(&self) {
+        if let Err(error) = self.write_members() {
+            warn!(error = %error, "cannot save the member table");
+        }
+    }
+
+    /// Writes the member table (this node's own record included) durably.
+    fn write_members(&self) -> Result<(), String> {
         let Some(path) = &self.members_file else {
-            return;
+            return Ok(());
         };
         let _writing = self.members_write.lock();
         let table = self.state.lock().records();
         let mut bytes = vec![MEMBERS_FORMAT_VERSION];
-        if let Err(error) = rmp_serde::encode::write(&mut bytes, &table) {
-            warn!(error = %error, "cannot encode the member table");
-            return;
-        }
+        rmp_serde::encode::write(&mut bytes, &table)
+            .map_err(|error| format!("cannot encode the member table: {error}"))?;
         // Written aside, fsynced and renamed (and the directory fsynced), so a crash or power
         // loss leaves the old table or the new one, never an empty file that stops the node
         // from starting.
-        if let Err(error) = crate::storage::write_file_durably(path, &bytes) {
-            warn!(path = %path.display(), error = %error, "cannot save the member table");
-        }
+        crate::storage::write_file_durably(path, &bytes)
+            .map_err(|error| format!("cannot write {}: {error}", path.display()))
     }
 
     /// Runs gossip rounds until the task is aborted. `seed` seeds peer selection.
@@ -646,6 +661,32 @@ mod tests {
             members_file_dir: Some(dir.to_path_buf()),
         })
         .expect("membership starts")
+    }
+
+    /// A start writes its own generation to the member table before it gossips, so the next
+    /// start counts up from it whatever the wall clock says. Before, the table was written
+    /// only on membership changes: a restart with the clock set back chose a generation below
+    /// the one peers held, and they ignored the node's records.
+    #[test]
+    fn a_start_saves_its_generation_before_gossiping() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let members = [node("n1"), node("n2"), node("n3")];
+        let mut local = MemberRecord::unheard(members[0].clone(), "127.0.0.1:1");
+        local.generation = 1_005;
+        let _membership = GossipMembership::new(GossipSetup {
+            local,
+            config: GossipConfig::default(),
+            seeds: members.to_vec(),
+            known: Vec::new(),
+            partition_count: 16,
+            n_val: 3,
+            address_book: Box::new(|_| {}),
+            members_file_dir: Some(dir.path().to_path_buf()),
+        })
+        .expect("membership starts");
+        let saved = load_members(dir.path()).expect("member table readable");
+        let own = saved.iter().find(|record| record.node == members[0]);
+        assert_eq!(own.map(|record| record.generation), Some(1_005));
     }
 
     /// Gossip tasks adopt rings at once (each peer's answer on its own task). Whatever order

@@ -729,12 +729,13 @@ impl Node {
                 request_id,
                 request,
             } => {
-                let once = self.inner.forwarded.claim(sender, request_id);
+                let once = self.inner.forwarded.claim(sender.clone(), request_id);
                 let response = once
                     .get_or_init(
                         || async move { Box::pin(self.client_request(request, true)).await },
                     )
                     .await;
+                self.inner.forwarded.settled(sender, request_id, response);
                 PeerResponse::Client(response.clone())
             }
             PeerRequest::GossipDigest {

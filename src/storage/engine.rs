@@ -252,6 +252,13 @@ struct DiskState {
     generation: u64,
 }
 
+/// A copy of a [`MemoryDisk`]'s durable contents ([`MemoryDisk::snapshot`]).
+#[derive(Clone)]
+pub struct DiskSnapshot {
+    image: Image,
+    meta: Option<String>,
+}
+
 /// A simulated disk that outlives the nodes that open it (see the module doc).
 #[derive(Default)]
 pub struct MemoryDisk {
@@ -281,6 +288,25 @@ impl MemoryDisk {
             disk: self.clone(),
             generation: state.generation,
         }
+    }
+
+    /// What the disk holds durably now, as a backup or a VM snapshot would copy it.
+    pub fn snapshot(&self) -> DiskSnapshot {
+        let state = self.state.lock();
+        DiskSnapshot {
+            image: state.durable.clone(),
+            meta: state.meta.clone(),
+        }
+    }
+
+    /// Puts a snapshot back, as restoring a backup does (with the node stopped): every open
+    /// handle is detached.
+    pub fn restore(&self, snapshot: &DiskSnapshot) {
+        let mut state = self.state.lock();
+        state.durable = snapshot.image.clone();
+        state.volatile = snapshot.image.clone();
+        state.meta = snapshot.meta.clone();
+        state.generation += 1;
     }
 
     /// Holds every persist until released (or until a crash detaches it).

@@ -21,7 +21,8 @@
 //!
 //! At every open the incarnation is counted up and the file rewritten with
 //! `stopped_cleanly = 0` before the store serves; a clean close (everything fsynced) writes
-//! `stopped_cleanly = 1`.
+//! `stopped_cleanly = 1`. `trusted_from` is written as the incarnation (every start trusts only
+//! its own key actors); `stopped_cleanly` is logged at the next start, for the operator.
 
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
@@ -109,14 +110,20 @@ pub(super) fn open_epoch(location: &MetaLocation) -> Result<NodeEpoch, StorageEr
                     supported: META_FORMAT_VERSION,
                 },
             })?;
-            // A version 1 file had no incarnations: as if incarnation 0 had stopped uncleanly.
-            let previous = meta.epoch.or(Some((0, 0)));
-            NodeEpoch::next(meta.actor, previous, meta.stopped_cleanly)
+            // A version 1 file had no incarnations: as if incarnation 0 had run.
+            let previous = meta.epoch.map_or(0, |(incarnation, _)| incarnation);
+            if !meta.stopped_cleanly {
+                tracing::info!(
+                    incarnation = previous,
+                    "the last start did not stop cleanly"
+                );
+            }
+            NodeEpoch::next(meta.actor, Some(previous), draw_random()?)
         }
         Err(source) if source.kind() == io::ErrorKind::NotFound => {
             let actor = draw_actor()?;
             tracing::info!(actor, "created data directory identity");
-            NodeEpoch::next(actor, None, false)
+            NodeEpoch::next(actor, None, draw_random()?)
         }
         Err(source) => return Err(StorageError::ReadMeta { path, source }),
     };
@@ -152,6 +159,13 @@ fn read_bounded(path: &Path) -> io::Result<Vec<u8>> {
 }
 
 /// Draws a nonzero actor from the OS generator; zero is kept free as a "no actor" sentinel.
+/// 64 random bits from the OS (a start's nonce, see `core::epoch`).
+fn draw_random() -> Result<u64, StorageError> {
+    OsRng
+        .try_next_u64()
+        .map_err(|source| StorageError::Entropy { source })
+}
+
 fn draw_actor() -> Result<Actor, StorageError> {
     loop {
         let actor = OsRng
@@ -340,18 +354,21 @@ mod tests {
     }
 
     #[test]
-    fn each_open_is_a_new_incarnation_and_an_unclean_one_resets_trust() {
+    fn each_open_is_a_new_incarnation_that_trusts_only_itself() {
         let dir = tempfile::tempdir().unwrap();
         let location = MetaLocation::Dir(dir.path().to_path_buf());
         let first = open_epoch(&location).unwrap();
         assert_eq!((first.incarnation, first.trusted_from), (1, 1));
         write_epoch(&location, &first, true).unwrap();
+        // A clean close keeps no trust either: the directory may be a restored backup.
         let clean = open_epoch(&location).unwrap();
         assert_eq!(clean.base, first.base);
-        assert_eq!((clean.incarnation, clean.trusted_from), (2, 1));
-        // No clean close this time: the next start trusts nothing earlier.
+        assert_eq!((clean.incarnation, clean.trusted_from), (2, 2));
         let unclean = open_epoch(&location).unwrap();
         assert_eq!((unclean.incarnation, unclean.trusted_from), (3, 3));
+        // Every start draws its own nonce.
+        assert_ne!(first.nonce, clean.nonce);
+        assert_ne!(clean.nonce, unclean.nonce);
     }
 
     #[test]

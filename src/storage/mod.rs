@@ -56,7 +56,7 @@ pub use meta::write_file_durably;
 pub use space::{SpaceGuard, available_bytes};
 
 pub use aae::{AaeTrees, TreeStatus};
-pub use engine::{EngineError, MemoryDisk};
+pub use engine::{DiskSnapshot, EngineError, MemoryDisk};
 pub use hints::{HintEntry, HintTally, HintWrite};
 
 #[cfg(test)]

@@ -275,6 +275,32 @@ impl Node {
 
     /// Stores a bucket's properties cluster-wide (`None` resets them to the defaults), then
     /// tells every other member to forget its cached copy.
+    /// Whether any replica holds a live key of `bucket` (a coverage scan that stops at the
+    /// first page); an error when the scan could not cover every partition.
+    async fn holds_live_keys(&self, bucket: &[u8]) -> Result<bool, ClientError> {
+        let (sink, mut pages) = tokio::sync::mpsc::channel(1);
+        let node = self.clone();
+        let bucket = bucket.to_vec();
+        let scan = tokio::spawn(async move { node.coverage_scan(Some(bucket), None, sink).await });
+        let found = pages.recv().await.is_some();
+        // Dropping the receiver stops the scan at its next page.
+        drop(pages);
+        let scanned = scan
+            .await
+            .map_err(|error| ClientError::internal(format!("the key scan failed: {error}")))?;
+        if found {
+            return Ok(true);
+        }
+        scanned.map_err(|error| ClientError {
+            kind: error.kind,
+            message: format!(
+                "cannot tell whether the bucket holds keys, so n_val is not lowered: {}",
+                error.message
+            ),
+        })?;
+        Ok(false)
+    }
+
     pub async fn set_bucket_props(
         &self,
         bucket: &[u8],
@@ -297,6 +323,16 @@ impl Node {
             None => None,
         };
         let in_force = props.unwrap_or_else(|| self.default_bucket_props());
+        let current = self.bucket_props(bucket).await?;
+        if in_force.n_val < current.n_val && self.holds_live_keys(bucket).await? {
+            // The replicas past the new n_val would keep their copies, which no delete,
+            // reaper or anti-entropy exchange visits again, and a later ring change would
+            // hand them back to the remaining replicas as if they were new.
+            return Err(ClientError::invalid(format!(
+                "n_val cannot be lowered from {} to {} while the bucket holds keys: the copies on the replicas past the {}th would never be deleted; write the keys to a new bucket with the lower n_val, or delete them first",
+                current.n_val, in_force.n_val, in_force.n_val
+            )));
+        }
         let announced = encode(&in_force)?;
         let write = Write {
             bucket: PROPS_BUCKET.to_vec(),

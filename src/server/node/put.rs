@@ -295,7 +295,7 @@ impl Node {
         let key_actors = self.inner.key_actors.clone();
         self.update_copy(copy, move |local| {
             // The actor this copy's writes are coordinated under; a copy this node has not
-            // coordinated into since it was born (or since an unclean stop) gets a fresh one,
+            // coordinated into since it was born (or since this node started) gets a fresh one,
             // so no dot is ever issued twice (see `core::epoch`).
             let remembered = local.as_ref().and_then(|local| local.coordinator);
             let key_actor = key_actors.choose(remembered);
@@ -498,6 +498,9 @@ impl Node {
 /// How long a coordinator remembers a forwarded write's id, and how many it remembers.
 const FORWARDED_MEMORY: Duration = Duration::from_secs(120);
 const FORWARDED_CAPACITY: usize = 100_000;
+/// Most bytes of outcomes it keeps: a `returnbody` outcome carries every sibling (up to
+/// `max_object_bytes`), so a count alone would let 100,000 of them hold gigabytes.
+const FORWARDED_MAX_BYTES: usize = 64 * 1024 * 1024;
 
 /// The forwarded writes a coordinator saw recently: a second copy of one (a duplicated
 /// message, a retry by its sender) gets the first one's outcome, awaited if still running.
@@ -510,9 +513,32 @@ type Outcome = Arc<tokio::sync::OnceCell<ClientResponse>>;
 
 #[derive(Default)]
 struct ForwardedTable {
-    by_id: HashMap<(NodeId, u64), Outcome>,
+    /// Each write's outcome, and the bytes it was counted at once settled.
+    by_id: HashMap<(NodeId, u64), (Outcome, usize)>,
     /// Ids in the order they were first seen, to forget the oldest first.
     order: VecDeque<(Instant, (NodeId, u64))>,
+    /// Bytes of every settled outcome held.
+    bytes: usize,
+}
+
+impl ForwardedTable {
+    /// Forgets the oldest ids until none is older than [`FORWARDED_MEMORY`], fewer than
+    /// [`FORWARDED_CAPACITY`] are held, and their outcomes take at most `max_bytes`.
+    fn forget_oldest(&mut self, now: Instant, max_bytes: usize) {
+        while let Some((seen_at, _)) = self.order.front() {
+            if now.duration_since(*seen_at) < FORWARDED_MEMORY
+                && self.order.len() < FORWARDED_CAPACITY
+                && self.bytes <= max_bytes
+            {
+                break;
+            }
+            if let Some((_, id)) = self.order.pop_front()
+                && let Some((_, bytes)) = self.by_id.remove(&id)
+            {
+                self.bytes -= bytes;
+            }
+        }
+    }
 }
 
 impl ForwardedWrites {
@@ -522,25 +548,66 @@ impl ForwardedWrites {
     pub(super) fn claim(&self, sender: NodeId, request_id: u64) -> Outcome {
         let now = Instant::now();
         let mut table = self.seen.lock();
-        while let Some((seen_at, _)) = table.order.front() {
-            if now.duration_since(*seen_at) < FORWARDED_MEMORY
-                && table.order.len() < FORWARDED_CAPACITY
-            {
-                break;
-            }
-            if let Some((_, id)) = table.order.pop_front() {
-                table.by_id.remove(&id);
-            }
-        }
+        table.forget_oldest(now, FORWARDED_MAX_BYTES);
         let id = (sender, request_id);
-        if let Some(outcome) = table.by_id.get(&id) {
+        if let Some((outcome, _)) = table.by_id.get(&id) {
             return outcome.clone();
         }
         let outcome = Outcome::default();
-        table.by_id.insert(id.clone(), outcome.clone());
+        table.by_id.insert(id.clone(), (outcome.clone(), 0));
         table.order.push_back((now, id));
         outcome
     }
+
+    /// Counts the outcome of `request_id` once it is known, forgetting the oldest outcomes
+    /// past [`FORWARDED_MAX_BYTES`].
+    pub(super) fn settled(&self, sender: NodeId, request_id: u64, response: &ClientResponse) {
+        self.settled_within(sender, request_id, response, FORWARDED_MAX_BYTES);
+    }
+
+    fn settled_within(
+        &self,
+        sender: NodeId,
+        request_id: u64,
+        response: &ClientResponse,
+        max_bytes: usize,
+    ) {
+        let size = response_bytes(response);
+        let mut table = self.seen.lock();
+        let table = &mut *table;
+        if let Some((_, counted)) = table.by_id.get_mut(&(sender, request_id))
+            && *counted == 0
+        {
+            *counted = size;
+            table.bytes += size;
+        }
+        table.forget_oldest(Instant::now(), max_bytes);
+    }
+
+    /// Bytes of the outcomes held, measured afresh (for tests).
+    #[cfg(test)]
+    fn held_bytes(&self) -> usize {
+        self.seen
+            .lock()
+            .by_id
+            .values()
+            .filter_map(|(outcome, _)| outcome.get())
+            .map(response_bytes)
+            .sum()
+    }
+}
+
+/// What a remembered outcome takes, roughly: its siblings and context, plus a fixed part.
+fn response_bytes(response: &ClientResponse) -> usize {
+    const FIXED: usize = 128;
+    FIXED
+        + match response {
+            ClientResponse::Stored { siblings, context } => {
+                siblings.iter().map(Content::size_bytes).sum::<usize>() + context.len()
+            }
+            ClientResponse::Error(error) => error.message.len(),
+            _ => 0,
+        }
 }
 
 /// The answer to a write whose context names versions no replica that answered holds.
@@ -586,4 +653,48 @@ pub(super) struct Write {
     pub(super) context: Option<Vec<u8>>,
     pub(super) content: Option<NewContent>,
     pub(super) options: PutOptions,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stored_with_body(bytes: usize) -> ClientResponse {
+        ClientResponse::Stored {
+            siblings: vec![Content {
+                value: vec![7; bytes],
+                content_type: String::new(),
+                user_metadata: Vec::new(),
+                last_modified_micros: 1,
+                deleted: false,
+            }],
+            context: vec![1; 16],
+        }
+    }
+
+    /// Outcomes with large bodies are forgotten oldest first once they pass the byte bound;
+    /// a duplicate of a recent write still gets its outcome.
+    #[tokio::test]
+    async fn remembered_outcomes_stay_within_the_byte_bound() {
+        let forwarded = ForwardedWrites::default();
+        let sender = NodeId::new("n2").unwrap();
+        let max_bytes = 10 * 1024 * 1024;
+        for request_id in 0..100u64 {
+            let outcome = forwarded.claim(sender.clone(), request_id);
+            let response = outcome
+                .get_or_init(|| async { stored_with_body(1024 * 1024) })
+                .await;
+            forwarded.settled_within(sender.clone(), request_id, response, max_bytes);
+        }
+        let held = forwarded.held_bytes();
+        assert!(
+            held <= max_bytes,
+            "{held} bytes of outcomes held; the bound is {max_bytes}"
+        );
+        assert!(held >= max_bytes / 2, "only {held} bytes held");
+        let recent = forwarded.claim(sender.clone(), 99);
+        assert!(recent.get().is_some(), "the newest outcome was forgotten");
+        let oldest = forwarded.claim(sender, 0);
+        assert!(oldest.get().is_none(), "the oldest outcome is still held");
+    }
 }

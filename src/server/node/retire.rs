@@ -1,5 +1,5 @@
 //! Actor retirement passes (the rule is `core::retire`'s). A node that gave up a key actor
-//! of a copy (after an unclean stop, or for a rescued version) marks the record
+//! of a copy (after a restart, or for a rescued version) marks the record
 //! ([`LocalRecord::retiring`]); its trees count such records per partition. After each
 //! anti-entropy round, the node takes a pass over one partition it is a primary of where it
 //! holds marked records:
