@@ -13,7 +13,8 @@ use dynkv::core::ids::NodeId;
 use dynkv::core::object::{Context, StoredObject, live_siblings, object_size_bytes};
 use dynkv::core::quorum::Quorum;
 use dynkv::protocol::{
-    ClientRequest, ClientResponse, ClusterRequest, ErrorKind, GetOptions, NewContent, PutOptions,
+    ClientRequest, ClientResponse, ClusterRequest, ErrorKind, GetOptions, NewContent, PeerResponse,
+    PutOptions,
 };
 use dynkv::server::node::Node;
 use rand::rngs::StdRng;
@@ -1489,6 +1490,63 @@ async fn a_restored_snapshot_mints_no_key_actor_twice() {
             "{id} met two versions under one dot: the restored n1 minted a key actor again"
         );
     }
+}
+
+/// No node stores a copy of a partition it does not replicate under its ring, whoever asks:
+/// here a replica write that names no ring (so the sender's ring cannot be checked), sent
+/// to a node outside the key's preference list. Before, it was stored: a stray that the
+/// node's cleanup (done already) never deletes, and that a later ring change hands back to
+/// the replicas, after their tombstone of the key was reaped.
+#[tokio::test(start_paused = true)]
+async fn a_node_stores_no_copy_of_a_partition_it_does_not_replicate() {
+    let cluster = SimCluster::start_gossiping(5, 41, default_settings()).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let stored = cluster
+        .client(&node("n1"), put("k", "v1", None, Quorum::All))
+        .await;
+    assert!(
+        matches!(stored, ClientResponse::Stored { .. }),
+        "{stored:?}"
+    );
+    let replicas = cluster.replicas_of(BUCKET, b"k");
+    let outsider = cluster
+        .ids
+        .iter()
+        .find(|id| !replicas.contains(id))
+        .expect("five nodes, three replicas")
+        .clone();
+    let copy = replica_copy(
+        &cluster.node(&replicas[0]).unwrap(),
+        &cluster.ring,
+        BUCKET,
+        b"k",
+    )
+    .await
+    .expect("a replica holds k");
+    let answer = cluster
+        .node(&outsider)
+        .unwrap()
+        .handle_peer(dynkv::protocol::PeerRequest::ReplicaPut {
+            partition: cluster.ring.partition_for_key(BUCKET, b"k"),
+            bucket: BUCKET.to_vec(),
+            key: b"k".to_vec(),
+            object: copy,
+            hint_for: None,
+            ring_version: 0,
+        })
+        .await;
+    assert!(
+        !matches!(answer, PeerResponse::Stored { .. }),
+        "{outsider} stored a copy it does not replicate: {answer:?}"
+    );
+    let held = replica_copy(
+        &cluster.node(&outsider).unwrap(),
+        &cluster.ring,
+        BUCKET,
+        b"k",
+    )
+    .await;
+    assert!(held.is_none(), "{outsider} holds a stray copy of k");
 }
 
 /// The context of a found (or deleted) key, as a client would hold it.

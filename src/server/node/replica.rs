@@ -32,6 +32,38 @@ impl Node {
         }
     }
 
+    /// Why this node must not write its own (not hinted) copy of `copy`'s key, if it must
+    /// not: it replicates the key's partition neither under the ring it routes by nor under
+    /// a pending one. Whoever asks (a coordinator here, read repair, a merge, a handoff), such
+    /// a copy would be a stray that this node's cleanup may already have passed: nothing
+    /// would delete it, and a later ring change would hand its stale versions back to the
+    /// replicas after their tombstones were reaped.
+    async fn stray_refusal(&self, copy: &Copy) -> Option<ClientError> {
+        let state = self.inner.membership.gossip()?.cluster_state();
+        let n_val = match self.bucket_props(&copy.bucket).await {
+            Ok(props) => props.n_val as usize,
+            Err(error) => return Some(error),
+        };
+        if crate::core::handoff::keeps(
+            state.ring(),
+            state.pending(),
+            copy.partition,
+            n_val,
+            &self.inner.id,
+        ) {
+            return None;
+        }
+        Some(ClientError {
+            kind: ErrorKind::Timeout(None),
+            message: format!(
+                "{} does not replicate partition {} of this key under ring version {}: nothing was stored here; retry (the request was routed by another ring)",
+                self.inner.id,
+                copy.partition,
+                state.version()
+            ),
+        })
+    }
+
     /// Atomically transforms this node's copy of a key and stores the result durably.
     /// `transform` gets the current record and returns the new one (`None`: keep) and an
     /// output.
@@ -43,6 +75,11 @@ impl Node {
         + Send
         + 'static,
     ) -> Result<T, LocalWriteError> {
+        if copy.hint_for.is_none()
+            && let Some(refusal) = self.stray_refusal(copy).await
+        {
+            return Err(LocalWriteError::Refused(refusal));
+        }
         let store = &self.inner.store;
         let clock = self.inner.settings.wall_clock;
         let result = match &copy.hint_for {
