@@ -329,7 +329,7 @@ impl Node {
             // reaper or anti-entropy exchange visits again, and a later ring change would
             // hand them back to the remaining replicas as if they were new.
             return Err(ClientError::invalid(format!(
-                "n_val cannot be lowered from {} to {} while the bucket holds keys: the copies on the replicas past the {}th would never be deleted; write the keys to a new bucket with the lower n_val, or delete them first",
+                "n_val cannot be lowered from {} to {} while the bucket holds keys: the copies on the replicas beyond the first {} would never be deleted; write the keys to a new bucket with the lower n_val, or delete them first",
                 current.n_val, in_force.n_val, in_force.n_val
             )));
         }
