@@ -740,12 +740,15 @@ async fn randomized_schedule(seed: u64) -> Vec<String> {
             .iter()
             .map(|key| cluster.replicas_of(BUCKET, key.as_bytes()))
             .collect();
-        (
-            cluster.running_nodes(),
-            cluster.ring.clone(),
-            cluster.ids.clone(),
-            primaries,
-        )
+        // A node the cluster removed (or that finished its leave) is no member: what it
+        // still holds is abandoned, never handed back (it moves no data), so it is not part
+        // of what the cluster holds.
+        let members: Vec<Node> = cluster
+            .running_nodes()
+            .into_iter()
+            .filter(|node| node.gone_from_cluster().is_none())
+            .collect();
+        (members, cluster.ring.clone(), cluster.ids.clone(), primaries)
     };
     for node in &nodes {
         AAE_KEYS_REPAIRED.fetch_add(
@@ -865,7 +868,7 @@ fn run_schedules(seeds: Vec<u64>) -> Vec<(u64, Vec<String>)> {
         let _guard = trace.clone().map(|buffer| {
             let subscriber = tracing_subscriber::fmt()
                 .with_env_filter(tracing_subscriber::EnvFilter::new(
-                    "info,sim=info,dynkv::server::node::reap=debug",
+                    "info,sim=info,dynkv::server::node::reap=debug,dynkv::server::node::retire=debug",
                 ))
                 .with_ansi(false)
                 .with_timer(SimulatedTime(std::time::Instant::now()))

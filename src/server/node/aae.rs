@@ -110,6 +110,9 @@ impl Node {
             {
                 warn!(partition, error = %error, "cannot rebuild an anti-entropy tree");
             }
+            if self.moves_no_data() {
+                continue;
+            }
             if let Some(partition) = self.next_exchange_partition() {
                 self.exchange_and_reap(partition).await;
             }

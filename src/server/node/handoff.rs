@@ -214,6 +214,9 @@ impl Node {
                 let tally = self.inner.store.hint_tally();
                 gossip.set_local_hints(tally.by_partition.into_iter().collect());
             }
+            if self.moves_no_data() {
+                continue;
+            }
             let delivered = self.hand_off_hints().await;
             if delivered > 0 {
                 info!(node = %self.inner.id, delivered, "hints handed off");

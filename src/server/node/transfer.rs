@@ -148,9 +148,22 @@ impl Node {
             return;
         }
         self.inner.transfers.running.lock().clear();
+        self.stop_serving_if_gone();
+        if self.moves_no_data() {
+            return;
+        }
         self.clean_up_if_converged(&state);
         self.finish_leave_if_done(&state).await;
         self.stop_serving_if_gone();
+    }
+
+    /// Whether this node must move no data at all: the cluster holds it removed (or done
+    /// with its leave). A removed node's copies and hints are abandoned with it: the others
+    /// reap tombstones and retire actors without waiting for it, so a stale copy or hint
+    /// it handed back later could bring a deleted or superseded version back. It hands no
+    /// stray, delivers no hint and runs no exchange; it only waits to be stopped.
+    pub(super) fn moves_no_data(&self) -> bool {
+        self.gone_from_cluster().is_some()
     }
 
     /// A node the cluster holds removed or left coordinates no client request.
