@@ -748,7 +748,12 @@ async fn randomized_schedule(seed: u64) -> Vec<String> {
             .into_iter()
             .filter(|node| node.gone_from_cluster().is_none())
             .collect();
-        (members, cluster.ring.clone(), cluster.ids.clone(), primaries)
+        (
+            members,
+            cluster.ring.clone(),
+            cluster.ids.clone(),
+            primaries,
+        )
     };
     for node in &nodes {
         AAE_KEYS_REPAIRED.fetch_add(
