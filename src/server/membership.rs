@@ -648,8 +648,17 @@ mod tests {
     }
 
     fn membership_saving_in(dir: &std::path::Path, members: &[NodeId]) -> GossipMembership {
+        membership_of_generation(dir, members, 1)
+    }
+
+    /// A membership of `members[0]` at `generation`, saving its files in `dir`.
+    fn membership_of_generation(
+        dir: &std::path::Path,
+        members: &[NodeId],
+        generation: u64,
+    ) -> GossipMembership {
         let mut local = MemberRecord::unheard(members[0].clone(), "127.0.0.1:1");
-        local.generation = 1;
+        local.generation = generation;
         GossipMembership::new(GossipSetup {
             local,
             config: GossipConfig::default(),
@@ -671,19 +680,7 @@ mod tests {
     fn a_start_saves_its_generation_before_gossiping() {
         let dir = tempfile::tempdir().expect("temporary directory");
         let members = [node("n1"), node("n2"), node("n3")];
-        let mut local = MemberRecord::unheard(members[0].clone(), "127.0.0.1:1");
-        local.generation = 1_005;
-        let _membership = GossipMembership::new(GossipSetup {
-            local,
-            config: GossipConfig::default(),
-            seeds: members.to_vec(),
-            known: Vec::new(),
-            partition_count: 16,
-            n_val: 3,
-            address_book: Box::new(|_| {}),
-            members_file_dir: Some(dir.path().to_path_buf()),
-        })
-        .expect("membership starts");
+        let _membership = membership_of_generation(dir.path(), &members, 1_005);
         let saved = load_members(dir.path()).expect("member table readable");
         let own = saved.iter().find(|record| record.node == members[0]);
         assert_eq!(own.map(|record| record.generation), Some(1_005));

@@ -75,13 +75,60 @@ impl std::fmt::Display for ReapOutcome {
 /// A key as (bucket, key).
 pub(super) type BucketAndKey = (Vec<u8>, Vec<u8>);
 
+/// Per partition, the last key a pass looked at, where the next one starts.
+pub(super) type ScanCursors = parking_lot::Mutex<BTreeMap<PartitionId, BucketAndKey>>;
+
+/// What a pass over a partition reads: up to `limit` items after a key.
+type PartitionScan<T> =
+    fn(&Store, PartitionId, Option<(&[u8], &[u8])>, usize) -> Result<Vec<T>, StorageError>;
+
+/// The next items (at most `limit`) that `scan` finds in `partition` after its cursor in
+/// `cursors`, wrapping around at the end without repeating what the first scan found. The
+/// cursor moves to the last one when the page was full, and back to the start otherwise.
+pub(super) async fn next_wrapping<T: Send + 'static>(
+    store: &Store,
+    cursors: &ScanCursors,
+    partition: PartitionId,
+    limit: usize,
+    scan: PartitionScan<T>,
+    name: fn(&T) -> BucketAndKey,
+) -> Result<Vec<T>, String> {
+    let start = cursors.lock().get(&partition).cloned();
+    let store = store.clone();
+    let found = tokio::task::spawn_blocking(move || {
+        let start_after = start
+            .as_ref()
+            .map(|(bucket, key)| (bucket.as_slice(), key.as_slice()));
+        let mut found = scan(&store, partition, start_after, limit)?;
+        if found.len() < limit && start.is_some() {
+            let seen: std::collections::HashSet<BucketAndKey> = found.iter().map(name).collect();
+            let again = scan(&store, partition, None, limit - found.len())?;
+            found.extend(again.into_iter().filter(|item| !seen.contains(&name(item))));
+        }
+        Ok::<_, StorageError>(found)
+    })
+    .await
+    .map_err(|error| error.to_string())?
+    .map_err(|error| error.to_string())?;
+    let mut cursors = cursors.lock();
+    match found.last() {
+        Some(last) if found.len() >= limit => {
+            cursors.insert(partition, name(last));
+        }
+        _ => {
+            cursors.remove(&partition);
+        }
+    }
+    Ok(found)
+}
+
 /// What this node remembers of its reaping passes.
 #[derive(Default)]
 pub(super) struct ReapState {
     /// partition → when the last pass ended and how.
     pub(super) last: parking_lot::Mutex<BTreeMap<PartitionId, (Instant, ReapOutcome)>>,
     /// partition → the last key a pass looked at, where the next one starts.
-    cursors: parking_lot::Mutex<BTreeMap<PartitionId, BucketAndKey>>,
+    cursors: ScanCursors,
     /// Tombstones this node deleted (its own copies).
     pub(super) reaped: AtomicU64,
 }
@@ -366,39 +413,16 @@ impl Node {
         partition: PartitionId,
         limit: usize,
     ) -> Result<Vec<Tombstone>, String> {
-        let start = self.inner.reap.cursors.lock().get(&partition).cloned();
-        let store = self.inner.store.clone();
-        let found = tokio::task::spawn_blocking(move || {
-            let start_after = start
-                .as_ref()
-                .map(|(bucket, key)| (bucket.as_slice(), key.as_slice()));
-            let mut found = store.tombstones(partition, start_after, limit)?;
-            if found.len() < limit && start.is_some() {
-                // Wrapped around: from the start again, without what the first scan found.
-                let seen: std::collections::HashSet<(Vec<u8>, Vec<u8>)> = found
-                    .iter()
-                    .map(|tombstone| (tombstone.bucket.clone(), tombstone.key.clone()))
-                    .collect();
-                let again = store.tombstones(partition, None, limit - found.len())?;
-                found.extend(again.into_iter().filter(|tombstone| {
-                    !seen.contains(&(tombstone.bucket.clone(), tombstone.key.clone()))
-                }));
-            }
-            Ok::<_, StorageError>(found)
-        })
+        next_wrapping(
+            &self.inner.store,
+            &self.inner.reap.cursors,
+            partition,
+            limit,
+            Store::tombstones,
+            |tombstone| (tombstone.bucket.clone(), tombstone.key.clone()),
+        )
         .await
-        .map_err(|error| format!("the tombstone scan failed: {error}"))?
-        .map_err(|error| error.to_string())?;
-        let mut cursors = self.inner.reap.cursors.lock();
-        match found.last() {
-            Some(last) if found.len() >= limit => {
-                cursors.insert(partition, (last.bucket.clone(), last.key.clone()));
-            }
-            _ => {
-                cursors.remove(&partition);
-            }
-        }
-        Ok(found)
+        .map_err(|error| format!("the tombstone scan failed: {error}"))
     }
 
     /// Reaps `tombstones` (all with the same `primaries`, this node among them) from every

@@ -30,7 +30,7 @@ use std::collections::BTreeMap;
 #[derive(Default)]
 pub(super) struct RetireState {
     /// partition → the last key a pass looked at, where the next one starts.
-    cursors: parking_lot::Mutex<BTreeMap<PartitionId, super::reap::BucketAndKey>>,
+    cursors: super::reap::ScanCursors,
     /// The partition the last pass looked at, so that passes go round the partitions.
     last_partition: parking_lot::Mutex<Option<PartitionId>>,
     /// Actor entries this node removed from its own copies.
@@ -119,40 +119,16 @@ impl Node {
         &self,
         partition: PartitionId,
     ) -> Result<Vec<RetiringRecord>, String> {
-        let start = self.inner.retire.cursors.lock().get(&partition).cloned();
-        let store = self.inner.store.clone();
-        let found = tokio::task::spawn_blocking(move || {
-            let start_after = start
-                .as_ref()
-                .map(|(bucket, key)| (bucket.as_slice(), key.as_slice()));
-            let mut found = store.retiring(partition, start_after, MAX_RECORDS_PER_PASS)?;
-            if found.len() < MAX_RECORDS_PER_PASS && start.is_some() {
-                let seen: std::collections::HashSet<(Vec<u8>, Vec<u8>)> = found
-                    .iter()
-                    .map(|record| (record.bucket.clone(), record.key.clone()))
-                    .collect();
-                let again = store.retiring(partition, None, MAX_RECORDS_PER_PASS - found.len())?;
-                found.extend(
-                    again.into_iter().filter(|record| {
-                        !seen.contains(&(record.bucket.clone(), record.key.clone()))
-                    }),
-                );
-            }
-            Ok::<_, StorageError>(found)
-        })
+        super::reap::next_wrapping(
+            &self.inner.store,
+            &self.inner.retire.cursors,
+            partition,
+            MAX_RECORDS_PER_PASS,
+            Store::retiring,
+            |record| (record.bucket.clone(), record.key.clone()),
+        )
         .await
-        .map_err(|error| format!("the retirement scan failed: {error}"))?
-        .map_err(|error| error.to_string())?;
-        let mut cursors = self.inner.retire.cursors.lock();
-        match found.last() {
-            Some(last) if found.len() >= MAX_RECORDS_PER_PASS => {
-                cursors.insert(partition, (last.bucket.clone(), last.key.clone()));
-            }
-            _ => {
-                cursors.remove(&partition);
-            }
-        }
-        Ok(found)
+        .map_err(|error| format!("the retirement scan failed: {error}"))
     }
 
     /// Retires what may go from `records` (all with the same `primaries`, this node among
