@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Measures anti-entropy and tombstone reaping on three real `dynkv server` processes (issue 14).
+"""Measures anti-entropy and tombstone reaping on three real `dynkv server` processes.
 
 1. Preloads RECORDS keys (`dynkv bench`), with read repair off and scheduled exchanges far
    apart (`aae.exchange_interval_ms = 3600000`), so only the exchanges run here repair.

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Interleaved comparison of two dynkv builds (issue 10): runs BASE and NEW alternately
+# Interleaved comparison of two dynkv builds: runs BASE and NEW alternately
 # (A B A B ...), each on a fresh `--local 3` cluster, and prints the median and the range of
 # ops/s, p99 and CPU µs per operation for each, so a change of a few percent can be told from
 # noise. Give the same binary twice to measure the noise floor.

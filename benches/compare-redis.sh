@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# dynkv against Redis in the same run (issue 10): Redis SET and GET with redis-benchmark in
+# dynkv against Redis in the same run: Redis SET and GET with redis-benchmark in
 # the bench's shape (50 clients, 100-byte values, random keys over 10,000), then dynkv's
 # workloads A (r=w=quorum), C (r=1) and W (w=1) on a fresh 3-node `dynkv dev` cluster with
 # the README's settings, and one table: each figure, its ratio to Redis GET (A, C) or SET (W),

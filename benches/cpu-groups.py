@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Where a whole machine's CPU goes per operation, in groups (issue 16, session 12).
+"""Where a whole machine's CPU goes per operation, in groups.
 
 Record every CPU while a benchmark runs, then group each sample by its leaf symbol (user
 space) or by its kernel call chain, and divide by the operations done during the recording:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# dynkv at scale (issue 16): for each record count, a fresh 3-node `dynkv dev` cluster is
+# dynkv at scale: for each record count, a fresh 3-node `dynkv dev` cluster is
 # preloaded (w=all, a live progress line), then runs workload A (r=w=quorum) and C (r=1) with
 # uniform keys, and the script reports per count: ops/s, p99 and CPU per operation of each
 # workload, resident memory per node, bytes on disk per key (one node's data directory over

@@ -326,7 +326,7 @@ fn up_count(members: &serde_json::Value) -> usize {
         .unwrap_or(0)
 }
 
-/// Issue 3's operator scenario on real processes: detection, fallbacks, pw, handoff.
+/// An operator's failure scenario on real processes: detection, fallbacks, pw, handoff.
 #[test]
 fn a_killed_node_is_detected_routed_around_and_handed_its_writes_back() {
     let cluster = DevCluster::start(5, 3);
@@ -698,7 +698,7 @@ fn wait_until_no_hints(cluster: &DevCluster) {
     }
 }
 
-/// Issue 9's report on real processes: a node that stands in for a down primary twice,
+/// A reported data loss replayed on real processes: a node that stands in for a down primary twice,
 /// with its hints handed back in between, must not reissue a dot (before the fix 26 of 150
 /// second writes were lost, and deletes through it were undone once the primary returned).
 #[test]

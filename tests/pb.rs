@@ -1,4 +1,4 @@
-//! Riak's Protocol Buffers API on real `dynkv` processes (issue 15): framing, the key/value
+//! Riak's Protocol Buffers API on real `dynkv` processes: framing, the key/value
 //! messages, streamed listing, and bad input (frame lengths, undecodable messages, what is
 //! not served) answered with `RpbErrorResp` while the node keeps serving. The official Riak
 //! Python client runs against it in `tests/riak_client/run.sh` (by `.ci/run`).

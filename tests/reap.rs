@@ -1,4 +1,4 @@
-//! Tombstone reaping in simulation (issue 14, DESIGN §4): deleted keys' tombstones go from
+//! Tombstone reaping in simulation (DESIGN §4): deleted keys' tombstones go from
 //! every replica once their grace period has passed and every condition holds, and not
 //! while a hint, a down member or a short grace could still bring the deleted value back.
 

@@ -227,6 +227,17 @@ enum LocalWriteError {
     UnknownContext(Box<UnknownContext>),
 }
 
+impl LocalWriteError {
+    /// Why a write that carried no context (`what`: a merge, a retirement) failed.
+    fn without_context(self, what: &str) -> String {
+        match self {
+            LocalWriteError::Refused(error) => error.message,
+            LocalWriteError::Storage(message) => message,
+            LocalWriteError::UnknownContext(_) => format!("{what} has no context to check"),
+        }
+    }
+}
+
 /// What a coordinator's copy does not cover of a write's context: (actor, counter claimed,
 /// counter held) per such actor, and the write's context and content, handed back for a
 /// retry (so the common path moves them instead of keeping copies).

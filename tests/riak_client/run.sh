@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Riak client conformance (issue 15): the official Riak Python client (`riak` 2.7.0 from
+# Riak client conformance: the official Riak Python client (`riak` 2.7.0 from
 # PyPI, in a virtualenv this script makes) against a fresh 3-node `dynkv dev` cluster on
 # loopback, through each transport dynkv serves. Prints `N passed, M failed` over all of them
 # and exits non-zero if any check failed. `.ci/run` runs it after `cargo test`.

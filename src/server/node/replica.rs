@@ -218,11 +218,7 @@ impl Node {
                 warn!(node = %self.inner.id, partition = copy.partition, collisions, "a replica merge met different versions under one dot; both were kept");
                 Ok(())
             }
-            Err(LocalWriteError::Refused(error)) => Err(error.message),
-            Err(LocalWriteError::Storage(message)) => Err(message),
-            Err(LocalWriteError::UnknownContext(_)) => {
-                Err("a replica merge has no context to check".to_string())
-            }
+            Err(error) => Err(error.without_context("a replica merge")),
         }
     }
 

@@ -327,14 +327,7 @@ impl Node {
                 Ok((Some(record), removed))
             })
             .await;
-        match result {
-            Ok(removed) => Ok(removed),
-            Err(LocalWriteError::Refused(error)) => Err(error.message),
-            Err(LocalWriteError::Storage(message)) => Err(message),
-            Err(LocalWriteError::UnknownContext(_)) => {
-                Err("a retirement has no context to check".to_string())
-            }
-        }
+        result.map_err(|error| error.without_context("a retirement"))
     }
 
     /// A retirement's check: each key's [`RetireAnswer`] on this node.
